@@ -1,0 +1,175 @@
+"""qemu-guest-agent client.
+
+The agent channel is a byte stream that may hold stale replies from an earlier client
+(or from before a snapshot), so every session starts with guest-sync-delimited: the
+agent answers with 0xFF followed by our random id, and everything before it is discarded.
+Every call has a timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import random
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from torpor.errors import OperationFailed
+
+DELIMITER = b"\xff"
+
+
+class AgentError(OperationFailed):
+    pass
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    exit_code: int
+    stdout: bytes
+    stderr: bytes
+    signal: int | None = None
+
+
+class GuestAgent:
+    """One connection to qemu-ga. Use `async with GuestAgent.connect(path) as agent:`."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._reader = reader
+        self._writer = writer
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, path: Path, timeout: float = 5.0) -> AsyncIterator[GuestAgent]:
+        try:
+            reader, writer = await asyncio.wait_for(
+                asyncio.open_unix_connection(str(path), limit=16 << 20), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise AgentError(f"cannot connect to the guest agent socket {path}: {exc}") from exc
+        agent = cls(reader, writer)
+        try:
+            await agent.sync(timeout)
+            yield agent
+        finally:
+            writer.close()
+            with contextlib.suppress(Exception):
+                await writer.wait_closed()
+
+    @classmethod
+    async def wait_ready(cls, path: Path, timeout: float) -> float:
+        """Retry until the agent answers a ping; returns the seconds it took."""
+        start = time.monotonic()
+        deadline = start + timeout
+        last: Exception | None = None
+        while time.monotonic() < deadline:
+            try:
+                async with cls.connect(path, timeout=min(1.0, deadline - time.monotonic())) as a:
+                    await a.ping(timeout=1.0)
+                    return time.monotonic() - start
+            except AgentError as exc:
+                last = exc
+                await asyncio.sleep(0.05)
+        raise AgentError(f"guest agent did not answer within {timeout:.0f} s ({last})")
+
+    async def _send(self, command: str, arguments: dict[str, Any] | None = None) -> None:
+        message: dict[str, Any] = {"execute": command}
+        if arguments is not None:
+            message["arguments"] = arguments
+        self._writer.write(json.dumps(message).encode() + b"\n")
+        await self._writer.drain()
+
+    async def _read_message(self) -> dict[str, Any]:
+        while True:
+            line = await self._reader.readline()
+            if not line:
+                raise AgentError("guest agent closed the connection")
+            line = line.strip(DELIMITER + b" \r\n")
+            if line:
+                result: dict[str, Any] = json.loads(line)
+                return result
+
+    async def sync(self, timeout: float = 5.0) -> None:
+        token = random.randrange(1, 2**31)
+        try:
+            await asyncio.wait_for(self._sync(token), timeout)
+        except TimeoutError as exc:
+            raise AgentError(f"guest agent did not answer guest-sync within {timeout} s") from exc
+
+    async def _sync(self, token: int) -> None:
+        await self._send("guest-sync-delimited", {"id": token})
+        while True:
+            # Skip everything up to the delimiter the agent puts before its reply.
+            await self._reader.readuntil(DELIMITER)
+            with contextlib.suppress(ValueError):
+                reply = await self._read_message()
+                if reply.get("return") == token:
+                    return
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = 10.0) -> Any:
+        await self._send(command, arguments)
+        try:
+            reply = await asyncio.wait_for(self._read_message(), timeout)
+        except TimeoutError as exc:
+            raise AgentError(f"guest agent: {command} timed out after {timeout} s") from exc
+        if "error" in reply:
+            raise AgentError(f"guest agent: {command} failed: {reply['error'].get('desc')}")
+        return reply.get("return")
+
+    async def ping(self, timeout: float = 5.0) -> None:
+        await self.execute("guest-ping", timeout=timeout)
+
+    async def shutdown(self) -> None:
+        """Ask the guest to power off. The agent sends no reply on success."""
+        await self._send("guest-shutdown", {"mode": "powerdown"})
+
+    async def exec(self, argv: list[str], *, input: bytes | None = None,
+                   timeout: float = 60.0) -> ExecResult:
+        if not argv:
+            raise AgentError("nothing to execute")
+        args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+        if input is not None:
+            args["input-data"] = base64.b64encode(input).decode()
+        pid = (await self.execute("guest-exec", args))["pid"]
+        deadline = time.monotonic() + timeout
+        delay = 0.005
+        while True:
+            status = await self.execute("guest-exec-status", {"pid": pid})
+            if status.get("exited"):
+                return ExecResult(
+                    exit_code=int(status.get("exitcode", -1)),
+                    stdout=base64.b64decode(status.get("out-data", "")),
+                    stderr=base64.b64decode(status.get("err-data", "")),
+                    signal=status.get("signal"),
+                )
+            if time.monotonic() > deadline:
+                raise AgentError(f"guest command {argv[0]} still running after {timeout:.0f} s")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 0.1)
+
+    async def read_file(self, path: str, chunk: int = 1 << 20) -> bytes:
+        handle = await self.execute("guest-file-open", {"path": path, "mode": "r"})
+        try:
+            data = bytearray()
+            while True:
+                part = await self.execute("guest-file-read", {"handle": handle, "count": chunk})
+                data += base64.b64decode(part.get("buf-b64", ""))
+                if part.get("eof"):
+                    return bytes(data)
+        finally:
+            await self.execute("guest-file-close", {"handle": handle})
+
+    async def write_file(self, path: str, data: bytes, chunk: int = 1 << 20) -> None:
+        handle = await self.execute("guest-file-open", {"path": path, "mode": "w"})
+        try:
+            for offset in range(0, len(data), chunk):
+                piece = base64.b64encode(data[offset : offset + chunk]).decode()
+                await self.execute("guest-file-write", {"handle": handle, "buf-b64": piece})
+            await self.execute("guest-file-flush", {"handle": handle})
+        finally:
+            await self.execute("guest-file-close", {"handle": handle})

@@ -1,0 +1,97 @@
+"""QMP through the qemu.qmp library, with timeouts and readable errors."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+
+from torpor.errors import OperationFailed
+
+log = logging.getLogger(__name__)
+# qemu.qmp logs every disconnect at WARNING/ERROR; those are expected here.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+RUNNING_STATES = {"running"}
+PAUSED_STATES = {"paused", "prelaunch", "inmigrate", "postmigrate", "finish-migrate",
+                 "save-vm", "restore-vm", "suspended", "debug", "colo"}
+FAILED_STATES = {"internal-error", "io-error", "guest-panicked", "shutdown", "watchdog"}
+
+
+class QmpError(OperationFailed):
+    pass
+
+
+class Monitor:
+    """One QMP connection. Use `async with Monitor.connect(path) as mon:`."""
+
+    def __init__(self, client: QMPClient, path: Path) -> None:
+        self._client = client
+        self.path = path
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, path: Path, timeout: float = 5.0) -> AsyncIterator[Monitor]:
+        client = QMPClient(path.name)
+        try:
+            await asyncio.wait_for(client.connect(str(path)), timeout)
+        except (ConnectError, OSError, TimeoutError) as exc:
+            raise QmpError(f"cannot reach QEMU's monitor at {path}: {exc}") from exc
+        try:
+            yield cls(client, path)
+        finally:
+            with contextlib.suppress(Exception):
+                await client.disconnect()
+
+    async def execute(self, command: str, arguments: dict[str, Any] | None = None,
+                      timeout: float = 30.0) -> Any:
+        try:
+            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+        except ExecuteError as exc:
+            raise QmpError(f"QMP {command} failed: {exc}") from exc
+        except TimeoutError as exc:
+            raise QmpError(f"QMP {command} did not answer within {timeout:.0f} s") from exc
+        except (QMPError, OSError, EOFError) as exc:
+            raise QmpError(f"QMP {command}: connection to QEMU lost ({exc})") from exc
+
+    async def status(self) -> str:
+        result = await self.execute("query-status")
+        return str(result["status"])
+
+    async def pause(self) -> None:
+        await self.execute("stop")
+
+    async def resume(self) -> None:
+        await self.execute("cont")
+
+    async def quit(self) -> None:
+        """Ask QEMU to exit; the connection drops as it does, which is not an error."""
+        with contextlib.suppress(QmpError):
+            await self.execute("quit", timeout=5.0)
+
+    async def send_fd(self, name: str, fd: int) -> None:
+        """Pass a file descriptor to QEMU under `name` (QMP getfd)."""
+        self._client.send_fd_scm(fd)
+        await self.execute("getfd", {"fdname": name})
+
+    async def set_migration_parameters(self, **params: Any) -> None:
+        await self.execute("migrate-set-parameters", params)
+
+    async def set_migration_capabilities(self, **caps: bool) -> None:
+        await self.execute("migrate-set-capabilities", {
+            "capabilities": [{"capability": k.replace("_", "-"), "state": v}
+                             for k, v in caps.items()]
+        })
+
+    async def query_migrate(self) -> dict[str, Any]:
+        result = await self.execute("query-migrate")
+        return dict(result)
+
+    async def version(self) -> str:
+        v = (await self.execute("query-version"))["qemu"]
+        return f"{v['major']}.{v['minor']}.{v['micro']}"

@@ -1,0 +1,158 @@
+"""A typed VM configuration and its rendering to an explicit QEMU argument list.
+
+The rendered argv is deterministic: the same config always yields the same list, which is
+what lets a saved machine state name the exact configuration QEMU must be started with
+to accept it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+Accel = Literal["kvm", "tcg"]
+
+# Works under TCG and KVM alike and pins the guest-visible CPU, so saved state stays
+# loadable on any x86-64 host (`-cpu host` aborts on nested hosts, `max` differs by host).
+DEFAULT_CPU_MODEL = "qemu64"
+MACHINE_TYPE = "q35"
+
+
+class Disk(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    format: Literal["raw", "qcow2"] = "raw"
+    read_only: bool = False
+
+
+class PortForward(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    host_port: int = Field(ge=1, le=65535)
+    guest_port: int = Field(ge=1, le=65535)
+    protocol: Literal["tcp", "udp"] = "tcp"
+    host_addr: str = "127.0.0.1"
+
+
+class MemoryFile(BaseModel):
+    """Guest RAM backed by a file (memory-file mode) instead of anonymous memory."""
+
+    model_config = ConfigDict(frozen=True)
+
+    path: Path
+    shared: bool = True  # share=off maps it privately (copy-on-write)
+
+
+class VMConfig(BaseModel):
+    """Everything QEMU needs to run the VM; the manifest of a saved state stores it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    cpus: int = Field(ge=1, le=64)
+    memory_mib: int = Field(ge=64)
+    kernel: Path
+    initrd: Path | None = None
+    cmdline: str = ""
+    disks: tuple[Disk, ...] = ()
+    mac: str
+    port_forwards: tuple[PortForward, ...] = ()
+    accel: Accel = "tcg"
+    cpu_model: str = DEFAULT_CPU_MODEL
+    machine: str = MACHINE_TYPE
+    vmgenid: str | None = None
+    memory_file: MemoryFile | None = None
+    # Runtime endpoints: not guest-visible, so a state may be loaded with other paths.
+    qmp_socket: Path
+    qmp_query_socket: Path | None = None
+    agent_socket: Path
+    serial_log: Path
+
+    def guest_visible(self) -> dict[str, object]:
+        """The part of the config a saved machine state depends on."""
+        return {
+            "machine": self.machine,
+            "accel": self.accel,
+            "cpu_model": self.cpu_model,
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "disks": len(self.disks),
+            "memory_backing": "file" if self.memory_file else "anonymous",
+            "vmgenid": self.vmgenid is not None,
+        }
+
+
+def _accel_args(accel: Accel) -> list[str]:
+    if accel == "tcg":
+        return ["-accel", "tcg,thread=multi"]
+    return ["-accel", "kvm"]
+
+
+def _net_args(config: VMConfig) -> list[str]:
+    forwards = "".join(
+        f",hostfwd={f.protocol}:{f.host_addr}:{f.host_port}-:{f.guest_port}"
+        for f in config.port_forwards
+    )
+    return [
+        "-netdev", f"user,id=net0{forwards}",
+        "-device", f"virtio-net-pci,netdev=net0,mac={config.mac},romfile=",
+    ]
+
+
+def _memory_args(config: VMConfig) -> list[str]:
+    size = f"{config.memory_mib}M"
+    if config.memory_file is None:
+        return ["-m", size]
+    share = "on" if config.memory_file.shared else "off"
+    return [
+        "-m", size,
+        "-object", f"memory-backend-file,id=ram0,size={size},mem-path={config.memory_file.path},"
+                   f"share={share},prealloc=off",
+        "-machine", "memory-backend=ram0",
+    ]
+
+
+def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
+                incoming: bool = False) -> list[str]:
+    """The full argument list; `incoming` starts QEMU waiting for a migration stream."""
+    argv = [
+        binary,
+        "-name", f"{config.name},debug-threads=on",
+        "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+        "-machine", config.machine,
+        *_accel_args(config.accel),
+        "-cpu", config.cpu_model,
+        "-smp", str(config.cpus),
+        *_memory_args(config),
+        "-kernel", str(config.kernel),
+    ]
+    if config.initrd:
+        argv += ["-initrd", str(config.initrd)]
+    if config.cmdline:
+        argv += ["-append", config.cmdline]
+    argv += ["-serial", f"file:{config.serial_log}"]
+    argv += ["-qmp", f"unix:{config.qmp_socket},server=on,wait=off"]
+    if config.qmp_query_socket:
+        argv += ["-qmp", f"unix:{config.qmp_query_socket},server=on,wait=off"]
+    for index, disk in enumerate(config.disks):
+        ro = ",read-only=on" if disk.read_only else ""
+        argv += [
+            "-drive", f"file={disk.path},if=none,id=disk{index},format={disk.format},"
+                      f"cache=writeback,discard=unmap{ro}",
+            "-device", f"virtio-blk-pci,drive=disk{index}",
+        ]
+    argv += [
+        "-chardev", f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
+        "-device", "virtio-serial-pci,id=vser0",
+        "-device", "virtserialport,bus=vser0.0,chardev=agent,name=org.qemu.guest_agent.0",
+        *_net_args(config),
+        "-device", "virtio-rng-pci",
+    ]
+    if config.vmgenid:
+        argv += ["-device", f"vmgenid,guid={config.vmgenid}"]
+    if incoming:
+        argv += ["-incoming", "defer"]
+    return argv

@@ -1,0 +1,146 @@
+#!/bin/bash
+# Builds torpor's default guest from Debian packages only.
+#
+#   guest/build.sh OUTDIR
+#
+# OUTDIR receives:
+#   vmlinux      PVH-bootable kernel (ELF), decompressed from Debian's cloud kernel
+#   initrd.img   busybox initramfs: loads the virtio modules, switch_roots onto /dev/vda
+#   rootfs.ext4  root filesystem image: busybox + qemu-guest-agent (+ its libraries)
+#   recipe.json  what went in
+#
+# Changing this file changes the recipe hash, which is what triggers a rebuild.
+set -euo pipefail
+
+OUT=${1:?usage: build.sh OUTDIR}
+KERNEL_PKG=${TORPOR_GUEST_KERNEL_PKG:-linux-image-cloud-amd64}
+ROOTFS_SIZE=${TORPOR_GUEST_ROOTFS_SIZE:-1G}
+MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console failover net_failover virtio_net virtio-rng"
+
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+mkdir -p "$OUT"
+cd "$work"
+
+log() { echo "[guest-build] $*" >&2; }
+
+# --- kernel ---------------------------------------------------------------
+# The meta package depends on the versioned image package; download that one.
+kpkg=$(apt-cache depends "$KERNEL_PKG" | awk '/Depends: linux-image-/{print $2; exit}')
+[ -n "$kpkg" ] || { log "cannot resolve $KERNEL_PKG (run apt-get update?)"; exit 1; }
+log "kernel package $kpkg"
+apt-get download -q "$kpkg" 2>&1 | grep -v "^W: Download is performed unsandboxed" >&2 || true
+dpkg-deb -x ./"$kpkg"_*.deb kernel
+kver=${kpkg#linux-image-}
+python3 - "kernel/boot/vmlinuz-$kver" vmlinux <<'PY'
+# The Debian bzImage wraps an LZ4 (legacy frame) compressed ELF; unwrap it so
+# QEMU can boot it through the PVH entry point (faster than the bzImage path).
+import subprocess, sys
+data = open(sys.argv[1], "rb").read()
+magic = b"\x02\x21\x4c\x18"
+pos = data.find(magic)
+while pos != -1:
+    proc = subprocess.run(["lz4", "-dc"], input=data[pos:], capture_output=True)
+    if proc.stdout[:4] == b"\x7fELF":
+        open(sys.argv[2], "wb").write(proc.stdout)
+        sys.exit(0)
+    pos = data.find(magic, pos + 1)
+sys.exit("no LZ4-compressed ELF found in " + sys.argv[1])
+PY
+
+# --- initramfs ------------------------------------------------------------
+mkdir -p initrd/{bin,dev,proc,sys,newroot,lib/modules}
+cp /bin/busybox initrd/bin/busybox
+for m in $MODULES; do
+  f=$(find kernel/lib/modules/"$kver" -name "$m.ko" -o -name "${m//-/_}.ko" | head -1)
+  [ -n "$f" ] || { log "module $m not found"; exit 1; }
+  cp "$f" initrd/lib/modules/
+  echo "$(basename "$f")" >> initrd/lib/modules/order
+done
+cat > initrd/init <<'INIT'
+#!/bin/busybox sh
+/bin/busybox mount -t devtmpfs dev /dev
+/bin/busybox mount -t proc proc /proc
+/bin/busybox mount -t sysfs sys /sys
+# Accelerator probe (torpor.hypervisor.accel): reaching here means the kernel booted.
+if /bin/busybox grep -qw torpor.probe /proc/cmdline; then
+  echo torpor-probe-ok > /dev/ttyS0
+  /bin/busybox poweroff -f
+fi
+for m in $(/bin/busybox cat /lib/modules/order); do
+  /bin/busybox insmod /lib/modules/$m || echo "torpor-initrd: insmod $m failed"
+done
+i=0
+while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do /bin/busybox usleep 10000; i=$((i+1)); done
+/bin/busybox mount -t ext4 -o rw /dev/vda /newroot || { echo "torpor-initrd: cannot mount /dev/vda"; exec /bin/busybox sh; }
+/bin/busybox mount --move /dev /newroot/dev
+/bin/busybox umount /proc /sys
+exec /bin/busybox switch_root /newroot /sbin/torpor-init
+INIT
+chmod 755 initrd/init
+(cd initrd && find . | cpio -o -H newc --quiet) > initrd.img
+
+# --- root filesystem ------------------------------------------------------
+pkgs=$(apt-cache depends --recurse --no-recommends --no-suggests --no-conflicts \
+        --no-breaks --no-replaces --no-enhances --no-pre-depends qemu-guest-agent \
+        | grep -v '^[ <]' | sort -u)
+mkdir -p debs root
+(cd debs && apt-get download -q $pkgs 2>&1 | grep -v "^W: Download is performed unsandboxed" >&2 || true)
+for d in debs/*.deb; do dpkg-deb -x "$d" root; done
+rm -rf root/usr/share/{doc,man,locale,info} root/etc/init.d root/lib/systemd root/usr/lib/systemd
+mkdir -p root/{bin,sbin,dev,proc,sys,run,tmp,root,data,var/log} root/usr/bin
+chmod 1777 root/tmp
+cp /bin/busybox root/bin/busybox
+for app in $(/bin/busybox --list); do
+  [ -e root/bin/"$app" ] || [ -e root/usr/bin/"$app" ] || [ -e root/sbin/"$app" ] || ln -s busybox root/bin/"$app"
+done
+echo torpor-guest > root/etc/hostname
+printf 'root:x:0:0:root:/root:/bin/sh\n' > root/etc/passwd
+printf 'root:x:0:\n' > root/etc/group
+printf '127.0.0.1 localhost\n' > root/etc/hosts
+printf 'nameserver 10.0.2.3\n' > root/etc/resolv.conf
+cat > root/sbin/torpor-init <<'INIT'
+#!/bin/sh
+# PID 1 of the default guest: mounts, network, the agent and the counter workload.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+mount -t proc proc /proc
+mount -t sysfs sys /sys
+mount -t tmpfs -o mode=755 tmpfs /run
+mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs tmpfs /dev/shm
+mount -t tmpfs -o size=90% tmpfs /tmp
+hostname -F /etc/hostname
+ip link set lo up
+ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+# The counter lives only in RAM (/run is tmpfs): if it continues after a
+# restore, the guest's memory and processes survived.
+(n=0; while :; do n=$((n+1)); echo $n > /run/counter.tmp; mv /run/counter.tmp /run/counter; sleep 0.1; done) &
+# No udev here: find the agent's port by its name in sysfs.
+agent=
+for port in /sys/class/virtio-ports/*; do
+  [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] && agent=/dev/${port##*/}
+done
+while :; do
+  /usr/sbin/qemu-ga -m virtio-serial -p "$agent" -t /run 2>>/var/log/qemu-ga.log
+  sleep 0.2
+done &
+echo "torpor-guest: ready" > /dev/ttyS0
+# Reap orphans forever, as an init must; halt cleanly on SIGTERM/SIGUSR2.
+trap 'sync; poweroff -f' TERM USR2
+while :; do wait; sleep 1; done
+INIT
+chmod 755 root/sbin/torpor-init
+# qemu-ga's guest-shutdown runs /sbin/shutdown; busybox has no such applet.
+cat > root/sbin/shutdown <<'SHUTDOWN'
+#!/bin/sh
+sync
+case "$1" in -r) exec reboot -f ;; *) exec poweroff -f ;; esac
+SHUTDOWN
+chmod 755 root/sbin/shutdown
+/sbin/ldconfig -r root 2>/dev/null || true
+mkfs.ext4 -q -F -L torpor-root -d root rootfs.ext4 "$ROOTFS_SIZE"
+
+# --- publish ----------------------------------------------------------------
+mv vmlinux initrd.img rootfs.ext4 "$OUT"/
+printf '{"kernel_package": "%s", "kernel_version": "%s", "packages": "%s"}\n' \
+  "$kpkg" "$kver" "$(echo $pkgs)" > "$OUT"/recipe.json
+log "done: $OUT"

@@ -1,0 +1,147 @@
+"""Start and stop: launching QEMU for an instance and shutting it down again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from torpor.errors import OperationFailed, TorporError, WrongState
+from torpor.guest.agent import AgentError, GuestAgent
+from torpor.hypervisor.accel import resolve_accel
+from torpor.hypervisor.process import QemuProcess, launch
+from torpor.hypervisor.qmp import Monitor, QmpError
+from torpor.hypervisor.vmconfig import Accel, VMConfig
+from torpor.instances.context import InstanceContext
+from torpor.instances.metadata import InstanceState, utc_now
+from torpor.instances.operation import OperationRecorder
+from torpor.instances.runtime import (
+    RuntimeRecord,
+    clear_runtime,
+    derive_state,
+    load_runtime,
+    save_runtime,
+)
+from torpor.instances.vmspec import vm_config_for
+
+log = logging.getLogger(__name__)
+
+
+def effective_accel(ctx: InstanceContext) -> Accel:
+    image = ctx.meta.image
+    choice = ctx.meta.accel if ctx.meta.accel != "auto" else ctx.settings.accel
+    return resolve_accel(choice, kernel=image.kernel, initrd=image.initrd,
+                         cache_file=ctx.data_root.accel_cache, binary=ctx.settings.qemu_binary)
+
+
+def check_boot_files(ctx: InstanceContext) -> None:
+    for f in (ctx.meta.image.kernel, ctx.meta.image.initrd):
+        if f is not None and not f.exists():
+            raise OperationFailed(f"boot file of instance {ctx.name} is missing: {f}")
+
+
+def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: bool = False) -> QemuProcess:
+    """Launch QEMU for this instance and record it in runtime.json."""
+    clear_runtime(ctx.paths)
+    ctx.paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    process = launch(config, pidfile=ctx.paths.pidfile, log_file=ctx.paths.qemu_log,
+                     incoming=incoming, binary=ctx.settings.qemu_binary)
+    save_runtime(ctx.paths, RuntimeRecord(identity=process.identity, vm_config=config,
+                                          launched_at=utc_now()))
+    return process
+
+
+async def wait_for_agent(ctx: InstanceContext) -> float:
+    return await GuestAgent.wait_ready(ctx.paths.agent_socket, ctx.settings.agent_timeout)
+
+
+async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRecorder:
+    """stopped/crashed → running. The caller holds the instance lock."""
+    state, record = await derive_state(ctx.paths)
+    if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+        raise WrongState(f"instance {ctx.name} is already {state}")
+    if state is InstanceState.STANDBY:
+        raise WrongState(f"instance {ctx.name} is in standby: use `torpor restore {ctx.name}`")
+    if record is not None:  # crashed: make sure nothing of the old process remains
+        await terminate(ctx, record.process())
+    check_boot_files(ctx)
+    op = OperationRecorder("start", ctx.name)
+    process: QemuProcess | None = None
+    try:
+        with op.phase("spawn"):
+            config = vm_config_for(ctx.meta, ctx.paths, effective_accel(ctx))
+            process = spawn_qemu(ctx, config)
+        if wait_agent:
+            with op.phase("agent-ready"):
+                await wait_for_agent(ctx)
+    except BaseException as exc:
+        if process is not None:
+            await terminate(ctx, process)
+        op.record(ctx.paths, exc)
+        raise
+    op.record(ctx.paths)
+    return op
+
+
+async def terminate(ctx: InstanceContext, process: QemuProcess) -> None:
+    """Kill the process if it is still ours and forget it."""
+    await asyncio.to_thread(process.kill)
+    clear_runtime(ctx.paths)
+
+
+async def _ask_guest_to_power_off(ctx: InstanceContext) -> bool:
+    try:
+        async with GuestAgent.connect(ctx.paths.agent_socket, timeout=2.0) as agent:
+            await agent.shutdown()
+            return True
+    except AgentError as exc:
+        log.info("%s: agent shutdown unavailable (%s)", ctx.name, exc)
+        return False
+
+
+async def shutdown(ctx: InstanceContext, process: QemuProcess, timeout: float) -> str:
+    """Graceful power-off through the agent, then QMP quit, then SIGKILL.
+    Returns how the process ended."""
+    if await _ask_guest_to_power_off(ctx) and await asyncio.to_thread(
+            process.wait_exit, timeout):
+        return "guest powered off"
+    with contextlib.suppress(QmpError):
+        async with Monitor.connect(ctx.paths.qmp_socket, timeout=2.0) as mon:
+            await mon.quit()
+    if await asyncio.to_thread(process.wait_exit, 3.0):
+        return "QEMU quit"
+    await asyncio.to_thread(process.kill)
+    return "killed"
+
+
+async def stop(ctx: InstanceContext, *, timeout: float | None = None,
+               force: bool = False) -> OperationRecorder:
+    """running/paused/crashed → stopped. The caller holds the instance lock."""
+    state, record = await derive_state(ctx.paths)
+    if state is InstanceState.STOPPED:
+        raise WrongState(f"instance {ctx.name} is not running")
+    if state is InstanceState.STANDBY:
+        raise WrongState(f"instance {ctx.name} is in standby: restore it first, or delete it")
+    op = OperationRecorder("stop", ctx.name)
+    try:
+        assert record is not None
+        process = record.process()
+        with op.phase("shutdown"):
+            if force or state is InstanceState.CRASHED:
+                await asyncio.to_thread(process.kill)
+            else:
+                how = await shutdown(ctx, process, timeout or ctx.settings.stop_timeout)
+                log.info("%s: %s", ctx.name, how)
+        clear_runtime(ctx.paths)
+    except TorporError as exc:
+        op.record(ctx.paths, exc)
+        raise
+    op.record(ctx.paths)
+    return op
+
+
+def running_process(ctx: InstanceContext) -> QemuProcess | None:
+    record = load_runtime(ctx.paths)
+    if record is None or not record.identity.is_alive():
+        return None
+    return record.process()

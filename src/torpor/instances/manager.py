@@ -1,0 +1,236 @@
+"""The instance manager: a registry of instances on one data root, and the entry point
+for every operation on them. Each mutating operation holds the instance's lock."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from torpor.copy import copy_file
+from torpor.errors import AlreadyExists, InvalidArgument, NotFound, OperationFailed, WrongState
+from torpor.fsutil import fsync_dir, remove_tree
+from torpor.guest.agent import ExecResult, GuestAgent
+from torpor.hypervisor.accel import AccelChoice
+from torpor.hypervisor.vmconfig import PortForward
+from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
+from torpor.instances import lifecycle
+from torpor.instances.context import InstanceContext, Settings
+from torpor.instances.locking import file_lock
+from torpor.instances.metadata import (
+    ImageRef,
+    InstanceMetadata,
+    InstanceState,
+    LastOperation,
+    new_instance_id,
+    new_mac,
+    utc_now,
+    validate_name,
+)
+from torpor.instances.runtime import clear_runtime, derive_state
+from torpor.paths import DataRoot, InstancePaths
+
+DEFAULT_MEMORY = 512 << 20
+DEFAULT_DISK = 2 << 30
+MAX_CPUS = 64
+
+
+class InstanceInfo(BaseModel):
+    """What `show` and `list` report."""
+
+    name: str
+    id: str
+    state: InstanceState
+    cpus: int
+    memory_mib: int
+    disk_bytes: int
+    mac: str
+    created_at: datetime
+    pid: int | None = None
+    accel: str | None = None
+    path: Path
+    last_operation: LastOperation | None = None
+
+
+class InstanceManager:
+    def __init__(self, data_root: Path, settings: Settings | None = None,
+                 lock_wait: float | None = None) -> None:
+        self.data_root = DataRoot(data_root)
+        self.settings = settings or Settings()
+        self.lock_wait = lock_wait  # None: wait for a busy instance; 0: fail at once
+
+    # --- lookup ---------------------------------------------------------------------
+
+    def _all_metadata(self) -> list[InstanceMetadata]:
+        found = []
+        if not self.data_root.instances_dir.exists():
+            return []
+        for entry in sorted(self.data_root.instances_dir.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                found.append(InstanceMetadata.load(self.data_root.instance(entry.name).metadata))
+        return found
+
+    def _find(self, name_or_id: str) -> InstanceMetadata:
+        for meta in self._all_metadata():
+            if name_or_id in (meta.name, meta.id):
+                return meta
+        raise NotFound(f"no instance named {name_or_id!r}")
+
+    def _context(self, meta: InstanceMetadata) -> InstanceContext:
+        return InstanceContext(self.data_root, self.settings, meta,
+                               self.data_root.instance(meta.id))
+
+    @contextlib.asynccontextmanager
+    async def locked(self, name: str) -> AsyncIterator[InstanceContext]:
+        """The instance's lock, with its metadata re-read once the lock is held."""
+        meta = self._find(name)
+        async with file_lock(self.data_root.instance_lock(meta.id), what=f"instance {name}",
+                             wait=self.lock_wait):
+            paths = self.data_root.instance(meta.id)
+            try:
+                fresh = InstanceMetadata.load(paths.metadata)
+            except FileNotFoundError:
+                raise NotFound(f"no instance named {name!r}") from None
+            yield self._context(fresh)
+
+    async def info(self, meta: InstanceMetadata) -> InstanceInfo:
+        paths = self.data_root.instance(meta.id)
+        state, record = await derive_state(paths)
+        return InstanceInfo(
+            name=meta.name, id=meta.id, state=state, cpus=meta.cpus,
+            memory_mib=meta.memory_mib, disk_bytes=meta.disk_bytes, mac=meta.mac,
+            created_at=meta.created_at, path=paths.root,
+            pid=record.identity.pid if record and state is not InstanceState.CRASHED else None,
+            accel=record.vm_config.accel if record else None,
+            last_operation=meta.last_operation,
+        )
+
+    async def get(self, name: str) -> InstanceInfo:
+        return await self.info(self._find(name))
+
+    async def list_all(self) -> list[InstanceInfo]:
+        return [await self.info(meta) for meta in self._all_metadata()]
+
+    # --- create / delete --------------------------------------------------------------
+
+    def _import_image(self, image: GuestImage) -> ImageRef:
+        """Copy the image's boot files into the data root once, so instances do not
+        depend on a cache that a recipe change replaces."""
+        target = self.data_root.image_dir(f"{image.name}-{recipe_hash()}")
+        if not target.exists():
+            staging = self.data_root.staging(f"image-{target.name}-{os.getpid()}")
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+            for f in (image.kernel, image.initrd):
+                if f is not None:
+                    copy_file(f, staging / f.name, fsync=True)
+            with contextlib.suppress(FileExistsError, OSError):
+                os.rename(staging, target)
+            shutil.rmtree(staging, ignore_errors=True)
+        return ImageRef(name=image.name, kernel=target / image.kernel.name,
+                        initrd=target / image.initrd.name if image.initrd else None,
+                        cmdline=image.cmdline)
+
+    @staticmethod
+    def _make_disk(rootfs: Path, disk: Path, size: int) -> None:
+        copy_file(rootfs, disk)
+        if size > disk.stat().st_size:
+            os.truncate(disk, size)
+            result = subprocess.run(["resize2fs", "-f", str(disk)], capture_output=True,
+                                    check=False)
+            if result.returncode != 0:
+                raise OperationFailed("resize2fs failed: " + result.stderr.decode()[-500:])
+        with open(disk, "rb+") as f:
+            os.fsync(f.fileno())
+
+    async def create(self, name: str, *, memory_bytes: int = DEFAULT_MEMORY, cpus: int = 1,
+                     disk_bytes: int = DEFAULT_DISK, image: GuestImage | None = None,
+                     accel: AccelChoice = "auto",
+                     port_forwards: list[PortForward] | None = None) -> InstanceInfo:
+        validate_name(name)
+        if not 1 <= cpus <= MAX_CPUS:
+            raise InvalidArgument(f"--cpus must be between 1 and {MAX_CPUS}")
+        if memory_bytes < 64 << 20 or memory_bytes % (1 << 20):
+            raise InvalidArgument("--memory must be a whole number of MiB, at least 64M")
+        image = image or ensure_builtin_image(quiet=True)
+        base_size = image.rootfs.stat().st_size
+        if disk_bytes < base_size:
+            raise InvalidArgument(f"--disk-size must be at least the image's {base_size} bytes")
+        self.data_root.ensure()
+        async with file_lock(self.data_root.registry_lock, what="the instance registry"):
+            if any(m.name == name for m in self._all_metadata()):
+                raise AlreadyExists(f"an instance named {name!r} already exists")
+            instance_id = new_instance_id()
+            staging = self.data_root.staging(f"create-{instance_id}")
+            try:
+                staging.mkdir(parents=True)
+                paths = InstancePaths(staging)
+                for d in (paths.logs_dir, paths.run_dir, paths.snapshots_dir):
+                    d.mkdir()
+                self._make_disk(image.rootfs, paths.disk, disk_bytes)
+                meta = InstanceMetadata(
+                    id=instance_id, name=name, created_at=utc_now(), cpus=cpus,
+                    memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
+                    image=self._import_image(image), accel=accel,
+                    port_forwards=port_forwards or [])
+                meta.save(paths.metadata)
+                final = self.data_root.instance(instance_id).root
+                os.rename(staging, final)  # the instance appears whole or not at all
+                fsync_dir(final.parent)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        return await self.info(meta)
+
+    async def delete(self, name: str, *, force: bool = False) -> None:
+        async with self.locked(name) as ctx:
+            state, record = await derive_state(ctx.paths)
+            if state in (InstanceState.RUNNING, InstanceState.PAUSED) and not force:
+                raise WrongState(f"instance {name} is {state}: stop it first, or use --force")
+            if record is not None:
+                await lifecycle.terminate(ctx, record.process())
+            remove_tree(ctx.paths.root)
+            with contextlib.suppress(FileNotFoundError):
+                self.data_root.instance_lock(ctx.meta.id).unlink()
+
+    # --- lifecycle --------------------------------------------------------------------
+
+    async def start(self, name: str, *, wait_agent: bool = True) -> InstanceInfo:
+        async with self.locked(name) as ctx:
+            await lifecycle.start(ctx, wait_agent=wait_agent)
+            return await self.info(InstanceMetadata.load(ctx.paths.metadata))
+
+    async def stop(self, name: str, *, timeout: float | None = None,
+                   force: bool = False) -> InstanceInfo:
+        async with self.locked(name) as ctx:
+            await lifecycle.stop(ctx, timeout=timeout, force=force)
+            return await self.info(InstanceMetadata.load(ctx.paths.metadata))
+
+    # --- guest access -----------------------------------------------------------------
+
+    async def exec(self, name: str, argv: list[str], *, input: bytes | None = None,
+                   timeout: float = 60.0) -> ExecResult:
+        meta = self._find(name)
+        paths = self.data_root.instance(meta.id)
+        state, _ = await derive_state(paths)
+        if state is not InstanceState.RUNNING:
+            raise WrongState(f"instance {name} is {state}, not running")
+        async with GuestAgent.connect(paths.agent_socket) as agent:
+            return await agent.exec(argv, input=input, timeout=timeout)
+
+    def console_path(self, name: str) -> Path:
+        return self.data_root.instance(self._find(name).id).serial_log
+
+    def paths(self, name: str) -> InstancePaths:
+        return self.data_root.instance(self._find(name).id)
+
+    def cleanup_runtime(self, name: str) -> None:
+        clear_runtime(self.paths(name))

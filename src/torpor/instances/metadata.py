@@ -1,0 +1,87 @@
+"""What is stored about an instance. State is never stored: it is derived (see state.py)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from torpor.errors import InvalidArgument
+from torpor.fsutil import atomic_write_json, read_json
+from torpor.hypervisor.accel import AccelChoice
+from torpor.hypervisor.vmconfig import PortForward
+
+NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+METADATA_VERSION = 1
+
+
+class InstanceState(StrEnum):
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPED = "stopped"
+    STANDBY = "standby"
+    CRASHED = "crashed"
+
+
+def validate_name(name: str) -> str:
+    if len(name) > 63 or not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"invalid instance name {name!r}: use 1-63 lowercase letters, digits and '-',"
+            " starting and ending with a letter or digit")
+    return name
+
+
+def new_instance_id() -> str:
+    return secrets.token_hex(6)
+
+
+def new_mac() -> str:
+    """A locally administered unicast MAC in QEMU's 52:54:00 range."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class ImageRef(BaseModel):
+    name: str
+    kernel: Path
+    initrd: Path | None
+    cmdline: str
+
+
+class LastOperation(BaseModel):
+    kind: str
+    result: str  # "ok" or "error"
+    started_at: datetime
+    phases: dict[str, float] = Field(default_factory=dict)
+    error: str | None = None
+
+
+class InstanceMetadata(BaseModel):
+    version: int = METADATA_VERSION
+    id: str
+    name: str
+    created_at: datetime
+    cpus: int
+    memory_mib: int
+    disk_bytes: int
+    mac: str
+    image: ImageRef
+    accel: AccelChoice = "auto"
+    port_forwards: list[PortForward] = Field(default_factory=list)
+    last_operation: LastOperation | None = None
+    extra: dict[str, Any] = Field(default_factory=dict)
+
+    def save(self, path: Path) -> None:
+        atomic_write_json(path, self.model_dump(mode="json"))
+
+    @classmethod
+    def load(cls, path: Path) -> InstanceMetadata:
+        return cls.model_validate(read_json(path))

@@ -1,0 +1,81 @@
+"""The running side of an instance: which QEMU process is its, and what state it is in.
+
+runtime.json (in run/) is written right after QEMU has started and removed once torpor
+has stopped it. State is derived from what exists:
+  process alive      → ask QEMU (query monitor): running / paused / crashed
+  process gone       → standby snapshot present → standby
+                       runtime.json still there (QEMU died behind our back) → crashed
+                       otherwise → stopped
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from datetime import datetime
+
+from pydantic import BaseModel
+
+from torpor.fsutil import atomic_write_json, read_json
+from torpor.hypervisor.process import ProcessIdentity, QemuProcess
+from torpor.hypervisor.qmp import FAILED_STATES, PAUSED_STATES, Monitor, QmpError
+from torpor.hypervisor.vmconfig import VMConfig
+from torpor.instances.metadata import InstanceState
+from torpor.paths import InstancePaths
+
+
+class RuntimeRecord(BaseModel):
+    identity: ProcessIdentity
+    vm_config: VMConfig
+    launched_at: datetime
+
+    def process(self) -> QemuProcess:
+        return QemuProcess(self.identity)
+
+
+def load_runtime(paths: InstancePaths) -> RuntimeRecord | None:
+    try:
+        return RuntimeRecord.model_validate(read_json(paths.runtime))
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        return None  # a torn or foreign file: treat as no record (state: stopped/crashed)
+
+
+def save_runtime(paths: InstancePaths, record: RuntimeRecord) -> None:
+    atomic_write_json(paths.runtime, record.model_dump(mode="json"))
+
+
+def clear_runtime(paths: InstancePaths) -> None:
+    """Forget the process and remove its sockets: nothing stale is left in run/."""
+    if paths.run_dir.exists():
+        shutil.rmtree(paths.run_dir, ignore_errors=True)
+    paths.run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def has_standby_state(paths: InstancePaths) -> bool:
+    return (paths.standby_dir / "manifest.json").exists()
+
+
+async def query_vm_status(paths: InstancePaths, timeout: float = 2.0) -> str | None:
+    """QEMU's run state through the query monitor; None if it cannot be reached."""
+    with contextlib.suppress(QmpError):
+        async with Monitor.connect(paths.qmp_query_socket, timeout=timeout) as mon:
+            return await mon.status()
+    return None
+
+
+async def derive_state(paths: InstancePaths) -> tuple[InstanceState, RuntimeRecord | None]:
+    record = load_runtime(paths)
+    if record is not None and record.identity.is_alive():
+        status = await query_vm_status(paths)
+        if status in FAILED_STATES:
+            return InstanceState.CRASHED, record
+        if status in PAUSED_STATES:
+            return InstanceState.PAUSED, record
+        return InstanceState.RUNNING, record
+    if has_standby_state(paths):
+        return InstanceState.STANDBY, None
+    if record is not None:
+        return InstanceState.CRASHED, record
+    return InstanceState.STOPPED, None

@@ -1,0 +1,158 @@
+"""Every on-disk path torpor uses is built here, and nowhere else.
+
+    <data-root>/
+      instances/<id>/
+        metadata.json            instance definition (atomic writes)
+        disk.raw                 sparse writable root disk
+        logs/serial.log          guest console
+        logs/qemu.log            QEMU's own messages
+        run/                     runtime: QMP + agent sockets, pid file, runtime.json (never copied)
+        snapshots/latest/        standby state (manifest.json + machine-state[.zst|.lz4])
+      snapshots/<id>/            stored snapshots: record.json + payload/
+      locks/<id>.lock            per-instance operation locks; registry.lock for names
+      images/<name>/             boot files (kernel, initrd) instances reference; read-only
+      cache/                     probe results (accelerator)
+      tmp/                       staging for instance creation
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_DATA_ROOT = Path("/var/lib/torpor")
+UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+
+
+def resolve_data_root(explicit: str | os.PathLike[str] | None = None) -> Path:
+    """--data-root wins, then $TORPOR_DATA_ROOT, then /var/lib/torpor."""
+    if explicit:
+        return Path(explicit).absolute()
+    env = os.environ.get("TORPOR_DATA_ROOT")
+    return Path(env).absolute() if env else DEFAULT_DATA_ROOT
+
+
+def cache_home() -> Path:
+    """Where built guest images are cached, outside any data root and the repo."""
+    env = os.environ.get("TORPOR_CACHE_DIR")
+    if env:
+        return Path(env).absolute()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "torpor"
+
+
+@dataclass(frozen=True)
+class InstancePaths:
+    root: Path
+
+    @property
+    def metadata(self) -> Path:
+        return self.root / "metadata.json"
+
+    @property
+    def disk(self) -> Path:
+        return self.root / "disk.raw"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.logs_dir / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.logs_dir / "qemu.log"
+
+    @property
+    def run_dir(self) -> Path:
+        return self.root / "run"
+
+    @property
+    def qmp_socket(self) -> Path:
+        """Control monitor: used by the operation holding the instance lock."""
+        return self.run_dir / "qmp.sock"
+
+    @property
+    def qmp_query_socket(self) -> Path:
+        """Second monitor for read-only status queries, so `show` never waits on an operation."""
+        return self.run_dir / "query.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run_dir / "agent.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run_dir / "qemu.pid"
+
+    @property
+    def runtime(self) -> Path:
+        return self.run_dir / "runtime.json"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def standby_dir(self) -> Path:
+        return self.snapshots_dir / "latest"
+
+    def sockets(self) -> tuple[Path, ...]:
+        return (self.qmp_socket, self.qmp_query_socket, self.agent_socket)
+
+
+@dataclass(frozen=True)
+class DataRoot:
+    root: Path
+
+    @property
+    def instances_dir(self) -> Path:
+        return self.root / "instances"
+
+    @property
+    def snapshots_dir(self) -> Path:
+        return self.root / "snapshots"
+
+    @property
+    def locks_dir(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def tmp_dir(self) -> Path:
+        return self.root / "tmp"
+
+    @property
+    def images_dir(self) -> Path:
+        return self.root / "images"
+
+    def image_dir(self, name: str) -> Path:
+        return self.images_dir / name
+
+    @property
+    def registry_lock(self) -> Path:
+        return self.locks_dir / "registry.lock"
+
+    @property
+    def accel_cache(self) -> Path:
+        return self.cache_dir / "accel.json"
+
+    def instance(self, instance_id: str) -> InstancePaths:
+        return InstancePaths(self.instances_dir / instance_id)
+
+    def instance_lock(self, instance_id: str) -> Path:
+        return self.locks_dir / f"{instance_id}.lock"
+
+    def staging(self, name: str) -> Path:
+        return self.tmp_dir / name
+
+    def ensure(self) -> None:
+        for d in (self.instances_dir, self.snapshots_dir, self.locks_dir, self.cache_dir,
+                  self.tmp_dir, self.images_dir):
+            d.mkdir(parents=True, exist_ok=True)
