@@ -19,7 +19,7 @@ from torpor.hypervisor.vmconfig import DEFAULT_CPU_MODEL, Accel
 
 AccelChoice = Literal["auto", "kvm", "tcg"]
 PROBE_MARKER = "torpor-probe-ok"
-PROBE_TIMEOUT = 10.0
+PROBE_TIMEOUT = 6.0  # under working KVM the initrd is reached in well under 1 s
 
 
 def kvm_device_usable() -> bool:

@@ -1,0 +1,49 @@
+# torpor: the two set-up commands are `make demo` and `make test` (see README).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs \
+                e2fsprogs kmod util-linux
+
+.PHONY: demo test deps venv guest lint unit bench-copy clean
+
+# Debian packages: installed only when one is missing (needs root, as on these machines).
+deps:
+	@missing=$$(for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done); \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:" $$missing; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
+	fi
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+venv: $(STAMP)
+
+# The built-in guest, cached in ~/.cache/torpor/guest/<recipe-hash>/.
+guest: deps venv
+	$(BIN)/torpor image build
+
+demo: guest
+	bash scripts/demo.sh
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/mypy
+
+test: guest lint
+	$(BIN)/pytest
+
+unit: venv
+	$(BIN)/pytest tests/unit
+
+bench-copy: deps venv
+	$(BIN)/python bench/copy_bench.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info

@@ -1,0 +1,27 @@
+#!/bin/bash
+# `make demo`: the main job on the built-in default guest, step by step, with timings.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+TORPOR=${TORPOR:-.venv/bin/torpor}
+export TORPOR_DATA_ROOT=${TORPOR_DATA_ROOT:-/var/lib/torpor}
+VM=torpor-demo
+
+step() {  # step "description" command...
+  local start end
+  printf '\n\033[1m== %s\033[0m\n$ %s\n' "$1" "${*:2}"
+  start=$(date +%s.%N)
+  "${@:2}"
+  end=$(date +%s.%N)
+  python3 -c "print(f'   ({$end - $start:.2f} s)')"
+}
+
+echo "data root: $TORPOR_DATA_ROOT"
+if $TORPOR show "$VM" >/dev/null 2>&1; then $TORPOR delete --force "$VM" >/dev/null; fi
+step "create a VM of the built-in guest" $TORPOR create "$VM" --memory 512M
+step "boot it (until the guest agent answers)" $TORPOR start "$VM"
+step "run a command in the guest through the agent" \
+  $TORPOR exec "$VM" -- sh -c 'echo "hello from $(hostname), kernel $(uname -r), counter $(cat /run/counter)"'
+step "show it" $TORPOR show "$VM"
+step "stop it (graceful power-off)" $TORPOR stop "$VM"
+step "delete it" $TORPOR delete "$VM"
+echo; echo "demo done"

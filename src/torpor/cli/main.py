@@ -1,0 +1,215 @@
+"""`torpor`: create, run and stop VMs (and, later, standby, restore and fork them)."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from torpor.cli.output import (
+    console,
+    err_console,
+    instance_details,
+    instances_table,
+    phases_line,
+    print_json,
+)
+from torpor.errors import TorporError
+from torpor.hypervisor.accel import AccelChoice
+from torpor.instances import InstanceManager
+from torpor.instances.context import Settings
+from torpor.paths import resolve_data_root
+from torpor.units import parse_size
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="torpor", no_args_is_help=True, add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Put QEMU VMs into standby, restore them and fork them.",
+)
+image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
+app.add_typer(image_app, name="image")
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
+NameArg = Annotated[str, typer.Argument(help="Instance name.")]
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+def manager(ctx: typer.Context) -> InstanceManager:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    return InstanceManager(obj["data_root"], Settings(accel=obj["accel"]))
+
+
+@app.callback()
+def main_options(
+    ctx: typer.Context,
+    data_root: Annotated[Path | None, typer.Option(
+        "--data-root", help="Data root (default $TORPOR_DATA_ROOT or /var/lib/torpor).",
+        show_default=False)] = None,
+    accel: Annotated[str, typer.Option(
+        help="Accelerator: auto (probe KVM, fall back to TCG), kvm or tcg.",
+        envvar="TORPOR_ACCEL")] = "auto",
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each phase.")] = False,
+) -> None:
+    if accel not in ("auto", "kvm", "tcg"):
+        raise typer.BadParameter("must be auto, kvm or tcg", param_hint="--accel")
+    accel_choice: AccelChoice = accel  # type: ignore[assignment]
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    ctx.ensure_object(dict).update(data_root=resolve_data_root(data_root), accel=accel_choice)
+
+
+@app.command()
+def create(
+    ctx: typer.Context,
+    name: NameArg,
+    memory: Annotated[str, typer.Option(help="Guest RAM, e.g. 512M or 2G.")] = "512M",
+    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
+    disk_size: Annotated[str, typer.Option(help="Root disk size (sparse).")] = "2G",
+    json_out: JsonOpt = False,
+) -> None:
+    """Create an instance of the built-in guest (stopped)."""
+    info = run(manager(ctx).create(name, memory_bytes=parse_size(memory, "M"), cpus=cpus,
+                                   disk_bytes=parse_size(disk_size, "G")))
+    if json_out:
+        print_json(info)
+    else:
+        console.print(f"created {info.name} ({info.id})")
+
+
+@app.command()
+def start(ctx: typer.Context, name: NameArg,
+          no_wait: Annotated[bool, typer.Option(
+              "--no-wait", help="Return once QEMU runs, without waiting for the agent.")] = False,
+          json_out: JsonOpt = False) -> None:
+    """Boot an instance and wait until its guest agent answers."""
+    info = run(manager(ctx).start(name, wait_agent=not no_wait))
+    if json_out:
+        print_json(info)
+    else:
+        phases = info.last_operation.phases if info.last_operation else {}
+        console.print(f"{info.name} is {info.state} (pid {info.pid}; {phases_line(phases)})")
+
+
+@app.command()
+def stop(ctx: typer.Context, name: NameArg,
+         timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean power-off "
+                                                "before QEMU is told to quit, then killed.")] = 10,
+         force: Annotated[bool, typer.Option("--force", help="Kill QEMU at once.")] = False,
+         json_out: JsonOpt = False) -> None:
+    """Shut an instance down (graceful power-off, then quit, then kill)."""
+    info = run(manager(ctx).stop(name, timeout=timeout, force=force))
+    if json_out:
+        print_json(info)
+    else:
+        console.print(f"{info.name} is {info.state}")
+
+
+@app.command()
+def delete(ctx: typer.Context, name: NameArg,
+           force: Annotated[bool, typer.Option("--force", help="Kill it if running.")] = False
+           ) -> None:
+    """Delete an instance and everything in its directory."""
+    run(manager(ctx).delete(name, force=force))
+    console.print(f"deleted {name}")
+
+
+@app.command("list")
+def list_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """List instances with their derived state."""
+    infos = run(manager(ctx).list_all())
+    if json_out:
+        print_json(infos)
+    elif not infos:
+        console.print("no instances")
+    else:
+        console.print(instances_table(infos))
+
+
+@app.command()
+def show(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Show one instance: state, resources and the last operation's phases."""
+    info = run(manager(ctx).get(name))
+    if json_out:
+        print_json(info)
+    else:
+        console.print(instance_details(info))
+
+
+@app.command("exec", context_settings={"allow_interspersed_args": False})
+def exec_cmd(
+    ctx: typer.Context, name: NameArg,
+    command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
+    timeout: Annotated[float, typer.Option(help="Seconds before giving up.")] = 60,
+) -> None:
+    """Run a command in the guest through its agent; exits with the command's code."""
+    if command and command[0] == "--":
+        command = command[1:]
+    if not command:
+        raise typer.BadParameter("give the command to run after --", param_hint="COMMAND")
+    result = run(manager(ctx).exec(name, command, timeout=timeout))
+    sys.stdout.buffer.write(result.stdout)
+    sys.stdout.flush()
+    sys.stderr.buffer.write(result.stderr)
+    sys.stderr.flush()
+    raise typer.Exit(result.exit_code if result.signal is None else 128 + result.signal)
+
+
+@app.command()
+def console_cmd(ctx: typer.Context, name: NameArg,
+                follow: Annotated[bool, typer.Option("--follow", "-f",
+                                                     help="Keep printing new output.")] = False
+                ) -> None:
+    """Print the guest's serial console log."""
+    path = manager(ctx).console_path(name)
+    if not path.exists():
+        err_console.print(f"{name} has no console output yet")
+        return
+    with open(path, "rb") as f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.flush()
+            elif not follow:
+                return
+            else:
+                time.sleep(0.2)
+
+
+app.registered_commands[-1].name = "console"
+
+
+@image_app.command("build")
+def image_build() -> None:
+    """Build the built-in default guest if its recipe changed (cached)."""
+    from torpor.images.builtin import builtin_image_dir, ensure_builtin_image
+
+    image = ensure_builtin_image()
+    console.print(f"default guest ready in {builtin_image_dir()} (kernel {image.kernel.name})")
+
+
+def main() -> None:
+    # Typer handles usage errors itself (exit 2); torpor's own errors become one line.
+    try:
+        app()
+    except TorporError as exc:
+        print(f"torpor: error: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("torpor: interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Rendering results for people (rich tables) and scripts (--json)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+from pydantic import BaseModel
+from rich.console import Console
+from rich.table import Table
+
+from torpor.units import format_seconds, format_size
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def print_json(obj: Any) -> None:
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump(mode="json")
+    elif isinstance(obj, list):
+        obj = [o.model_dump(mode="json") if isinstance(o, BaseModel) else o for o in obj]
+    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def instances_table(infos: list[Any]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "STATE", "CPUS", "MEMORY", "DISK", "PID", "ID"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row(i.name, str(i.state), str(i.cpus), format_size(i.memory_mib << 20),
+                      format_size(i.disk_bytes), str(i.pid or "-"), i.id)
+    return table
+
+
+def phases_line(phases: dict[str, float]) -> str:
+    return ", ".join(f"{name} {format_seconds(s)}" for name, s in phases.items())
+
+
+def instance_details(info: Any) -> Table:
+    table = Table(box=None, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    rows = [
+        ("name", info.name), ("id", info.id), ("state", str(info.state)),
+        ("cpus", str(info.cpus)), ("memory", format_size(info.memory_mib << 20)),
+        ("disk", format_size(info.disk_bytes)), ("mac", info.mac),
+        ("pid", str(info.pid or "-")), ("accel", info.accel or "-"),
+        ("created", info.created_at.isoformat(timespec="seconds")), ("path", str(info.path)),
+    ]
+    op = info.last_operation
+    if op is not None:
+        rows.append(("last operation", f"{op.kind}: {op.result}"
+                     + (f" ({op.error})" if op.error else "")))
+        rows.append(("phases", phases_line(op.phases) or "-"))
+    for key, value in rows:
+        table.add_row(key, value)
+    return table

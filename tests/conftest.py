@@ -1,0 +1,72 @@
+"""Shared fixtures. Real guests are expensive: the data root, the manager and one
+running guest are shared across the session; tests that change a VM's lifecycle get
+their own instance."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+
+from torpor.images.builtin import GuestImage, ensure_builtin_image
+from torpor.instances import InstanceManager
+from torpor.instances.context import Settings
+
+T = TypeVar("T")
+
+
+def run(coro: Coroutine[Any, Any, T]) -> T:
+    return asyncio.run(coro)
+
+
+@pytest.fixture(scope="session")
+def guest_image() -> GuestImage:
+    return ensure_builtin_image(quiet=True)
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Iterator[Path]:
+    # Short on purpose: unix socket paths under it must stay below 108 bytes.
+    root = Path(tempfile.mkdtemp(prefix="tp-", dir="/tmp"))
+    yield root
+    subprocess.run(["pkill", "-KILL", "-f", f"{root}/instances"], check=False)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def manager(data_root: Path, guest_image: GuestImage) -> InstanceManager:
+    # accel "auto": the real probe runs once per session (and falls back to TCG here).
+    return InstanceManager(data_root, Settings(accel=os.environ.get("TORPOR_ACCEL", "auto")))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def shared_vm(manager: InstanceManager) -> Iterator[str]:
+    """One running guest for tests that only look at it or run commands in it."""
+    run(manager.create("shared"))
+    run(manager.start("shared"))
+    yield "shared"
+    run(manager.delete("shared", force=True))
+
+
+_counter = iter(range(10_000))
+
+
+@pytest.fixture
+def fresh_name() -> str:
+    return f"vm{next(_counter)}"
+
+
+def torpor_cli(data_root: Path, *args: str, timeout: float = 120,
+               input: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `torpor` command line against a data root."""
+    env = dict(os.environ, TORPOR_DATA_ROOT=str(data_root))
+    return subprocess.run([sys.executable, "-m", "torpor.cli.main", *args], env=env,
+                          capture_output=True, text=True, timeout=timeout, check=False)

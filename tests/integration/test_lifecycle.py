@@ -1,0 +1,154 @@
+"""The foundation on real guests: boot, exec, stop, delete, derived state, locking."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run, torpor_cli
+from torpor.guest.agent import GuestAgent
+from torpor.hypervisor.accel import probe_kvm, resolve_accel
+from torpor.images.builtin import GuestImage
+from torpor.instances import InstanceManager, InstanceState
+from torpor.instances.runtime import load_runtime
+
+pytestmark = pytest.mark.qemu
+
+
+def test_exec_returns_output_and_exit_code(manager: InstanceManager, shared_vm: str) -> None:
+    result = run(manager.exec(shared_vm, ["/bin/sh", "-c", "echo hello; echo oops >&2; exit 7"]))
+    assert (result.stdout, result.stderr, result.exit_code) == (b"hello\n", b"oops\n", 7)
+
+
+def test_counter_workload_runs(manager: InstanceManager, shared_vm: str) -> None:
+    def counter() -> int:
+        return int(run(manager.exec(shared_vm, ["cat", "/run/counter"])).stdout)
+
+    first = counter()
+    time.sleep(0.5)
+    assert counter() > first
+
+
+def test_agent_file_round_trip(manager: InstanceManager, shared_vm: str) -> None:
+    payload = os.urandom(300_000)
+
+    async def round_trip() -> bytes:
+        async with GuestAgent.connect(manager.paths(shared_vm).agent_socket) as agent:
+            await agent.write_file("/tmp/blob", payload)
+            return await agent.read_file("/tmp/blob")
+
+    assert run(round_trip()) == payload
+
+
+def test_cli_exec_show_and_errors(data_root: Path, shared_vm: str) -> None:
+    ok = torpor_cli(data_root, "exec", shared_vm, "--", "sh", "-c", "echo hi; exit 3")
+    assert (ok.returncode, ok.stdout) == (3, "hi\n")
+    shown = torpor_cli(data_root, "show", shared_vm, "--json")
+    assert shown.returncode == 0
+    import json
+    info = json.loads(shown.stdout)
+    assert info["name"] == shared_vm and info["state"] == "running" and len(info["id"]) == 12
+    again = torpor_cli(data_root, "start", shared_vm)
+    assert again.returncode == 4
+    assert again.stderr.strip() == f"torpor: error: instance {shared_vm} is already running"
+    for args, code in ((["create", "Bad_Name"], 2), (["show", "nope"], 3),
+                       (["stop", "nope"], 3), (["create", "x" * 64], 2)):
+        bad = torpor_cli(data_root, *args)
+        assert bad.returncode == code, bad.stderr
+        assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_start_stop_delete_leave_nothing(manager: InstanceManager, fresh_name: str) -> None:
+    run(manager.create(fresh_name))
+    paths = manager.paths(fresh_name)
+    info = run(manager.start(fresh_name))
+    assert info.state is InstanceState.RUNNING and info.pid
+    assert info.last_operation and set(info.last_operation.phases) == {"spawn", "agent-ready"}
+    record = load_runtime(paths)
+    assert record is not None and record.identity.is_alive()
+    stopped = run(manager.stop(fresh_name))
+    assert stopped.state is InstanceState.STOPPED
+    assert not record.identity.is_alive()
+    assert not any(sock.exists() for sock in paths.sockets())
+    assert list(paths.run_dir.iterdir()) == []
+    run(manager.delete(fresh_name))
+    assert not paths.root.exists()
+    assert fresh_name not in [i.name for i in run(manager.list_all())]
+
+
+def test_disk_writes_survive_reboot(manager: InstanceManager, fresh_name: str) -> None:
+    run(manager.create(fresh_name))
+    try:
+        run(manager.start(fresh_name))
+        run(manager.exec(fresh_name, ["sh", "-c", "echo persisted > /root/mark; sync"]))
+        run(manager.stop(fresh_name))
+        run(manager.start(fresh_name))
+        assert run(manager.exec(fresh_name, ["cat", "/root/mark"])).stdout == b"persisted\n"
+    finally:
+        run(manager.delete(fresh_name, force=True))
+
+
+def test_qemu_killed_behind_our_back_is_crashed(manager: InstanceManager,
+                                                fresh_name: str) -> None:
+    run(manager.create(fresh_name))
+    try:
+        info = run(manager.start(fresh_name))
+        assert info.pid
+        os.kill(info.pid, signal.SIGKILL)
+        record = load_runtime(manager.paths(fresh_name))
+        assert record is not None
+        assert record.process().wait_exit(10)
+        assert run(manager.get(fresh_name)).state is InstanceState.CRASHED
+        # A crashed instance can be started again; the disk is intact.
+        assert run(manager.start(fresh_name)).state is InstanceState.RUNNING
+        assert run(manager.exec(fresh_name, ["true"])).exit_code == 0
+    finally:
+        run(manager.delete(fresh_name, force=True))
+
+
+def test_two_processes_starting_one_instance_are_serialised(
+        data_root: Path, manager: InstanceManager, fresh_name: str) -> None:
+    run(manager.create(fresh_name))
+    try:
+        env = dict(os.environ, TORPOR_DATA_ROOT=str(data_root))
+        procs = [subprocess.Popen([sys.executable, "-m", "torpor.cli.main", "start", fresh_name],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(2)]
+        results = sorted((p.wait(120), p.stderr.read() if p.stderr else "") for p in procs)
+        for p in procs:
+            for stream in (p.stdout, p.stderr):
+                if stream:
+                    stream.close()
+        assert [code for code, _ in results] == [0, 4], results
+        assert "already running" in results[1][1]
+        # Exactly one QEMU process runs this instance's disk.
+        disk = str(manager.paths(fresh_name).disk)
+        pids = subprocess.run(["pgrep", "-f", disk], capture_output=True, text=True).stdout
+        assert len(pids.split()) == 1
+    finally:
+        run(manager.delete(fresh_name, force=True))
+
+
+def test_kvm_probe_falls_back_and_is_cached(guest_image: GuestImage, tmp_path: Path,
+                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    works, reason = probe_kvm(guest_image.kernel, guest_image.initrd, timeout=6)
+    cache = tmp_path / "accel.json"
+    chosen = resolve_accel("auto", kernel=guest_image.kernel, initrd=guest_image.initrd,
+                           cache_file=cache)
+    assert chosen == ("kvm" if works else "tcg"), reason
+    # The verdict is cached: a second resolution must not probe again.
+    import torpor.hypervisor.accel as accel
+
+    def no_probe(*a: object, **k: object) -> tuple[bool, str]:
+        raise AssertionError("probed twice")
+
+    monkeypatch.setattr(accel, "probe_kvm", no_probe)
+    assert resolve_accel("auto", kernel=guest_image.kernel, initrd=guest_image.initrd,
+                         cache_file=cache) == chosen
+    assert resolve_accel("tcg", kernel=guest_image.kernel, initrd=None, cache_file=cache) == "tcg"
