@@ -100,6 +100,11 @@ class InstancePaths:
     def standby_dir(self) -> Path:
         return self.snapshots_dir / "latest"
 
+    @property
+    def standby_partial_dir(self) -> Path:
+        """Where a standby save is written before it is renamed to `latest`."""
+        return self.snapshots_dir / ".latest.partial"
+
     def sockets(self) -> tuple[Path, ...]:
         return (self.qmp_socket, self.qmp_query_socket, self.agent_socket)
 

@@ -20,10 +20,12 @@ from torpor.cli.output import (
     phases_line,
     print_json,
 )
+from torpor.codec import parse_codec
 from torpor.errors import TorporError
 from torpor.hypervisor.accel import AccelChoice
-from torpor.instances import InstanceManager
+from torpor.instances import InstanceInfo, InstanceManager
 from torpor.instances.context import Settings
+from torpor.instances.metadata import CompressionPolicy
 from torpor.paths import resolve_data_root
 from torpor.units import parse_size
 
@@ -76,11 +78,14 @@ def create(
     memory: Annotated[str, typer.Option(help="Guest RAM, e.g. 512M or 2G.")] = "512M",
     cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
     disk_size: Annotated[str, typer.Option(help="Root disk size (sparse).")] = "2G",
+    compress: CompressOpt = None,
+    level: LevelOpt = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create an instance of the built-in guest (stopped)."""
     info = run(manager(ctx).create(name, memory_bytes=parse_size(memory, "M"), cpus=cpus,
-                                   disk_bytes=parse_size(disk_size, "G")))
+                                   disk_bytes=parse_size(disk_size, "G"),
+                                   snapshot_policy=compression_policy(compress, level)))
     if json_out:
         print_json(info)
     else:
@@ -113,6 +118,62 @@ def stop(ctx: typer.Context, name: NameArg,
         print_json(info)
     else:
         console.print(f"{info.name} is {info.state}")
+
+
+CompressOpt = Annotated[str | None, typer.Option(
+    "--compress", help="Compress the machine state: zstd, lz4 or none.", show_default=False)]
+LevelOpt = Annotated[int | None, typer.Option(
+    help="Compression level (zstd 1..19 or negative fast levels, default 1; lz4 0..12, "
+         "default 0).", show_default=False)]
+
+
+def compression_policy(compress: str | None, level: int | None) -> CompressionPolicy | None:
+    if compress is None:
+        if level is not None:
+            raise typer.BadParameter("--level needs --compress", param_hint="--level")
+        return None
+    policy = CompressionPolicy(codec=parse_codec(compress), level=level)
+    policy.effective_level()
+    return policy
+
+
+@app.command()
+def standby(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
+            level: LevelOpt = None, json_out: JsonOpt = False) -> None:
+    """Save the VM's machine state and stop QEMU: its host memory is released."""
+    policy = compression_policy(compress, level)
+    info = run(manager(ctx).standby(name, policy))
+    report_operation(info, json_out)
+
+
+@app.command()
+def restore(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Bring a VM in standby back, exactly where it was."""
+    info = run(manager(ctx).restore(name))
+    report_operation(info, json_out)
+
+
+@app.command()
+def policy(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
+           level: LevelOpt = None,
+           clear: Annotated[bool, typer.Option("--clear", help="Use the default.")] = False
+           ) -> None:
+    """Set the instance's standby compression policy."""
+    chosen = None if clear else compression_policy(compress or "none", level)
+    run(manager(ctx).set_policy(name, chosen))
+    console.print(f"{name}: standby compression "
+                  + ("default" if chosen is None else f"{chosen.codec} "
+                     f"level {chosen.effective_level()}"))
+
+
+def report_operation(info: InstanceInfo, json_out: bool) -> None:
+    if json_out:
+        print_json(info)
+        return
+    op = info.last_operation
+    console.print(f"{info.name} is {info.state}")
+    if op is not None:
+        console.print(f"  {op.kind}: {phases_line(op.phases)}")
 
 
 @app.command()

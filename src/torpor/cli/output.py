@@ -12,7 +12,7 @@ from rich.table import Table
 
 from torpor.units import format_seconds, format_size
 
-console = Console()
+console = Console(soft_wrap=True)
 err_console = Console(stderr=True)
 
 

@@ -80,7 +80,8 @@ class Monitor:
         await self.execute("getfd", {"fdname": name})
 
     async def set_migration_parameters(self, **params: Any) -> None:
-        await self.execute("migrate-set-parameters", params)
+        await self.execute("migrate-set-parameters",
+                           {k.replace("_", "-"): v for k, v in params.items()})
 
     async def set_migration_capabilities(self, **caps: bool) -> None:
         await self.execute("migrate-set-capabilities", {

@@ -154,5 +154,6 @@ def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
     if config.vmgenid:
         argv += ["-device", f"vmgenid,guid={config.vmgenid}"]
     if incoming:
-        argv += ["-incoming", "defer"]
+        # -S: stay paused after the state is loaded, until the caller has verified it.
+        argv += ["-S", "-incoming", "defer"]
     return argv

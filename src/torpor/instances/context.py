@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from torpor.hypervisor.accel import AccelChoice
-from torpor.instances.metadata import InstanceMetadata
+from torpor.instances.metadata import CompressionPolicy, InstanceMetadata
 from torpor.paths import DataRoot, InstancePaths
 
 
@@ -16,6 +16,7 @@ class Settings:
     qemu_binary: str = "qemu-system-x86_64"
     agent_timeout: float = 60.0
     stop_timeout: float = 10.0
+    default_compression: CompressionPolicy | None = None
 
 
 @dataclass

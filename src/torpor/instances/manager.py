@@ -21,9 +21,12 @@ from torpor.hypervisor.accel import AccelChoice
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
 from torpor.instances import lifecycle
+from torpor.instances import restore as restore_op
+from torpor.instances import standby as standby_op
 from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
+    CompressionPolicy,
     ImageRef,
     InstanceMetadata,
     InstanceState,
@@ -35,6 +38,7 @@ from torpor.instances.metadata import (
 )
 from torpor.instances.runtime import clear_runtime, derive_state
 from torpor.paths import DataRoot, InstancePaths
+from torpor.snapshot.stream import Progress
 
 DEFAULT_MEMORY = 512 << 20
 DEFAULT_DISK = 2 << 30
@@ -154,12 +158,15 @@ class InstanceManager:
     async def create(self, name: str, *, memory_bytes: int = DEFAULT_MEMORY, cpus: int = 1,
                      disk_bytes: int = DEFAULT_DISK, image: GuestImage | None = None,
                      accel: AccelChoice = "auto",
-                     port_forwards: list[PortForward] | None = None) -> InstanceInfo:
+                     port_forwards: list[PortForward] | None = None,
+                     snapshot_policy: CompressionPolicy | None = None) -> InstanceInfo:
         validate_name(name)
         if not 1 <= cpus <= MAX_CPUS:
             raise InvalidArgument(f"--cpus must be between 1 and {MAX_CPUS}")
         if memory_bytes < 64 << 20 or memory_bytes % (1 << 20):
             raise InvalidArgument("--memory must be a whole number of MiB, at least 64M")
+        if snapshot_policy is not None:
+            snapshot_policy.effective_level()
         image = image or ensure_builtin_image(quiet=True)
         base_size = image.rootfs.stat().st_size
         if disk_bytes < base_size:
@@ -180,7 +187,7 @@ class InstanceManager:
                     id=instance_id, name=name, created_at=utc_now(), cpus=cpus,
                     memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
                     image=self._import_image(image), accel=accel,
-                    port_forwards=port_forwards or [])
+                    port_forwards=port_forwards or [], snapshot_policy=snapshot_policy)
                 meta.save(paths.metadata)
                 final = self.data_root.instance(instance_id).root
                 os.rename(staging, final)  # the instance appears whole or not at all
@@ -213,6 +220,27 @@ class InstanceManager:
         async with self.locked(name) as ctx:
             await lifecycle.stop(ctx, timeout=timeout, force=force)
             return await self.info(InstanceMetadata.load(ctx.paths.metadata))
+
+    async def standby(self, name: str, policy: CompressionPolicy | None = None,
+                      progress: Progress | None = None) -> InstanceInfo:
+        """Save the machine state and stop QEMU. `policy` overrides the instance's."""
+        if policy is not None:
+            policy.effective_level()
+        async with self.locked(name) as ctx:
+            await standby_op.standby(ctx, policy, progress)
+            return await self.info(InstanceMetadata.load(ctx.paths.metadata))
+
+    async def restore(self, name: str, progress: Progress | None = None) -> InstanceInfo:
+        async with self.locked(name) as ctx:
+            await restore_op.restore(ctx, progress)
+            return await self.info(InstanceMetadata.load(ctx.paths.metadata))
+
+    async def set_policy(self, name: str, policy: CompressionPolicy | None) -> None:
+        if policy is not None:
+            policy.effective_level()
+        async with self.locked(name) as ctx:
+            ctx.meta.snapshot_policy = policy
+            ctx.meta.save(ctx.paths.metadata)
 
     # --- guest access -----------------------------------------------------------------
 

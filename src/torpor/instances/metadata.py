@@ -7,10 +7,11 @@ import secrets
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from torpor.codec import Codec, validate_level
 from torpor.errors import InvalidArgument
 from torpor.fsutil import atomic_write_json, read_json
 from torpor.hypervisor.accel import AccelChoice
@@ -64,6 +65,27 @@ class LastOperation(BaseModel):
     error: str | None = None
 
 
+class CompressionPolicy(BaseModel):
+    """How standby state is compressed. An explicit codec "none" disables compression and
+    wins over a default that enables it."""
+
+    codec: Codec = Codec.NONE
+    level: int | None = None
+    mode: Literal["sync", "background"] = "sync"
+    delay_s: float = 0.0
+
+    def effective_level(self) -> int:
+        return validate_level(self.codec, self.level)
+
+
+def resolve_policy(*candidates: CompressionPolicy | None) -> CompressionPolicy:
+    """The first policy given wins: request > instance > server default > none."""
+    for candidate in candidates:
+        if candidate is not None:
+            return candidate
+    return CompressionPolicy()
+
+
 class InstanceMetadata(BaseModel):
     version: int = METADATA_VERSION
     id: str
@@ -76,6 +98,7 @@ class InstanceMetadata(BaseModel):
     image: ImageRef
     accel: AccelChoice = "auto"
     port_forwards: list[PortForward] = Field(default_factory=list)
+    snapshot_policy: CompressionPolicy | None = None
     last_operation: LastOperation | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 

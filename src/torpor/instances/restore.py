@@ -1,0 +1,69 @@
+"""Restore: start QEMU waiting for the saved state, load and verify it, resume.
+
+A state that fails its checks is never resumed; a failed restore leaves the standby
+snapshot untouched and restorable and no QEMU process behind.
+"""
+
+from __future__ import annotations
+
+from torpor.errors import IntegrityError, WrongState
+from torpor.fsutil import remove_tree
+from torpor.hypervisor.process import QemuProcess, qemu_version
+from torpor.hypervisor.qmp import Monitor
+from torpor.hypervisor.vmconfig import VMConfig
+from torpor.instances import lifecycle
+from torpor.instances.context import InstanceContext
+from torpor.instances.metadata import InstanceState
+from torpor.instances.operation import OperationRecorder
+from torpor.instances.runtime import derive_state
+from torpor.instances.vmspec import vm_config_for
+from torpor.snapshot.manifest import Manifest, locate_state_file
+from torpor.snapshot.stream import Progress, load_state
+
+
+def check_compatible(ctx: InstanceContext, manifest: Manifest, binary: str) -> VMConfig:
+    """The config to restore with, or IntegrityError naming what does not match."""
+    version = qemu_version(binary)
+    if manifest.qemu_version != version:
+        raise IntegrityError(f"saved state of {ctx.name} was written by QEMU "
+                             f"{manifest.qemu_version}; this host has {version}")
+    config = vm_config_for(ctx.meta, ctx.paths, manifest.vm_config.accel)
+    if config.guest_visible() != manifest.guest_visible:
+        diff = {k: (manifest.guest_visible.get(k), v) for k, v in config.guest_visible().items()
+                if manifest.guest_visible.get(k) != v}
+        raise IntegrityError(f"saved state of {ctx.name} needs a different VM config: "
+                             + ", ".join(f"{k} saved {a} now {b}" for k, (a, b) in diff.items()))
+    return config
+
+
+async def restore(ctx: InstanceContext, progress: Progress | None = None) -> OperationRecorder:
+    state, _ = await derive_state(ctx.paths)
+    if state is not InstanceState.STANDBY:
+        raise WrongState(f"instance {ctx.name} has no standby state to restore (it is {state})")
+    manifest = Manifest.load(ctx.paths.standby_dir)
+    config = check_compatible(ctx, manifest, ctx.settings.qemu_binary)
+    path, codec = locate_state_file(ctx.paths.standby_dir, manifest.state)
+    if codec is not manifest.state.codec:
+        raise IntegrityError(f"manifest says the state is {manifest.state.codec} but the file"
+                             f" found is {path.name}")
+    lifecycle.check_boot_files(ctx)
+    op = OperationRecorder("restore", ctx.name)
+    process: QemuProcess | None = None
+    try:
+        with op.phase("spawn"):
+            process = lifecycle.spawn_qemu(ctx, config, incoming=True)
+        async with Monitor.connect(ctx.paths.qmp_socket) as mon:
+            with op.phase("load"):
+                await load_state(mon, path, codec, manifest.state, progress)
+            with op.phase("resume"):
+                await mon.resume()
+        with op.phase("agent-ready"):
+            await lifecycle.wait_for_agent(ctx)
+    except BaseException as exc:
+        if process is not None:
+            await lifecycle.terminate(ctx, process)
+        op.record(ctx.paths, exc)
+        raise
+    remove_tree(ctx.paths.standby_dir)  # consumed: the VM has moved on from it
+    op.record(ctx.paths)
+    return op

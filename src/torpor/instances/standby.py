@@ -1,0 +1,121 @@
+"""Standby: pause, save the machine state, stop QEMU, give the host its memory back.
+
+The paused window is pause → QEMU stopped. Failure rules: anything failing before QEMU
+has stopped resumes the VM and removes the partial snapshot directory; QEMU refusing to
+stop is resumed and reported; QEMU dying mid-save leaves the instance `crashed` with its
+disk intact and no snapshot directory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+
+from torpor.errors import OperationFailed, WrongState
+from torpor.fsutil import fsync_dir, remove_tree
+from torpor.hypervisor.process import QemuProcess
+from torpor.hypervisor.qmp import Monitor, QmpError
+from torpor.instances.context import InstanceContext
+from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_policy, utc_now
+from torpor.instances.operation import OperationRecorder
+from torpor.instances.runtime import RuntimeRecord, clear_runtime, derive_state
+from torpor.snapshot.manifest import Manifest
+from torpor.snapshot.stream import Progress, finalize_checksum, save_state
+
+log = logging.getLogger(__name__)
+QUIT_TIMEOUT = 10.0
+
+
+async def _resume_after_failure(ctx: InstanceContext, process: QemuProcess,
+                                error: BaseException) -> OperationFailed:
+    """Put the VM back to running; say what state the failure left behind."""
+    if not process.is_alive():
+        return OperationFailed(
+            f"standby of {ctx.name} failed: QEMU died during the save ({error}); the instance"
+            " is crashed with its disk intact: start it again")
+    try:
+        async with Monitor.connect(ctx.paths.qmp_socket, timeout=5) as mon:
+            await mon.resume()
+    except QmpError as exc:
+        return OperationFailed(f"standby of {ctx.name} failed ({error}) and the VM could not"
+                               f" be resumed ({exc})")
+    return OperationFailed(f"standby of {ctx.name} failed: {error}; the VM was resumed")
+
+
+def _discard_partial(ctx: InstanceContext) -> None:
+    remove_tree(ctx.paths.standby_partial_dir)
+    remove_tree(ctx.paths.standby_dir)
+
+
+async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: CompressionPolicy,
+                         op: OperationRecorder, progress: Progress | None) -> Manifest:
+    """The paused window: everything between `stop` and QEMU having exited."""
+    process = record.process()
+    partial, latest = ctx.paths.standby_partial_dir, ctx.paths.standby_dir
+    async with Monitor.connect(ctx.paths.qmp_socket) as mon:
+        qemu_version = await mon.version()
+        paused_at = time.monotonic()
+        with op.phase("pause"):
+            await mon.pause()
+        with op.phase("save"):
+            partial.mkdir(parents=True)
+            state = await save_state(mon, partial, policy.codec, policy.effective_level(),
+                                     progress)
+            manifest = Manifest(created_at=utc_now(), qemu_version=qemu_version,
+                                vm_config=record.vm_config,
+                                guest_visible=record.vm_config.guest_visible(), state=state)
+            manifest.save(partial)
+            partial.rename(latest)
+            fsync_dir(latest.parent)
+        with op.phase("stop"):
+            await mon.quit()
+            stopped = await asyncio.to_thread(process.wait_exit, QUIT_TIMEOUT)
+    if not stopped:
+        raise _QemuWouldNotStop()
+    op.add("paused_window", time.monotonic() - paused_at)
+    return manifest
+
+
+class _QemuWouldNotStop(Exception):
+    pass
+
+
+async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None,
+                  progress: Progress | None = None) -> OperationRecorder:
+    state, record = await derive_state(ctx.paths)
+    if state is InstanceState.STANDBY:
+        raise WrongState(f"instance {ctx.name} is already in standby")
+    if state not in (InstanceState.RUNNING, InstanceState.PAUSED) or record is None:
+        raise WrongState(f"instance {ctx.name} is {state}: only a running VM can go into standby")
+    policy = resolve_policy(request, ctx.meta.snapshot_policy, ctx.settings.default_compression)
+    policy.effective_level()  # a bad level is an error before any side effect
+    op = OperationRecorder("standby", ctx.name)
+    _discard_partial(ctx)  # a consumed snapshot left by a crash mid-restore is stale
+    try:
+        try:
+            manifest = await _save_and_stop(ctx, record, policy, op, progress)
+        except _QemuWouldNotStop:
+            _discard_partial(ctx)
+            raise await _resume_after_failure(
+                ctx, record.process(), OperationFailed("QEMU did not stop")) from None
+        except BaseException as exc:
+            _discard_partial(ctx)
+            raise await _resume_after_failure(ctx, record.process(), exc) from exc
+        clear_runtime(ctx.paths)
+        with op.phase("persist"):
+            manifest.state = finalize_checksum(ctx.paths.standby_dir, manifest.state)
+            manifest.phases = dict(op.phases)
+            manifest.save(ctx.paths.standby_dir)
+    except BaseException as exc:
+        op.record(ctx.paths, exc)
+        raise
+    op.record(ctx.paths)
+    return op
+
+
+def standby_state_bytes(ctx: InstanceContext) -> int:
+    with contextlib.suppress(Exception):
+        return Manifest.load(ctx.paths.standby_dir).state.stored_bytes
+    return 0
