@@ -64,6 +64,7 @@ class StreamStats:
     raw_bytes: int = 0
     stored_bytes: int = 0
     checksum: str = ""
+    consumer_gone: bool = False  # the reader closed the pipe before the end
 
 
 class _Compressor:
@@ -135,9 +136,14 @@ def decompress_file_to_fd(src: BinaryIO, dst_fd: int, codec: Codec,
     while chunk := src.read(CHUNK):
         hasher.update(chunk)
         stats.stored_bytes += len(chunk)
+        if stats.consumer_gone:
+            continue  # still hash to the end: the checksum decides what went wrong
         data = decompressor.decompress(chunk) if decompressor is not None else chunk
         stats.raw_bytes += len(data)
-        _write_all(dst_fd, data)
+        try:
+            _write_all(dst_fd, data)
+        except BrokenPipeError:
+            stats.consumer_gone = True
         if progress is not None:
             progress(len(chunk))
     stats.checksum = hasher.hexdigest()

@@ -162,13 +162,12 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
             await wait_migration(mon, progress)
         except Exception as exc:  # decided below, after the checksum
             load_error = exc
-        stats = await _finish_verifier(verifier, load_error is not None)
+        stats = await _finish_verifier(verifier)
     finally:
         src.close()
         if read_end >= 0:
             os.close(read_end)
-    if expected.checksum is not None and stats is not None and \
-            stats.checksum != expected.checksum:
+    if expected.checksum is not None and stats.checksum != expected.checksum:
         raise IntegrityError(
             f"machine state {path.name} does not match its manifest checksum "
             f"({expected.checksum_algorithm} {stats.checksum} != {expected.checksum})")
@@ -183,14 +182,10 @@ def _feed_pipe(src: Any, write_end: int, codec: Codec) -> StreamStats:
         os.close(write_end)  # EOF for QEMU
 
 
-async def _finish_verifier(verifier: asyncio.Task[StreamStats],
-                           load_failed: bool) -> StreamStats | None:
+async def _finish_verifier(verifier: asyncio.Task[StreamStats]) -> StreamStats:
     try:
         return await verifier
-    except (BrokenPipeError, OSError, ValueError) as exc:
-        # A corrupt compressed file breaks the decompressor; a failed load breaks the pipe.
-        if load_failed and isinstance(exc, BrokenPipeError):
-            return None
+    except OSError as exc:
         raise IntegrityError(f"machine state could not be read back: {exc}") from exc
     except Exception as exc:  # zstd/lz4 raise their own error types on corrupt input
         raise IntegrityError(f"machine state is corrupt: {exc}") from exc

@@ -1,0 +1,199 @@
+"""Standby and restore on real guests: state survives, failures leave the VM safe."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run, torpor_cli
+from torpor.codec import Codec
+from torpor.errors import IntegrityError, OperationFailed
+from torpor.images.builtin import GuestImage
+from torpor.instances import InstanceManager, InstanceState
+from torpor.instances.context import Settings
+from torpor.instances.metadata import CompressionPolicy
+from torpor.instances.runtime import load_runtime
+from torpor.snapshot.manifest import Manifest
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="module")
+def vm(manager: InstanceManager) -> Iterator[str]:
+    run(manager.create("sr"))
+    run(manager.start("sr"))
+    yield "sr"
+    run(manager.delete("sr", force=True))
+
+
+def sh(manager: InstanceManager, name: str, script: str) -> str:
+    result = run(manager.exec(name, ["sh", "-c", script]))
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.decode()
+
+
+def fill_guest(manager: InstanceManager, name: str, ram_mib: int = 24) -> dict[str, str]:
+    """Random data in guest RAM (tmpfs) and on its disk; returns their hashes + counter."""
+    out = sh(manager, name, f"head -c {ram_mib}M /dev/urandom > /tmp/ram.bin;"
+             " head -c 4M /dev/urandom > /root/disk.bin; sync;"
+             " md5sum /tmp/ram.bin /root/disk.bin; cat /run/counter")
+    lines = out.split("\n")
+    return {"ram": lines[0].split()[0], "disk": lines[1].split()[0], "counter": lines[2]}
+
+
+def guest_view(manager: InstanceManager, name: str) -> dict[str, str]:
+    out = sh(manager, name, "md5sum /tmp/ram.bin /root/disk.bin; cat /run/counter")
+    lines = out.split("\n")
+    return {"ram": lines[0].split()[0], "disk": lines[1].split()[0], "counter": lines[2]}
+
+
+@pytest.mark.parametrize("codec", [Codec.NONE, Codec.ZSTD, Codec.LZ4])
+def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: str,
+                                                 codec: Codec) -> None:
+    before = fill_guest(manager, vm)
+    pid = run(manager.get(vm)).pid
+    record = load_runtime(manager.paths(vm))
+    assert record is not None and pid
+    info = run(manager.standby(vm, CompressionPolicy(codec=codec)))
+    assert info.state is InstanceState.STANDBY and info.pid is None
+    assert not record.identity.is_alive()  # QEMU is gone: its memory is released
+    latest = manager.paths(vm).standby_dir
+    manifest = Manifest.load(latest)
+    assert manifest.state.codec is codec and manifest.state.checksum
+    assert (latest / manifest.state.stored_name()).exists()
+    assert info.last_operation is not None
+    assert {"pause", "save", "stop", "persist", "paused_window"} <= set(
+        info.last_operation.phases)
+    restored = run(manager.restore(vm))
+    assert restored.state is InstanceState.RUNNING
+    assert restored.last_operation is not None
+    assert set(restored.last_operation.phases) == {"spawn", "load", "resume", "agent-ready"}
+    assert not latest.exists()  # consumed
+    after = guest_view(manager, vm)
+    assert (after["ram"], after["disk"]) == (before["ram"], before["disk"])
+    assert int(after["counter"]) > int(before["counter"])  # the same process kept counting
+
+
+def test_show_json_carries_last_operation(data_root: Path, manager: InstanceManager,
+                                          vm: str) -> None:
+    result = torpor_cli(data_root, "standby", vm, "--compress", "ZSTD", "--level", "3")
+    assert result.returncode == 0, result.stderr
+    shown = json.loads(torpor_cli(data_root, "show", vm, "--json").stdout)
+    assert shown["state"] == "standby"
+    assert shown["last_operation"]["kind"] == "standby"
+    assert shown["last_operation"]["result"] == "ok"
+    assert shown["last_operation"]["phases"]["save"] > 0
+    assert Manifest.load(manager.paths(vm).standby_dir).state.level == 3
+    assert torpor_cli(data_root, "restore", vm).returncode == 0
+
+
+def test_user_errors_are_clear(data_root: Path, manager: InstanceManager, vm: str,
+                               fresh_name: str) -> None:
+    run(manager.create(fresh_name))
+    try:
+        for args, code, text in (
+            (["standby", fresh_name], 4, "only a running VM can go into standby"),
+            (["restore", fresh_name], 4, "has no standby state to restore"),
+            (["restore", vm], 4, "has no standby state to restore (it is running)"),
+            (["standby", vm, "--compress", "gzip"], 2, "unknown compression 'gzip'"),
+            (["standby", vm, "--compress", "zstd", "--level", "25"], 2, "zstd level"),
+            (["standby", vm, "--compress", "lz4", "--level", "13"], 2, "lz4 level"),
+        ):
+            result = torpor_cli(data_root, *args)
+            assert result.returncode == code, (args, result.stderr)
+            assert text in result.stderr and "Traceback" not in result.stderr
+        assert run(manager.get(vm)).state is InstanceState.RUNNING  # no side effect
+    finally:
+        run(manager.delete(fresh_name))
+
+
+@pytest.mark.parametrize("codec", [Codec.NONE, Codec.ZSTD])
+def test_flipped_byte_is_refused_and_snapshot_kept(manager: InstanceManager, vm: str,
+                                                   codec: Codec) -> None:
+    before = fill_guest(manager, vm)
+    run(manager.standby(vm, CompressionPolicy(codec=codec)))
+    latest = manager.paths(vm).standby_dir
+    state_file = latest / Manifest.load(latest).state.stored_name()
+    size = state_file.stat().st_size
+    with open(state_file, "r+b") as f:
+        f.seek(size // 2)
+        original = f.read(1)
+        f.seek(size // 2)
+        f.write(bytes([original[0] ^ 0x01]))
+    with pytest.raises(IntegrityError, match=r"checksum|corrupt|read back"):
+        run(manager.restore(vm))
+    assert run(manager.get(vm)).state is InstanceState.STANDBY
+    assert state_file.exists() and (latest / "manifest.json").exists()
+    assert load_runtime(manager.paths(vm)) is None  # no QEMU left behind
+    with open(state_file, "r+b") as f:  # repair it: the kept snapshot restores
+        f.seek(size // 2)
+        f.write(original)
+    run(manager.restore(vm))
+    assert guest_view(manager, vm)["ram"] == before["ram"]
+
+
+def test_qemu_killed_mid_save_leaves_crashed_vm_with_intact_disk(
+        manager: InstanceManager, fresh_name: str) -> None:
+    run(manager.create(fresh_name, memory_bytes=384 << 20))
+    try:
+        info = run(manager.start(fresh_name))
+        sh(manager, fresh_name, "echo kept > /root/mark; sync;"
+           " dd if=/dev/urandom of=/tmp/fill bs=1M count=200 2>/dev/null")
+        killed = []
+
+        def kill_qemu(_: int) -> None:
+            if not killed and info.pid:
+                os.kill(info.pid, signal.SIGKILL)
+                killed.append(True)
+
+        with pytest.raises(OperationFailed, match="QEMU died during the save"):
+            run(manager.standby(fresh_name, CompressionPolicy(), progress=kill_qemu))
+        assert killed
+        paths = manager.paths(fresh_name)
+        assert run(manager.get(fresh_name)).state is InstanceState.CRASHED
+        assert not paths.standby_dir.exists() and not paths.standby_partial_dir.exists()
+        run(manager.start(fresh_name))
+        assert sh(manager, fresh_name, "cat /root/mark") == "kept\n"
+    finally:
+        run(manager.delete(fresh_name, force=True))
+
+
+@pytest.fixture
+def tiny_data_root() -> Iterator[Path]:
+    mnt = Path(tempfile.mkdtemp(prefix="tp-full-", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(mnt)], check=True)
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", f"{mnt}/instances"], check=False)
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+        mnt.rmdir()
+
+
+@pytest.mark.parametrize("codec", [Codec.NONE, Codec.ZSTD])
+def test_disk_full_during_save_resumes_the_vm(tiny_data_root: Path, guest_image: GuestImage,
+                                              codec: Codec) -> None:
+    mgr = InstanceManager(tiny_data_root, Settings(accel="tcg"))
+    run(mgr.create("full", disk_bytes=1 << 30))
+    run(mgr.start("full"))
+    before = fill_guest(mgr, "full", ram_mib=48)
+    st = os.statvfs(tiny_data_root)
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    # Leave 8 MiB free: far less than the ~48 MiB of random guest RAM the save needs.
+    subprocess.run(["mount", "-o", f"remount,size={used + (8 << 20)}", str(tiny_data_root)],
+                   check=True)
+    with pytest.raises(OperationFailed, match="the VM was resumed") as info:
+        run(mgr.standby("full", CompressionPolicy(codec=codec)))
+    assert "No space left" in str(info.value) or "failed" in str(info.value)
+    assert run(mgr.get("full")).state is InstanceState.RUNNING
+    paths = mgr.paths("full")
+    assert not paths.standby_dir.exists() and not paths.standby_partial_dir.exists()
+    assert guest_view(mgr, "full")["ram"] == before["ram"]
+    run(mgr.delete("full", force=True))
