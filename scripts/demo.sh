@@ -22,6 +22,14 @@ step "boot it (until the guest agent answers)" $TORPOR start "$VM"
 step "run a command in the guest through the agent" \
   $TORPOR exec "$VM" -- sh -c 'echo "hello from $(hostname), kernel $(uname -r), counter $(cat /run/counter)"'
 step "show it" $TORPOR show "$VM"
+step "put something in guest RAM (tmpfs) to prove it survives" \
+  $TORPOR exec "$VM" -- sh -c 'head -c 16m /dev/urandom > /tmp/ram.bin; md5sum /tmp/ram.bin'
+step "standby: save the machine state (zstd), stop QEMU, release its memory" \
+  $TORPOR standby "$VM" --compress zstd
+step "it is in standby: no QEMU process" $TORPOR list
+step "restore: load the state, resume" $TORPOR restore "$VM"
+step "the guest carried on (same RAM contents, counter kept counting)" \
+  $TORPOR exec "$VM" -- sh -c 'md5sum /tmp/ram.bin; echo "counter $(cat /run/counter)"'
 step "stop it (graceful power-off)" $TORPOR stop "$VM"
 step "delete it" $TORPOR delete "$VM"
 echo; echo "demo done"
