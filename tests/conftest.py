@@ -47,13 +47,18 @@ def manager(data_root: Path, guest_image: GuestImage) -> InstanceManager:
     return InstanceManager(data_root, Settings(accel=os.environ.get("TORPOR_ACCEL", "auto")))  # type: ignore[arg-type]
 
 
+def booted(manager: InstanceManager, name: str) -> Iterator[str]:
+    """Create and boot an instance for a fixture's lifetime, then delete it."""
+    run(manager.create(name))
+    run(manager.start(name))
+    yield name
+    run(manager.delete(name, force=True))
+
+
 @pytest.fixture(scope="session")
 def shared_vm(manager: InstanceManager) -> Iterator[str]:
     """One running guest for tests that only look at it or run commands in it."""
-    run(manager.create("shared"))
-    run(manager.start("shared"))
-    yield "shared"
-    run(manager.delete("shared", force=True))
+    yield from booted(manager, "shared")
 
 
 _counter = iter(range(10_000))

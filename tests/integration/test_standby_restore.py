@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import run, torpor_cli
+from tests.conftest import booted, run, torpor_cli
 from torpor.codec import Codec
 from torpor.errors import IntegrityError, OperationFailed
 from torpor.images.builtin import GuestImage
@@ -27,10 +27,8 @@ pytestmark = pytest.mark.qemu
 
 @pytest.fixture(scope="module")
 def vm(manager: InstanceManager) -> Iterator[str]:
-    run(manager.create("sr"))
-    run(manager.start("sr"))
-    yield "sr"
-    run(manager.delete("sr", force=True))
+    """One guest for the module: standby/restore cycles leave it running."""
+    yield from booted(manager, "sr")
 
 
 def sh(manager: InstanceManager, name: str, script: str) -> str:
