@@ -28,7 +28,6 @@ class Codec(StrEnum):
     LZ4 = "lz4"
 
 
-CodecChoice = Codec
 SUFFIXES = {Codec.ZSTD: ".zst", Codec.LZ4: ".lz4"}
 DEFAULT_LEVELS = {Codec.NONE: 0, Codec.ZSTD: 1, Codec.LZ4: 0}
 # zstd: 1..19, plus the library's negative "fast" levels; lz4: 0 (fastest) .. 12 (HC).
@@ -148,10 +147,6 @@ def decompress_file_to_fd(src: BinaryIO, dst_fd: int, codec: Codec,
             progress(len(chunk))
     stats.checksum = hasher.hexdigest()
     return stats
-
-
-def hash_file_to_fd(src: BinaryIO, dst_fd: int) -> StreamStats:
-    return decompress_file_to_fd(src, dst_fd, Codec.NONE)
 
 
 def checksum_file(path: os.PathLike[str] | str) -> StreamStats:

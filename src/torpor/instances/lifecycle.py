@@ -19,7 +19,6 @@ from torpor.instances.runtime import (
     RuntimeRecord,
     clear_runtime,
     derive_state,
-    load_runtime,
     save_runtime,
 )
 from torpor.instances.vmspec import vm_config_for
@@ -139,9 +138,3 @@ async def stop(ctx: InstanceContext, *, timeout: float | None = None,
     op.record(ctx.paths)
     return op
 
-
-def running_process(ctx: InstanceContext) -> QemuProcess | None:
-    record = load_runtime(ctx.paths)
-    if record is None or not record.identity.is_alive():
-        return None
-    return record.process()

@@ -36,7 +36,7 @@ from torpor.instances.metadata import (
     utc_now,
     validate_name,
 )
-from torpor.instances.runtime import clear_runtime, derive_state
+from torpor.instances.runtime import derive_state
 from torpor.paths import DataRoot, InstancePaths
 from torpor.snapshot.stream import Progress
 
@@ -259,6 +259,3 @@ class InstanceManager:
 
     def paths(self, name: str) -> InstancePaths:
         return self.data_root.instance(self._find(name).id)
-
-    def cleanup_runtime(self, name: str) -> None:
-        clear_runtime(self.paths(name))

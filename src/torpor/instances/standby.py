@@ -9,7 +9,6 @@ disk intact and no snapshot directory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 
@@ -114,8 +113,3 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
     op.record(ctx.paths)
     return op
 
-
-def standby_state_bytes(ctx: InstanceContext) -> int:
-    with contextlib.suppress(Exception):
-        return Manifest.load(ctx.paths.standby_dir).state.stored_bytes
-    return 0

@@ -82,8 +82,7 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
         if codec is Codec.NONE:
             await mon.send_fd(FD_NAME, out.fileno())
             await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
-            info = await wait_migration(mon, progress)
-            state.raw_bytes = int((info.get("ram") or {}).get("transferred", 0)) or None
+            await wait_migration(mon, progress)
         else:
             stats = await _save_through_pipe(mon, out, codec, level, progress)
             state.raw_bytes, state.checksum = stats.raw_bytes, stats.checksum
