@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,6 @@ def read_json(path: Path) -> Any:
 
 def remove_tree(path: Path) -> None:
     """Remove a directory tree by first renaming it aside, so it disappears at once."""
-    import shutil
-
     if not path.exists():
         return
     doomed = path.with_name(f".deleting-{path.name}-{os.getpid()}")

@@ -137,6 +137,21 @@ def test_flipped_byte_is_refused_and_snapshot_kept(manager: InstanceManager, vm:
     assert guest_view(manager, vm)["ram"] == before["ram"]
 
 
+def test_other_qemu_version_is_refused_and_snapshot_kept(manager: InstanceManager,
+                                                          vm: str) -> None:
+    run(manager.standby(vm))
+    latest = manager.paths(vm).standby_dir
+    manifest = Manifest.load(latest)
+    real = manifest.qemu_version
+    manifest.model_copy(update={"qemu_version": "1.0.0"}).save(latest)
+    with pytest.raises(IntegrityError, match=r"written by QEMU 1\.0\.0"):
+        run(manager.restore(vm))
+    assert run(manager.get(vm)).state is InstanceState.STANDBY
+    assert load_runtime(manager.paths(vm)) is None  # the QEMU that was asked is gone
+    manifest.model_copy(update={"qemu_version": real}).save(latest)
+    assert run(manager.restore(vm)).state is InstanceState.RUNNING
+
+
 def test_qemu_killed_mid_save_leaves_crashed_vm_with_intact_disk(
         manager: InstanceManager, fresh_name: str) -> None:
     run(manager.create(fresh_name, memory_bytes=384 << 20))

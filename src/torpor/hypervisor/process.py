@@ -11,9 +11,7 @@ Waiting for exit uses a pidfd, never a poll of /proc.
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
-import re
 import select
 import signal
 import subprocess
@@ -113,20 +111,6 @@ class QemuProcess:
         """SIGKILL and wait until it is gone."""
         if self.signal(signal.SIGKILL) and not self.wait_exit(timeout):
             raise OperationFailed(f"QEMU process {self.pid} did not die after SIGKILL")
-
-
-@functools.cache
-def qemu_version(binary: str = "qemu-system-x86_64") -> str:
-    """'7.2.19'-style version of a QEMU binary (cached per process)."""
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                             check=True, timeout=10).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise OperationFailed(f"cannot run {binary} --version: {exc}") from exc
-    match = re.search(r"version (\d+\.\d+\.\d+)", out)
-    if not match:
-        raise OperationFailed(f"cannot parse the QEMU version from: {out.strip()[:200]}")
-    return match.group(1)
 
 
 def _check_socket_paths(config: VMConfig) -> None:

@@ -136,9 +136,13 @@ class InstanceManager:
             for f in (image.kernel, image.initrd):
                 if f is not None:
                     copy_file(f, staging / f.name, fsync=True)
-            with contextlib.suppress(FileExistsError, OSError):
+            try:
                 os.rename(staging, target)
-            shutil.rmtree(staging, ignore_errors=True)
+            except OSError:
+                if not target.exists():  # only losing a race to another creator is fine
+                    raise
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
         return ImageRef(name=image.name, kernel=target / image.kernel.name,
                         initrd=target / image.initrd.name if image.initrd else None,
                         cmdline=image.cmdline)

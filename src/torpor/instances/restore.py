@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torpor.errors import IntegrityError, WrongState
 from torpor.fsutil import remove_tree
-from torpor.hypervisor.process import QemuProcess, qemu_version
+from torpor.hypervisor.process import QemuProcess
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig
 from torpor.instances import lifecycle
@@ -21,12 +21,8 @@ from torpor.snapshot.manifest import Manifest, locate_state_file
 from torpor.snapshot.stream import Progress, load_state
 
 
-def check_compatible(ctx: InstanceContext, manifest: Manifest, binary: str) -> VMConfig:
+def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
     """The config to restore with, or IntegrityError naming what does not match."""
-    version = qemu_version(binary)
-    if manifest.qemu_version != version:
-        raise IntegrityError(f"saved state of {ctx.name} was written by QEMU "
-                             f"{manifest.qemu_version}; this host has {version}")
     config = vm_config_for(ctx.meta, ctx.paths, manifest.vm_config.accel)
     if config.guest_visible() != manifest.guest_visible:
         diff = {k: (manifest.guest_visible.get(k), v) for k, v in config.guest_visible().items()
@@ -41,7 +37,7 @@ async def restore(ctx: InstanceContext, progress: Progress | None = None) -> Ope
     if state is not InstanceState.STANDBY:
         raise WrongState(f"instance {ctx.name} has no standby state to restore (it is {state})")
     manifest = Manifest.load(ctx.paths.standby_dir)
-    config = check_compatible(ctx, manifest, ctx.settings.qemu_binary)
+    config = check_compatible(ctx, manifest)
     path, codec = locate_state_file(ctx.paths.standby_dir, manifest.state)
     if codec is not manifest.state.codec:
         raise IntegrityError(f"manifest says the state is {manifest.state.codec} but the file"
@@ -53,6 +49,11 @@ async def restore(ctx: InstanceContext, progress: Progress | None = None) -> Ope
         with op.phase("spawn"):
             process = lifecycle.spawn_qemu(ctx, config, incoming=True)
         async with Monitor.connect(ctx.paths.qmp_socket) as mon:
+            # Asked of the QEMU that will load the state: exact, and no extra process.
+            version = await mon.version()
+            if version != manifest.qemu_version:
+                raise IntegrityError(f"saved state of {ctx.name} was written by QEMU "
+                                     f"{manifest.qemu_version}; this host has {version}")
             with op.phase("load"):
                 await load_state(mon, path, codec, manifest.state, progress)
             with op.phase("resume"):

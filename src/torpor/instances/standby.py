@@ -21,7 +21,7 @@ from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_
 from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, derive_state
 from torpor.snapshot.manifest import Manifest
-from torpor.snapshot.stream import Progress, finalize_checksum, save_state
+from torpor.snapshot.stream import Progress, finalize_checksum, prepare_outgoing, save_state
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
@@ -55,6 +55,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
     partial, latest = ctx.paths.standby_partial_dir, ctx.paths.standby_dir
     async with Monitor.connect(ctx.paths.qmp_socket) as mon:
         qemu_version = await mon.version()
+        await prepare_outgoing(mon)
         paused_at = time.monotonic()
         with op.phase("pause"):
             await mon.pause()

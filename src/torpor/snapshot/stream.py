@@ -67,16 +67,17 @@ async def wait_migration(mon: Monitor, progress: Progress | None = None) -> dict
 
 
 async def prepare_outgoing(mon: Monitor) -> None:
+    """Call before pausing: it is a round trip the paused window need not contain."""
     await mon.set_migration_parameters(max_bandwidth=UNLIMITED_BANDWIDTH)
 
 
 async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
                      progress: Progress | None = None) -> StateFile:
-    """Migrate the paused VM's state into directory/machine-state[.ext]. The file is
-    fsynced; the checksum is filled in here when it came for free (compressed)."""
+    """Migrate the paused VM's state (after prepare_outgoing) into
+    directory/machine-state[.ext]. The file is fsynced; the checksum is filled in here when
+    it came for free (compressed)."""
     state = StateFile(codec=codec, level=level)
     path = directory / state.stored_name()
-    await prepare_outgoing(mon)
     out = open(path, "xb")  # noqa: SIM115, ASYNC230 - closed in finally; opening is instant
     try:
         if codec is Codec.NONE:
