@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs \
                 e2fsprogs kmod util-linux
 
-.PHONY: demo test deps venv guest lint unit bench-copy clean
+.PHONY: demo test deps venv guest lint unit bench-copy bench-standby bench-codec clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -44,6 +44,13 @@ unit: venv
 
 bench-copy: deps venv
 	$(BIN)/python bench/copy_bench.py
+
+bench-standby: guest
+	$(BIN)/python -m bench.standby_bench
+
+bench-codec: guest
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.codec_bench
 
 clean:
 	rm -rf $(VENV) build *.egg-info

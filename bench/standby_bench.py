@@ -8,17 +8,21 @@ data in guest tmpfs) it measures, on the same running guest in the same run:
                                "exec:cat > file" with QEMU's default migration settings,
                                `quit`; restore with -incoming "exec:cat < file"
 
-Columns: paused window (pause → QEMU exited), standby total, restore to agent-responsive,
-state size; ratios against exec:cat. Not yet included: the libvirt (virsh save/restore)
-baseline.
+  virsh save           libvirt: the same guest defined as a libvirt domain (same kernel,
+                       initrd, cmdline, CPU model, memory, a copy of its disk), `virsh save`
+                       and `virsh restore`; libvirt is installed and started if missing
 
-    .venv/bin/python bench/standby_bench.py [--sizes 512M,2G,4G] [--kinds idle,half]
+Columns: paused window (pause → QEMU exited), standby total, restore to agent-responsive,
+state size; ratios against both baselines.
+
+    .venv/bin/python -m bench.standby_bench [--sizes 512M,2G,4G] [--kinds idle,half] [--no-libvirt]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -27,14 +31,18 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.libvirt_baseline import LibvirtGuest, ensure_libvirt
 from torpor.codec import Codec
+from torpor.errors import NotFound
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import launch
 from torpor.hypervisor.qmp import Monitor
 from torpor.instances import InstanceManager
 from torpor.instances.context import Settings
+from torpor.instances.lifecycle import effective_accel
 from torpor.instances.metadata import CompressionPolicy, utc_now
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, load_runtime, save_runtime
+from torpor.instances.vmspec import vm_config_for
 from torpor.units import format_size, parse_size
 
 MODES = [("torpor none", Codec.NONE), ("torpor zstd-1", Codec.ZSTD), ("torpor lz4", Codec.LZ4)]
@@ -53,10 +61,10 @@ async def torpor_cycle(mgr: InstanceManager, name: str, codec: Codec) -> dict[st
     assert info.last_operation is not None
     phases = info.last_operation.phases
     size = sum(f.stat().st_size for f in mgr.paths(name).standby_dir.glob("machine-state*"))
-    t0 = time.monotonic()
-    await mgr.restore(name)
+    restored = await mgr.restore(name)
+    assert restored.last_operation is not None
     return {"paused": phases["paused_window"], "standby": standby_total,
-            "restore": time.monotonic() - t0, "size": size}
+            "restore": restored.last_operation.phases["restore_to_agent"], "size": size}
 
 
 async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path) -> dict[str, float]:
@@ -95,23 +103,42 @@ async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path) -> dict
     return {"paused": paused, "standby": paused, "restore": restore, "size": size}
 
 
+async def libvirt_twin(mgr: InstanceManager, name: str, workdir: Path) -> LibvirtGuest:
+    """The same guest (kernel, initrd, cmdline, CPU, memory, a copy of the fresh disk)."""
+    async with mgr.locked(name) as ctx:
+        config = vm_config_for(ctx.meta, ctx.paths, effective_accel(ctx))
+        return LibvirtGuest(f"torpor-bench-{name}", config, ctx.paths.disk, workdir)
+
+
 async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
-                      runs: int) -> list[tuple[str, dict[str, float]]]:
+                      runs: int, with_libvirt: bool) -> list[tuple[str, dict[str, float]]]:
     name = f"b{mem >> 20}-{kind}"
     await mgr.create(name, memory_bytes=mem)
+    twin = await libvirt_twin(mgr, name, workdir) if with_libvirt else None
+    rows = []
     try:
         await mgr.start(name)
         if kind == "half":
             await fill_half(mgr, name, mem)
-        rows = []
         for label, codec in MODES:
             samples = [await torpor_cycle(mgr, name, codec) for _ in range(runs)]
             rows.append((label, median_of(samples)))
         samples = [await exec_cat_cycle(mgr, name, workdir) for _ in range(runs)]
         rows.append(("exec:cat", median_of(samples)))
+        await mgr.delete(name, force=True)  # one guest at a time on this host
+        if twin is not None:
+            await twin.start()
+            if kind == "half":
+                await twin.exec(f"dd if=/dev/urandom of=/tmp/fill bs=1M count={mem // 2 >> 20}"
+                                " 2>/dev/null")
+            samples = [await twin.save_restore() for _ in range(runs)]
+            rows.append(("virsh save", median_of(samples)))
         return rows
     finally:
-        await mgr.delete(name, force=True)
+        if twin is not None:
+            twin.destroy()
+        with contextlib.suppress(NotFound):
+            await mgr.delete(name, force=True)
 
 
 def median_of(samples: list[dict[str, float]]) -> dict[str, float]:
@@ -119,19 +146,25 @@ def median_of(samples: list[dict[str, float]]) -> dict[str, float]:
 
 
 def print_table(results: list[tuple[str, list[tuple[str, dict[str, float]]]]]) -> None:
-    head = (f"{'guest':14} {'method':14} {'paused s':>9} {'standby s':>10} {'restore s':>10}"
-            f" {'state':>10} {'paused vs cat':>14} {'restore vs cat':>15}")
+    head = (f"{'guest':10} {'method':14} {'paused s':>9} {'standby s':>10} {'restore s':>10}"
+            f" {'state':>10} {'paused/cat':>10} {'paused/virsh':>12} {'restore: cat/x':>14}"
+            f" {'virsh/x':>8}")
     print(head)
     print("-" * len(head))
     for guest, rows in results:
-        base = dict(rows)["exec:cat"]
+        by_label = dict(rows)
+        cat, virsh = by_label["exec:cat"], by_label.get("virsh save")
         for label, m in rows:
-            print(f"{guest:14} {label:14} {m['paused']:9.3f} {m['standby']:10.3f} "
+            vs_virsh_p = f"{m['paused'] / virsh['paused']:11.2f}x" if virsh else f"{'-':>12}"
+            vs_virsh_r = f"{virsh['restore'] / m['restore']:7.2f}x" if virsh else f"{'-':>8}"
+            print(f"{guest:10} {label:14} {m['paused']:9.3f} {m['standby']:10.3f} "
                   f"{m['restore']:10.3f} {format_size(m['size']):>10} "
-                  f"{m['paused'] / base['paused']:13.2f}x {base['restore'] / m['restore']:13.2f}x"
-                  " faster")
-    print("\npaused = pause → QEMU exited; restore = QEMU start → guest agent answers;"
-          " medians of --runs; 'vs cat' = ratio against the exec:cat recipe on the same guest")
+                  f"{m['paused'] / cat['paused']:9.2f}x {vs_virsh_p} "
+                  f"{cat['restore'] / m['restore']:13.2f}x {vs_virsh_r}")
+    print("\npaused = pause → QEMU exited (virsh: the whole `virsh save`); restore = restore call"
+          " → guest agent answers;\nmedians of --runs. paused/X: fraction of the baseline's"
+          " paused window (lower is better);\nrestore X/x: how many times faster than the"
+          " baseline's restore (higher is better).")
 
 
 async def main() -> int:
@@ -140,7 +173,10 @@ async def main() -> int:
     parser.add_argument("--sizes", default="512M,2G,4G")
     parser.add_argument("--kinds", default="idle,half")
     parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--no-libvirt", action="store_true", help="skip the virsh baseline")
     args = parser.parse_args()
+    if not args.no_libvirt:
+        ensure_libvirt()
     workdir = Path(tempfile.mkdtemp(prefix="tp-bench-", dir="/var/tmp"))
     mgr = InstanceManager(workdir / "data", Settings(accel=os.environ.get(  # type: ignore[arg-type]
         "TORPOR_ACCEL", "auto")))
@@ -149,8 +185,8 @@ async def main() -> int:
         for kind in args.kinds.split(","):
             mem = parse_size(size, "M")
             print(f"benchmarking {size} {kind} ...", file=sys.stderr)
-            results.append((f"{size} {kind}", await bench_guest(mgr, mem, kind, workdir,
-                                                               args.runs)))
+            results.append((f"{size} {kind}", await bench_guest(
+                mgr, mem, kind, workdir, args.runs, not args.no_libvirt)))
     print_table(results)
     shutil.rmtree(workdir, ignore_errors=True)
     return 0

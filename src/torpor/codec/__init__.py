@@ -1,20 +1,19 @@
-"""Streaming compression codecs (zstd, lz4) and the stored-file checksum.
+"""Compression codecs (zstd, lz4 as native filter processes) and the stored-file checksum.
 
-Knows nothing of VMs or snapshots: it moves bytes between file descriptors.
+Knows nothing of VMs or snapshots.
 """
 
 from torpor.codec.codecs import (
+    CHECKSUM_ALGORITHM,
     SUFFIXES,
     Codec,
     StreamStats,
     checksum_file,
-    compress_fd_to_file,
-    decompress_file_to_fd,
-    new_hasher,
+    compressor_argv,
+    decompressor_argv,
     parse_codec,
     validate_level,
 )
 
-__all__ = ["SUFFIXES", "Codec", "StreamStats", "checksum_file",
-           "compress_fd_to_file", "decompress_file_to_fd", "new_hasher",
-           "parse_codec", "validate_level"]
+__all__ = ["CHECKSUM_ALGORITHM", "SUFFIXES", "Codec", "StreamStats", "checksum_file",
+           "compressor_argv", "decompressor_argv", "parse_codec", "validate_level"]

@@ -6,6 +6,8 @@ snapshot untouched and restorable and no QEMU process behind.
 
 from __future__ import annotations
 
+import time
+
 from torpor.errors import IntegrityError, WrongState
 from torpor.fsutil import remove_tree
 from torpor.hypervisor.process import QemuProcess
@@ -33,6 +35,7 @@ def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
 
 
 async def restore(ctx: InstanceContext, progress: Progress | None = None) -> OperationRecorder:
+    started = time.monotonic()
     state, _ = await derive_state(ctx.paths)
     if state is not InstanceState.STANDBY:
         raise WrongState(f"instance {ctx.name} has no standby state to restore (it is {state})")
@@ -60,11 +63,13 @@ async def restore(ctx: InstanceContext, progress: Progress | None = None) -> Ope
                 await mon.resume()
         with op.phase("agent-ready"):
             await lifecycle.wait_for_agent(ctx)
+        op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
     except BaseException as exc:
         if process is not None:
             await lifecycle.terminate(ctx, process)
         op.record(ctx.paths, exc)
         raise
-    remove_tree(ctx.paths.standby_dir)  # consumed: the VM has moved on from it
+    with op.phase("cleanup"):
+        remove_tree(ctx.paths.standby_dir)  # consumed: the VM has moved on from it
     op.record(ctx.paths)
     return op

@@ -1,11 +1,13 @@
 """The save and load legs of a migration-stream snapshot.
 
 Save: QEMU (paused by the caller) migrates into a file descriptor we pass it (getfd +
-`fd:`): the state file itself when uncompressed, or a pipe whose other end a thread
-compresses and hashes, so there is never a second pass over a raw file.
+`fd:`): the state file itself when uncompressed, or a pipe into a zstd/lz4 process writing
+the file, so there is never a second pass over a raw file. The checksum is computed after
+QEMU has exited (`finalize_checksum`), outside the paused window.
 Load: QEMU (started with -incoming defer -S) reads from a passed descriptor: the file
-itself, or a pipe fed by a thread that hashes and decompresses. The checksum is checked
-concurrently with the load, and decided before the caller may resume.
+itself, or a pipe from a decompressing process. A thread hashes the stored file meanwhile,
+and the verdict is in before the caller may resume.
+Every child process is waited for on every path.
 """
 
 from __future__ import annotations
@@ -14,17 +16,12 @@ import asyncio
 import contextlib
 import fcntl
 import os
+from asyncio.subprocess import PIPE
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from torpor.codec import (
-    Codec,
-    StreamStats,
-    checksum_file,
-    compress_fd_to_file,
-    decompress_file_to_fd,
-)
+from torpor.codec import Codec, checksum_file, compressor_argv, decompressor_argv
 from torpor.errors import IntegrityError, OperationFailed
 from torpor.hypervisor.qmp import Monitor
 from torpor.snapshot.manifest import StateFile
@@ -71,66 +68,62 @@ async def prepare_outgoing(mon: Monitor) -> None:
     await mon.set_migration_parameters(max_bandwidth=UNLIMITED_BANDWIDTH)
 
 
+async def _reap(proc: asyncio.subprocess.Process) -> str | None:
+    """Wait for a codec process; its error message if it failed."""
+    _, err = await proc.communicate()
+    if proc.returncode == 0:
+        return None
+    return err.decode(errors="replace").strip() or f"exit status {proc.returncode}"
+
+
 async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
                      progress: Progress | None = None) -> StateFile:
     """Migrate the paused VM's state (after prepare_outgoing) into
-    directory/machine-state[.ext]. The file is fsynced; the checksum is filled in here when
-    it came for free (compressed)."""
+    directory/machine-state[.ext], fsynced. The checksum is left to finalize_checksum."""
     state = StateFile(codec=codec, level=level)
-    path = directory / state.stored_name()
-    out = open(path, "xb")  # noqa: SIM115, ASYNC230 - closed in finally; opening is instant
-    try:
+    with open(directory / state.stored_name(), "xb") as out:  # noqa: ASYNC230 - instant
         if codec is Codec.NONE:
             await mon.send_fd(FD_NAME, out.fileno())
             await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
             await wait_migration(mon, progress)
         else:
-            stats = await _save_through_pipe(mon, out, codec, level, progress)
-            state.raw_bytes, state.checksum = stats.raw_bytes, stats.checksum
-        out.flush()
+            await _save_through_compressor(mon, out, codec, level, progress)
         await asyncio.to_thread(os.fsync, out.fileno())
         state.stored_bytes = os.fstat(out.fileno()).st_size
-        if codec is Codec.NONE:
-            state.raw_bytes = state.stored_bytes
-    finally:
-        out.close()
+    if codec is Codec.NONE:
+        state.raw_bytes = state.stored_bytes
     return state
 
 
-def _compress_then_close(read_end: int, out: Any, codec: Codec, level: int,
-                         progress: Progress | None) -> StreamStats:
-    try:
-        return compress_fd_to_file(read_end, out, codec, level, progress)
-    finally:
-        # Closing our end on any exit (ENOSPC included) makes QEMU's next write fail, so
-        # the migration ends instead of blocking on a pipe nobody reads.
-        os.close(read_end)
-
-
-async def _save_through_pipe(mon: Monitor, out: Any, codec: Codec, level: int,
-                             progress: Progress | None) -> StreamStats:
+async def _save_through_compressor(mon: Monitor, out: Any, codec: Codec, level: int,
+                                   progress: Progress | None) -> None:
     read_end, write_end = _pipe()
-    compressor = asyncio.create_task(asyncio.to_thread(
-        _compress_then_close, read_end, out, codec, level, progress))
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *compressor_argv(codec, level), stdin=read_end, stdout=out, stderr=PIPE)
+    finally:
+        os.close(read_end)
     try:
         try:
             await mon.send_fd(FD_NAME, write_end)
         finally:
             os.close(write_end)  # QEMU has its own copy; ours would hide EOF
         await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
-        await wait_migration(mon)
-    except BaseException:
+        await wait_migration(mon, progress)
+    except BaseException as exc:
         with contextlib.suppress(Exception):
             await mon.execute("migrate_cancel", timeout=5)
+        error = await _reap(proc)  # QEMU's end is closed now: the tool sees EOF
+        if error:  # e.g. "No space left on device": the tool's failure is the cause
+            raise OperationFailed(f"{codec} failed while saving: {error}") from exc
         raise
-    finally:
-        # Always wait for the thread; its error (e.g. ENOSPC) is the one that explains.
-        stats = await compressor
-    return stats
+    error = await _reap(proc)
+    if error:
+        raise OperationFailed(f"{codec} failed while saving: {error}")
 
 
 def finalize_checksum(directory: Path, state: StateFile) -> StateFile:
-    """Hash an uncompressed state file (done after QEMU stopped: outside the pause)."""
+    """Hash the stored state file (after QEMU has stopped: outside the paused window)."""
     if state.checksum is None:
         stats = checksum_file(directory / state.stored_name())
         state = state.model_copy(update={"checksum": stats.checksum,
@@ -142,50 +135,46 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
                      progress: Progress | None = None) -> None:
     """Feed a stored state into an incoming QEMU; raise IntegrityError if its checksum
     does not match (the caller must then not resume the VM)."""
-    src = open(path, "rb")  # noqa: SIM115, ASYNC230 - closed in finally; opening is instant
-    read_end = -1
+    verifier = asyncio.create_task(asyncio.to_thread(checksum_file, path))
+    proc: asyncio.subprocess.Process | None = None
+    load_error: BaseException | None = None
     try:
-        if codec is Codec.NONE:
-            # QEMU reads the file itself; a thread hashes the same (cached) pages meanwhile.
-            verifier = asyncio.create_task(asyncio.to_thread(checksum_file, path))
-            await mon.send_fd(FD_NAME, src.fileno())
-        else:
-            read_end, write_end = _pipe()
-            verifier = asyncio.create_task(asyncio.to_thread(
-                _feed_pipe, src, write_end, codec))
-            await mon.send_fd(FD_NAME, read_end)
-            os.close(read_end)
-            read_end = -1
-        load_error: BaseException | None = None
-        try:
-            await mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
-            await wait_migration(mon, progress)
-        except Exception as exc:  # decided below, after the checksum
-            load_error = exc
-        stats = await _finish_verifier(verifier)
+        with open(path, "rb") as src:  # noqa: ASYNC230 - instant
+            if codec is Codec.NONE:
+                await mon.send_fd(FD_NAME, src.fileno())  # QEMU reads the file itself
+            else:
+                read_end, write_end = _pipe()
+                try:
+                    proc = await asyncio.create_subprocess_exec(
+                        *decompressor_argv(codec, path), stdout=write_end, stderr=PIPE)
+                finally:
+                    os.close(write_end)
+                try:
+                    await mon.send_fd(FD_NAME, read_end)
+                finally:
+                    os.close(read_end)
+            try:
+                await mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+                await wait_migration(mon, progress)
+            except Exception as exc:  # decided below, after the checksum
+                load_error = exc
     finally:
-        src.close()
-        if read_end >= 0:
-            os.close(read_end)
+        if proc is not None:
+            if load_error is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+            tool_error = await _reap(proc)
+        else:
+            tool_error = None
+        try:
+            stats = await verifier
+        except OSError as exc:
+            raise IntegrityError(f"machine state could not be read back: {exc}") from exc
     if expected.checksum is not None and stats.checksum != expected.checksum:
         raise IntegrityError(
             f"machine state {path.name} does not match its manifest checksum "
             f"({expected.checksum_algorithm} {stats.checksum} != {expected.checksum})")
     if load_error is not None:
         raise MigrationFailed(f"QEMU could not load the machine state: {load_error}")
-
-
-def _feed_pipe(src: Any, write_end: int, codec: Codec) -> StreamStats:
-    try:
-        return decompress_file_to_fd(src, write_end, codec)
-    finally:
-        os.close(write_end)  # EOF for QEMU
-
-
-async def _finish_verifier(verifier: asyncio.Task[StreamStats]) -> StreamStats:
-    try:
-        return await verifier
-    except OSError as exc:
-        raise IntegrityError(f"machine state could not be read back: {exc}") from exc
-    except Exception as exc:  # zstd/lz4 raise their own error types on corrupt input
-        raise IntegrityError(f"machine state is corrupt: {exc}") from exc
+    if tool_error is not None:
+        raise IntegrityError(f"{codec} could not decompress {path.name}: {tool_error}")

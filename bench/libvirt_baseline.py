@@ -1,0 +1,123 @@
+"""The libvirt baseline: the same guest as a libvirt domain, saved and restored with
+`virsh save` / `virsh restore`. Installs libvirt from Debian and starts its daemons
+(virtlogd before libvirtd) when they are not there yet."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+from torpor.copy import copy_file
+from torpor.guest.agent import GuestAgent
+from torpor.hypervisor.vmconfig import VMConfig
+
+URI = "qemu:///system"
+
+
+def _virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True,
+                          check=check, timeout=600)
+
+
+def ensure_libvirt() -> None:
+    if shutil.which("virsh") is None or not Path("/usr/sbin/libvirtd").exists():
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "install", "-y", "-qq", "libvirt-daemon-system",
+                        "libvirt-clients"], check=True, env=env)
+    if _virsh("version", check=False).returncode == 0:
+        return
+    subprocess.run(["virtlogd", "-d"], check=False)
+    subprocess.run(["libvirtd", "-d"], check=True)
+    deadline = time.monotonic() + 30
+    while _virsh("version", check=False).returncode != 0:
+        if time.monotonic() > deadline:
+            raise RuntimeError("libvirtd did not come up")
+        time.sleep(0.2)
+
+
+def domain_xml(name: str, config: VMConfig, disk: Path, agent_socket: Path,
+               serial_log: Path) -> str:
+    accel_type = "kvm" if config.accel == "kvm" else "qemu"
+    initrd = f"<initrd>{config.initrd}</initrd>" if config.initrd else ""
+    return f"""<domain type='{accel_type}'>
+  <name>{name}</name>
+  <memory unit='MiB'>{config.memory_mib}</memory>
+  <vcpu>{config.cpus}</vcpu>
+  <os>
+    <type arch='x86_64' machine='q35'>hvm</type>
+    <kernel>{config.kernel}</kernel>{initrd}
+    <cmdline>{escape(config.cmdline)}</cmdline>
+  </os>
+  <features><acpi/></features>
+  <cpu mode='custom' match='exact' check='none'>
+    <model fallback='allow'>{config.cpu_model}</model>
+  </cpu>
+  <on_reboot>destroy</on_reboot>
+  <devices>
+    <disk type='file' device='disk'>
+      <driver name='qemu' type='raw' cache='writeback' discard='unmap'/>
+      <source file='{disk}'/><target dev='vda' bus='virtio'/>
+    </disk>
+    <channel type='unix'>
+      <source mode='bind' path='{agent_socket}'/>
+      <target type='virtio' name='org.qemu.guest_agent.0'/>
+    </channel>
+    <interface type='user'><model type='virtio'/></interface>
+    <serial type='file'><source path='{serial_log}'/><target port='0'/></serial>
+    <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
+    <graphics type='none'/><video><model type='none'/></video>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+"""
+
+
+class LibvirtGuest:
+    """One libvirt domain of the same guest, with its own copy of the disk."""
+
+    def __init__(self, name: str, config: VMConfig, source_disk: Path, workdir: Path) -> None:
+        self.name = name
+        self.dir = workdir / name
+        self.dir.mkdir(parents=True)
+        os.chmod(workdir, 0o755)
+        os.chmod(self.dir, 0o777)  # libvirt's QEMU runs as libvirt-qemu
+        self.disk = self.dir / "disk.raw"
+        copy_file(source_disk, self.disk)
+        self.agent_socket = self.dir / "agent.sock"
+        self.state_file = self.dir / "state.save"
+        xml = self.dir / "domain.xml"
+        xml.write_text(domain_xml(name, config, self.disk, self.agent_socket,
+                                  self.dir / "serial.log"))
+        _virsh("define", str(xml))
+
+    async def start(self) -> None:
+        _virsh("start", self.name)
+        await GuestAgent.wait_ready(self.agent_socket, 120)
+
+    async def exec(self, script: str, timeout: float = 900) -> None:
+        async with GuestAgent.connect(self.agent_socket) as agent:
+            await agent.exec(["sh", "-c", script], timeout=timeout)
+
+    async def save_restore(self) -> dict[str, float]:
+        start = time.monotonic()
+        await asyncio.to_thread(_virsh, "save", self.name, str(self.state_file))
+        saved = time.monotonic() - start
+        size = self.state_file.stat().st_size
+        start = time.monotonic()
+        await asyncio.to_thread(_virsh, "restore", str(self.state_file))
+        await GuestAgent.wait_ready(self.agent_socket, 120)
+        restored = time.monotonic() - start
+        self.state_file.unlink()
+        # virsh save pauses the guest first and ends with QEMU gone: all of it is paused.
+        return {"paused": saved, "standby": saved, "restore": restored, "size": size}
+
+    def destroy(self) -> None:
+        _virsh("destroy", self.name, check=False)
+        _virsh("undefine", self.name, "--nvram", check=False)
+        _virsh("undefine", self.name, check=False)
+        shutil.rmtree(self.dir, ignore_errors=True)
