@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import shutil
 import subprocess
@@ -13,15 +14,17 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from torpor.copy import copy_file
-from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.vmconfig import VMConfig
 
 URI = "qemu:///system"
 
 
 def _virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True,
-                          check=check, timeout=600)
+    result = subprocess.run(["virsh", "-c", URI, *args], capture_output=True, text=True,
+                            check=False, timeout=600)
+    if check and result.returncode != 0:
+        raise RuntimeError(f"virsh {args[0]} failed: {result.stderr.strip()}")
+    return result
 
 
 def ensure_libvirt() -> None:
@@ -70,7 +73,6 @@ def domain_xml(name: str, config: VMConfig, disk: Path, agent_socket: Path,
     <interface type='user'><model type='virtio'/></interface>
     <serial type='file'><source path='{serial_log}'/><target port='0'/></serial>
     <rng model='virtio'><backend model='random'>/dev/urandom</backend></rng>
-    <graphics type='none'/><video><model type='none'/></video>
     <memballoon model='none'/>
   </devices>
 </domain>
@@ -95,13 +97,40 @@ class LibvirtGuest:
                                   self.dir / "serial.log"))
         _virsh("define", str(xml))
 
+    # libvirt itself connects to a channel named org.qemu.guest_agent.0, and QEMU serves
+    # one client per chardev, so the agent is reached the libvirt way: qemu-agent-command.
+
+    def _agent(self, command: dict[str, object], timeout: int = 5) -> dict[str, object]:
+        out = _virsh("qemu-agent-command", self.name, json.dumps(command),
+                     "--timeout", str(timeout)).stdout
+        result: dict[str, object] = json.loads(out)
+        return result
+
+    async def wait_agent(self, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                await asyncio.to_thread(self._agent, {"execute": "guest-ping"}, 1)
+                return
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.01)
+
     async def start(self) -> None:
         _virsh("start", self.name)
-        await GuestAgent.wait_ready(self.agent_socket, 120)
+        await self.wait_agent()
 
     async def exec(self, script: str, timeout: float = 900) -> None:
-        async with GuestAgent.connect(self.agent_socket) as agent:
-            await agent.exec(["sh", "-c", script], timeout=timeout)
+        started = self._agent({"execute": "guest-exec", "arguments": {
+            "path": "/bin/sh", "arg": ["-c", script], "capture-output": True}})
+        pid = started["return"]["pid"]  # type: ignore[index]
+        deadline = time.monotonic() + timeout
+        while not self._agent({"execute": "guest-exec-status",
+                               "arguments": {"pid": pid}})["return"]["exited"]:  # type: ignore[index]
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"guest command did not finish in {timeout} s")
+            await asyncio.sleep(0.2)
 
     async def save_restore(self) -> dict[str, float]:
         start = time.monotonic()
@@ -110,7 +139,7 @@ class LibvirtGuest:
         size = self.state_file.stat().st_size
         start = time.monotonic()
         await asyncio.to_thread(_virsh, "restore", str(self.state_file))
-        await GuestAgent.wait_ready(self.agent_socket, 120)
+        await self.wait_agent()
         restored = time.monotonic() - start
         self.state_file.unlink()
         # virsh save pauses the guest first and ends with QEMU gone: all of it is paused.

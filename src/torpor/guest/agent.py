@@ -22,6 +22,10 @@ from typing import Any
 from torpor.errors import OperationFailed
 
 DELIMITER = b"\xff"
+# What the channel can throw at a reader or writer: a reset socket, a closed stream,
+# a line longer than the limit, bytes that are not JSON.
+_TRANSPORT_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                     ValueError)
 
 
 class AgentError(OperationFailed):
@@ -99,6 +103,8 @@ class GuestAgent:
             await asyncio.wait_for(self._sync(token), timeout)
         except TimeoutError as exc:
             raise AgentError(f"guest agent did not answer guest-sync within {timeout} s") from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise AgentError(f"guest agent channel failed during guest-sync: {exc!r}") from exc
 
     async def _sync(self, token: int) -> None:
         await self._send("guest-sync-delimited", {"id": token})
@@ -112,11 +118,13 @@ class GuestAgent:
 
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout: float = 10.0) -> Any:
-        await self._send(command, arguments)
         try:
+            await self._send(command, arguments)
             reply = await asyncio.wait_for(self._read_message(), timeout)
         except TimeoutError as exc:
             raise AgentError(f"guest agent: {command} timed out after {timeout} s") from exc
+        except _TRANSPORT_ERRORS as exc:
+            raise AgentError(f"guest agent channel failed during {command}: {exc!r}") from exc
         if "error" in reply:
             raise AgentError(f"guest agent: {command} failed: {reply['error'].get('desc')}")
         return reply.get("return")
@@ -126,7 +134,10 @@ class GuestAgent:
 
     async def shutdown(self) -> None:
         """Ask the guest to power off. The agent sends no reply on success."""
-        await self._send("guest-shutdown", {"mode": "powerdown"})
+        try:
+            await self._send("guest-shutdown", {"mode": "powerdown"})
+        except _TRANSPORT_ERRORS as exc:
+            raise AgentError(f"guest agent channel failed during guest-shutdown: {exc!r}") from exc
 
     async def exec(self, argv: list[str], *, input: bytes | None = None,
                    timeout: float = 60.0) -> ExecResult:
