@@ -9,7 +9,10 @@
         run/                     runtime: QMP + agent sockets, pid file, runtime.json (never copied)
         snapshots/latest/        standby state (manifest.json + machine-state[.zst|.lz4])
       snapshots/<id>/            stored snapshots: record.json + payload/
-      locks/<id>.lock            per-instance operation locks; registry.lock for names
+      locks/<id>.lock            per-instance operation locks; registry.lock for names;
+                                 compress-slot-<n>.lock: N background compressions at once
+      jobs/<key>.lock|.json|.log a background job's lock, worker identity and log;
+      jobs/stats.json            job counters (completed, preempted, skipped, bytes saved)
       images/<name>/             boot files (kernel, initrd) instances reference; read-only
       cache/                     probe results (accelerator)
       tmp/                       staging for instance creation
@@ -141,6 +144,26 @@ class DataRoot:
         return self.images_dir / name
 
     @property
+    def jobs_dir(self) -> Path:
+        return self.root / "jobs"
+
+    def job_lock(self, key: str) -> Path:
+        return self.jobs_dir / f"{key}.lock"
+
+    def job_worker(self, key: str) -> Path:
+        return self.jobs_dir / f"{key}.json"
+
+    def job_log(self, key: str) -> Path:
+        return self.jobs_dir / f"{key}.log"
+
+    @property
+    def job_stats(self) -> Path:
+        return self.jobs_dir / "stats.json"
+
+    def compression_slot(self, index: int) -> Path:
+        return self.locks_dir / f"compress-slot-{index}.lock"
+
+    @property
     def registry_lock(self) -> Path:
         return self.locks_dir / "registry.lock"
 
@@ -159,5 +182,5 @@ class DataRoot:
 
     def ensure(self) -> None:
         for d in (self.instances_dir, self.snapshots_dir, self.locks_dir, self.cache_dir,
-                  self.tmp_dir, self.images_dir):
+                  self.tmp_dir, self.images_dir, self.jobs_dir):
             d.mkdir(parents=True, exist_ok=True)

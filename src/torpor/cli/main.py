@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from collections.abc import Coroutine
@@ -21,13 +22,13 @@ from torpor.cli.output import (
     print_json,
 )
 from torpor.codec import parse_codec
-from torpor.errors import TorporError
+from torpor.errors import InvalidArgument, TorporError
 from torpor.hypervisor.accel import AccelChoice
 from torpor.instances import InstanceInfo, InstanceManager
 from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
 from torpor.paths import resolve_data_root
-from torpor.units import parse_size
+from torpor.units import parse_duration, parse_size
 
 T = TypeVar("T")
 
@@ -47,9 +48,27 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
+def settings_from_env(accel: AccelChoice) -> Settings:
+    """Settings from the environment (a config file comes with the daemon)."""
+    jobs = os.environ.get("TORPOR_COMPRESSION_JOBS")
+    rate = os.environ.get("TORPOR_COMPRESSION_RATE_LIMIT")
+    if jobs is not None and (not jobs.isdigit() or int(jobs) < 1):
+        raise InvalidArgument(f"TORPOR_COMPRESSION_JOBS must be a positive number, not {jobs!r}")
+    return Settings(accel=accel,
+                    compression_jobs=int(jobs) if jobs else Settings().compression_jobs,
+                    compression_rate_limit=parse_size(rate) if rate else None)
+
+
 def manager(ctx: typer.Context) -> InstanceManager:
     obj: dict[str, Any] = ctx.ensure_object(dict)
-    return InstanceManager(obj["data_root"], Settings(accel=obj["accel"]))
+    if "manager" not in obj:
+        mgr = InstanceManager(obj["data_root"], settings_from_env(obj["accel"]))
+        # A manager starting up re-queues background jobs a restart or a kill orphaned.
+        for line in mgr.recover_jobs():
+            err_console.print(f"compression: {line}")
+        obj["manager"] = mgr
+    result: InstanceManager = obj["manager"]
+    return result
 
 
 @app.callback()
@@ -127,21 +146,36 @@ LevelOpt = Annotated[int | None, typer.Option(
          "default 0).", show_default=False)]
 
 
-def compression_policy(compress: str | None, level: int | None) -> CompressionPolicy | None:
+def compression_policy(compress: str | None, level: int | None, background: bool = False,
+                       delay: str | None = None) -> CompressionPolicy | None:
     if compress is None:
-        if level is not None:
-            raise typer.BadParameter("--level needs --compress", param_hint="--level")
+        for flag, given in (("--level", level is not None), ("--background", background),
+                            ("--delay", delay is not None)):
+            if given:
+                raise typer.BadParameter(f"{flag} needs --compress", param_hint=flag)
         return None
-    policy = CompressionPolicy(codec=parse_codec(compress), level=level)
+    if delay is not None and not background:
+        raise typer.BadParameter("--delay only applies with --background", param_hint="--delay")
+    policy = CompressionPolicy(codec=parse_codec(compress), level=level,
+                               mode="background" if background else "sync",
+                               delay_s=parse_duration(delay) if delay else 0.0)
     policy.effective_level()
     return policy
 
 
+BackgroundOpt = Annotated[bool, typer.Option(
+    "--background", help="Save raw now (shortest pause); compress later in a background job.")]
+DelayOpt = Annotated[str | None, typer.Option(
+    help="With --background: wait this long before compressing (e.g. 30s, 5m).",
+    show_default=False)]
+
+
 @app.command()
 def standby(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
-            level: LevelOpt = None, json_out: JsonOpt = False) -> None:
+            level: LevelOpt = None, background: BackgroundOpt = False, delay: DelayOpt = None,
+            json_out: JsonOpt = False) -> None:
     """Save the VM's machine state and stop QEMU: its host memory is released."""
-    policy = compression_policy(compress, level)
+    policy = compression_policy(compress, level, background, delay)
     info = run(manager(ctx).standby(name, policy))
     report_operation(info, json_out)
 
@@ -155,11 +189,11 @@ def restore(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> Non
 
 @app.command()
 def policy(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
-           level: LevelOpt = None,
+           level: LevelOpt = None, background: BackgroundOpt = False, delay: DelayOpt = None,
            clear: Annotated[bool, typer.Option("--clear", help="Use the default.")] = False
            ) -> None:
     """Set the instance's standby compression policy."""
-    chosen = None if clear else compression_policy(compress or "none", level)
+    chosen = None if clear else compression_policy(compress or "none", level, background, delay)
     run(manager(ctx).set_policy(name, chosen))
     console.print(f"{name}: standby compression "
                   + ("default" if chosen is None else f"{chosen.codec} "

@@ -49,6 +49,17 @@ def instance_details(info: Any) -> Table:
         ("pid", str(info.pid or "-")), ("accel", info.accel or "-"),
         ("created", info.created_at.isoformat(timespec="seconds")), ("path", str(info.path)),
     ]
+    comp = info.compression
+    if comp.state != "none" or comp.raw_bytes:
+        detail = str(comp.state) + (f" ({comp.algorithm})" if comp.algorithm else "")
+        if comp.compressed_bytes and comp.raw_bytes:
+            detail += (f": {format_size(comp.raw_bytes)} → {format_size(comp.compressed_bytes)}"
+                       f", {comp.raw_bytes / comp.compressed_bytes:.1f}x")
+        elif comp.raw_bytes:
+            detail += f": {format_size(comp.raw_bytes)} raw"
+        if comp.error:
+            detail += f" ({comp.error})"
+        rows.append(("standby state", detail))
     op = info.last_operation
     if op is not None:
         rows.append(("last operation", f"{op.kind}: {op.result}"

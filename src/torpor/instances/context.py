@@ -3,7 +3,8 @@ manager's settings."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, field
 
 from torpor.hypervisor.accel import AccelChoice
 from torpor.instances.metadata import CompressionPolicy, InstanceMetadata
@@ -17,6 +18,8 @@ class Settings:
     agent_timeout: float = 60.0
     stop_timeout: float = 10.0
     default_compression: CompressionPolicy | None = None
+    compression_jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
+    compression_rate_limit: int | None = None  # bytes/s read by a background job; None: no cap
 
 
 @dataclass

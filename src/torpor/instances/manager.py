@@ -3,6 +3,7 @@ for every operation on them. Each mutating operation holds the instance's lock."
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -20,9 +21,10 @@ from torpor.guest.agent import ExecResult, GuestAgent
 from torpor.hypervisor.accel import AccelChoice
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
-from torpor.instances import lifecycle
+from torpor.instances import compression_jobs, lifecycle
 from torpor.instances import restore as restore_op
 from torpor.instances import standby as standby_op
+from torpor.instances.compression_jobs import CompressionStatus
 from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
@@ -38,6 +40,7 @@ from torpor.instances.metadata import (
 )
 from torpor.instances.runtime import derive_state
 from torpor.paths import DataRoot, InstancePaths
+from torpor.snapshot.manifest import MACHINE_STATE
 from torpor.snapshot.stream import Progress
 
 DEFAULT_MEMORY = 512 << 20
@@ -60,6 +63,7 @@ class InstanceInfo(BaseModel):
     accel: str | None = None
     path: Path
     last_operation: LastOperation | None = None
+    compression: CompressionStatus
 
 
 class InstanceManager:
@@ -115,6 +119,8 @@ class InstanceManager:
             pid=record.identity.pid if record and state is not InstanceState.CRASHED else None,
             accel=record.vm_config.accel if record else None,
             last_operation=meta.last_operation,
+            compression=compression_jobs.status(self.data_root, paths, meta.compression_plan,
+                                                meta.id),
         )
 
     async def get(self, name: str) -> InstanceInfo:
@@ -122,6 +128,28 @@ class InstanceManager:
 
     async def list_all(self) -> list[InstanceInfo]:
         return [await self.info(meta) for meta in self._all_metadata()]
+
+    def recover_jobs(self) -> list[str]:
+        """Re-queue background compression plans whose worker is gone (a restart, a killed
+        worker); clear plans whose instance left standby or whose raw file is gone.
+        Returns what it did, one line per instance."""
+        done = []
+        for meta in self._all_metadata():
+            plan = meta.compression_plan
+            key = compression_jobs.instance_job_key(meta.id)
+            if plan is None or plan.error or compression_jobs.job_running(self.data_root, key):
+                continue
+            paths = self.data_root.instance(meta.id)
+            raw = paths.standby_dir / MACHINE_STATE
+            if (paths.standby_dir / "manifest.json").exists() and raw.exists():
+                compression_jobs.launch_worker(
+                    self.data_root, meta.id, slots=self.settings.compression_jobs,
+                    rate_limit=self.settings.compression_rate_limit)
+                done.append(f"{meta.name}: re-queued")
+            else:
+                compression_jobs.clear_stale_plan(self.data_root, meta.id)
+                done.append(f"{meta.name}: plan cleared")
+        return done
 
     # --- create / delete --------------------------------------------------------------
 
@@ -208,6 +236,8 @@ class InstanceManager:
                 raise WrongState(f"instance {name} is {state}: stop it first, or use --force")
             if record is not None:
                 await lifecycle.terminate(ctx, record.process())
+            await asyncio.to_thread(compression_jobs.cancel_and_wait, self.data_root,
+                                    compression_jobs.instance_job_key(ctx.meta.id))
             remove_tree(ctx.paths.root)
             with contextlib.suppress(FileNotFoundError):
                 self.data_root.instance_lock(ctx.meta.id).unlink()

@@ -78,6 +78,15 @@ class CompressionPolicy(BaseModel):
         return validate_level(self.codec, self.level)
 
 
+class CompressionPlan(BaseModel):
+    """A background compression still to do: kept in metadata so it survives restarts."""
+
+    codec: Codec
+    level: int
+    not_before: float  # seconds since the epoch
+    error: str | None = None
+
+
 def resolve_policy(*candidates: CompressionPolicy | None) -> CompressionPolicy:
     """The first policy given wins: request > instance > server default > none."""
     for candidate in candidates:
@@ -99,6 +108,7 @@ class InstanceMetadata(BaseModel):
     accel: AccelChoice = "auto"
     port_forwards: list[PortForward] = Field(default_factory=list)
     snapshot_policy: CompressionPolicy | None = None
+    compression_plan: CompressionPlan | None = None
     last_operation: LastOperation | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 

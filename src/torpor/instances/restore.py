@@ -6,6 +6,7 @@ snapshot untouched and restorable and no QEMU process behind.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from torpor.errors import IntegrityError, WrongState
@@ -13,7 +14,7 @@ from torpor.fsutil import remove_tree
 from torpor.hypervisor.process import QemuProcess
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig
-from torpor.instances import lifecycle
+from torpor.instances import compression_jobs, lifecycle
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import InstanceState
 from torpor.instances.operation import OperationRecorder
@@ -39,6 +40,7 @@ async def restore(ctx: InstanceContext, progress: Progress | None = None) -> Ope
     state, _ = await derive_state(ctx.paths)
     if state is not InstanceState.STANDBY:
         raise WrongState(f"instance {ctx.name} has no standby state to restore (it is {state})")
+    await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
     manifest = Manifest.load(ctx.paths.standby_dir)
     config = check_compatible(ctx, manifest)
     path, codec = locate_state_file(ctx.paths.standby_dir, manifest.state)

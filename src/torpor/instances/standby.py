@@ -12,10 +12,12 @@ import asyncio
 import logging
 import time
 
+from torpor.codec import Codec
 from torpor.errors import OperationFailed, WrongState
 from torpor.fsutil import fsync_dir, remove_tree
 from torpor.hypervisor.process import QemuProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
+from torpor.instances import compression_jobs
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_policy, utc_now
 from torpor.instances.operation import OperationRecorder
@@ -91,11 +93,14 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
         raise WrongState(f"instance {ctx.name} is {state}: only a running VM can go into standby")
     policy = resolve_policy(request, ctx.meta.snapshot_policy, ctx.settings.default_compression)
     policy.effective_level()  # a bad level is an error before any side effect
+    background = policy.mode == "background" and policy.codec is not Codec.NONE
+    # Background: save raw inside the paused window; a worker compresses after.
+    save_policy = CompressionPolicy() if background else policy
     op = OperationRecorder("standby", ctx.name)
     _discard_partial(ctx)  # a consumed snapshot left by a crash mid-restore is stale
     try:
         try:
-            manifest = await _save_and_stop(ctx, record, policy, op, progress)
+            manifest = await _save_and_stop(ctx, record, save_policy, op, progress)
         except _QemuWouldNotStop:
             _discard_partial(ctx)
             raise await _resume_after_failure(
@@ -108,6 +113,12 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
             manifest.state = finalize_checksum(ctx.paths.standby_dir, manifest.state)
             manifest.phases = dict(op.phases)
             manifest.save(ctx.paths.standby_dir)
+        if background:
+            ctx.meta.compression_plan = compression_jobs.make_plan(policy, time.time())
+            ctx.meta.save(ctx.paths.metadata)
+            compression_jobs.launch_worker(ctx.data_root, ctx.meta.id,
+                                           slots=ctx.settings.compression_jobs,
+                                           rate_limit=ctx.settings.compression_rate_limit)
     except BaseException as exc:
         op.record(ctx.paths, exc)
         raise

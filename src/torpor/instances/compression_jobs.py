@@ -1,0 +1,246 @@
+"""Background compression of standby state: plans, workers, readers' preparation.
+
+After a standby whose policy says `background`, the raw state stays on disk and a plan
+(codec, level, not-before time) goes into the instance's metadata. A detached worker
+process (compression_worker.py) carries it out, so the job never dies with the CLI that
+asked for it. The worker holds jobs/<key>.lock while it lives and records its identity
+in jobs/<key>.json; at most N workers compress at once (slot locks), at nice 19 and idle
+I/O priority.
+
+Every reader of the state (restore, delete; later fork and snapshot) calls
+`prepare_for_read` under the instance lock: it cancels the worker and waits until it has
+really exited, so no half-written file is renamed after the reader started; then a raw
+file wins over any compressed sibling. A worker cancelled during its delay counts as
+`skipped`, during its work as `preempted`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from torpor.codec import SUFFIXES, Codec
+from torpor.fsutil import atomic_write_json, read_json
+from torpor.hypervisor.process import ProcessIdentity, QemuProcess
+from torpor.instances.context import InstanceContext
+from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
+from torpor.paths import DataRoot, InstancePaths
+from torpor.snapshot.manifest import MACHINE_STATE, Manifest
+
+CANCEL_TIMEOUT = 30.0
+TMP_SUFFIX = ".tmp"
+Clock = Callable[[], float]
+
+
+def instance_job_key(instance_id: str) -> str:
+    return f"instance-{instance_id}"
+
+
+def make_plan(policy: CompressionPolicy, now: float) -> CompressionPlan:
+    return CompressionPlan(codec=policy.codec, level=policy.effective_level(),
+                           not_before=now + max(0.0, policy.delay_s))
+
+
+def remaining_delay(plan: CompressionPlan, now: float) -> float:
+    """Seconds the job must still wait (0 once due): what a restarted manager re-queues."""
+    return max(0.0, plan.not_before - now)
+
+
+class CompressionState(StrEnum):
+    NONE = "none"
+    PENDING = "pending"
+    COMPRESSING = "compressing"
+    COMPRESSED = "compressed"
+    ERROR = "error"
+
+
+class CompressionStatus(BaseModel):
+    state: CompressionState
+    algorithm: str | None = None
+    raw_bytes: int | None = None
+    compressed_bytes: int | None = None
+    not_before: float | None = None
+    error: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.raw_bytes and self.compressed_bytes:
+            return self.raw_bytes / self.compressed_bytes
+        return None
+
+
+# --- workers ----------------------------------------------------------------------------
+
+def worker_identity(data_root: DataRoot, key: str) -> ProcessIdentity | None:
+    """The live worker for `key`, if any."""
+    try:
+        identity = ProcessIdentity.model_validate(read_json(data_root.job_worker(key)))
+    except (FileNotFoundError, ValueError):
+        return None
+    return identity if identity.is_alive() else None
+
+
+def job_running(data_root: DataRoot, key: str) -> bool:
+    """True while a worker holds the job lock."""
+    try:
+        fd = os.open(data_root.job_lock(key), os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe lock if we got it
+    return False
+
+
+def launch_worker(data_root: DataRoot, instance_id: str, *, slots: int,
+                  rate_limit: int | None) -> None:
+    """Start a detached worker for the instance's plan (it exits at once if one runs)."""
+    data_root.jobs_dir.mkdir(parents=True, exist_ok=True)
+    key = instance_job_key(instance_id)
+    argv = [sys.executable, "-m", "torpor.instances.compression_worker",
+            "--data-root", str(data_root.root), "--instance", instance_id,
+            "--slots", str(slots)]
+    if rate_limit:
+        argv += ["--rate-limit", str(rate_limit)]
+    with open(data_root.job_log(key), "ab") as log:
+        # Double fork through `setsid -f`: the worker is no child of ours to reap, and it
+        # survives this process.
+        subprocess.run(["setsid", "-f", *argv], stdin=subprocess.DEVNULL, stdout=log,
+                       stderr=log, check=True)
+
+
+def cancel_and_wait(data_root: DataRoot, key: str, timeout: float = CANCEL_TIMEOUT) -> None:
+    """Stop the job's worker and return only once it has exited and released its lock."""
+    identity = worker_identity(data_root, key)
+    if identity is not None:
+        worker = QemuProcess(identity)  # pidfd-checked signalling, same as for QEMU
+        worker.signal(signal.SIGTERM)
+        if not worker.wait_exit(timeout):
+            worker.kill()
+    # The lock outlives the identity file by a moment (and covers a worker that had not
+    # written its identity yet): wait on the lock itself.
+    lock = data_root.job_lock(key)
+    if lock.exists():
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until a starting worker gives up
+        finally:
+            os.close(fd)
+
+
+# --- files ------------------------------------------------------------------------------
+
+def state_files(directory: Path) -> tuple[Path, dict[Codec, Path], list[Path]]:
+    """(raw path, existing compressed siblings, leftover .tmp files)."""
+    raw = directory / MACHINE_STATE
+    compressed = {codec: directory / (MACHINE_STATE + suffix)
+                  for codec, suffix in SUFFIXES.items()
+                  if (directory / (MACHINE_STATE + suffix)).exists()}
+    stale = list(directory.glob(MACHINE_STATE + "*" + TMP_SUFFIX))
+    return raw, compressed, stale
+
+
+def tidy_state_dir(directory: Path) -> None:
+    """No worker runs: drop .tmp leftovers; a raw file wins over compressed siblings."""
+    raw, compressed, stale = state_files(directory)
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if raw.exists():
+        for path in compressed.values():
+            path.unlink(missing_ok=True)
+
+
+def prepare_for_read(ctx: InstanceContext) -> None:
+    """What every reader of the standby state does first (holding the instance lock)."""
+    cancel_and_wait(ctx.data_root, instance_job_key(ctx.meta.id))
+    if ctx.paths.standby_dir.exists():
+        tidy_state_dir(ctx.paths.standby_dir)
+    if ctx.meta.compression_plan is not None:
+        ctx.meta.compression_plan = None
+        ctx.meta.save(ctx.paths.metadata)
+
+
+def clear_stale_plan(data_root: DataRoot, instance_id: str) -> None:
+    """Drop a plan that no longer applies, if the instance is not busy right now."""
+    fd = os.open(data_root.instance_lock(instance_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # an operation holds it; it prepares the state itself
+        paths = data_root.instance(instance_id)
+        with contextlib.suppress(FileNotFoundError):
+            meta = InstanceMetadata.load(paths.metadata)
+            meta.compression_plan = None
+            meta.save(paths.metadata)
+    finally:
+        os.close(fd)
+
+
+def status(data_root: DataRoot, paths: InstancePaths,
+           plan: CompressionPlan | None, instance_id: str) -> CompressionStatus:
+    try:
+        state = Manifest.load(paths.standby_dir).state
+    except Exception:
+        return CompressionStatus(state=CompressionState.NONE)
+    if plan is not None and plan.error:
+        return CompressionStatus(state=CompressionState.ERROR, algorithm=str(plan.codec),
+                                 raw_bytes=state.raw_bytes, error=plan.error)
+    if plan is not None:
+        running = job_running(data_root, instance_job_key(instance_id))
+        return CompressionStatus(
+            state=CompressionState.COMPRESSING if running and time.time() >= plan.not_before
+            else CompressionState.PENDING,
+            algorithm=str(plan.codec), raw_bytes=state.raw_bytes,
+            not_before=plan.not_before)
+    if state.codec is not Codec.NONE:
+        return CompressionStatus(state=CompressionState.COMPRESSED, algorithm=str(state.codec),
+                                 raw_bytes=state.raw_bytes, compressed_bytes=state.stored_bytes)
+    return CompressionStatus(state=CompressionState.NONE, raw_bytes=state.raw_bytes)
+
+
+# --- statistics (for metrics) -------------------------------------------------------------
+
+class JobStats(BaseModel):
+    completed: int = 0
+    failed: int = 0
+    preempted: int = 0
+    skipped: int = 0
+    bytes_saved: int = 0
+    seconds_total: float = 0.0
+
+
+def record_outcome(data_root: DataRoot, outcome: str, *, seconds: float = 0.0,
+                   bytes_saved: int = 0) -> None:
+    path = data_root.job_stats
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            stats = JobStats.model_validate(read_json(path))
+        except (FileNotFoundError, ValueError):
+            stats = JobStats()
+        setattr(stats, outcome, getattr(stats, outcome) + 1)
+        stats.bytes_saved += bytes_saved
+        stats.seconds_total += seconds
+        atomic_write_json(path, stats.model_dump())
+
+
+def load_stats(data_root: DataRoot) -> JobStats:
+    with contextlib.suppress(FileNotFoundError, ValueError):
+        return JobStats.model_validate(read_json(data_root.job_stats))
+    return JobStats()

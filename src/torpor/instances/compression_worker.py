@@ -1,0 +1,257 @@
+"""The background compression worker: one detached process per job.
+
+    python -m torpor.instances.compression_worker --data-root R --instance ID [--slots N]
+                                                  [--rate-limit BYTES_PER_S]
+
+Steps: wait out the plan's delay; take one of N slots; compress the raw state into
+`<raw>.<ext>.tmp` (fsync); then, under the instance lock, rename it to `<raw>.<ext>`,
+record the codec, sizes and checksum in the manifest, remove the raw file and clear the
+plan. SIGTERM cancels at any step (the .tmp is removed): during the delay or slot wait the
+job counts as skipped, after that as preempted. Waiting for the instance lock is itself
+cancellable, so a reader that holds the lock and cancels the worker never deadlocks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+from torpor.codec import Codec, checksum_file, compressor_argv
+from torpor.fsutil import atomic_write_json, fsync_dir
+from torpor.hypervisor.process import ProcessIdentity
+from torpor.instances.compression_jobs import (
+    TMP_SUFFIX,
+    instance_job_key,
+    record_outcome,
+    remaining_delay,
+    tidy_state_dir,
+)
+from torpor.instances.metadata import CompressionPlan, InstanceMetadata
+from torpor.paths import DataRoot
+from torpor.snapshot.manifest import MACHINE_STATE, Manifest
+
+log = logging.getLogger("torpor.compression")
+POLL = 0.02
+CHUNK = 1 << 20
+
+
+class Cancelled(Exception):
+    pass
+
+
+class Job:
+    def __init__(self, data_root: DataRoot, instance_id: str, slots: int,
+                 rate_limit: int | None, clock: Callable[[], float] = time.time) -> None:
+        self.data_root = data_root
+        self.instance_id = instance_id
+        self.paths = data_root.instance(instance_id)
+        self.slots = max(1, slots)
+        self.rate_limit = rate_limit
+        self.cancel = asyncio.Event()
+        self.clock = clock  # wall clock: plans store epoch times; injectable for tests
+
+    def check(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled()
+
+    async def sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.cancel.wait(), seconds)
+        self.check()
+
+    @contextlib.asynccontextmanager
+    async def flock_any(self, paths: list[Path]) -> AsyncIterator[None]:
+        """Hold the first of `paths` that is free; wait (cancellably) while none is."""
+        while True:
+            for path in paths:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    os.close(fd)
+                    continue
+                try:
+                    yield
+                finally:
+                    os.close(fd)
+                return
+            await self.sleep(POLL * 10)
+
+    async def compress(self, raw: Path, tmp: Path, plan: CompressionPlan) -> None:
+        argv = compressor_argv(plan.codec, plan.level)
+        with open(raw, "rb") as src, open(tmp, "wb") as out:  # noqa: ASYNC230 - instant
+            waiter: asyncio.Task[object]
+            if self.rate_limit is None:
+                proc = await asyncio.create_subprocess_exec(*argv, stdin=src, stdout=out)
+                waiter = asyncio.create_task(proc.wait())
+            else:
+                proc = await asyncio.create_subprocess_exec(*argv, stdin=subprocess.PIPE,
+                                                            stdout=out)
+                waiter = asyncio.create_task(self._feed(proc, src))
+            cancelled = asyncio.create_task(self.cancel.wait())
+            try:
+                await asyncio.wait({waiter, cancelled}, return_when=asyncio.FIRST_COMPLETED)
+                if not waiter.done():
+                    with contextlib.suppress(ProcessLookupError):
+                        proc.kill()
+                await asyncio.gather(waiter, return_exceptions=True)
+                await proc.wait()  # always reaped
+            finally:
+                cancelled.cancel()
+            self.check()
+            if proc.returncode != 0:
+                raise RuntimeError(f"{argv[0]} exited with status {proc.returncode}")
+            out.flush()
+            os.fsync(out.fileno())
+
+    async def _feed(self, proc: asyncio.subprocess.Process, src: object) -> object:
+        """Feed the compressor at no more than rate_limit bytes/s."""
+        assert proc.stdin is not None and self.rate_limit
+        start, sent = time.monotonic(), 0
+        while chunk := src.read(CHUNK):  # type: ignore[attr-defined]
+            proc.stdin.write(chunk)
+            await proc.stdin.drain()
+            sent += len(chunk)
+            ahead = sent / self.rate_limit - (time.monotonic() - start)
+            if ahead > 0:
+                await asyncio.sleep(ahead)
+        proc.stdin.close()
+        return await proc.wait()
+
+    @contextlib.asynccontextmanager
+    async def instance_lock(self) -> AsyncIterator[None]:
+        async with self.flock_any([self.data_root.instance_lock(self.instance_id)]):
+            yield
+
+    def load_meta(self) -> InstanceMetadata | None:
+        try:
+            return InstanceMetadata.load(self.paths.metadata)
+        except FileNotFoundError:
+            return None
+
+    async def clear_plan(self, error: str | None = None) -> None:
+        async with self.instance_lock():
+            meta = self.load_meta()
+            if meta is None or meta.compression_plan is None:
+                return
+            meta.compression_plan = (meta.compression_plan.model_copy(update={"error": error})
+                                     if error else None)
+            meta.save(self.paths.metadata)
+
+    async def run(self) -> str:
+        meta = self.load_meta()
+        plan = meta.compression_plan if meta else None
+        if plan is None or plan.error:
+            return "nothing to do"
+        directory = self.paths.standby_dir
+        raw = directory / MACHINE_STATE
+        if not (directory / "manifest.json").exists() or not raw.exists():
+            await self.clear_plan()
+            return "plan cleared: no raw standby state"
+        final = directory / (MACHINE_STATE + {Codec.ZSTD: ".zst", Codec.LZ4: ".lz4"}[plan.codec])
+        tmp = final.with_name(final.name + TMP_SUFFIX)
+        started = None
+        try:
+            await self.sleep(remaining_delay(plan, self.clock()))
+            slots = [self.data_root.compression_slot(i) for i in range(self.slots)]
+            async with self.flock_any(slots):
+                self.check()
+                started = time.monotonic()
+                tidy_state_dir(directory)  # stale .tmp from a killed worker goes first
+                await self.compress(raw, tmp, plan)
+                stats = checksum_file(tmp)
+            async with self.instance_lock():
+                self.check()
+                saved = self.commit(plan, raw, tmp, final, stats.checksum)
+        except Cancelled:
+            tmp.unlink(missing_ok=True)
+            outcome = "skipped" if started is None else "preempted"
+            record_outcome(self.data_root, outcome)
+            return outcome
+        except Exception as exc:
+            tmp.unlink(missing_ok=True)
+            record_outcome(self.data_root, "failed")
+            await self.clear_plan(error=f"{type(exc).__name__}: {exc}")
+            raise
+        record_outcome(self.data_root, "completed", seconds=time.monotonic() - started,
+                       bytes_saved=saved)
+        return "completed"
+
+    def commit(self, plan: CompressionPlan, raw: Path, tmp: Path, final: Path,
+                     checksum: str) -> int:
+        """Under the instance lock: publish the compressed file, then drop the raw one."""
+        meta = self.load_meta()
+        directory = raw.parent
+        if meta is None or meta.compression_plan is None or not raw.exists():
+            tmp.unlink(missing_ok=True)  # a reader took over: nothing to publish
+            raise Cancelled()
+        os.replace(tmp, final)
+        fsync_dir(directory)
+        manifest = Manifest.load(directory)
+        raw_bytes = raw.stat().st_size
+        manifest.state = manifest.state.model_copy(update={
+            "codec": plan.codec, "level": plan.level, "raw_bytes": raw_bytes,
+            "stored_bytes": final.stat().st_size, "checksum": checksum})
+        manifest.save(directory)
+        raw.unlink()
+        fsync_dir(directory)
+        meta.compression_plan = None
+        meta.save(self.paths.metadata)
+        return raw_bytes - final.stat().st_size
+
+
+def lower_priority() -> None:
+    os.nice(19)
+    with contextlib.suppress(OSError):  # idle I/O class; children inherit both
+        subprocess.run(["ionice", "-c", "3", "-p", str(os.getpid())], check=False,
+                       capture_output=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="torpor background compression worker")
+    parser.add_argument("--data-root", required=True, type=Path)
+    parser.add_argument("--instance", required=True)
+    parser.add_argument("--slots", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--rate-limit", type=int, default=None)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    data_root = DataRoot(args.data_root)
+    key = instance_job_key(args.instance)
+    data_root.jobs_dir.mkdir(parents=True, exist_ok=True)
+    lock_fd = os.open(data_root.job_lock(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return 0  # another worker has this job
+    lower_priority()
+    identity = ProcessIdentity.of(os.getpid())
+    assert identity is not None
+    atomic_write_json(data_root.job_worker(key), identity.model_dump())
+    job = Job(data_root, args.instance, args.slots, args.rate_limit)
+
+    async def run() -> str:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, job.cancel.set)
+        return await job.run()
+
+    try:
+        outcome = asyncio.run(run())
+        log.info("instance %s: %s", args.instance, outcome)
+        return 0
+    finally:
+        data_root.job_worker(key).unlink(missing_ok=True)
+        os.close(lock_fd)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
