@@ -3,7 +3,9 @@
 For each guest (512 MiB, 2 GiB, 4 GiB; idle, and with half its RAM filled with random
 data in guest tmpfs) it measures, on the same running guest in the same run:
 
-  torpor none / zstd-1 / lz4   torpor standby + restore
+  torpor none / zstd-1 / lz4   torpor standby + restore (compressed while saved)
+  torpor zstd bg               raw save, compressed afterwards by the background job
+                               (restore is measured once the job has finished)
   exec:cat                     the recipe another VM manager uses: `stop`, `migrate` to
                                "exec:cat > file" with QEMU's default migration settings,
                                `quit`; restore with -incoming "exec:cat < file"
@@ -45,7 +47,10 @@ from torpor.instances.runtime import RuntimeRecord, clear_runtime, load_runtime,
 from torpor.instances.vmspec import vm_config_for
 from torpor.units import format_size, parse_size
 
-MODES = [("torpor none", Codec.NONE), ("torpor zstd-1", Codec.ZSTD), ("torpor lz4", Codec.LZ4)]
+MODES = [("torpor none", CompressionPolicy()),
+         ("torpor zstd-1", CompressionPolicy(codec=Codec.ZSTD)),
+         ("torpor zstd bg", CompressionPolicy(codec=Codec.ZSTD, mode="background")),
+         ("torpor lz4", CompressionPolicy(codec=Codec.LZ4))]
 
 
 async def fill_half(mgr: InstanceManager, name: str, mem: int) -> None:
@@ -54,12 +59,15 @@ async def fill_half(mgr: InstanceManager, name: str, mem: int) -> None:
                                       " 2>/dev/null"], timeout=600)
 
 
-async def torpor_cycle(mgr: InstanceManager, name: str, codec: Codec) -> dict[str, float]:
+async def torpor_cycle(mgr: InstanceManager, name: str,
+                       policy: CompressionPolicy) -> dict[str, float]:
     t0 = time.monotonic()
-    info = await mgr.standby(name, CompressionPolicy(codec=codec))
+    info = await mgr.standby(name, policy)
     standby_total = time.monotonic() - t0
     assert info.last_operation is not None
     phases = info.last_operation.phases
+    while (await mgr.get(name)).compression.state in ("pending", "compressing"):
+        await asyncio.sleep(0.05)  # background: restore reads what the job produced
     size = sum(f.stat().st_size for f in mgr.paths(name).standby_dir.glob("machine-state*"))
     restored = await mgr.restore(name)
     assert restored.last_operation is not None
@@ -120,8 +128,8 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
         await mgr.start(name)
         if kind == "half":
             await fill_half(mgr, name, mem)
-        for label, codec in MODES:
-            samples = [await torpor_cycle(mgr, name, codec) for _ in range(runs)]
+        for label, policy in MODES:
+            samples = [await torpor_cycle(mgr, name, policy) for _ in range(runs)]
             rows.append((label, median_of(samples)))
         samples = [await exec_cat_cycle(mgr, name, workdir) for _ in range(runs)]
         rows.append(("exec:cat", median_of(samples)))
