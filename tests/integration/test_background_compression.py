@@ -13,7 +13,7 @@ import pytest
 from tests.conftest import booted, run
 from torpor.codec import Codec
 from torpor.fsutil import read_json
-from torpor.hypervisor.process import ProcessIdentity, QemuProcess
+from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.instances import InstanceManager, InstanceState
 from torpor.instances.compression_jobs import (
     CompressionState,
@@ -89,11 +89,12 @@ def test_background_job_replaces_raw_then_restore(manager: InstanceManager, vm: 
     assert guest_hash(manager, vm) == before
 
 
-def test_restore_preempts_a_running_job(manager: InstanceManager, vm: str) -> None:
+@pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.LZ4])
+def test_restore_preempts_a_running_job(manager: InstanceManager, vm: str, codec: Codec) -> None:
     before = mark_guest(manager, vm)
     slow = throttled(manager, 2 << 20)  # 2 MiB/s: the job takes many seconds
     preempted = load_stats(manager.data_root).preempted
-    run(slow.standby(vm, CompressionPolicy(codec=Codec.ZSTD, mode="background")))
+    run(slow.standby(vm, CompressionPolicy(codec=codec, mode="background")))
     wait_compression(manager, vm, CompressionState.COMPRESSING)
     deadline = time.monotonic() + 10
     while not tmp_files(manager, vm):  # the job is writing its .tmp
@@ -107,11 +108,12 @@ def test_restore_preempts_a_running_job(manager: InstanceManager, vm: str) -> No
     assert guest_hash(manager, vm) == before
 
 
-def test_restore_during_the_delay_skips_the_job(manager: InstanceManager, vm: str) -> None:
+@pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.LZ4])
+def test_restore_during_the_delay_skips_the_job(manager: InstanceManager, vm: str,
+                                                codec: Codec) -> None:
     before = mark_guest(manager, vm)
     skipped = load_stats(manager.data_root).skipped
-    run(manager.standby(vm, CompressionPolicy(codec=Codec.ZSTD, mode="background",
-                                              delay_s=600)))
+    run(manager.standby(vm, CompressionPolicy(codec=codec, mode="background", delay_s=600)))
     info = run(manager.get(vm))
     assert info.compression.state is CompressionState.PENDING
     latest = manager.paths(vm).standby_dir
@@ -136,7 +138,7 @@ def test_killed_worker_is_requeued_by_a_new_manager(manager: InstanceManager, vm
         assert time.monotonic() < deadline
         time.sleep(0.05)
     os.kill(identity.pid, signal.SIGKILL)  # the process hosting the job dies mid-job
-    assert QemuProcess(identity).wait_exit(10)
+    assert TrackedProcess(identity).wait_exit(10)
     assert tmp_files(manager, vm)  # a half-written file is left behind
     assert run(manager.get(vm)).compression.state is CompressionState.PENDING
     fresh = InstanceManager(manager.data_root.root, Settings(accel=manager.settings.accel))

@@ -1,7 +1,7 @@
 import subprocess
 import time
 
-from torpor.hypervisor.process import ProcessIdentity, QemuProcess
+from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 
 
 def test_identity_tracks_exactly_one_process() -> None:
@@ -12,9 +12,9 @@ def test_identity_tracks_exactly_one_process() -> None:
         # Same pid, different start time: a reused pid is never ours.
         impostor = ProcessIdentity(pid=child.pid, start_time=identity.start_time + 1)
         assert not impostor.is_alive()
-        assert QemuProcess(impostor).signal(9) is False
+        assert TrackedProcess(impostor).signal(9) is False
         assert child.poll() is None  # the impostor check did not signal it
-        process = QemuProcess(identity)
+        process = TrackedProcess(identity)
         assert process.wait_exit(0.05) is False
         process.signal(15)
         assert process.wait_exit(5)  # pidfd becomes readable on exit

@@ -70,8 +70,9 @@ class ProcessIdentity(BaseModel):
 
 
 @dataclass
-class QemuProcess:
-    """A running (or once running) QEMU process that torpor launched."""
+class TrackedProcess:
+    """A process torpor started (QEMU, a job worker), identified so that a reused pid is
+    never signalled."""
 
     identity: ProcessIdentity
 
@@ -123,7 +124,7 @@ def _check_socket_paths(config: VMConfig) -> None:
 
 
 def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: bool = False,
-           binary: str = "qemu-system-x86_64", extra_args: tuple[str, ...] = ()) -> QemuProcess:
+           binary: str = "qemu-system-x86_64", extra_args: tuple[str, ...] = ()) -> TrackedProcess:
     """Start QEMU detached; returns once it has initialised, or raises with its error."""
     _check_socket_paths(config)
     for stale in (config.qmp_socket, config.qmp_query_socket, config.agent_socket, pidfile):
@@ -151,6 +152,6 @@ def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: bool = 
     identity = ProcessIdentity.of(pid)
     if identity is None:
         raise OperationFailed("QEMU exited right after starting; see " + str(log_file))
-    return QemuProcess(identity)
+    return TrackedProcess(identity)
 
 

@@ -31,7 +31,7 @@ from pydantic import BaseModel
 
 from torpor.codec import SUFFIXES, Codec
 from torpor.fsutil import atomic_write_json, read_json
-from torpor.hypervisor.process import ProcessIdentity, QemuProcess
+from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
 from torpor.paths import DataRoot, InstancePaths
@@ -126,7 +126,7 @@ def cancel_and_wait(data_root: DataRoot, key: str, timeout: float = CANCEL_TIMEO
     """Stop the job's worker and return only once it has exited and released its lock."""
     identity = worker_identity(data_root, key)
     if identity is not None:
-        worker = QemuProcess(identity)  # pidfd-checked signalling, same as for QEMU
+        worker = TrackedProcess(identity)
         worker.signal(signal.SIGTERM)
         if not worker.wait_exit(timeout):
             worker.kill()

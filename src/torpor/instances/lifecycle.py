@@ -9,7 +9,7 @@ import logging
 from torpor.errors import OperationFailed, TorporError, WrongState
 from torpor.guest.agent import AgentError, GuestAgent
 from torpor.hypervisor.accel import resolve_accel
-from torpor.hypervisor.process import QemuProcess, launch
+from torpor.hypervisor.process import TrackedProcess, launch
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import Accel, VMConfig
 from torpor.instances.context import InstanceContext
@@ -39,7 +39,7 @@ def check_boot_files(ctx: InstanceContext) -> None:
             raise OperationFailed(f"boot file of instance {ctx.name} is missing: {f}")
 
 
-def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: bool = False) -> QemuProcess:
+def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: bool = False) -> TrackedProcess:
     """Launch QEMU for this instance and record it in runtime.json."""
     clear_runtime(ctx.paths)
     ctx.paths.logs_dir.mkdir(parents=True, exist_ok=True)
@@ -65,7 +65,7 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
         await terminate(ctx, record.process())
     check_boot_files(ctx)
     op = OperationRecorder("start", ctx.name)
-    process: QemuProcess | None = None
+    process: TrackedProcess | None = None
     try:
         with op.phase("spawn"):
             config = vm_config_for(ctx.meta, ctx.paths, effective_accel(ctx))
@@ -82,7 +82,7 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
     return op
 
 
-async def terminate(ctx: InstanceContext, process: QemuProcess) -> None:
+async def terminate(ctx: InstanceContext, process: TrackedProcess) -> None:
     """Kill the process if it is still ours and forget it."""
     await asyncio.to_thread(process.kill)
     clear_runtime(ctx.paths)
@@ -98,7 +98,7 @@ async def _ask_guest_to_power_off(ctx: InstanceContext) -> bool:
         return False
 
 
-async def shutdown(ctx: InstanceContext, process: QemuProcess, timeout: float) -> str:
+async def shutdown(ctx: InstanceContext, process: TrackedProcess, timeout: float) -> str:
     """Graceful power-off through the agent, then QMP quit, then SIGKILL.
     Returns how the process ended."""
     if await _ask_guest_to_power_off(ctx) and await asyncio.to_thread(

@@ -11,7 +11,7 @@ import time
 
 from torpor.errors import IntegrityError, WrongState
 from torpor.fsutil import remove_tree
-from torpor.hypervisor.process import QemuProcess
+from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig
 from torpor.instances import compression_jobs, lifecycle
@@ -49,7 +49,7 @@ async def restore(ctx: InstanceContext, progress: Progress | None = None) -> Ope
                              f" found is {path.name}")
     lifecycle.check_boot_files(ctx)
     op = OperationRecorder("restore", ctx.name)
-    process: QemuProcess | None = None
+    process: TrackedProcess | None = None
     try:
         with op.phase("spawn"):
             process = lifecycle.spawn_qemu(ctx, config, incoming=True)

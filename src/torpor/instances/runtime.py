@@ -17,7 +17,7 @@ from datetime import datetime
 from pydantic import BaseModel
 
 from torpor.fsutil import atomic_write_json, read_json
-from torpor.hypervisor.process import ProcessIdentity, QemuProcess
+from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import FAILED_STATES, PAUSED_STATES, Monitor, QmpError
 from torpor.hypervisor.vmconfig import VMConfig
 from torpor.instances.metadata import InstanceState
@@ -29,8 +29,8 @@ class RuntimeRecord(BaseModel):
     vm_config: VMConfig
     launched_at: datetime
 
-    def process(self) -> QemuProcess:
-        return QemuProcess(self.identity)
+    def process(self) -> TrackedProcess:
+        return TrackedProcess(self.identity)
 
 
 def load_runtime(paths: InstancePaths) -> RuntimeRecord | None:

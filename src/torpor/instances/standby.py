@@ -15,7 +15,7 @@ import time
 from torpor.codec import Codec
 from torpor.errors import OperationFailed, WrongState
 from torpor.fsutil import fsync_dir, remove_tree
-from torpor.hypervisor.process import QemuProcess
+from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.instances import compression_jobs
 from torpor.instances.context import InstanceContext
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
 
 
-async def _resume_after_failure(ctx: InstanceContext, process: QemuProcess,
+async def _resume_after_failure(ctx: InstanceContext, process: TrackedProcess,
                                 error: BaseException) -> OperationFailed:
     """Put the VM back to running; say what state the failure left behind."""
     if not process.is_alive():
