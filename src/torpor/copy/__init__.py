@@ -5,10 +5,12 @@ Knows nothing of VMs: it copies files and trees and reports how.
 
 from torpor.copy.engine import (
     CLONE_UNSUPPORTED_ERRNOS,
+    CopyCancelled,
     CopyReport,
     CopyUnsupported,
     copy_file,
     copy_tree,
 )
 
-__all__ = ["CLONE_UNSUPPORTED_ERRNOS", "CopyReport", "CopyUnsupported", "copy_file", "copy_tree"]
+__all__ = ["CLONE_UNSUPPORTED_ERRNOS", "CopyCancelled", "CopyReport", "CopyUnsupported",
+           "copy_file", "copy_tree"]

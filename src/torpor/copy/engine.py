@@ -17,6 +17,7 @@ import fcntl
 import os
 import shutil
 import stat
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -55,6 +56,10 @@ FaultHook = Callable[[str, Path], None]
 
 class CopyUnsupported(OperationFailed):
     """The filesystem can neither clone nor report holes: refuse to copy densely."""
+
+
+class CopyCancelled(OperationFailed):
+    """The caller's cancel event was set; the partial destination has been removed."""
 
 
 @dataclass
@@ -97,9 +102,12 @@ class _CopyCall:
     fault: FaultHook | None
     progress: Callable[[int], None] | None
     fsync: bool
+    cancel: threading.Event | None = None
     clone_enabled: bool = True
 
     def inject(self, point: str, path: Path) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise CopyCancelled(f"copy cancelled at {path}")
         if self.fault is not None:
             self.fault(point, path)
 
@@ -174,6 +182,7 @@ def _copy_range(call: _CopyCall, src_fd: int, dst_fd: int, offset: int, length: 
 
 
 def _sparse_copy(call: _CopyCall, src_fd: int, dst_fd: int, size: int, dst: Path) -> None:
+    call.inject("file", dst)
     for offset, length in _data_extents(src_fd, size, dst):
         _copy_range(call, src_fd, dst_fd, offset, length, dst)
     os.ftruncate(dst_fd, size)  # a trailing hole stays a hole
@@ -238,14 +247,15 @@ def _publish(staging: Path, dst: Path) -> None:
 
 def copy_file(src: str | os.PathLike[str], dst: str | os.PathLike[str], *, replace: bool = False,
               fsync: bool = False, fault: FaultHook | None = None,
-              progress: Callable[[int], None] | None = None) -> CopyReport:
+              progress: Callable[[int], None] | None = None,
+              cancel: threading.Event | None = None) -> CopyReport:
     """Copy one regular file; the destination appears complete or not at all."""
     src_p, dst_p = Path(src), Path(dst)
     started = time.monotonic()
     if not src_p.is_file() or src_p.is_symlink():
         raise OperationFailed(f"not a regular file: {src_p}")
     _prepare_destination(dst_p, replace)
-    call = _CopyCall(CopyReport(), fault, progress, fsync)
+    call = _CopyCall(CopyReport(), fault, progress, fsync, cancel)
     staging = _staging_path(dst_p)
     _copy_regular(call, src_p, staging)
     _publish(staging, dst_p)
@@ -296,7 +306,8 @@ def _copy_dir(call: _CopyCall, src: Path, dst: Path, rel: str, skip: set[str]) -
 def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
               skip: Iterable[str | os.PathLike[str]] = (), replace: bool = False,
               fsync: bool = False, fault: FaultHook | None = None,
-              progress: Callable[[int], None] | None = None) -> CopyReport:
+              progress: Callable[[int], None] | None = None,
+              cancel: threading.Event | None = None) -> CopyReport:
     """Copy a directory tree. It is built beside `dst` and renamed into place, so the
     destination is complete or absent: a failed copy leaves nothing behind."""
     src_p, dst_p = Path(src), Path(dst)
@@ -304,7 +315,7 @@ def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
     if not src_p.is_dir() or src_p.is_symlink():
         raise OperationFailed(f"not a directory: {src_p}")
     _prepare_destination(dst_p, replace)
-    call = _CopyCall(CopyReport(), fault, progress, fsync)
+    call = _CopyCall(CopyReport(), fault, progress, fsync, cancel)
     staging = _staging_path(dst_p)
     try:
         _copy_dir(call, src_p, staging, "", _normalise_skip(skip))
