@@ -113,6 +113,25 @@ class InstancePaths:
 
 
 @dataclass(frozen=True)
+class SnapshotPaths:
+    """A stored snapshot: record.json plus payload/, a copy of the instance directory."""
+
+    root: Path
+
+    @property
+    def record(self) -> Path:
+        return self.root / "record.json"
+
+    @property
+    def payload(self) -> Path:
+        return self.root / "payload"
+
+    def payload_instance(self) -> InstancePaths:
+        """The payload laid out like an instance directory (disk, metadata, state)."""
+        return InstancePaths(self.payload)
+
+
+@dataclass(frozen=True)
 class DataRoot:
     root: Path
 
@@ -173,6 +192,13 @@ class DataRoot:
 
     def instance(self, instance_id: str) -> InstancePaths:
         return InstancePaths(self.instances_dir / instance_id)
+
+    def snapshot(self, snapshot_id: str) -> SnapshotPaths:
+        return SnapshotPaths(self.snapshots_dir / snapshot_id)
+
+    @property
+    def snapshots_lock(self) -> Path:
+        return self.locks_dir / "snapshots.lock"
 
     def instance_lock(self, instance_id: str) -> Path:
         return self.locks_dir / f"{instance_id}.lock"

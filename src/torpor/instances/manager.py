@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -21,11 +22,12 @@ from torpor.guest.agent import ExecResult, GuestAgent
 from torpor.hypervisor.accel import AccelChoice
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
-from torpor.instances import compression_jobs, lifecycle
+from torpor.instances import compression_jobs, lifecycle, snapshots
 from torpor.instances import restore as restore_op
 from torpor.instances import standby as standby_op
 from torpor.instances.compression_jobs import CompressionStatus
 from torpor.instances.context import InstanceContext, Settings
+from torpor.instances.fork import TargetState, apply_guest_identity, fork_names, materialise
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
     CompressionPolicy,
@@ -35,10 +37,12 @@ from torpor.instances.metadata import (
     LastOperation,
     new_instance_id,
     new_mac,
+    new_vmgenid,
     utc_now,
     validate_name,
 )
 from torpor.instances.runtime import derive_state
+from torpor.instances.snapshots import SnapshotRecord
 from torpor.paths import DataRoot, InstancePaths
 from torpor.snapshot.manifest import MACHINE_STATE
 from torpor.snapshot.stream import Progress
@@ -219,7 +223,8 @@ class InstanceManager:
                     id=instance_id, name=name, created_at=utc_now(), cpus=cpus,
                     memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
                     image=self._import_image(image), accel=accel,
-                    port_forwards=port_forwards or [], snapshot_policy=snapshot_policy)
+                    port_forwards=port_forwards or [], snapshot_policy=snapshot_policy,
+                    vmgenid=new_vmgenid())
                 meta.save(paths.metadata)
                 final = self.data_root.instance(instance_id).root
                 os.rename(staging, final)  # the instance appears whole or not at all
@@ -275,6 +280,116 @@ class InstanceManager:
         async with self.locked(name) as ctx:
             ctx.meta.snapshot_policy = policy
             ctx.meta.save(ctx.paths.metadata)
+
+    # --- stored snapshots and forks -------------------------------------------------------
+
+    async def snapshot_create(self, name: str, snapshot_name: str,
+                              tags: dict[str, str] | None = None, *,
+                              serial: bool = False) -> SnapshotRecord:
+        async with self.locked(name) as ctx:
+            return await snapshots.create(ctx, snapshot_name, tags or {}, serial=serial)
+
+    def snapshot_list(self, source: str | None = None) -> list[SnapshotRecord]:
+        source_id = self._find(source).id if source else None
+        return [r for r in snapshots.all_records(self.data_root)
+                if source_id in (None, r.source_id)]
+
+    def snapshot_get(self, snapshot: str, source: str | None = None) -> SnapshotRecord:
+        source_id = self._find(source).id if source else None
+        return snapshots.find_record(self.data_root, snapshot, source_id)
+
+    def snapshot_dependents(self, snapshot_id: str) -> list[str]:
+        return [m.name for m in self._all_metadata() if m.origin_snapshot == snapshot_id]
+
+    async def snapshot_delete(self, snapshot: str, source: str | None = None) -> None:
+        async with file_lock(self.data_root.registry_lock, what="the instance registry"):
+            record = self.snapshot_get(snapshot, source)
+            snapshots.remove(self.data_root, record, self.snapshot_dependents(record.id))
+
+    async def snapshot_restore(self, name: str, snapshot: str) -> InstanceInfo:
+        """Replace the instance's disk and machine state with a snapshot of it."""
+        async with self.locked(name) as ctx:
+            record = snapshots.find_record(self.data_root, snapshot, ctx.meta.id)
+            await snapshots.restore_into(ctx, record)
+            return await self.info(ctx.meta)
+
+    async def snapshot_fork(self, snapshot: str, new_name: str, *, count: int = 1,
+                            target_state: TargetState = "running",
+                            source: str | None = None) -> list[InstanceInfo]:
+        record = self.snapshot_get(snapshot, source)
+        has_state = record.kind != "stopped"
+        names = self._check_fork(new_name, count, target_state, has_state)
+        payload = self.data_root.snapshot(record.id).payload
+        created = await self._materialise(payload, names, record.id, has_state)
+        return await self._bring_up(created, has_state, target_state)
+
+    async def fork(self, source: str, new_name: str, *, count: int = 1,
+                   target_state: TargetState = "running") -> list[InstanceInfo]:
+        """Fork a running, standby or stopped instance into `count` copies. A running
+        source is snapshotted (overlapped) and keeps running."""
+        async with self.locked(source) as ctx:
+            state, _ = await derive_state(ctx.paths)
+            if state is InstanceState.CRASHED:
+                raise WrongState(f"instance {source} is crashed: stop or start it first")
+            has_state = state is not InstanceState.STOPPED
+            names = self._check_fork(new_name, count, target_state, has_state)
+            if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+                temp = await snapshots.create(ctx, f"fork-{secrets.token_hex(4)}", {})
+                try:
+                    created = await self._materialise(
+                        self.data_root.snapshot(temp.id).payload, names, None, True)
+                finally:
+                    remove_tree(self.data_root.snapshot(temp.id).root)
+            else:
+                if has_state:
+                    await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+                created = await self._materialise(ctx.paths.root, names, None, has_state)
+        return await self._bring_up(created, has_state, target_state)
+
+    def _check_fork(self, new_name: str, count: int, target_state: TargetState,
+                    has_state: bool) -> list[str]:
+        names = fork_names(new_name, count)
+        if target_state == "standby" and not has_state:
+            raise InvalidArgument("a stopped source has no machine state: fork it to "
+                                  "--target-state running or stopped")
+        taken = {m.name for m in self._all_metadata()} & set(names)
+        if taken:
+            raise AlreadyExists(f"instance names already taken: {', '.join(sorted(taken))}")
+        return names
+
+    async def _materialise(self, source_dir: Path, names: list[str],
+                           origin: str | None, keep_state: bool) -> list[InstanceMetadata]:
+        created: list[InstanceMetadata] = []
+        async with file_lock(self.data_root.registry_lock, what="the instance registry"):
+            existing = {m.name for m in self._all_metadata()}
+            for name in names:
+                created.append(await asyncio.to_thread(
+                    materialise, self.data_root, source_dir, name, existing, origin,
+                    keep_state))
+        return created
+
+    async def _bring_up(self, forks: list[InstanceMetadata], has_state: bool,
+                        target_state: TargetState) -> list[InstanceInfo]:
+        async def one(meta: InstanceMetadata) -> InstanceInfo:
+            paths = self.data_root.instance(meta.id)
+            if target_state == "stopped" and has_state:
+                remove_tree(paths.standby_dir)
+            elif target_state == "running":
+                if has_state:
+                    await self.restore(meta.name)
+                else:
+                    await self.start(meta.name)
+                await apply_guest_identity(paths, meta)
+            return await self.get(meta.name)
+
+        results = await asyncio.gather(*(one(m) for m in forks), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            for meta, result in zip(forks, results, strict=True):
+                if isinstance(result, BaseException):
+                    await self.delete(meta.name, force=True)  # no half-made fork left
+            raise failures[0]
+        return [r for r in results if isinstance(r, InstanceInfo)]
 
     # --- guest access -----------------------------------------------------------------
 

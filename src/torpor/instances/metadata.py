@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import secrets
+import uuid
 from datetime import UTC, datetime
 from enum import StrEnum
 from pathlib import Path
@@ -44,6 +45,10 @@ def new_instance_id() -> str:
 def new_mac() -> str:
     """A locally administered unicast MAC in QEMU's 52:54:00 range."""
     return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+def new_vmgenid() -> str:
+    return str(uuid.uuid4())
 
 
 def utc_now() -> datetime:
@@ -109,6 +114,8 @@ class InstanceMetadata(BaseModel):
     port_forwards: list[PortForward] = Field(default_factory=list)
     snapshot_policy: CompressionPolicy | None = None
     compression_plan: CompressionPlan | None = None
+    vmgenid: str | None = None  # QEMU vmgenid device GUID; a fork gets a new one
+    origin_snapshot: str | None = None  # the stored snapshot this instance was forked from
     last_operation: LastOperation | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 

@@ -17,12 +17,13 @@ from torpor.errors import OperationFailed, WrongState
 from torpor.fsutil import fsync_dir, remove_tree
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
+from torpor.hypervisor.vmconfig import VMConfig
 from torpor.instances import compression_jobs
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_policy, utc_now
 from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, derive_state
-from torpor.snapshot.manifest import Manifest
+from torpor.snapshot.manifest import Manifest, StateFile
 from torpor.snapshot.stream import Progress, finalize_checksum, prepare_outgoing, save_state
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ async def _resume_after_failure(ctx: InstanceContext, process: TrackedProcess,
     return OperationFailed(f"standby of {ctx.name} failed: {error}; the VM was resumed")
 
 
+def build_manifest(vm_config: VMConfig, state: StateFile, qemu_version: str) -> Manifest:
+    return Manifest(created_at=utc_now(), qemu_version=qemu_version, vm_config=vm_config,
+                    guest_visible=vm_config.guest_visible(), state=state)
+
+
 def _discard_partial(ctx: InstanceContext) -> None:
     remove_tree(ctx.paths.standby_partial_dir)
     remove_tree(ctx.paths.standby_dir)
@@ -65,9 +71,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
             partial.mkdir(parents=True)
             state = await save_state(mon, partial, policy.codec, policy.effective_level(),
                                      progress)
-            manifest = Manifest(created_at=utc_now(), qemu_version=qemu_version,
-                                vm_config=record.vm_config,
-                                guest_visible=record.vm_config.guest_visible(), state=state)
+            manifest = build_manifest(record.vm_config, state, qemu_version)
             manifest.save(partial)
             partial.rename(latest)
             fsync_dir(latest.parent)

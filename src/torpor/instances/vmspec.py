@@ -23,4 +23,5 @@ def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) ->
         qmp_query_socket=paths.qmp_query_socket,
         agent_socket=paths.agent_socket,
         serial_log=paths.serial_log,
+        vmgenid=meta.vmgenid,
     )

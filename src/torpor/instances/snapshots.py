@@ -1,0 +1,247 @@
+"""Stored snapshots: a copy of an instance directory (disk, metadata, machine state) made
+with the copy engine, plus a record.
+
+From a running VM the snapshot pauses it and runs the save leg (machine state into the
+instance's snapshots/.latest.partial) and the copy leg (instance directory → payload,
+skipping snapshots/ and run/) at the same time: the paused window is max(save, copy)
+instead of their sum. The source is resumed on every path; a failure leaves no payload and
+no orphaned state directory, and names the leg that failed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import re
+import secrets
+import shutil
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from torpor.codec import Codec
+from torpor.copy import CopyReport, copy_file, copy_tree
+from torpor.errors import AlreadyExists, InvalidArgument, NotFound, WrongState
+from torpor.fsutil import atomic_write_json, fsync_dir, read_json, remove_tree
+from torpor.hypervisor.qmp import Monitor, QmpError
+from torpor.instances import compression_jobs
+from torpor.instances.context import InstanceContext
+from torpor.instances.legs import in_thread, run_legs
+from torpor.instances.metadata import NAME_RE, InstanceState, utc_now
+from torpor.instances.operation import OperationRecorder
+from torpor.instances.runtime import RuntimeRecord, derive_state
+from torpor.instances.standby import build_manifest
+from torpor.paths import DataRoot, SnapshotPaths
+from torpor.snapshot.manifest import Manifest
+from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_state
+
+RECORD_VERSION = 1
+# run/ holds sockets and the live process record; it never belongs to a copy.
+ALWAYS_SKIP = ("run",)
+TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+
+SnapshotKind = Literal["running", "standby", "stopped"]
+
+
+class SnapshotRecord(BaseModel):
+    version: int = RECORD_VERSION
+    id: str
+    name: str
+    source_id: str
+    source_name: str
+    kind: SnapshotKind
+    mode: Literal["overlapped", "serial", "copy"]
+    created_at: datetime
+    tags: dict[str, str] = Field(default_factory=dict)
+    logical_bytes: int = 0
+    bytes_written: int = 0
+    copy_method: str = ""
+    state_codec: Codec | None = None
+    state_bytes: int | None = None
+    phases: dict[str, float] = Field(default_factory=dict)
+
+
+def parse_tags(items: list[str]) -> dict[str, str]:
+    tags = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not TAG_RE.match(key) or len(value) > 256:
+            raise InvalidArgument(f"tags look like key=value (key: letters, digits, _.-): {item!r}")
+        tags[key] = value
+    return tags
+
+
+def validate_snapshot_name(name: str) -> str:
+    if len(name) > 63 or not NAME_RE.match(name):
+        raise InvalidArgument(f"invalid snapshot name {name!r}: use 1-63 lowercase letters,"
+                              " digits and '-'")
+    return name
+
+
+def load_record(paths: SnapshotPaths) -> SnapshotRecord:
+    return SnapshotRecord.model_validate(read_json(paths.record))
+
+
+def all_records(data_root: DataRoot) -> list[SnapshotRecord]:
+    records = []
+    if data_root.snapshots_dir.exists():
+        for entry in sorted(data_root.snapshots_dir.iterdir()):
+            if not entry.name.startswith("."):
+                try:
+                    records.append(load_record(data_root.snapshot(entry.name)))
+                except (FileNotFoundError, ValueError):
+                    continue
+    return sorted(records, key=lambda r: r.created_at)
+
+
+def find_record(data_root: DataRoot, name_or_id: str, source_id: str | None = None
+                ) -> SnapshotRecord:
+    matches = [r for r in all_records(data_root)
+               if name_or_id in (r.id, r.name) and source_id in (None, r.source_id)]
+    if not matches:
+        raise NotFound(f"no snapshot named {name_or_id!r}")
+    if len(matches) > 1:
+        raise InvalidArgument(f"snapshot name {name_or_id!r} exists for several instances:"
+                              " name the instance too, or use the snapshot id")
+    return matches[0]
+
+
+# --- create ---------------------------------------------------------------------------------
+
+async def _copy_leg(ctx: InstanceContext, payload: Path, skip: tuple[str, ...]) -> CopyReport:
+    return await in_thread(lambda stop: copy_tree(ctx.paths.root, payload, skip=skip,
+                                                  fsync=True, cancel=stop))
+
+
+async def _save_leg(mon: Monitor, ctx: InstanceContext, record: RuntimeRecord) -> Manifest:
+    partial = ctx.paths.standby_partial_dir
+    partial.mkdir(parents=True)
+    state = await save_state(mon, partial, Codec.NONE, 0)
+    return build_manifest(record.vm_config, state, await mon.version())
+
+
+async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, payload: Path,
+                            serial: bool, op: OperationRecorder) -> tuple[Manifest, CopyReport]:
+    """The paused window of a running-source snapshot: pause, both legs, resume."""
+    skip = (*ALWAYS_SKIP, "snapshots")
+    async with Monitor.connect(ctx.paths.qmp_socket) as mon:
+        await prepare_outgoing(mon)
+        was_running = await mon.status() == "running"
+        paused_at = time.monotonic()
+        await mon.pause()
+        try:
+            with op.phase("save+copy" if serial else "legs"):
+                if serial:
+                    manifest = await _save_leg(mon, ctx, record)
+                    report = await _copy_leg(ctx, payload, skip)
+                else:
+                    manifest, report = await run_legs(_save_leg(mon, ctx, record),
+                                                      _copy_leg(ctx, payload, skip))
+        except BaseException:
+            if was_running:  # resumed on every path; the leg's error is the one reported
+                with contextlib.suppress(QmpError):
+                    await mon.resume()
+            raise
+        finally:
+            op.add("paused_window", time.monotonic() - paused_at)
+        if was_running:
+            await mon.resume()
+    return manifest, report
+
+
+async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
+                 serial: bool = False) -> SnapshotRecord:
+    """Snapshot the instance (running, paused, standby or stopped); caller holds its lock."""
+    validate_snapshot_name(name)
+    data_root = ctx.data_root
+    if any(r.name == name and r.source_id == ctx.meta.id for r in all_records(data_root)):
+        raise AlreadyExists(f"instance {ctx.name} already has a snapshot named {name!r}")
+    state, record = await derive_state(ctx.paths)
+    if state is InstanceState.CRASHED:
+        raise WrongState(f"instance {ctx.name} is crashed: stop it (or start it) first")
+    snapshot_id = secrets.token_hex(6)
+    staging = data_root.snapshots_dir / f".creating-{snapshot_id}"
+    staging_paths = SnapshotPaths(staging)
+    op = OperationRecorder("snapshot", ctx.name)
+    try:
+        staging.mkdir(parents=True)
+        if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+            assert record is not None
+            kind: SnapshotKind = "running"
+            mode: Literal["overlapped", "serial", "copy"] = "serial" if serial else "overlapped"
+            manifest, report = await _overlapped_pause(ctx, record, staging_paths.payload,
+                                                       serial, op)
+            with op.phase("state-copy"):  # outside the pause: the files are final
+                state_dir = staging_paths.payload_instance().standby_dir
+                state_dir.parent.mkdir(parents=True, exist_ok=True)
+                await asyncio.to_thread(copy_tree, ctx.paths.standby_partial_dir, state_dir,
+                                        fsync=True)
+                manifest.state = finalize_checksum(state_dir, manifest.state)
+                manifest.save(state_dir)
+        else:
+            if state is InstanceState.STANDBY:
+                # A reader of the standby state: stop its background job first.
+                await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+            kind = "standby" if state is InstanceState.STANDBY else "stopped"
+            mode = "copy"
+            skip = ALWAYS_SKIP if kind == "standby" else (*ALWAYS_SKIP, "snapshots")
+            with op.phase("copy"):
+                report = await _copy_leg(ctx, staging_paths.payload, skip)
+        snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging_paths, op)
+        atomic_write_json(staging_paths.record, snap.model_dump(mode="json"))
+        final = data_root.snapshot(snapshot_id).root
+        staging.rename(final)  # the snapshot appears whole or not at all
+        fsync_dir(final.parent)
+    except BaseException as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        op.record(ctx.paths, exc)
+        raise
+    finally:
+        remove_tree(ctx.paths.standby_partial_dir)  # never orphaned
+    op.record(ctx.paths)
+    return snap
+
+
+def _record(ctx: InstanceContext, snapshot_id: str, name: str, kind: SnapshotKind,
+            mode: Literal["overlapped", "serial", "copy"], tags: dict[str, str],
+            report: CopyReport, paths: SnapshotPaths, op: OperationRecorder) -> SnapshotRecord:
+    codec = state_bytes = None
+    if kind != "stopped":
+        manifest = Manifest.load(paths.payload_instance().standby_dir)
+        codec, state_bytes = manifest.state.codec, manifest.state.stored_bytes
+    return SnapshotRecord(
+        id=snapshot_id, name=name, source_id=ctx.meta.id, source_name=ctx.meta.name,
+        kind=kind, mode=mode, created_at=utc_now(), tags=tags,
+        logical_bytes=report.logical_bytes + (state_bytes or 0),
+        bytes_written=report.bytes_written, copy_method=report.method,
+        state_codec=codec, state_bytes=state_bytes, phases=dict(op.phases))
+
+
+def remove(data_root: DataRoot, snap: SnapshotRecord, dependents: list[str]) -> None:
+    if dependents:
+        raise WrongState(f"snapshot {snap.name} cannot be deleted: forks depend on it "
+                         f"({', '.join(sorted(dependents))})")
+    remove_tree(data_root.snapshot(snap.id).root)
+
+
+async def restore_into(ctx: InstanceContext, snap: SnapshotRecord) -> None:
+    """Replace the instance's disk and standby state with the snapshot's (not running)."""
+    state, _ = await derive_state(ctx.paths)
+    if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+        raise WrongState(f"instance {ctx.name} is {state}: stop it (or put it in standby) first")
+    payload = ctx.data_root.snapshot(snap.id).payload_instance()
+    await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+    await asyncio.to_thread(_replace_from_payload, ctx, payload.disk, payload.standby_dir)
+
+
+def _replace_from_payload(ctx: InstanceContext, disk: Path, state_dir: Path) -> None:
+    copy_file(disk, ctx.paths.disk, replace=True, fsync=True)
+    if ctx.paths.standby_dir.exists():
+        remove_tree(ctx.paths.standby_dir)
+    if state_dir.exists():
+        ctx.paths.snapshots_dir.mkdir(exist_ok=True)
+        copy_tree(state_dir, ctx.paths.standby_dir, fsync=True)
+    ctx.paths.run_dir.mkdir(exist_ok=True)
