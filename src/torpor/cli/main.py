@@ -20,13 +20,16 @@ from torpor.cli.output import (
     instances_table,
     phases_line,
     print_json,
+    snapshots_table,
 )
 from torpor.codec import parse_codec
 from torpor.errors import InvalidArgument, TorporError
 from torpor.hypervisor.accel import AccelChoice
 from torpor.instances import InstanceInfo, InstanceManager
 from torpor.instances.context import Settings
+from torpor.instances.fork import TargetState
 from torpor.instances.metadata import CompressionPolicy
+from torpor.instances.snapshots import parse_tags
 from torpor.paths import resolve_data_root
 from torpor.units import parse_duration, parse_size
 
@@ -39,6 +42,8 @@ app = typer.Typer(
 )
 image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
 app.add_typer(image_app, name="image")
+snapshot_app = typer.Typer(no_args_is_help=True, help="Stored snapshots of instances.")
+app.add_typer(snapshot_app, name="snapshot")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 NameArg = Annotated[str, typer.Argument(help="Instance name.")]
@@ -283,6 +288,114 @@ def console_cmd(ctx: typer.Context, name: NameArg,
 
 
 app.registered_commands[-1].name = "console"
+
+
+TargetOpt = Annotated[str, typer.Option(
+    "--target-state", help="What each fork is left as: running, standby or stopped.")]
+CountOpt = Annotated[int, typer.Option(help="How many forks (named NEWNAME-1..N if > 1).")]
+SourceOpt = Annotated[str | None, typer.Option(
+    "--instance", help="The snapshot's source instance, when names clash.", show_default=False)]
+
+
+def target_state(value: str) -> TargetState:
+    if value not in ("running", "standby", "stopped"):
+        raise typer.BadParameter("must be running, standby or stopped", param_hint="--target-state")
+    return value  # type: ignore[return-value]
+
+
+def print_forks(infos: list[InstanceInfo], json_out: bool, started: float) -> None:
+    if json_out:
+        print_json(infos)
+        return
+    console.print(instances_table(infos))
+    console.print(f"{len(infos)} fork(s) in {time.monotonic() - started:.2f} s")
+
+
+@app.command()
+def fork(ctx: typer.Context,
+         source: Annotated[str, typer.Argument(help="Instance to fork.")],
+         new_name: Annotated[str, typer.Argument(help="Name of the fork.")],
+         count: CountOpt = 1, target: TargetOpt = "running", json_out: JsonOpt = False) -> None:
+    """Fork an instance (running, standby or stopped) into new instances."""
+    started = time.monotonic()
+    infos = run(manager(ctx).fork(source, new_name, count=count,
+                                  target_state=target_state(target)))
+    print_forks(infos, json_out, started)
+
+
+@snapshot_app.command("create")
+def snapshot_create(
+    ctx: typer.Context, name: NameArg,
+    snapshot_name: Annotated[str | None, typer.Option(
+        "--name", help="Snapshot name (default: a timestamp).", show_default=False)] = None,
+    tag: Annotated[list[str] | None, typer.Option(help="key=value; repeatable.")] = None,
+    serial: Annotated[bool, typer.Option(
+        "--serial", help="Save, then copy (instead of both at once while paused).")] = False,
+    compress: CompressOpt = None, level: LevelOpt = None,
+    json_out: JsonOpt = False,
+) -> None:
+    """Snapshot an instance; a running one is paused only while state and disk are taken."""
+    snap_name = snapshot_name or time.strftime("snap-%Y%m%d-%H%M%S")
+    record = run(manager(ctx).snapshot_create(name, snap_name, parse_tags(tag or []),
+                                              serial=serial,
+                                              compression=compression_policy(compress, level)))
+    if json_out:
+        print_json(record)
+    else:
+        console.print(f"snapshot {record.name} ({record.id}) of {record.source_name}: "
+                      f"{record.kind}, {record.mode}, copy {record.copy_method}; "
+                      f"{phases_line(record.phases)}")
+
+
+@snapshot_app.command("list")
+def snapshot_list(ctx: typer.Context,
+                  instance: Annotated[str | None, typer.Argument(
+                      help="Only this instance's snapshots.")] = None,
+                  json_out: JsonOpt = False) -> None:
+    """List stored snapshots."""
+    records = manager(ctx).snapshot_list(instance)
+    if json_out:
+        print_json(records)
+    elif not records:
+        console.print("no snapshots")
+    else:
+        console.print(snapshots_table(records))
+
+
+@snapshot_app.command("show")
+def snapshot_show(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
+                  instance: SourceOpt = None) -> None:
+    """Show one snapshot's record (JSON either way: it is a record)."""
+    print_json(manager(ctx).snapshot_get(snapshot, instance))
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
+                    instance: SourceOpt = None) -> None:
+    """Delete a snapshot (refused while forks depend on it)."""
+    run(manager(ctx).snapshot_delete(snapshot, instance))
+    console.print(f"deleted snapshot {snapshot}")
+
+
+@snapshot_app.command("restore")
+def snapshot_restore(ctx: typer.Context, name: NameArg,
+                     snapshot: Annotated[str, typer.Argument()]) -> None:
+    """Replace a (not running) instance's disk and state with one of its snapshots."""
+    info = run(manager(ctx).snapshot_restore(name, snapshot))
+    console.print(f"{info.name} now holds snapshot {snapshot}: {info.state}"
+                  + (f" (run `torpor restore {info.name}`)" if info.state == "standby" else ""))
+
+
+@snapshot_app.command("fork")
+def snapshot_fork(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
+                  new_name: Annotated[str, typer.Argument(help="Name of the fork.")],
+                  count: CountOpt = 1, target: TargetOpt = "running",
+                  instance: SourceOpt = None, json_out: JsonOpt = False) -> None:
+    """Create new instances from a snapshot."""
+    started = time.monotonic()
+    infos = run(manager(ctx).snapshot_fork(snapshot, new_name, count=count,
+                                           target_state=target_state(target), source=instance))
+    print_forks(infos, json_out, started)
 
 
 @image_app.command("build")

@@ -12,7 +12,8 @@ from rich.table import Table
 
 from torpor.units import format_seconds, format_size
 
-console = Console(soft_wrap=True)
+# Not a terminal (a pipe, a log): do not squeeze tables into 80 columns.
+console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 
@@ -31,6 +32,19 @@ def instances_table(infos: list[Any]) -> Table:
     for i in infos:
         table.add_row(i.name, str(i.state), str(i.cpus), format_size(i.memory_mib << 20),
                       format_size(i.disk_bytes), str(i.pid or "-"), i.id)
+    return table
+
+
+def snapshots_table(records: list[Any]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "SOURCE", "KIND", "MODE", "STATE", "SIZE", "CREATED", "TAGS", "ID"):
+        table.add_column(col)
+    for r in records:
+        state = f"{r.state_codec}" if r.state_codec else "-"
+        tags = ",".join(f"{k}={v}" for k, v in r.tags.items()) or "-"
+        table.add_row(r.name, r.source_name, r.kind, r.mode, state,
+                      format_size(r.logical_bytes), r.created_at.isoformat(timespec="seconds"),
+                      tags, r.id)
     return table
 
 

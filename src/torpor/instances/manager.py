@@ -285,9 +285,11 @@ class InstanceManager:
 
     async def snapshot_create(self, name: str, snapshot_name: str,
                               tags: dict[str, str] | None = None, *,
-                              serial: bool = False) -> SnapshotRecord:
+                              serial: bool = False,
+                              compression: CompressionPolicy | None = None) -> SnapshotRecord:
         async with self.locked(name) as ctx:
-            return await snapshots.create(ctx, snapshot_name, tags or {}, serial=serial)
+            return await snapshots.create(ctx, snapshot_name, tags or {}, serial=serial,
+                                          compression=compression)
 
     def snapshot_list(self, source: str | None = None) -> list[SnapshotRecord]:
         source_id = self._find(source).id if source else None

@@ -30,7 +30,7 @@ from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.instances import compression_jobs
 from torpor.instances.context import InstanceContext
 from torpor.instances.legs import in_thread, run_legs
-from torpor.instances.metadata import NAME_RE, InstanceState, utc_now
+from torpor.instances.metadata import NAME_RE, CompressionPolicy, InstanceState, utc_now
 from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import RuntimeRecord, derive_state
 from torpor.instances.standby import build_manifest
@@ -116,15 +116,17 @@ async def _copy_leg(ctx: InstanceContext, payload: Path, skip: tuple[str, ...]) 
                                                   fsync=True, cancel=stop))
 
 
-async def _save_leg(mon: Monitor, ctx: InstanceContext, record: RuntimeRecord) -> Manifest:
+async def _save_leg(mon: Monitor, ctx: InstanceContext, record: RuntimeRecord,
+                    policy: CompressionPolicy) -> Manifest:
     partial = ctx.paths.standby_partial_dir
     partial.mkdir(parents=True)
-    state = await save_state(mon, partial, Codec.NONE, 0)
+    state = await save_state(mon, partial, policy.codec, policy.effective_level())
     return build_manifest(record.vm_config, state, await mon.version())
 
 
 async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, payload: Path,
-                            serial: bool, op: OperationRecorder) -> tuple[Manifest, CopyReport]:
+                            serial: bool, policy: CompressionPolicy, op: OperationRecorder
+                            ) -> tuple[Manifest, CopyReport]:
     """The paused window of a running-source snapshot: pause, both legs, resume."""
     skip = (*ALWAYS_SKIP, "snapshots")
     async with Monitor.connect(ctx.paths.qmp_socket) as mon:
@@ -135,10 +137,10 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, payload
         try:
             with op.phase("save+copy" if serial else "legs"):
                 if serial:
-                    manifest = await _save_leg(mon, ctx, record)
+                    manifest = await _save_leg(mon, ctx, record, policy)
                     report = await _copy_leg(ctx, payload, skip)
                 else:
-                    manifest, report = await run_legs(_save_leg(mon, ctx, record),
+                    manifest, report = await run_legs(_save_leg(mon, ctx, record, policy),
                                                       _copy_leg(ctx, payload, skip))
         except BaseException:
             if was_running:  # resumed on every path; the leg's error is the one reported
@@ -153,9 +155,14 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, payload
 
 
 async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
-                 serial: bool = False) -> SnapshotRecord:
-    """Snapshot the instance (running, paused, standby or stopped); caller holds its lock."""
+                 serial: bool = False, compression: CompressionPolicy | None = None
+                 ) -> SnapshotRecord:
+    """Snapshot the instance (running, paused, standby or stopped); caller holds its lock.
+    A running source's state is compressed as it is saved when `compression` says so
+    (synchronously: background jobs for stored snapshots are not built yet)."""
     validate_snapshot_name(name)
+    policy = compression or CompressionPolicy()
+    policy.effective_level()
     data_root = ctx.data_root
     if any(r.name == name and r.source_id == ctx.meta.id for r in all_records(data_root)):
         raise AlreadyExists(f"instance {ctx.name} already has a snapshot named {name!r}")
@@ -173,7 +180,7 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             kind: SnapshotKind = "running"
             mode: Literal["overlapped", "serial", "copy"] = "serial" if serial else "overlapped"
             manifest, report = await _overlapped_pause(ctx, record, staging_paths.payload,
-                                                       serial, op)
+                                                       serial, policy, op)
             with op.phase("state-copy"):  # outside the pause: the files are final
                 state_dir = staging_paths.payload_instance().standby_dir
                 state_dir.parent.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,185 @@
+"""Stored snapshots and forks on real guests."""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import booted, run
+from torpor.codec import Codec
+from torpor.errors import WrongState
+from torpor.hypervisor.qmp import Monitor
+from torpor.instances import InstanceManager, InstanceState
+from torpor.instances import snapshots as snapshots_module
+from torpor.instances.legs import LegFailed
+from torpor.instances.metadata import CompressionPolicy
+from torpor.snapshot.stream import MigrationFailed
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.fixture(scope="module")
+def src(manager: InstanceManager) -> Iterator[str]:
+    yield from booted(manager, "snapsrc")
+
+
+def sh(manager: InstanceManager, name: str, script: str) -> str:
+    result = run(manager.exec(name, ["sh", "-c", script]))
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.decode()
+
+
+def write_marks(manager: InstanceManager, name: str) -> str:
+    return sh(manager, name, "head -c 8m /dev/urandom > /tmp/ram.bin;"
+              " head -c 4m /dev/urandom > /root/disk.bin; sync; md5sum /tmp/ram.bin /root/disk.bin")
+
+
+def read_marks(manager: InstanceManager, name: str) -> str:
+    return sh(manager, name, "md5sum /tmp/ram.bin /root/disk.bin")
+
+
+async def qmp(manager: InstanceManager, name: str, command: str) -> object:
+    async with Monitor.connect(manager.paths(name).qmp_query_socket) as mon:
+        return await mon.execute(command)
+
+
+def identity(manager: InstanceManager, name: str) -> tuple[str, str, str]:
+    """(vmgenid, MAC QEMU filters on, MAC inside the guest)."""
+    guid = run(qmp(manager, name, "query-vm-generation-id"))["guid"]  # type: ignore[index]
+    mac = run(qmp(manager, name, "query-rx-filter"))[0]["main-mac"]  # type: ignore[index]
+    return guid, mac, sh(manager, name, "cat /sys/class/net/eth0/address").strip()
+
+
+def no_leftovers(manager: InstanceManager, name: str) -> None:
+    paths = manager.paths(name)
+    assert not paths.standby_dir.exists() and not paths.standby_partial_dir.exists()
+    assert not [p for p in manager.data_root.snapshots_dir.iterdir()
+                if p.name.startswith(".")]
+
+
+def test_running_snapshot_then_fork_sees_data_as_of_the_pause(manager: InstanceManager,
+                                                              src: str) -> None:
+    marks = write_marks(manager, src)
+    pid = run(manager.get(src)).pid
+    record = run(manager.snapshot_create(src, "s1", {"purpose": "test"}))
+    assert (record.kind, record.mode, record.tags) == ("running", "overlapped",
+                                                      {"purpose": "test"})
+    assert record.phases["paused_window"] > 0 and "legs" in record.phases
+    after = run(manager.get(src))
+    assert after.state is InstanceState.RUNNING and after.pid == pid  # the source kept running
+    no_leftovers(manager, src)
+    sh(manager, src, "echo changed >> /tmp/ram.bin; echo changed >> /root/disk.bin")
+    forks = run(manager.snapshot_fork("s1", "s1fork"))
+    assert [f.state for f in forks] == [InstanceState.RUNNING]
+    assert read_marks(manager, "s1fork") == marks  # as of the pause, not as of now
+    src_id, fork_id = identity(manager, src), identity(manager, "s1fork")
+    assert src_id[0] != fork_id[0]  # vmgenid
+    assert src_id[1] != fork_id[1] and fork_id[1] == fork_id[2] == forks[0].mac
+    assert sh(manager, "s1fork", "hostname").strip() == "s1fork"
+    # The fork shares nothing writable: its writes do not reach the source.
+    sh(manager, "s1fork", "echo fork-only > /root/fork.txt; sync")
+    assert run(manager.exec(src, ["cat", "/root/fork.txt"])).exit_code != 0
+    with pytest.raises(WrongState, match="forks depend on it"):
+        run(manager.snapshot_delete("s1"))
+    run(manager.delete("s1fork", force=True))
+    run(manager.snapshot_delete("s1"))
+    assert manager.snapshot_list(src) == []
+
+
+def test_sync_zstd_overlapped_snapshot_fork_restores_intact(manager: InstanceManager,
+                                                            src: str) -> None:
+    marks = write_marks(manager, src)
+    record = run(manager.snapshot_create(src, "z1", compression=CompressionPolicy(
+        codec=Codec.ZSTD)))
+    assert record.state_codec is Codec.ZSTD and record.mode == "overlapped"
+    forks = run(manager.snapshot_fork("z1", "zfork", target_state="standby"))
+    assert forks[0].state is InstanceState.STANDBY
+    latest = manager.paths("zfork").standby_dir
+    assert (latest / "machine-state.zst").exists()
+    run(manager.restore("zfork"))
+    assert read_marks(manager, "zfork") == marks
+    run(manager.delete("zfork", force=True))
+    run(manager.snapshot_delete("z1"))
+
+
+def test_injected_copy_failure_waits_for_save_and_leaves_nothing(
+        manager: InstanceManager, src: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    pid = run(manager.get(src)).pid
+
+    def failing_copy(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    monkeypatch.setattr(snapshots_module, "copy_tree", failing_copy)
+    with pytest.raises(LegFailed) as info:
+        run(manager.snapshot_create(src, "bad-copy"))
+    assert info.value.leg == "copy" and "injected" in str(info.value)
+    after = run(manager.get(src))
+    assert after.state is InstanceState.RUNNING and after.pid == pid
+    no_leftovers(manager, src)
+    assert manager.snapshot_list(src) == []
+    assert sh(manager, src, "echo alive") == "alive\n"
+
+
+def test_injected_save_failure_cancels_copy_and_leaves_nothing(
+        manager: InstanceManager, src: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    async def failing_save(*args: object, **kwargs: object) -> None:
+        await asyncio.sleep(0.05)
+        raise MigrationFailed("migration failed: injected")
+
+    monkeypatch.setattr(snapshots_module, "save_state", failing_save)
+    with pytest.raises(LegFailed) as info:
+        run(manager.snapshot_create(src, "bad-save"))
+    assert info.value.leg == "save" and "injected" in str(info.value)
+    assert run(manager.get(src)).state is InstanceState.RUNNING
+    no_leftovers(manager, src)
+    assert manager.snapshot_list(src) == []
+
+
+def test_serial_mode_and_running_source_fork(manager: InstanceManager, src: str) -> None:
+    record = run(manager.snapshot_create(src, "ser", serial=True))
+    assert record.mode == "serial" and "save+copy" in record.phases
+    run(manager.snapshot_delete("ser"))
+    marks = write_marks(manager, src)
+    forks = run(manager.fork(src, "rf", count=2))
+    assert [f.name for f in forks] == ["rf-1", "rf-2"]
+    assert len({f.mac for f in forks}) == 2
+    for f in forks:
+        assert read_marks(manager, f.name) == marks
+        run(manager.delete(f.name, force=True))
+    assert manager.snapshot_list(src) == []  # the fork's own snapshot is gone
+    assert run(manager.get(src)).state is InstanceState.RUNNING
+
+
+def test_stopped_and_standby_sources_and_snapshot_restore(manager: InstanceManager,
+                                                          fresh_name: str) -> None:
+    run(manager.create(fresh_name))
+    try:
+        stopped_fork = run(manager.fork(fresh_name, f"{fresh_name}-c", target_state="stopped"))
+        assert stopped_fork[0].state is InstanceState.STOPPED
+        fork_disk: Path = manager.paths(f"{fresh_name}-c").disk
+        assert fork_disk.stat().st_ino != manager.paths(fresh_name).disk.stat().st_ino
+        run(manager.delete(f"{fresh_name}-c"))
+        run(manager.start(fresh_name))
+        marks = write_marks(manager, fresh_name)
+        run(manager.standby(fresh_name))
+        run(manager.snapshot_create(fresh_name, "sb"))
+        standby_fork = run(manager.fork(fresh_name, f"{fresh_name}-s"))
+        assert read_marks(manager, f"{fresh_name}-s") == marks
+        run(manager.delete(f"{fresh_name}-s", force=True))
+        run(manager.restore(fresh_name))
+        sh(manager, fresh_name, "echo later > /tmp/ram.bin; echo later > /root/disk.bin; sync")
+        with pytest.raises(WrongState, match="stop it"):
+            run(manager.snapshot_restore(fresh_name, "sb"))
+        run(manager.stop(fresh_name))
+        assert run(manager.snapshot_restore(fresh_name, "sb")).state is InstanceState.STANDBY
+        run(manager.restore(fresh_name))
+        assert read_marks(manager, fresh_name) == marks
+        assert standby_fork[0].name == f"{fresh_name}-s"
+    finally:
+        for record in manager.snapshot_list(fresh_name):
+            run(manager.snapshot_delete(record.id))
+        run(manager.delete(fresh_name, force=True))
