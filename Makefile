@@ -7,7 +7,8 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs \
                 e2fsprogs kmod util-linux
 
-.PHONY: demo test deps venv guest lint unit bench-copy bench-standby bench-codec clean
+.PHONY: demo test deps venv guest lint unit bench-copy bench-standby bench-codec \
+        bench-snapshot clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -47,6 +48,9 @@ bench-copy: deps venv
 
 bench-standby: guest
 	$(BIN)/python -m bench.standby_bench
+
+bench-snapshot: guest
+	$(BIN)/python -m bench.snapshot_bench
 
 bench-codec: guest
 	$(BIN)/pip install -q -e '.[bench]'

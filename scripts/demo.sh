@@ -16,7 +16,10 @@ step() {  # step "description" command...
 }
 
 echo "data root: $TORPOR_DATA_ROOT"
-if $TORPOR show "$VM" >/dev/null 2>&1; then $TORPOR delete --force "$VM" >/dev/null; fi
+for leftover in "$VM" "$VM-fork-1" "$VM-fork-2" "$VM-live"; do
+  if $TORPOR show "$leftover" >/dev/null 2>&1; then $TORPOR delete --force "$leftover" >/dev/null; fi
+done
+if $TORPOR snapshot show demo-snap >/dev/null 2>&1; then $TORPOR snapshot delete demo-snap; fi
 step "create a VM of the built-in guest" $TORPOR create "$VM" --memory 512M
 step "boot it (until the guest agent answers)" $TORPOR start "$VM"
 step "run a command in the guest through the agent" \
@@ -30,6 +33,17 @@ step "it is in standby: no QEMU process" $TORPOR list
 step "restore: load the state, resume" $TORPOR restore "$VM"
 step "the guest carried on (same RAM contents, counter kept counting)" \
   $TORPOR exec "$VM" -- sh -c 'md5sum /tmp/ram.bin; echo "counter $(cat /run/counter)"'
+step "snapshot it while it runs (state save and disk copy overlap while paused)" \
+  $TORPOR snapshot create "$VM" --name demo-snap --tag purpose=demo
+step "fork the snapshot into two running copies (new MAC, vmgenid, hostname)" \
+  $TORPOR snapshot fork demo-snap "$VM-fork" --count 2
+step "a fork has the source's RAM contents and its own identity" \
+  $TORPOR exec "$VM-fork-1" -- sh -c 'md5sum /tmp/ram.bin; echo "$(hostname) $(cat /sys/class/net/eth0/address)"'
+step "fork the running VM directly (it keeps running)" $TORPOR fork "$VM" "$VM-live"
+step "all of them" $TORPOR list
+step "clean up the forks and the snapshot" sh -c "$TORPOR delete --force $VM-fork-1 && \
+  $TORPOR delete --force $VM-fork-2 && $TORPOR delete --force $VM-live && \
+  $TORPOR snapshot delete demo-snap"
 step "stop it (graceful power-off)" $TORPOR stop "$VM"
 step "delete it" $TORPOR delete "$VM"
 echo; echo "demo done"

@@ -2,10 +2,13 @@
 with the copy engine, plus a record.
 
 From a running VM the snapshot pauses it and runs the save leg (machine state into the
-instance's snapshots/.latest.partial) and the copy leg (instance directory → payload,
-skipping snapshots/ and run/) at the same time: the paused window is max(save, copy)
-instead of their sum. The source is resumed on every path; a failure leaves no payload and
-no orphaned state directory, and names the leg that failed.
+snapshot's staging directory) and the copy leg (instance directory → payload, skipping
+snapshots/ and run/) at the same time: the paused window is max(save, copy) instead of
+their sum. Neither leg fsyncs inside the pause (the source keeps running, so durability
+is only needed before the snapshot is published); after resuming, the state is moved
+(renamed, not copied again) into the payload and everything is flushed. The source is
+resumed on every path; a failure leaves no payload and no orphaned state directory, and
+names the leg that failed.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from pydantic import BaseModel, Field
 from torpor.codec import Codec
 from torpor.copy import CopyReport, copy_file, copy_tree
 from torpor.errors import AlreadyExists, InvalidArgument, NotFound, WrongState
-from torpor.fsutil import atomic_write_json, fsync_dir, read_json, remove_tree
+from torpor.fsutil import atomic_write_json, fsync_dir, fsync_tree, read_json, remove_tree
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.instances import compression_jobs
 from torpor.instances.context import InstanceContext
@@ -111,24 +114,28 @@ def find_record(data_root: DataRoot, name_or_id: str, source_id: str | None = No
 
 # --- create ---------------------------------------------------------------------------------
 
-async def _copy_leg(ctx: InstanceContext, payload: Path, skip: tuple[str, ...]) -> CopyReport:
+async def copy_leg(ctx: InstanceContext, payload: Path) -> CopyReport:
+    """Instance directory → payload, without its runtime and snapshot subtrees. No fsync:
+    the snapshot is flushed after the source resumes, before it is published."""
+    skip = (*ALWAYS_SKIP, "snapshots")
     return await in_thread(lambda stop: copy_tree(ctx.paths.root, payload, skip=skip,
-                                                  fsync=True, cancel=stop))
+                                                  cancel=stop))
 
 
-async def _save_leg(mon: Monitor, ctx: InstanceContext, record: RuntimeRecord,
-                    policy: CompressionPolicy) -> Manifest:
-    partial = ctx.paths.standby_partial_dir
-    partial.mkdir(parents=True)
-    state = await save_state(mon, partial, policy.codec, policy.effective_level())
+async def save_leg(mon: Monitor, record: RuntimeRecord, directory: Path,
+                   policy: CompressionPolicy) -> Manifest:
+    """The paused VM's machine state into `directory` (created here), not yet flushed."""
+    directory.mkdir(parents=True)
+    state = await save_state(mon, directory, policy.codec, policy.effective_level(),
+                             fsync=False)
     return build_manifest(record.vm_config, state, await mon.version())
 
 
-async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, payload: Path,
+async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging: SnapshotPaths,
                             serial: bool, policy: CompressionPolicy, op: OperationRecorder
                             ) -> tuple[Manifest, CopyReport]:
     """The paused window of a running-source snapshot: pause, both legs, resume."""
-    skip = (*ALWAYS_SKIP, "snapshots")
+    state_dir = _state_staging(staging)
     async with Monitor.connect(ctx.paths.qmp_socket) as mon:
         await prepare_outgoing(mon)
         was_running = await mon.status() == "running"
@@ -137,11 +144,12 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, payload
         try:
             with op.phase("save+copy" if serial else "legs"):
                 if serial:
-                    manifest = await _save_leg(mon, ctx, record, policy)
-                    report = await _copy_leg(ctx, payload, skip)
+                    manifest = await save_leg(mon, record, state_dir, policy)
+                    report = await copy_leg(ctx, staging.payload)
                 else:
-                    manifest, report = await run_legs(_save_leg(mon, ctx, record, policy),
-                                                      _copy_leg(ctx, payload, skip))
+                    manifest, report = await run_legs(
+                        save_leg(mon, record, state_dir, policy),
+                        copy_leg(ctx, staging.payload))
         except BaseException:
             if was_running:  # resumed on every path; the leg's error is the one reported
                 with contextlib.suppress(QmpError):
@@ -152,6 +160,23 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, payload
         if was_running:
             await mon.resume()
     return manifest, report
+
+
+def _state_staging(staging: SnapshotPaths) -> Path:
+    """Where the save leg writes: beside the payload, so the copy leg (which builds the
+    payload and renames it into place) never sees it; moved into the payload afterwards."""
+    return staging.root / "state"
+
+
+def _finish_running_snapshot(staging: SnapshotPaths, manifest: Manifest) -> None:
+    """After the source resumed: move the state into the payload (a rename, not a second
+    pass), flush everything, and checksum the state."""
+    state_dir = staging.payload_instance().standby_dir
+    state_dir.parent.mkdir(parents=True, exist_ok=True)
+    _state_staging(staging).rename(state_dir)
+    fsync_tree(staging.root)
+    manifest.state = finalize_checksum(state_dir, manifest.state)
+    manifest.save(state_dir)
 
 
 async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
@@ -170,24 +195,17 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
     if state is InstanceState.CRASHED:
         raise WrongState(f"instance {ctx.name} is crashed: stop it (or start it) first")
     snapshot_id = secrets.token_hex(6)
-    staging = data_root.snapshots_dir / f".creating-{snapshot_id}"
-    staging_paths = SnapshotPaths(staging)
+    staging = SnapshotPaths(data_root.snapshots_dir / f".creating-{snapshot_id}")
     op = OperationRecorder("snapshot", ctx.name)
     try:
-        staging.mkdir(parents=True)
+        staging.root.mkdir(parents=True)
         if state in (InstanceState.RUNNING, InstanceState.PAUSED):
             assert record is not None
             kind: SnapshotKind = "running"
             mode: Literal["overlapped", "serial", "copy"] = "serial" if serial else "overlapped"
-            manifest, report = await _overlapped_pause(ctx, record, staging_paths.payload,
-                                                       serial, policy, op)
-            with op.phase("state-copy"):  # outside the pause: the files are final
-                state_dir = staging_paths.payload_instance().standby_dir
-                state_dir.parent.mkdir(parents=True, exist_ok=True)
-                await asyncio.to_thread(copy_tree, ctx.paths.standby_partial_dir, state_dir,
-                                        fsync=True)
-                manifest.state = finalize_checksum(state_dir, manifest.state)
-                manifest.save(state_dir)
+            manifest, report = await _overlapped_pause(ctx, record, staging, serial, policy, op)
+            with op.phase("flush"):  # outside the pause: durability before publishing
+                await asyncio.to_thread(_finish_running_snapshot, staging, manifest)
         else:
             if state is InstanceState.STANDBY:
                 # A reader of the standby state: stop its background job first.
@@ -196,18 +214,17 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             mode = "copy"
             skip = ALWAYS_SKIP if kind == "standby" else (*ALWAYS_SKIP, "snapshots")
             with op.phase("copy"):
-                report = await _copy_leg(ctx, staging_paths.payload, skip)
-        snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging_paths, op)
-        atomic_write_json(staging_paths.record, snap.model_dump(mode="json"))
+                report = await in_thread(lambda stop: copy_tree(
+                    ctx.paths.root, staging.payload, skip=skip, fsync=True, cancel=stop))
+        snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging, op)
+        atomic_write_json(staging.record, snap.model_dump(mode="json"))
         final = data_root.snapshot(snapshot_id).root
-        staging.rename(final)  # the snapshot appears whole or not at all
+        staging.root.rename(final)  # the snapshot appears whole or not at all
         fsync_dir(final.parent)
     except BaseException as exc:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(staging.root, ignore_errors=True)
         op.record(ctx.paths, exc)
         raise
-    finally:
-        remove_tree(ctx.paths.standby_partial_dir)  # never orphaned
     op.record(ctx.paths)
     return snap
 

@@ -77,9 +77,11 @@ async def _reap(proc: asyncio.subprocess.Process) -> str | None:
 
 
 async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
-                     progress: Progress | None = None) -> StateFile:
+                     progress: Progress | None = None, *, fsync: bool = True) -> StateFile:
     """Migrate the paused VM's state (after prepare_outgoing) into
-    directory/machine-state[.ext], fsynced. The checksum is left to finalize_checksum."""
+    directory/machine-state[.ext]. The checksum is left to finalize_checksum. fsync=False
+    leaves flushing to the caller (a snapshot of a VM that keeps running flushes after
+    resuming it; a standby must flush before QEMU quits)."""
     state = StateFile(codec=codec, level=level)
     with open(directory / state.stored_name(), "xb") as out:  # noqa: ASYNC230 - instant
         if codec is Codec.NONE:
@@ -88,7 +90,8 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
             await wait_migration(mon, progress)
         else:
             await _save_through_compressor(mon, out, codec, level, progress)
-        await asyncio.to_thread(os.fsync, out.fileno())
+        if fsync:
+            await asyncio.to_thread(os.fsync, out.fileno())
         state.stored_bytes = os.fstat(out.fileno()).st_size
     if codec is Codec.NONE:
         state.raw_bytes = state.stored_bytes
