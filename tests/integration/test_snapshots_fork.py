@@ -64,30 +64,46 @@ def no_leftovers(manager: InstanceManager, name: str) -> None:
 def test_running_snapshot_then_fork_sees_data_as_of_the_pause(manager: InstanceManager,
                                                               src: str) -> None:
     marks = write_marks(manager, src)
-    pid = run(manager.get(src)).pid
-    record = run(manager.snapshot_create(src, "s1", {"purpose": "test"}))
-    assert (record.kind, record.mode, record.tags) == ("running", "overlapped",
-                                                      {"purpose": "test"})
-    assert record.phases["paused_window"] > 0 and "legs" in record.phases
-    after = run(manager.get(src))
-    assert after.state is InstanceState.RUNNING and after.pid == pid  # the source kept running
-    no_leftovers(manager, src)
-    sh(manager, src, "echo changed >> /tmp/ram.bin; echo changed >> /root/disk.bin")
-    forks = run(manager.snapshot_fork("s1", "s1fork"))
-    assert [f.state for f in forks] == [InstanceState.RUNNING]
-    assert read_marks(manager, "s1fork") == marks  # as of the pause, not as of now
-    src_id, fork_id = identity(manager, src), identity(manager, "s1fork")
-    assert src_id[0] != fork_id[0]  # vmgenid
-    assert src_id[1] != fork_id[1] and fork_id[1] == fork_id[2] == forks[0].mac
-    assert sh(manager, "s1fork", "hostname").strip() == "s1fork"
-    # The fork shares nothing writable: its writes do not reach the source.
-    sh(manager, "s1fork", "echo fork-only > /root/fork.txt; sync")
-    assert run(manager.exec(src, ["cat", "/root/fork.txt"])).exit_code != 0
-    with pytest.raises(WrongState, match="forks depend on it"):
+    # Keep the guest writing to its disk (and RAM: the counter) while it is snapshotted.
+    sh(manager, src, "(while :; do cat /run/counter >> /root/log; sync; done)"
+                     " >/dev/null 2>&1 &")
+    try:
+        before = sh(manager, src, "cat /root/log").split()
+        pid = run(manager.get(src)).pid
+        record = run(manager.snapshot_create(src, "s1", {"purpose": "test"}))
+        assert (record.kind, record.mode, record.tags) == ("running", "overlapped",
+                                                          {"purpose": "test"})
+        assert record.phases["paused_window"] > 0 and "legs" in record.phases
+        after = run(manager.get(src))
+        assert after.state is InstanceState.RUNNING and after.pid == pid  # source kept running
+        no_leftovers(manager, src)
+        sh(manager, src, "echo changed >> /tmp/ram.bin; echo changed >> /root/disk.bin")
+        forks = run(manager.snapshot_fork("s1", "s1fork"))
+        assert [f.state for f in forks] == [InstanceState.RUNNING]
+        assert read_marks(manager, "s1fork") == marks  # as of the pause, not as of now
+        # The disk was copied mid-write: the fork's log is readable, holds everything the
+        # source had written before the snapshot, and is a monotonic counter record.
+        fork_log = [int(v) for v in sh(manager, "s1fork", "cat /root/log").split()]
+        assert fork_log[: len(before)] == [int(v) for v in before]
+        assert fork_log == sorted(fork_log)
+        src_id, fork_id = identity(manager, src), identity(manager, "s1fork")
+        assert src_id[0] != fork_id[0]  # vmgenid
+        assert src_id[1] != fork_id[1] and fork_id[1] == fork_id[2] == forks[0].mac
+        assert sh(manager, "s1fork", "hostname").strip() == "s1fork"
+        # The fork shares nothing writable: its writes do not reach the source.
+        sh(manager, "s1fork", "echo fork-only > /root/fork.txt; sync")
+        assert run(manager.exec(src, ["cat", "/root/fork.txt"])).exit_code != 0
+        with pytest.raises(WrongState, match="forks depend on it"):
+            run(manager.snapshot_delete("s1"))
+        run(manager.delete("s1fork", force=True))
         run(manager.snapshot_delete("s1"))
-    run(manager.delete("s1fork", force=True))
-    run(manager.snapshot_delete("s1"))
-    assert manager.snapshot_list(src) == []
+        assert manager.snapshot_list(src) == []
+    finally:
+        sh(manager, src, "pkill -f 'cat /run/counter' || true")
+        if "s1fork" in [i.name for i in run(manager.list_all())]:
+            run(manager.delete("s1fork", force=True))
+        for leftover in manager.snapshot_list(src):
+            run(manager.snapshot_delete(leftover.id))
 
 
 def test_sync_zstd_overlapped_snapshot_fork_restores_intact(manager: InstanceManager,
