@@ -61,6 +61,13 @@ def shared_vm(manager: InstanceManager) -> Iterator[str]:
     yield from booted(manager, "shared")
 
 
+def sh(manager: InstanceManager, name: str, script: str) -> str:
+    """Run a shell script in the guest; it must succeed; its stdout."""
+    result = run(manager.exec(name, ["sh", "-c", script]))
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.decode()
+
+
 _counter = iter(range(10_000))
 
 

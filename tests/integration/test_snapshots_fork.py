@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import booted, run
+from tests.conftest import booted, run, sh
 from torpor.codec import Codec
 from torpor.errors import WrongState
 from torpor.hypervisor.qmp import Monitor
@@ -25,12 +25,6 @@ pytestmark = pytest.mark.qemu
 @pytest.fixture(scope="module")
 def src(manager: InstanceManager) -> Iterator[str]:
     yield from booted(manager, "snapsrc")
-
-
-def sh(manager: InstanceManager, name: str, script: str) -> str:
-    result = run(manager.exec(name, ["sh", "-c", script]))
-    assert result.exit_code == 0, result.stderr
-    return result.stdout.decode()
 
 
 def write_marks(manager: InstanceManager, name: str) -> str:

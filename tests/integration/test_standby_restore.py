@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import booted, run, torpor_cli
+from tests.conftest import booted, run, sh, torpor_cli
 from torpor.codec import Codec
 from torpor.errors import IntegrityError, OperationFailed
 from torpor.images.builtin import GuestImage
@@ -29,12 +29,6 @@ pytestmark = pytest.mark.qemu
 def vm(manager: InstanceManager) -> Iterator[str]:
     """One guest for the module: standby/restore cycles leave it running."""
     yield from booted(manager, "sr")
-
-
-def sh(manager: InstanceManager, name: str, script: str) -> str:
-    result = run(manager.exec(name, ["sh", "-c", script]))
-    assert result.exit_code == 0, result.stderr
-    return result.stdout.decode()
 
 
 def fill_guest(manager: InstanceManager, name: str, ram_mib: int = 24) -> dict[str, str]:
