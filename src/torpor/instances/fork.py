@@ -9,25 +9,34 @@ agent, since the loaded device state still carries the source's MAC).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from torpor.copy import copy_tree
-from torpor.errors import AlreadyExists, OperationFailed
-from torpor.fsutil import fsync_dir
+from torpor.errors import AlreadyExists, InvalidArgument, OperationFailed, WrongState
+from torpor.fsutil import fsync_dir, remove_tree
 from torpor.guest.agent import GuestAgent
+from torpor.instances import compression_jobs, snapshots
+from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
     InstanceMetadata,
+    InstanceState,
     new_instance_id,
     new_mac,
     new_vmgenid,
     utc_now,
     validate_name,
 )
+from torpor.instances.runtime import derive_state
 from torpor.paths import DataRoot, InstancePaths
+
+if TYPE_CHECKING:  # the manager calls in here; only the type is needed back
+    from torpor.instances.manager import InstanceInfo, InstanceManager
+    from torpor.instances.snapshots import SnapshotRecord
 
 TargetState = Literal["running", "standby", "stopped"]
 # Copied from a payload or source: everything but the runtime and the source's logs.
@@ -86,3 +95,85 @@ async def apply_guest_identity(paths: InstancePaths, meta: InstanceMetadata) -> 
     if result.exit_code != 0:
         raise OperationFailed(f"setting the identity of fork {meta.name} failed: "
                               f"{result.stderr.decode(errors='replace').strip()}")
+
+
+# --- orchestration --------------------------------------------------------------------------
+
+async def from_snapshot(mgr: InstanceManager, record: SnapshotRecord, new_name: str, *,
+                        count: int, target_state: TargetState) -> list[InstanceInfo]:
+    has_state = record.kind != "stopped"
+    names = _check(mgr, new_name, count, target_state, has_state)
+    payload = mgr.data_root.snapshot(record.id).payload
+    created = await _materialise_all(mgr, payload, names, record.id, has_state)
+    return await _bring_up(mgr, created, has_state, target_state)
+
+
+async def from_instance(mgr: InstanceManager, source: str, new_name: str, *, count: int,
+                        target_state: TargetState) -> list[InstanceInfo]:
+    async with mgr.locked(source) as ctx:
+        state, _ = await derive_state(ctx.paths)
+        if state is InstanceState.CRASHED:
+            raise WrongState(f"instance {source} is crashed: stop or start it first")
+        has_state = state is not InstanceState.STOPPED
+        names = _check(mgr, new_name, count, target_state, has_state)
+        if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+            # A temporary overlapped snapshot: the source pauses only for it.
+            temp = await snapshots.create(ctx, f"fork-{secrets.token_hex(4)}", {})
+            try:
+                created = await _materialise_all(
+                    mgr, mgr.data_root.snapshot(temp.id).payload, names, None, True)
+            finally:
+                remove_tree(mgr.data_root.snapshot(temp.id).root)
+        else:
+            if has_state:  # a reader of the standby state: stop its background job first
+                await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+            created = await _materialise_all(mgr, ctx.paths.root, names, None, has_state)
+    return await _bring_up(mgr, created, has_state, target_state)
+
+
+def _check(mgr: InstanceManager, new_name: str, count: int, target_state: TargetState,
+           has_state: bool) -> list[str]:
+    names = fork_names(new_name, count)
+    if target_state == "standby" and not has_state:
+        raise InvalidArgument("a stopped source has no machine state: fork it to "
+                              "--target-state running or stopped")
+    taken = mgr.instance_names() & set(names)
+    if taken:
+        raise AlreadyExists(f"instance names already taken: {', '.join(sorted(taken))}")
+    return names
+
+
+async def _materialise_all(mgr: InstanceManager, source_dir: Path, names: list[str],
+                           origin: str | None, keep_state: bool) -> list[InstanceMetadata]:
+    created: list[InstanceMetadata] = []
+    async with file_lock(mgr.data_root.registry_lock, what="the instance registry"):
+        existing = mgr.instance_names()
+        for name in names:
+            created.append(await asyncio.to_thread(
+                materialise, mgr.data_root, source_dir, name, existing, origin, keep_state))
+    return created
+
+
+async def _bring_up(mgr: InstanceManager, forks: list[InstanceMetadata], has_state: bool,
+                    target_state: TargetState) -> list[InstanceInfo]:
+    """Each fork to its target state, in parallel; a fork that fails is deleted."""
+    async def one(meta: InstanceMetadata) -> InstanceInfo:
+        paths = mgr.data_root.instance(meta.id)
+        if target_state == "stopped" and has_state:
+            remove_tree(paths.standby_dir)
+        elif target_state == "running":
+            if has_state:
+                await mgr.restore(meta.name)
+            else:
+                await mgr.start(meta.name)
+            await apply_guest_identity(paths, meta)
+        return await mgr.get(meta.name)
+
+    results = await asyncio.gather(*(one(m) for m in forks), return_exceptions=True)
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        for meta, result in zip(forks, results, strict=True):
+            if isinstance(result, BaseException):
+                await mgr.delete(meta.name, force=True)  # no half-made fork left
+        raise failures[0]
+    return [r for r in results if not isinstance(r, BaseException)]

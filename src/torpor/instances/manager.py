@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import secrets
 import shutil
 import subprocess
 from collections.abc import AsyncIterator
@@ -23,11 +22,12 @@ from torpor.hypervisor.accel import AccelChoice
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
 from torpor.instances import compression_jobs, lifecycle, snapshots
+from torpor.instances import fork as fork_op
 from torpor.instances import restore as restore_op
 from torpor.instances import standby as standby_op
 from torpor.instances.compression_jobs import CompressionStatus
 from torpor.instances.context import InstanceContext, Settings
-from torpor.instances.fork import TargetState, apply_guest_identity, fork_names, materialise
+from torpor.instances.fork import TargetState
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
     CompressionPolicy,
@@ -89,6 +89,9 @@ class InstanceManager:
             with contextlib.suppress(FileNotFoundError, ValueError):
                 found.append(InstanceMetadata.load(self.data_root.instance(entry.name).metadata))
         return found
+
+    def instance_names(self) -> set[str]:
+        return {m.name for m in self._all_metadata()}
 
     def _find(self, name_or_id: str) -> InstanceMetadata:
         for meta in self._all_metadata():
@@ -318,80 +321,15 @@ class InstanceManager:
     async def snapshot_fork(self, snapshot: str, new_name: str, *, count: int = 1,
                             target_state: TargetState = "running",
                             source: str | None = None) -> list[InstanceInfo]:
-        record = self.snapshot_get(snapshot, source)
-        has_state = record.kind != "stopped"
-        names = self._check_fork(new_name, count, target_state, has_state)
-        payload = self.data_root.snapshot(record.id).payload
-        created = await self._materialise(payload, names, record.id, has_state)
-        return await self._bring_up(created, has_state, target_state)
+        return await fork_op.from_snapshot(self, self.snapshot_get(snapshot, source), new_name,
+                                           count=count, target_state=target_state)
 
     async def fork(self, source: str, new_name: str, *, count: int = 1,
                    target_state: TargetState = "running") -> list[InstanceInfo]:
         """Fork a running, standby or stopped instance into `count` copies. A running
         source is snapshotted (overlapped) and keeps running."""
-        async with self.locked(source) as ctx:
-            state, _ = await derive_state(ctx.paths)
-            if state is InstanceState.CRASHED:
-                raise WrongState(f"instance {source} is crashed: stop or start it first")
-            has_state = state is not InstanceState.STOPPED
-            names = self._check_fork(new_name, count, target_state, has_state)
-            if state in (InstanceState.RUNNING, InstanceState.PAUSED):
-                temp = await snapshots.create(ctx, f"fork-{secrets.token_hex(4)}", {})
-                try:
-                    created = await self._materialise(
-                        self.data_root.snapshot(temp.id).payload, names, None, True)
-                finally:
-                    remove_tree(self.data_root.snapshot(temp.id).root)
-            else:
-                if has_state:
-                    await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
-                created = await self._materialise(ctx.paths.root, names, None, has_state)
-        return await self._bring_up(created, has_state, target_state)
-
-    def _check_fork(self, new_name: str, count: int, target_state: TargetState,
-                    has_state: bool) -> list[str]:
-        names = fork_names(new_name, count)
-        if target_state == "standby" and not has_state:
-            raise InvalidArgument("a stopped source has no machine state: fork it to "
-                                  "--target-state running or stopped")
-        taken = {m.name for m in self._all_metadata()} & set(names)
-        if taken:
-            raise AlreadyExists(f"instance names already taken: {', '.join(sorted(taken))}")
-        return names
-
-    async def _materialise(self, source_dir: Path, names: list[str],
-                           origin: str | None, keep_state: bool) -> list[InstanceMetadata]:
-        created: list[InstanceMetadata] = []
-        async with file_lock(self.data_root.registry_lock, what="the instance registry"):
-            existing = {m.name for m in self._all_metadata()}
-            for name in names:
-                created.append(await asyncio.to_thread(
-                    materialise, self.data_root, source_dir, name, existing, origin,
-                    keep_state))
-        return created
-
-    async def _bring_up(self, forks: list[InstanceMetadata], has_state: bool,
-                        target_state: TargetState) -> list[InstanceInfo]:
-        async def one(meta: InstanceMetadata) -> InstanceInfo:
-            paths = self.data_root.instance(meta.id)
-            if target_state == "stopped" and has_state:
-                remove_tree(paths.standby_dir)
-            elif target_state == "running":
-                if has_state:
-                    await self.restore(meta.name)
-                else:
-                    await self.start(meta.name)
-                await apply_guest_identity(paths, meta)
-            return await self.get(meta.name)
-
-        results = await asyncio.gather(*(one(m) for m in forks), return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            for meta, result in zip(forks, results, strict=True):
-                if isinstance(result, BaseException):
-                    await self.delete(meta.name, force=True)  # no half-made fork left
-            raise failures[0]
-        return [r for r in results if isinstance(r, InstanceInfo)]
+        return await fork_op.from_instance(self, source, new_name, count=count,
+                                           target_state=target_state)
 
     # --- guest access -----------------------------------------------------------------
 
