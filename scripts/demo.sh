@@ -16,6 +16,31 @@ step() {  # step "description" command...
 }
 
 echo "data root: $TORPOR_DATA_ROOT"
+SOCKET=$TORPOR_DATA_ROOT/torpord.sock
+DAEMON_PID=
+stop_daemon() {
+  if [ -n "$DAEMON_PID" ]; then
+    kill -TERM "$DAEMON_PID" 2>/dev/null || true
+    wait "$DAEMON_PID" 2>/dev/null || true
+    echo "daemon stopped"
+  fi
+}
+trap stop_daemon EXIT
+if $TORPOR --local list >/dev/null 2>&1 && [ -S "$SOCKET" ] && \
+    curl -sf --unix-socket "$SOCKET" http://torpord/healthz >/dev/null 2>&1; then
+  echo "a torpord already serves this data root: the demo uses it"
+else
+  printf '\n\033[1m== start torpord, the API daemon (the CLI below talks to it)\033[0m\n'
+  echo "\$ $TORPOR serve &"
+  $TORPOR serve 2>"${TMPDIR:-/tmp}/torpord-demo.log" &
+  DAEMON_PID=$!
+  for _ in $(seq 300); do
+    curl -sf --unix-socket "$SOCKET" http://torpord/healthz >/dev/null 2>&1 && break
+    kill -0 "$DAEMON_PID" 2>/dev/null || { cat "${TMPDIR:-/tmp}/torpord-demo.log"; exit 1; }
+    sleep 0.1
+  done
+  echo "   listening on unix:$SOCKET (token in $TORPOR_DATA_ROOT/api-token)"
+fi
 for leftover in "$VM" "$VM-fork-1" "$VM-fork-2" "$VM-live"; do
   if $TORPOR show "$leftover" >/dev/null 2>&1; then $TORPOR delete --force "$leftover" >/dev/null; fi
 done
@@ -44,6 +69,11 @@ step "all of them" $TORPOR list
 step "clean up the forks and the snapshot" sh -c "$TORPOR delete --force $VM-fork-1 && \
   $TORPOR delete --force $VM-fork-2 && $TORPOR delete --force $VM-live && \
   $TORPOR snapshot delete demo-snap"
+step "the daemon's record of those operations, with their progress" \
+  $TORPOR operations --instance "$VM"
+step "its Prometheus metrics (curl on the socket, bearer token)" sh -c "curl -s \
+  --unix-socket $SOCKET -H \"Authorization: Bearer \$(cat $TORPOR_DATA_ROOT/api-token)\" \
+  http://torpord/metrics | grep -E '^torpor_(operations_total|paused_window_seconds_count)'"
 step "stop it (graceful power-off)" $TORPOR stop "$VM"
 step "delete it" $TORPOR delete "$VM"
 echo; echo "demo done"

@@ -68,3 +68,19 @@ def remove_tree(path: Path) -> None:
     os.replace(path, doomed)
     fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def allocated_bytes(root: Path, skip: tuple[str, ...] = ()) -> int:
+    """Bytes a file or tree really occupies (sparse files count their data only): what a
+    sparse copy has to move. `skip` names top-level entries of a directory to leave out."""
+    try:
+        if not root.is_dir():
+            return root.stat().st_blocks * 512
+    except FileNotFoundError:
+        return 0
+    total = 0
+    for entry in root.iterdir():
+        if entry.name in skip or entry.is_symlink():
+            continue
+        total += allocated_bytes(entry)
+    return total

@@ -16,6 +16,8 @@
       images/<name>/             boot files (kernel, initrd) instances reference; read-only
       cache/                     probe results (accelerator)
       tmp/                       staging for instance creation
+      torpord.sock               the daemon's default socket (0600)
+      api-token                  the daemon's bearer token (0600)
 """
 
 from __future__ import annotations
@@ -189,6 +191,16 @@ class DataRoot:
     @property
     def accel_cache(self) -> Path:
         return self.cache_dir / "accel.json"
+
+    @property
+    def api_socket(self) -> Path:
+        """The daemon's default listening socket for this data root."""
+        return self.root / "torpord.sock"
+
+    @property
+    def api_token(self) -> Path:
+        """The daemon's bearer token (0600), created on its first start."""
+        return self.root / "api-token"
 
     def instance(self, instance_id: str) -> InstancePaths:
         return InstancePaths(self.instances_dir / instance_id)

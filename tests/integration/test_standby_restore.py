@@ -19,6 +19,7 @@ from torpor.images.builtin import GuestImage
 from torpor.instances import InstanceManager, InstanceState
 from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
+from torpor.instances.observe import OperationObserver, Progress, observing
 from torpor.instances.runtime import load_runtime
 from torpor.snapshot.manifest import Manifest
 
@@ -156,13 +157,22 @@ def test_qemu_killed_mid_save_leaves_crashed_vm_with_intact_disk(
            " dd if=/dev/urandom of=/tmp/fill bs=1M count=200 2>/dev/null")
         killed = []
 
-        def kill_qemu(_: int) -> None:
-            if not killed and info.pid:
-                os.kill(info.pid, signal.SIGKILL)
-                killed.append(True)
+        class KillOnFirstBytes(OperationObserver):
+            """The save's first progress report kills QEMU: a crash mid-save."""
+
+            def counter(self, stage: str, total: int | None = None) -> Progress:
+                def kill_qemu(_: int) -> None:
+                    if stage == "save" and not killed and info.pid:
+                        os.kill(info.pid, signal.SIGKILL)
+                        killed.append(True)
+                return kill_qemu
+
+        async def standby_killed() -> None:
+            with observing(KillOnFirstBytes()):
+                await manager.standby(fresh_name, CompressionPolicy())
 
         with pytest.raises(OperationFailed, match="QEMU died during the save"):
-            run(manager.standby(fresh_name, CompressionPolicy(), progress=kill_qemu))
+            run(standby_killed())
         assert killed
         paths = manager.paths(fresh_name)
         assert run(manager.get(fresh_name)).state is InstanceState.CRASHED

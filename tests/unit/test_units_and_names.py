@@ -39,7 +39,7 @@ def test_valid_names(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", ["", "A", "-a", "a-", "a_b", "a.b", "x" * 64, "../x", "a/b",
-                                  "é"])
+                                  "é", "vm\n", "vm\n1"])
 def test_invalid_names(name: str) -> None:
     with pytest.raises(InvalidArgument):
         validate_name(name)
@@ -52,6 +52,7 @@ def test_any_accepted_name_is_one_safe_path_component(name: str) -> None:
     except InvalidArgument:
         return
     assert "/" not in name and name not in (".", "..") and len(name) <= 63
+    assert name.isascii() and name.isprintable()
 
 
 def test_ids_and_macs_are_unique_and_well_formed() -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import sys
 import time
 from collections.abc import Coroutine
@@ -13,24 +12,26 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
+from torpor.api.client import RemoteManager
+from torpor.api.server import daemon_listening
 from torpor.cli.output import (
     console,
     err_console,
     instance_details,
     instances_table,
+    operations_table,
     phases_line,
     print_json,
     snapshots_table,
 )
+from torpor.cli.progress import with_progress
 from torpor.codec import parse_codec
-from torpor.errors import InvalidArgument, TorporError
-from torpor.hypervisor.accel import AccelChoice
+from torpor.config import Config, load_config, parse_listen
+from torpor.errors import InvalidArgument, TorporError, Unsupported
 from torpor.instances import InstanceInfo, InstanceManager
-from torpor.instances.context import Settings
 from torpor.instances.fork import TargetState
 from torpor.instances.metadata import CompressionPolicy
-from torpor.instances.snapshots import parse_tags
-from torpor.paths import resolve_data_root
+from torpor.instances.snapshots import SnapshotRecord, parse_tags
 from torpor.units import parse_duration, parse_size
 
 T = TypeVar("T")
@@ -53,46 +54,108 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
     return asyncio.run(coro)
 
 
-def settings_from_env(accel: AccelChoice) -> Settings:
-    """Settings from the environment (a config file comes with the daemon)."""
-    jobs = os.environ.get("TORPOR_COMPRESSION_JOBS")
-    rate = os.environ.get("TORPOR_COMPRESSION_RATE_LIMIT")
-    if jobs is not None and (not jobs.isdigit() or int(jobs) < 1):
-        raise InvalidArgument(f"TORPOR_COMPRESSION_JOBS must be a positive number, not {jobs!r}")
-    return Settings(accel=accel,
-                    compression_jobs=int(jobs) if jobs else Settings().compression_jobs,
-                    compression_rate_limit=parse_size(rate) if rate else None)
+def config(ctx: typer.Context) -> Config:
+    obj: dict[str, Any] = ctx.ensure_object(dict)
+    if "config" not in obj:
+        obj["config"] = load_config(obj["config_file"], overrides={
+            "data_root": obj["data_root"], "accel": obj["accel"]})
+    result: Config = obj["config"]
+    return result
 
 
-def manager(ctx: typer.Context) -> InstanceManager:
+Backend = InstanceManager | RemoteManager
+
+
+def manager(ctx: typer.Context) -> Backend:
+    """The daemon's client when one listens for this data root (unless --local); else
+    the library in-process."""
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "manager" not in obj:
-        mgr = InstanceManager(obj["data_root"], settings_from_env(obj["accel"]))
-        # A manager starting up re-queues background jobs a restart or a kill orphaned.
-        for line in mgr.recover_jobs():
-            err_console.print(f"compression: {line}")
-        obj["manager"] = mgr
-    result: InstanceManager = obj["manager"]
-    return result
+        cfg = config(ctx)
+        backend: Backend
+        if not obj["local"] and daemon_listening(cfg.listen_address):
+            try:
+                token = cfg.token_path.read_text().strip()
+            except OSError as exc:
+                raise InvalidArgument(f"a daemon listens on {cfg.listen_address} but its "
+                                      f"token {cfg.token_path} is unreadable ({exc.strerror});"
+                                      " use --local to work without it") from None
+            backend = RemoteManager(cfg.listen_address, token)
+        else:
+            mgr = InstanceManager(cfg.root.root, cfg.settings())
+            # A manager starting up re-queues background jobs a restart or a kill orphaned.
+            for line in mgr.recover_jobs():
+                err_console.print(f"compression: {line}")
+            backend = mgr
+        obj["manager"] = backend
+    found: Backend = obj["manager"]
+    return found
 
 
 @app.callback()
 def main_options(
     ctx: typer.Context,
     data_root: Annotated[Path | None, typer.Option(
-        "--data-root", help="Data root (default $TORPOR_DATA_ROOT or /var/lib/torpor).",
+        "--data-root", help="Data root (default: config, $TORPOR_DATA_ROOT, /var/lib/torpor).",
         show_default=False)] = None,
-    accel: Annotated[str, typer.Option(
+    accel: Annotated[str | None, typer.Option(
         help="Accelerator: auto (probe KVM, fall back to TCG), kvm or tcg.",
-        envvar="TORPOR_ACCEL")] = "auto",
+        show_default=False)] = None,
+    config_file: Annotated[Path | None, typer.Option(
+        "--config", help="Config file (TOML; default $TORPOR_CONFIG or "
+        "/etc/torpor/torpor.toml).", show_default=False)] = None,
+    local: Annotated[bool, typer.Option(
+        "--local", help="Use the library in-process even if a daemon is running.")] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each phase.")] = False,
 ) -> None:
-    if accel not in ("auto", "kvm", "tcg"):
+    if accel not in (None, "auto", "kvm", "tcg"):
         raise typer.BadParameter("must be auto, kvm or tcg", param_hint="--accel")
-    accel_choice: AccelChoice = accel  # type: ignore[assignment]
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
-    ctx.ensure_object(dict).update(data_root=resolve_data_root(data_root), accel=accel_choice)
+    ctx.ensure_object(dict).update(data_root=data_root, accel=accel, config_file=config_file,
+                                   local=local)
+
+
+@app.command()
+def serve(ctx: typer.Context,
+          listen: Annotated[str | None, typer.Option(
+              help="unix:PATH or HOST:PORT (default: unix:<data-root>/torpord.sock).",
+              show_default=False)] = None) -> None:
+    """Run torpord, the daemon serving the REST API for the data root."""
+    from torpor.api.server import serve as run_server
+
+    cfg = config(ctx)
+    if listen is not None:
+        parse_listen(listen)  # a bad address is an error before anything starts
+        cfg = cfg.model_copy(update={"listen": listen})
+    logging.getLogger("torpor").setLevel(logging.INFO)
+    run_server(cfg)
+
+
+@app.command()
+def operations(ctx: typer.Context,
+               instance: Annotated[str | None, typer.Option(
+                   help="Only this instance's operations.", show_default=False)] = None,
+               json_out: JsonOpt = False) -> None:
+    """List the daemon's recent operations, with their progress and phases."""
+    backend = manager(ctx)
+    if not isinstance(backend, RemoteManager):
+        raise Unsupported("operations are tracked by the daemon: start `torpor serve` first")
+    ops = run(backend.operations(instance))
+    if json_out:
+        print_json(ops)
+    elif not ops:
+        console.print("no operations")
+    else:
+        console.print(operations_table(ops))
+
+
+@app.command("openapi")
+def openapi_cmd() -> None:
+    """Print the API's OpenAPI document (what `openapi.json` in the repository holds)."""
+    from torpor.api.app import openapi_document
+
+    sys.stdout.write(openapi_document() + "\n")
 
 
 @app.command()
@@ -181,14 +244,16 @@ def standby(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
             json_out: JsonOpt = False) -> None:
     """Save the VM's machine state and stop QEMU: its host memory is released."""
     policy = compression_policy(compress, level, background, delay)
-    info = run(manager(ctx).standby(name, policy))
+    backend = manager(ctx)
+    info = run(with_progress(backend, "standby", lambda: backend.standby(name, policy)))
     report_operation(info, json_out)
 
 
 @app.command()
 def restore(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
     """Bring a VM in standby back, exactly where it was."""
-    info = run(manager(ctx).restore(name))
+    backend = manager(ctx)
+    info = run(with_progress(backend, "restore", lambda: backend.restore(name)))
     report_operation(info, json_out)
 
 
@@ -271,7 +336,7 @@ def console_cmd(ctx: typer.Context, name: NameArg,
                                                      help="Keep printing new output.")] = False
                 ) -> None:
     """Print the guest's serial console log."""
-    path = manager(ctx).console_path(name)
+    path = run(console_path(manager(ctx), name))
     if not path.exists():
         err_console.print(f"{name} has no console output yet")
         return
@@ -318,8 +383,9 @@ def fork(ctx: typer.Context,
          count: CountOpt = 1, target: TargetOpt = "running", json_out: JsonOpt = False) -> None:
     """Fork an instance (running, standby or stopped) into new instances."""
     started = time.monotonic()
-    infos = run(manager(ctx).fork(source, new_name, count=count,
-                                  target_state=target_state(target)))
+    backend, state = manager(ctx), target_state(target)
+    infos = run(with_progress(backend, "fork", lambda: backend.fork(
+        source, new_name, count=count, target_state=state)))
     print_forks(infos, json_out, started)
 
 
@@ -336,9 +402,10 @@ def snapshot_create(
 ) -> None:
     """Snapshot an instance; a running one is paused only while state and disk are taken."""
     snap_name = snapshot_name or time.strftime("snap-%Y%m%d-%H%M%S")
-    record = run(manager(ctx).snapshot_create(name, snap_name, parse_tags(tag or []),
-                                              serial=serial,
-                                              compression=compression_policy(compress, level)))
+    backend, tags = manager(ctx), parse_tags(tag or [])
+    policy = compression_policy(compress, level)
+    record = run(with_progress(backend, "snapshot", lambda: backend.snapshot_create(
+        name, snap_name, tags, serial=serial, compression=policy)))
     if json_out:
         print_json(record)
     else:
@@ -353,7 +420,7 @@ def snapshot_list(ctx: typer.Context,
                       help="Only this instance's snapshots.")] = None,
                   json_out: JsonOpt = False) -> None:
     """List stored snapshots."""
-    records = manager(ctx).snapshot_list(instance)
+    records = run(fetch_snapshots(manager(ctx), instance))
     if json_out:
         print_json(records)
     elif not records:
@@ -366,7 +433,7 @@ def snapshot_list(ctx: typer.Context,
 def snapshot_show(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
                   instance: SourceOpt = None) -> None:
     """Show one snapshot's record (JSON either way: it is a record)."""
-    print_json(manager(ctx).snapshot_get(snapshot, instance))
+    print_json(run(fetch_snapshot(manager(ctx), snapshot, instance)))
 
 
 @snapshot_app.command("delete")
@@ -393,8 +460,9 @@ def snapshot_fork(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()]
                   instance: SourceOpt = None, json_out: JsonOpt = False) -> None:
     """Create new instances from a snapshot."""
     started = time.monotonic()
-    infos = run(manager(ctx).snapshot_fork(snapshot, new_name, count=count,
-                                           target_state=target_state(target), source=instance))
+    backend, state = manager(ctx), target_state(target)
+    infos = run(with_progress(backend, "fork", lambda: backend.snapshot_fork(
+        snapshot, new_name, count=count, target_state=state, source=instance)))
     print_forks(infos, json_out, started)
 
 
@@ -405,6 +473,24 @@ def image_build() -> None:
 
     image = ensure_builtin_image()
     console.print(f"default guest ready in {builtin_image_dir()} (kernel {image.kernel.name})")
+
+
+async def console_path(backend: Backend, name: str) -> Path:
+    if isinstance(backend, RemoteManager):
+        return await backend.console_path_async(name)
+    return backend.console_path(name)
+
+
+async def fetch_snapshots(backend: Backend, source: str | None) -> list[SnapshotRecord]:
+    if isinstance(backend, RemoteManager):
+        return await backend.snapshot_list_async(source)
+    return backend.snapshot_list(source)
+
+
+async def fetch_snapshot(backend: Backend, snapshot: str, source: str | None) -> SnapshotRecord:
+    if isinstance(backend, RemoteManager):
+        return await backend.snapshot_get_async(snapshot, source)
+    return backend.snapshot_get(snapshot, source)
 
 
 def main() -> None:

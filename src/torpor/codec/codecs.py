@@ -64,11 +64,11 @@ def compressor_argv(codec: Codec, level: int) -> list[str]:
     raise ValueError("no compressor for uncompressed state")
 
 
-def decompressor_argv(codec: Codec, path: os.PathLike[str] | str) -> list[str]:
-    """Decompress `path` to stdout."""
+def decompressor_argv(codec: Codec, path: os.PathLike[str] | str | None = None) -> list[str]:
+    """Decompress `path` (default: stdin) to stdout."""
     if codec is Codec.NONE:
         raise ValueError("nothing to decompress")
-    return [str(codec), "-q", "-d", "-c", os.fspath(path)]
+    return [str(codec), "-q", "-d", "-c", *([os.fspath(path)] if path is not None else [])]
 
 
 @dataclass

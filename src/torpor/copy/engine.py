@@ -65,7 +65,8 @@ class CopyCancelled(OperationFailed):
 @dataclass
 class CopyReport:
     logical_bytes: int = 0
-    bytes_written: int = 0
+    bytes_written: int = 0  # by the sparse path; a clone writes nothing
+    bytes_cloned: int = 0  # logical size of the files cloned
     files_cloned: int = 0
     files_sparse: int = 0
     clone_attempts: int = 0
@@ -85,6 +86,7 @@ class CopyReport:
     def as_dict(self) -> dict[str, object]:
         return {
             "logical_bytes": self.logical_bytes, "bytes_written": self.bytes_written,
+            "bytes_cloned": self.bytes_cloned,
             "files_cloned": self.files_cloned, "files_sparse": self.files_sparse,
             "clone_attempts": self.clone_attempts,
             "clone_fallback_reason": self.clone_fallback_reason, "dirs": self.dirs,
@@ -201,6 +203,7 @@ def _copy_regular(call: _CopyCall, src: Path, dst: Path) -> None:
         try:
             if _try_clone(call, src_fd, dst_fd, dst):
                 call.report.files_cloned += 1
+                call.report.bytes_cloned += st.st_size
                 if call.progress is not None:
                     call.progress(st.st_size)
             else:

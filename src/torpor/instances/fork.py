@@ -18,9 +18,9 @@ from typing import TYPE_CHECKING, Literal
 
 from torpor.copy import copy_tree
 from torpor.errors import AlreadyExists, InvalidArgument, OperationFailed, WrongState
-from torpor.fsutil import fsync_dir, remove_tree
+from torpor.fsutil import allocated_bytes, fsync_dir, remove_tree
 from torpor.guest.agent import GuestAgent
-from torpor.instances import compression_jobs, snapshots
+from torpor.instances import compression_jobs, observe, snapshots
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
     InstanceMetadata,
@@ -65,7 +65,8 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
     staging = data_root.staging(f"fork-{instance_id}-{secrets.token_hex(3)}")
     skip = FORK_SKIP if keep_state else (*FORK_SKIP, "snapshots")
     try:
-        copy_tree(source_dir, staging, skip=skip, fsync=True)
+        progress = observe.counter("copy", allocated_bytes(source_dir, skip))
+        observe.copied(copy_tree(source_dir, staging, skip=skip, fsync=True, progress=progress))
         paths = InstancePaths(staging)
         for d in (paths.run_dir, paths.logs_dir, paths.snapshots_dir):
             d.mkdir(exist_ok=True)

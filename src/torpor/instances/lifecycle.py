@@ -54,13 +54,24 @@ async def wait_for_agent(ctx: InstanceContext) -> float:
     return await GuestAgent.wait_ready(ctx.paths.agent_socket, ctx.settings.agent_timeout)
 
 
+def check_startable(name: str, state: InstanceState) -> None:
+    if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+        raise WrongState(f"instance {name} is already {state}")
+    if state is InstanceState.STANDBY:
+        raise WrongState(f"instance {name} is in standby: use `torpor restore {name}`")
+
+
+def check_stoppable(name: str, state: InstanceState) -> None:
+    if state is InstanceState.STOPPED:
+        raise WrongState(f"instance {name} is not running")
+    if state is InstanceState.STANDBY:
+        raise WrongState(f"instance {name} is in standby: restore it first, or delete it")
+
+
 async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRecorder:
     """stopped/crashed → running. The caller holds the instance lock."""
     state, record = await derive_state(ctx.paths)
-    if state in (InstanceState.RUNNING, InstanceState.PAUSED):
-        raise WrongState(f"instance {ctx.name} is already {state}")
-    if state is InstanceState.STANDBY:
-        raise WrongState(f"instance {ctx.name} is in standby: use `torpor restore {ctx.name}`")
+    check_startable(ctx.name, state)
     if record is not None:  # crashed: make sure nothing of the old process remains
         await terminate(ctx, record.process())
     check_boot_files(ctx)
@@ -117,10 +128,7 @@ async def stop(ctx: InstanceContext, *, timeout: float | None = None,
                force: bool = False) -> OperationRecorder:
     """running/paused/crashed → stopped. The caller holds the instance lock."""
     state, record = await derive_state(ctx.paths)
-    if state is InstanceState.STOPPED:
-        raise WrongState(f"instance {ctx.name} is not running")
-    if state is InstanceState.STANDBY:
-        raise WrongState(f"instance {ctx.name} is in standby: restore it first, or delete it")
+    check_stoppable(ctx.name, state)
     op = OperationRecorder("stop", ctx.name)
     try:
         assert record is not None

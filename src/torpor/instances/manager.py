@@ -8,7 +8,7 @@ import contextlib
 import os
 import shutil
 import subprocess
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from torpor.instances import compression_jobs, lifecycle, snapshots
 from torpor.instances import fork as fork_op
 from torpor.instances import restore as restore_op
 from torpor.instances import standby as standby_op
-from torpor.instances.compression_jobs import CompressionStatus
+from torpor.instances.compression_jobs import CompressionState, CompressionStatus
 from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.fork import TargetState
 from torpor.instances.locking import file_lock
@@ -45,8 +45,8 @@ from torpor.instances.runtime import derive_state
 from torpor.instances.snapshots import SnapshotRecord
 from torpor.paths import DataRoot, InstancePaths
 from torpor.snapshot.manifest import MACHINE_STATE
-from torpor.snapshot.stream import Progress
 
+StateCheck = Callable[[str, InstanceState], None]
 DEFAULT_MEMORY = 512 << 20
 DEFAULT_DISK = 2 << 30
 MAX_CPUS = 64
@@ -104,9 +104,16 @@ class InstanceManager:
                                self.data_root.instance(meta.id))
 
     @contextlib.asynccontextmanager
-    async def locked(self, name: str) -> AsyncIterator[InstanceContext]:
-        """The instance's lock, with its metadata re-read once the lock is held."""
+    async def locked(self, name: str, precheck: StateCheck | None = None
+                     ) -> AsyncIterator[InstanceContext]:
+        """The instance's lock, with its metadata re-read once the lock is held.
+        `precheck` refuses a wrong state before the lock is taken, so a request that is
+        wrong anyway never holds the lock against one that is right (the operation checks
+        again under the lock: that check is the one that counts)."""
         meta = self._find(name)
+        if precheck is not None:
+            state, _ = await derive_state(self.data_root.instance(meta.id))
+            precheck(meta.name, state)
         async with file_lock(self.data_root.instance_lock(meta.id), what=f"instance {name}",
                              wait=self.lock_wait):
             paths = self.data_root.instance(meta.id)
@@ -135,6 +142,12 @@ class InstanceManager:
 
     async def list_all(self) -> list[InstanceInfo]:
         return [await self.info(meta) for meta in self._all_metadata()]
+
+    def compression_states(self) -> list[CompressionState]:
+        """Each instance's background compression state (for metrics)."""
+        return [compression_jobs.status(self.data_root, self.data_root.instance(m.id),
+                                        m.compression_plan, m.id).state
+                for m in self._all_metadata()]
 
     def recover_jobs(self) -> list[str]:
         """Re-queue background compression plans whose worker is gone (a restart, a killed
@@ -253,28 +266,28 @@ class InstanceManager:
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self, name: str, *, wait_agent: bool = True) -> InstanceInfo:
-        async with self.locked(name) as ctx:
+        async with self.locked(name, lifecycle.check_startable) as ctx:
             await lifecycle.start(ctx, wait_agent=wait_agent)
             return await self.info(InstanceMetadata.load(ctx.paths.metadata))
 
     async def stop(self, name: str, *, timeout: float | None = None,
                    force: bool = False) -> InstanceInfo:
-        async with self.locked(name) as ctx:
+        async with self.locked(name, lifecycle.check_stoppable) as ctx:
             await lifecycle.stop(ctx, timeout=timeout, force=force)
             return await self.info(InstanceMetadata.load(ctx.paths.metadata))
 
-    async def standby(self, name: str, policy: CompressionPolicy | None = None,
-                      progress: Progress | None = None) -> InstanceInfo:
+    async def standby(self, name: str, policy: CompressionPolicy | None = None
+                      ) -> InstanceInfo:
         """Save the machine state and stop QEMU. `policy` overrides the instance's."""
         if policy is not None:
             policy.effective_level()
-        async with self.locked(name) as ctx:
-            await standby_op.standby(ctx, policy, progress)
+        async with self.locked(name, standby_op.check_state) as ctx:
+            await standby_op.standby(ctx, policy)
             return await self.info(InstanceMetadata.load(ctx.paths.metadata))
 
-    async def restore(self, name: str, progress: Progress | None = None) -> InstanceInfo:
-        async with self.locked(name) as ctx:
-            await restore_op.restore(ctx, progress)
+    async def restore(self, name: str) -> InstanceInfo:
+        async with self.locked(name, restore_op.check_state) as ctx:
+            await restore_op.restore(ctx)
             return await self.info(InstanceMetadata.load(ctx.paths.metadata))
 
     async def set_policy(self, name: str, policy: CompressionPolicy | None) -> None:

@@ -18,7 +18,7 @@ from torpor.fsutil import atomic_write_json, read_json
 from torpor.hypervisor.accel import AccelChoice
 from torpor.hypervisor.vmconfig import PortForward
 
-NAME_RE = re.compile(r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$")
+NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 METADATA_VERSION = 1
 
 
@@ -31,7 +31,7 @@ class InstanceState(StrEnum):
 
 
 def validate_name(name: str) -> str:
-    if len(name) > 63 or not NAME_RE.match(name):
+    if len(name) > 63 or not NAME_RE.fullmatch(name):
         raise InvalidArgument(
             f"invalid instance name {name!r}: use 1-63 lowercase letters, digits and '-',"
             " starting and ending with a letter or digit")

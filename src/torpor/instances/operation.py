@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 
+from torpor.instances import observe
 from torpor.instances.metadata import InstanceMetadata, LastOperation, utc_now
 from torpor.paths import InstancePaths
 
@@ -33,12 +34,14 @@ class OperationRecorder:
         finally:
             elapsed = time.monotonic() - start
             self.phases[name] = round(elapsed, 6)
+            observe.phase(name, elapsed)
             log.info("%s %s: %s took %.3f s", self.kind, self.instance, name, elapsed)
             if self._on_phase is not None:
                 self._on_phase(name, elapsed)
 
     def add(self, name: str, seconds: float) -> None:
         self.phases[name] = round(seconds, 6)
+        observe.phase(name, seconds)
 
     def as_last_operation(self, error: BaseException | None) -> LastOperation:
         return LastOperation(kind=self.kind, result="error" if error else "ok",

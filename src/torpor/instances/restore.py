@@ -14,14 +14,14 @@ from torpor.fsutil import remove_tree
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig
-from torpor.instances import compression_jobs, lifecycle
+from torpor.instances import compression_jobs, lifecycle, observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import InstanceState
 from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import derive_state
 from torpor.instances.vmspec import vm_config_for
 from torpor.snapshot.manifest import Manifest, locate_state_file
-from torpor.snapshot.stream import Progress, load_state
+from torpor.snapshot.stream import load_state
 
 
 def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
@@ -35,11 +35,15 @@ def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
     return config
 
 
-async def restore(ctx: InstanceContext, progress: Progress | None = None) -> OperationRecorder:
+def check_state(name: str, state: InstanceState) -> None:
+    if state is not InstanceState.STANDBY:
+        raise WrongState(f"instance {name} has no standby state to restore (it is {state})")
+
+
+async def restore(ctx: InstanceContext) -> OperationRecorder:
     started = time.monotonic()
     state, _ = await derive_state(ctx.paths)
-    if state is not InstanceState.STANDBY:
-        raise WrongState(f"instance {ctx.name} has no standby state to restore (it is {state})")
+    check_state(ctx.name, state)
     await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
     manifest = Manifest.load(ctx.paths.standby_dir)
     config = check_compatible(ctx, manifest)
@@ -60,6 +64,7 @@ async def restore(ctx: InstanceContext, progress: Progress | None = None) -> Ope
                 raise IntegrityError(f"saved state of {ctx.name} was written by QEMU "
                                      f"{manifest.qemu_version}; this host has {version}")
             with op.phase("load"):
+                progress = observe.counter("load", manifest.state.stored_bytes)
                 await load_state(mon, path, codec, manifest.state, progress)
             with op.phase("resume"):
                 await mon.resume()

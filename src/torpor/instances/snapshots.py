@@ -28,9 +28,16 @@ from pydantic import BaseModel, Field
 from torpor.codec import Codec
 from torpor.copy import CopyReport, copy_file, copy_tree
 from torpor.errors import AlreadyExists, InvalidArgument, NotFound, WrongState
-from torpor.fsutil import atomic_write_json, fsync_dir, fsync_tree, read_json, remove_tree
+from torpor.fsutil import (
+    allocated_bytes,
+    atomic_write_json,
+    fsync_dir,
+    fsync_tree,
+    read_json,
+    remove_tree,
+)
 from torpor.hypervisor.qmp import Monitor, QmpError
-from torpor.instances import compression_jobs
+from torpor.instances import compression_jobs, observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.legs import in_thread, run_legs
 from torpor.instances.metadata import NAME_RE, CompressionPolicy, InstanceState, utc_now
@@ -44,7 +51,7 @@ from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_sta
 RECORD_VERSION = 1
 # run/ holds sockets and the live process record; it never belongs to a copy.
 ALWAYS_SKIP = ("run",)
-TAG_RE = re.compile(r"^[A-Za-z0-9_.-]{1,63}$")
+TAG_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 
 SnapshotKind = Literal["running", "standby", "stopped"]
 
@@ -71,14 +78,22 @@ def parse_tags(items: list[str]) -> dict[str, str]:
     tags = {}
     for item in items:
         key, sep, value = item.partition("=")
-        if not sep or not TAG_RE.match(key) or len(value) > 256:
-            raise InvalidArgument(f"tags look like key=value (key: letters, digits, _.-): {item!r}")
+        if not sep:
+            raise InvalidArgument(f"tags look like key=value: {item!r}")
         tags[key] = value
+    return validate_tags(tags)
+
+
+def validate_tags(tags: dict[str, str]) -> dict[str, str]:
+    for key, value in tags.items():
+        if not TAG_RE.fullmatch(key) or len(value) > 256 or "\x00" in value:
+            raise InvalidArgument(f"bad tag {key!r}: keys are letters, digits and _.-, "
+                                  "values at most 256 characters")
     return tags
 
 
 def validate_snapshot_name(name: str) -> str:
-    if len(name) > 63 or not NAME_RE.match(name):
+    if len(name) > 63 or not NAME_RE.fullmatch(name):
         raise InvalidArgument(f"invalid snapshot name {name!r}: use 1-63 lowercase letters,"
                               " digits and '-'")
     return name
@@ -117,17 +132,25 @@ def find_record(data_root: DataRoot, name_or_id: str, source_id: str | None = No
 async def copy_leg(ctx: InstanceContext, payload: Path) -> CopyReport:
     """Instance directory → payload, without its runtime and snapshot subtrees. No fsync:
     the snapshot is flushed after the source resumes, before it is published."""
-    skip = (*ALWAYS_SKIP, "snapshots")
-    return await in_thread(lambda stop: copy_tree(ctx.paths.root, payload, skip=skip,
-                                                  cancel=stop))
+    return await _copy_instance(ctx, payload, (*ALWAYS_SKIP, "snapshots"), fsync=False)
+
+
+async def _copy_instance(ctx: InstanceContext, payload: Path, skip: tuple[str, ...], *,
+                         fsync: bool) -> CopyReport:
+    progress = observe.counter("copy", allocated_bytes(ctx.paths.root, skip))
+    report = await in_thread(lambda stop: copy_tree(ctx.paths.root, payload, skip=skip,
+                                                    fsync=fsync, cancel=stop,
+                                                    progress=progress))
+    return observe.copied(report)
 
 
 async def save_leg(mon: Monitor, record: RuntimeRecord, directory: Path,
                    policy: CompressionPolicy) -> Manifest:
     """The paused VM's machine state into `directory` (created here), not yet flushed."""
     directory.mkdir(parents=True)
+    progress = observe.counter("save", record.vm_config.memory_mib << 20)
     state = await save_state(mon, directory, policy.codec, policy.effective_level(),
-                             fsync=False)
+                             progress, fsync=False)
     return build_manifest(record.vm_config, state, await mon.version())
 
 
@@ -186,6 +209,7 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
     A running source's state is compressed as it is saved when `compression` says so
     (synchronously: background jobs for stored snapshots are not built yet)."""
     validate_snapshot_name(name)
+    validate_tags(tags)
     policy = compression or CompressionPolicy()
     policy.effective_level()
     data_root = ctx.data_root
@@ -214,8 +238,7 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             mode = "copy"
             skip = ALWAYS_SKIP if kind == "standby" else (*ALWAYS_SKIP, "snapshots")
             with op.phase("copy"):
-                report = await in_thread(lambda stop: copy_tree(
-                    ctx.paths.root, staging.payload, skip=skip, fsync=True, cancel=stop))
+                report = await _copy_instance(ctx, staging.payload, skip, fsync=True)
         snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging, op)
         atomic_write_json(staging.record, snap.model_dump(mode="json"))
         final = data_root.snapshot(snapshot_id).root

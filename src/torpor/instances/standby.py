@@ -18,13 +18,13 @@ from torpor.fsutil import fsync_dir, remove_tree
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import VMConfig
-from torpor.instances import compression_jobs
+from torpor.instances import compression_jobs, observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_policy, utc_now
 from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, derive_state
 from torpor.snapshot.manifest import Manifest, StateFile
-from torpor.snapshot.stream import Progress, finalize_checksum, prepare_outgoing, save_state
+from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_state
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
@@ -57,7 +57,7 @@ def _discard_partial(ctx: InstanceContext) -> None:
 
 
 async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: CompressionPolicy,
-                         op: OperationRecorder, progress: Progress | None) -> Manifest:
+                         op: OperationRecorder) -> Manifest:
     """The paused window: everything between `stop` and QEMU having exited."""
     process = record.process()
     partial, latest = ctx.paths.standby_partial_dir, ctx.paths.standby_dir
@@ -69,6 +69,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
             await mon.pause()
         with op.phase("save"):
             partial.mkdir(parents=True)
+            progress = observe.counter("save", ctx.meta.memory_mib << 20)
             state = await save_state(mon, partial, policy.codec, policy.effective_level(),
                                      progress)
             manifest = build_manifest(record.vm_config, state, qemu_version)
@@ -88,13 +89,19 @@ class _QemuWouldNotStop(Exception):
     pass
 
 
-async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None,
-                  progress: Progress | None = None) -> OperationRecorder:
-    state, record = await derive_state(ctx.paths)
+def check_state(name: str, state: InstanceState) -> None:
     if state is InstanceState.STANDBY:
-        raise WrongState(f"instance {ctx.name} is already in standby")
-    if state not in (InstanceState.RUNNING, InstanceState.PAUSED) or record is None:
-        raise WrongState(f"instance {ctx.name} is {state}: only a running VM can go into standby")
+        raise WrongState(f"instance {name} is already in standby")
+    if state not in (InstanceState.RUNNING, InstanceState.PAUSED):
+        raise WrongState(f"instance {name} is {state}: only a running VM can go into standby")
+
+
+async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
+                  ) -> OperationRecorder:
+    state, record = await derive_state(ctx.paths)
+    check_state(ctx.name, state)
+    if record is None:
+        raise WrongState(f"instance {ctx.name} has no QEMU process record")
     policy = resolve_policy(request, ctx.meta.snapshot_policy, ctx.settings.default_compression)
     policy.effective_level()  # a bad level is an error before any side effect
     background = policy.mode == "background" and policy.codec is not Codec.NONE
@@ -104,7 +111,7 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
     _discard_partial(ctx)  # a consumed snapshot left by a crash mid-restore is stale
     try:
         try:
-            manifest = await _save_and_stop(ctx, record, save_policy, op, progress)
+            manifest = await _save_and_stop(ctx, record, save_policy, op)
         except _QemuWouldNotStop:
             _discard_partial(ctx)
             raise await _resume_after_failure(

@@ -45,17 +45,27 @@ def _pipe() -> tuple[int, int]:
     return r, w
 
 
-async def wait_migration(mon: Monitor, progress: Progress | None = None) -> dict[str, Any]:
-    """Poll query-migrate until the migration has completed; raise if it failed."""
+def ram_processed(info: dict[str, Any]) -> int:
+    """Outgoing progress: guest RAM dealt with so far (zero pages count, unlike
+    `transferred`, so it reaches the total)."""
+    ram = info.get("ram") or {}
+    return max(0, int(ram.get("total", 0)) - int(ram.get("remaining", 0)))
+
+
+async def wait_migration(mon: Monitor, progress: Progress | None = None,
+                         measure: Callable[[dict[str, Any]], int] = ram_processed
+                         ) -> dict[str, Any]:
+    """Poll query-migrate until the migration has completed; raise if it failed.
+    `progress` gets the increments of `measure(info)`."""
     reported = 0
     while True:
         info = await mon.query_migrate()
         status = info.get("status")
-        ram = info.get("ram") or {}
-        transferred = int(ram.get("transferred", 0))
-        if progress is not None and transferred > reported:
-            progress(transferred - reported)
-            reported = transferred
+        if progress is not None:
+            done = measure(info)
+            if done > reported:
+                progress(done - reported)
+                reported = done
         if status == "completed":
             return info
         if status in ("failed", "cancelled"):
@@ -148,8 +158,9 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
             else:
                 read_end, write_end = _pipe()
                 try:
+                    # The tool reads our open file: its offset, shared, is the progress.
                     proc = await asyncio.create_subprocess_exec(
-                        *decompressor_argv(codec, path), stdout=write_end, stderr=PIPE)
+                        *decompressor_argv(codec), stdin=src, stdout=write_end, stderr=PIPE)
                 finally:
                     os.close(write_end)
                 try:
@@ -158,7 +169,10 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
                     os.close(read_end)
             try:
                 await mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
-                await wait_migration(mon, progress)
+                # Incoming QEMU reports no byte counts: the shared offset of the file
+                # (QEMU's descriptor, or the decompressor's stdin) tells how far it got.
+                await wait_migration(mon, progress,
+                                     lambda _: os.lseek(src.fileno(), 0, os.SEEK_CUR))
             except Exception as exc:  # decided below, after the checksum
                 load_error = exc
     finally:

@@ -1,0 +1,1 @@
+"""torpord: the REST API over one instance manager (FastAPI app, server, client)."""

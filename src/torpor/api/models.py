@@ -1,0 +1,168 @@
+"""Request and response bodies of the REST API (what the OpenAPI document describes)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
+
+from torpor.codec import Codec
+from torpor.instances.metadata import CompressionPolicy
+from torpor.instances.observe import StageProgress
+
+MAX_TIMEOUT = 3600.0
+# The same rules the library enforces, stated in the schema so clients can see them.
+NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
+OPERATION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
+
+
+def _integral(value: object) -> object:
+    """JSON Schema counts 2.0 as an integer; strict pydantic would not."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Integral = BeforeValidator(_integral)
+ZstdLevel = Annotated[int, Field(ge=-7, le=19), Integral]
+Lz4Level = Annotated[int, Field(ge=0, le=12), Integral]
+MemoryMib = Annotated[int, Field(ge=64, le=1 << 20), Integral]
+Cpus = Annotated[int, Field(ge=1, le=64), Integral]
+DiskMib = Annotated[int, Field(ge=1024, le=1 << 24), Integral]
+ForkCount = Annotated[int, Field(ge=1, le=64), Integral]
+Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
+TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
+TagValue = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00]*$")]
+
+
+class Body(BaseModel):
+    """Request bodies: unknown fields and loose types (false for a number) are errors."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class _Compressed(Body):
+    mode: Literal["sync", "background"] = Field(
+        "sync", description="background: save raw now, compress later in a job")
+    delay_s: float = Field(0.0, ge=0, le=7 * 86400,
+                           description="background only: wait this long first")
+
+
+class ZstdCompression(_Compressed):
+    codec: Literal["zstd"]
+    level: ZstdLevel | None = Field(None, json_schema_extra={"not": {"const": 0}},
+                              description="1..19, or the fast levels -7..-1; default 1")
+
+
+class Lz4Compression(_Compressed):
+    codec: Literal["lz4"]
+    level: Lz4Level | None = Field(None, description="0 (fastest, default)..12")
+
+
+class NoCompression(Body):
+    codec: Literal["none"] = Field(description="explicitly off: wins over any default")
+
+
+Compression = Annotated[ZstdCompression | Lz4Compression | NoCompression,
+                        Field(discriminator="codec")]
+
+
+def to_policy(compression: Compression | None) -> CompressionPolicy | None:
+    """The API's per-codec shapes → the library's policy (None: not given)."""
+    if compression is None:
+        return None
+    if isinstance(compression, NoCompression):
+        return CompressionPolicy(codec=Codec.NONE)
+    return CompressionPolicy(codec=Codec(compression.codec), level=compression.level,
+                             mode=compression.mode, delay_s=compression.delay_s)
+
+
+class ErrorBody(BaseModel):
+    """Every error response: a stable code and a readable message."""
+
+    code: str
+    message: str
+
+
+class CreateRequest(Body):
+    name: Name = Field(description="1-63 lowercase letters, digits and '-'")
+    memory_mib: MemoryMib = 512
+    cpus: Cpus = 1
+    disk_mib: DiskMib = Field(
+        2048, description="root disk size (sparse); at least the image's 1 GiB")
+    snapshot_policy: Compression | None = Field(
+        None, description="the instance's standby compression policy")
+
+
+class StartRequest(Body):
+    wait_agent: bool = Field(True, description="return once the guest agent answers")
+
+
+class StopRequest(Body):
+    timeout: float = Field(10.0, ge=0, le=MAX_TIMEOUT,
+                           description="seconds for a clean power-off before quit, then kill")
+    force: bool = False
+
+
+class StandbyRequest(Body):
+    compression: Compression | None = Field(
+        None, description="overrides the instance's policy and the server default")
+
+
+class PolicyRequest(Body):
+    policy: Compression | None = Field(None, description="null: the server default")
+
+
+class ForkRequest(Body):
+    new_name: Name = Field(description="with count > 1: NAME-1 .. NAME-count")
+    count: ForkCount = 1
+    target_state: Literal["running", "standby", "stopped"] = "running"
+
+
+class SnapshotRequest(Body):
+    name: Name | None = Field(None, description="default: a timestamp")
+    tags: dict[TagKey, TagValue] = Field(
+        default_factory=dict, json_schema_extra={"additionalProperties": False})
+    serial: bool = Field(False, description="save, then copy (default: both while paused)")
+    compression: Compression | None = Field(
+        None, description="sync only: background jobs for stored snapshots are not built")
+
+
+class ExecRequest(Body):
+    argv: list[str] = Field(min_length=1, max_length=4096)
+    stdin_b64: str | None = Field(None, description="standard input, base64",
+                                  pattern=BASE64_PATTERN)
+    timeout: float = Field(60.0, gt=0, le=MAX_TIMEOUT)
+
+
+class ExecResponse(BaseModel):
+    exit_code: int
+    signal: int | None = None
+    stdout_b64: str
+    stderr_b64: str
+
+
+class OperationState(StrEnum):
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+
+class Operation(BaseModel):
+    """One long-running request, pollable at /operations/{id} while it runs and after."""
+
+    id: str
+    kind: str
+    instance: str | None = None
+    state: OperationState
+    started_at: datetime
+    finished_at: datetime | None = None
+    progress: list[StageProgress] = Field(default_factory=list)
+    phases: dict[str, float] = Field(default_factory=dict)
+    error: ErrorBody | None = None
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+    version: str

@@ -1,0 +1,114 @@
+"""`torpor serve`: the daemon. It owns one instance manager for a data root and serves
+the API on a unix socket (0600, the default) or TCP. We bind the socket ourselves so it
+is never world-accessible, not even for a moment (uvicorn would make it 0666)."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import secrets
+import signal
+import socket
+from pathlib import Path
+
+import uvicorn
+
+from torpor.api.app import create_app
+from torpor.config import Config, ListenAddress
+from torpor.errors import Busy, InvalidArgument
+from torpor.instances import InstanceManager
+from torpor.paths import UNIX_PATH_MAX
+
+log = logging.getLogger("torpor.api")
+TOKEN_BYTES = 32
+
+
+def ensure_token(path: Path) -> str:
+    """The bearer token: read it, or create it 0600 on first start."""
+    with contextlib.suppress(FileNotFoundError):
+        token = path.read_text().strip()
+        if token:
+            return token
+    path.parent.mkdir(parents=True, exist_ok=True)
+    token = secrets.token_urlsafe(TOKEN_BYTES)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, token.encode() + b"\n")
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.rename(tmp, path)
+    return token
+
+
+def daemon_listening(address: ListenAddress, timeout: float = 1.0) -> bool:
+    """Whether something accepts connections at `address`."""
+    family = socket.AF_UNIX if address.unix_path else socket.AF_INET6 if ":" in (
+        address.host or "") else socket.AF_INET
+    target: str | tuple[str, int] = (str(address.unix_path) if address.unix_path
+                                     else (address.host or "", address.port or 0))
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.settimeout(timeout)
+        try:
+            probe.connect(target)
+        except OSError:
+            return False
+    return True
+
+
+def bind(address: ListenAddress) -> socket.socket:
+    if address.unix_path is None:
+        family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((address.host or "", address.port or 0))
+        except OSError as exc:
+            sock.close()
+            raise InvalidArgument(f"cannot listen on {address}: {exc.strerror}") from None
+        return sock
+    path = address.unix_path
+    if len(os.fsencode(path)) > UNIX_PATH_MAX:
+        raise InvalidArgument(f"socket path too long for a unix socket: {path}")
+    if daemon_listening(address):
+        raise Busy(f"a daemon is already listening on {path}")
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()  # a stale socket: nothing answers on it
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def serve(config: Config) -> None:
+    root = config.root
+    root.ensure()
+    token = ensure_token(config.token_path)
+    # Busy instead of waiting: a second client racing on an instance gets a 409 at once.
+    manager = InstanceManager(root.root, config.settings(), lock_wait=0)
+    for line in manager.recover_jobs():
+        log.warning("compression: %s", line)
+    address = config.listen_address
+    sock = bind(address)
+    sock.listen(128)
+    log.warning("torpord listening on %s (data root %s)", address, root.root)
+    server = uvicorn.Server(uvicorn.Config(create_app(manager, token), log_level="warning",
+                                           access_log=False, timeout_graceful_shutdown=30))
+    # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again for
+    # the previous handler: make that a no-op so we return, remove the socket, exit 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: None)
+    try:
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+        if address.unix_path is not None:
+            with contextlib.suppress(FileNotFoundError):
+                address.unix_path.unlink()

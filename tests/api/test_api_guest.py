@@ -1,0 +1,201 @@
+"""A real guest driven through the real daemon: every capability over HTTP, progress,
+metrics, racing clients, and the CLI as the daemon's client."""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.api.conftest import Daemon
+from tests.conftest import torpor_cli
+
+pytestmark = pytest.mark.qemu
+
+
+def call(api: httpx.Client, method: str, path: str, expect: int = 200, **kw: Any) -> Any:
+    response = api.request(method, path, **kw)
+    assert response.status_code == expect, (method, path, response.status_code, response.text)
+    return response.json() if response.content else None
+
+
+def sh(api: httpx.Client, name: str, script: str) -> str:
+    result = call(api, "POST", f"/instances/{name}/exec",
+                  json={"argv": ["sh", "-c", script], "timeout": 120})
+    assert result["exit_code"] == 0, base64.b64decode(result["stderr_b64"])
+    return base64.b64decode(result["stdout_b64"]).decode()
+
+
+def metric(api: httpx.Client, name: str, **labels: str) -> float:
+    """One sample's value from /metrics, parsed with prometheus_client's parser."""
+    text = call_text(api, "/metrics")
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v
+                                           for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def call_text(api: httpx.Client, path: str) -> str:
+    response = api.get(path)
+    assert response.status_code == 200, response.text
+    return response.text
+
+
+@pytest.fixture(scope="module")
+def vm(api: httpx.Client) -> Iterator[str]:
+    call(api, "POST", "/instances", 201, json={"name": "apivm", "memory_mib": 512})
+    info = call(api, "POST", "/instances/apivm/start", json={})
+    assert info["state"] == "running"
+    yield "apivm"
+    api.delete("/instances/apivm", params={"force": True})
+
+
+def test_create_start_standby_restore_snapshot_fork_delete(api: httpx.Client, vm: str) -> None:
+    ram = sh(api, vm, "dd if=/dev/urandom of=/tmp/ram bs=1M count=48 2>/dev/null;"
+                      " md5sum /tmp/ram | cut -c1-32").strip()
+    disk = sh(api, vm, "dd if=/dev/urandom of=/root/disk bs=1M count=8 2>/dev/null; sync;"
+                       " md5sum /root/disk | cut -c1-32").strip()
+    counter = int(sh(api, vm, "cat /run/counter"))
+    standbys = metric(api, "torpor_operations_total", kind="standby", result="ok")
+    pauses = metric(api, "torpor_paused_window_seconds_count", kind="standby")
+
+    info = call(api, "POST", f"/instances/{vm}/standby",
+                json={"compression": {"codec": "zstd", "level": 3}},
+                headers={"X-Torpor-Operation": "standby-1"})
+    assert info["state"] == "standby" and info["pid"] is None
+    assert info["last_operation"]["kind"] == "standby"
+    assert "paused_window" in info["last_operation"]["phases"]
+    op = call(api, "GET", "/operations/standby-1")
+    assert op["state"] == "succeeded" and op["instance"] == vm
+    (save,) = op["progress"]
+    assert save["stage"] == "save" and save["done_bytes"] >= 48 << 20
+    assert metric(api, "torpor_operations_total", kind="standby", result="ok") == standbys + 1
+    assert metric(api, "torpor_paused_window_seconds_count", kind="standby") == pauses + 1
+
+    info = call(api, "POST", f"/instances/{vm}/restore",
+                headers={"X-Torpor-Operation": "restore-1"})
+    assert info["state"] == "running"
+    (load,) = call(api, "GET", "/operations/restore-1")["progress"]
+    assert load["done_bytes"] == load["total_bytes"] > 0  # the whole stored file was read
+    assert sh(api, vm, "md5sum /tmp/ram | cut -c1-32").strip() == ram
+    assert int(sh(api, vm, "cat /run/counter")) > counter
+
+    copied = metric(api, "torpor_copy_bytes_total", method="sparse")
+    snap = call(api, "POST", f"/instances/{vm}/snapshots", 201,
+                json={"name": "s1", "tags": {"why": "api-test"}})
+    assert snap["kind"] == "running" and snap["mode"] == "overlapped"
+    assert metric(api, "torpor_copy_bytes_total", method="sparse") > copied
+    assert [s["name"] for s in call(api, "GET", "/snapshots", params={"instance": vm})] == ["s1"]
+    assert call(api, "GET", "/snapshots/s1")["tags"] == {"why": "api-test"}
+
+    (fork,) = call(api, "POST", "/snapshots/s1/fork", 201, json={"new_name": "apifork"})
+    assert fork["state"] == "running" and fork["mac"] != info["mac"]
+    assert sh(api, "apifork", "md5sum /tmp/ram | cut -c1-32").strip() == ram
+    assert sh(api, "apifork", "md5sum /root/disk | cut -c1-32").strip() == disk
+    assert call(api, "DELETE", "/snapshots/s1", 409)["code"] == "wrong_state"  # a fork needs it
+    call(api, "DELETE", "/instances/apifork", 409)  # running: needs force
+    call(api, "DELETE", "/instances/apifork", 204, params={"force": True})
+    call(api, "DELETE", "/snapshots/s1", 204)
+    call(api, "GET", "/instances/apifork", 404)
+
+    # Fork of the running instance itself; it keeps running.
+    forks = call(api, "POST", f"/instances/{vm}/fork", 201,
+                 json={"new_name": "livefork", "count": 1, "target_state": "stopped"})
+    assert [f["state"] for f in forks] == ["stopped"]
+    assert call(api, "GET", f"/instances/{vm}")["state"] == "running"
+    call(api, "DELETE", "/instances/livefork", 204)
+
+
+def test_stop_start_and_wait(api: httpx.Client) -> None:
+    call(api, "POST", "/instances", 201, json={"name": "waitvm", "memory_mib": 256})
+    try:
+        assert call(api, "GET", "/instances/waitvm/wait",
+                    params={"state": "stopped", "timeout": 5})["state"] == "stopped"
+        body = call(api, "GET", "/instances/waitvm/wait", 408,
+                    params={"state": "running", "timeout": 0.3})
+        assert body["code"] == "timeout"
+        call(api, "POST", "/instances/waitvm/start", json={"wait_agent": False})
+        assert call(api, "GET", "/instances/waitvm/wait",
+                    params={"state": "running", "timeout": 30})["state"] == "running"
+        info = call(api, "POST", "/instances/waitvm/stop", json={"timeout": 20})
+        assert info["state"] == "stopped"
+    finally:
+        api.delete("/instances/waitvm", params={"force": True})
+
+
+def test_errors_are_json_with_the_documented_codes(api: httpx.Client, vm: str) -> None:
+    assert call(api, "GET", "/instances/nope", 404) == {
+        "code": "not_found", "message": "no instance named 'nope'"}
+    assert call(api, "POST", "/instances", 400, json={"name": "Bad Name"})["code"] == (
+        "invalid_argument")
+    assert call(api, "POST", "/instances", 400, json={"memory_mib": 1})["code"] == (
+        "invalid_argument")
+    assert call(api, "POST", "/instances", 400, content=b"{not json")["code"] == (
+        "invalid_argument")
+    assert call(api, "POST", "/instances", 409, json={"name": vm})["code"] == "already_exists"
+    assert call(api, "POST", f"/instances/{vm}/restore", 409)["code"] == "wrong_state"
+    body = call(api, "POST", f"/instances/{vm}/standby", 400,
+                json={"compression": {"codec": "zstd", "level": 99}})
+    assert "level" in body["message"]
+    assert call(api, "GET", "/operations/unknown", 404)["code"] == "not_found"
+    assert call(api, "POST", f"/instances/{vm}/standby", 400,
+                headers={"X-Torpor-Operation": "bad id!"})["code"] == "invalid_argument"
+
+
+def race(api: httpx.Client, *requests: tuple[str, str]) -> list[int]:
+    """Send the requests at the same moment from separate threads; their statuses."""
+    barrier = threading.Barrier(len(requests))
+    statuses: list[int] = [0] * len(requests)
+
+    def send(i: int, method: str, path: str) -> None:
+        barrier.wait()
+        statuses[i] = api.request(method, path).status_code
+
+    threads = [threading.Thread(target=send, args=(i, m, p))
+               for i, (m, p) in enumerate(requests)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
+
+
+def test_racing_clients_get_one_success_and_one_409(api: httpx.Client, vm: str) -> None:
+    # Enough RAM to save that the standby is still running when the restore arrives.
+    sh(api, vm, "dd if=/dev/urandom of=/tmp/race bs=1M count=160 2>/dev/null")
+    mark = sh(api, vm, "md5sum /tmp/race | cut -c1-32").strip()
+    assert sorted(race(api, ("POST", f"/instances/{vm}/standby"),
+                       ("POST", f"/instances/{vm}/restore"))) == [200, 409]
+    assert call(api, "GET", f"/instances/{vm}")["state"] == "standby"
+    assert sorted(race(api, ("POST", f"/instances/{vm}/restore"),
+                       ("POST", f"/instances/{vm}/restore"))) == [200, 409]
+    assert call(api, "GET", f"/instances/{vm}")["state"] == "running"
+    assert sh(api, vm, "md5sum /tmp/race | cut -c1-32; rm /tmp/race").strip() == mark
+    busy = metric(api, "torpor_operations_total", kind="restore", result="busy")
+    wrong = metric(api, "torpor_operations_total", kind="restore", result="wrong_state")
+    assert busy + wrong >= 2  # both refusals were counted, whichever way each race went
+
+
+def test_cli_talks_to_the_daemon_unless_local(api: httpx.Client, daemon: Daemon) -> None:
+    before = {op["id"] for op in call(api, "GET", "/operations")}
+    created = torpor_cli(daemon.data_root, "create", "clivm", "--memory", "256M")
+    assert created.returncode == 0, created.stderr
+    ops = [op for op in call(api, "GET", "/operations") if op["id"] not in before]
+    assert [(op["kind"], op["instance"]) for op in ops] == [("create", "clivm")]
+    shown = torpor_cli(daemon.data_root, "show", "clivm", "--json")
+    assert json.loads(shown.stdout)["state"] == "stopped"
+    missing = torpor_cli(daemon.data_root, "show", "ghost")
+    assert missing.returncode == 3 and "no instance named 'ghost'" in missing.stderr
+    local = torpor_cli(daemon.data_root, "--local", "delete", "clivm")
+    assert local.returncode == 0, local.stderr
+    assert not [op for op in call(api, "GET", "/operations")
+                if op["id"] not in before and op["kind"] == "delete"]
+    call(api, "GET", "/instances/clivm", 404)

@@ -1,0 +1,78 @@
+"""Auth on every protected endpoint (enumerated from the OpenAPI document), the committed
+document matching the served one, and the daemon's files and socket being private."""
+
+from __future__ import annotations
+
+import json
+import re
+import stat
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.api.conftest import Daemon, start_daemon, stop_daemon
+from torpor.api.app import openapi_document
+
+SPEC = Path(__file__).resolve().parents[2] / "openapi.json"
+UNPROTECTED = {("get", "/healthz")}
+
+
+def test_committed_openapi_matches_the_app() -> None:
+    assert json.loads(SPEC.read_text()) == json.loads(openapi_document()), (
+        "openapi.json is stale: regenerate it with `torpor openapi > openapi.json`")
+
+
+def test_served_openapi_is_the_committed_one(api: httpx.Client) -> None:
+    assert api.get("/openapi.json").json() == json.loads(SPEC.read_text())
+
+
+def protected_operations() -> list[tuple[str, str]]:
+    spec = json.loads(SPEC.read_text())
+    found = [(method, path) for path, item in spec["paths"].items() for method in item
+             if (method, path) not in UNPROTECTED]
+    return [*found, ("get", "/openapi.json")]
+
+
+@pytest.mark.parametrize("token", ["", "wrong-token"], ids=["missing", "wrong"])
+def test_every_protected_endpoint_needs_the_token(daemon: Daemon, token: str) -> None:
+    operations = protected_operations()
+    assert len(operations) >= 20  # the enumeration really found the API
+    with daemon.client(token=token) as client:
+        for method, path in operations:
+            url = re.sub(r"\{[^}]+\}", "x", path)
+            response = client.request(method.upper(), url, json={})
+            assert response.status_code == 401, (method, path, response.text)
+            assert response.json()["code"] == "unauthorized"
+            assert response.headers["www-authenticate"] == "Bearer"
+
+
+def test_health_needs_no_token(daemon: Daemon) -> None:
+    with daemon.client(token="") as client:
+        assert client.get("/healthz").json()["status"] == "ok"
+
+
+def test_socket_and_token_are_private(daemon: Daemon) -> None:
+    token = daemon.data_root / "api-token"
+    sock = daemon.data_root / "torpord.sock"
+    assert stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
+    import subprocess
+    import sys
+    result = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--data-root",
+                             str(daemon.data_root), "serve"], capture_output=True, text=True,
+                            timeout=60, check=False)
+    assert result.returncode == 5 and "already listening" in result.stderr
+
+
+def test_daemon_stops_cleanly_and_keeps_its_token() -> None:
+    first = start_daemon()
+    token, root = first.token, first.data_root
+    first.process.terminate()
+    assert first.process.wait(timeout=60) == 0
+    assert not (root / "torpord.sock").exists()
+    assert (root / "api-token").read_text().strip() == token
+    stop_daemon(first)

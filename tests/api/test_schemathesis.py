@@ -1,0 +1,61 @@
+"""A bounded schemathesis run against the committed OpenAPI document, on a real daemon
+(over TCP) with a real data root: no 500, no crash, responses as documented."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, settings
+from schemathesis.checks import CheckFunction
+from schemathesis.core.parameters import ParameterLocation
+from schemathesis.specs.openapi.checks import negative_data_rejection
+
+from tests.api.conftest import Daemon, free_port, start_daemon, stop_daemon
+
+SPEC = Path(__file__).resolve().parents[2] / "openapi.json"
+schema = schemathesis.openapi.from_path(SPEC)
+checks = schema.config.checks
+# The issue's bar: no 500. A 502 is the documented answer when QEMU or the host fails
+# (e.g. a generated instance asks for more RAM than the host has, and QEMU cannot start).
+checks.not_a_server_error.expected_statuses = ["2xx", "3xx", "4xx", "501", "502"]
+# Valid requests about instances in the wrong state get 409, and a wait that times out
+# 408: documented outcomes, not rejections of valid data.
+checks.positive_data_acceptance.expected_statuses = [
+    *checks.positive_data_acceptance.expected_statuses, "408"]
+EXAMPLES_PER_OPERATION = 50
+MAX_WAIT = 0.5
+
+
+@pytest.fixture(scope="module")
+def tcp_daemon() -> Iterator[Daemon]:
+    daemon = start_daemon(listen=f"127.0.0.1:{free_port()}")
+    yield daemon
+    assert stop_daemon(daemon) == 0, (daemon.data_root / "torpord.log").read_text()
+
+
+@schema.parametrize()
+@settings(max_examples=EXAMPLES_PER_OPERATION, deadline=None, derandomize=True,
+          phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+def test_api_conforms(case: schemathesis.Case, tcp_daemon: Daemon) -> None:
+    if case.path.endswith("/wait") and isinstance(case.query, dict):
+        # A wait for a state that never comes lasts its whole (valid) timeout, 60 s by
+        # default: keep the run bounded. The 408 path is what this still exercises.
+        timeout = case.query.get("timeout")
+        if timeout is None or (isinstance(timeout, int | float) and timeout > MAX_WAIT):
+            case.query["timeout"] = MAX_WAIT
+    case.call_and_validate(base_url=tcp_daemon.base_url,
+                           headers={"Authorization": f"Bearer {tcp_daemon.token}"},
+                           excluded_checks=untyped_query_false_positive(case))
+
+
+def untyped_query_false_positive(case: schemathesis.Case) -> list[CheckFunction]:
+    """Query strings carry no types: a "negative" `?instance=false` is a valid name
+    (schemathesis issue #2312). Only then is negative_data_rejection left out."""
+    meta = case.meta
+    if meta is None:
+        return []
+    negative = [loc for loc, info in meta.components.items() if info.mode.is_negative]
+    return [negative_data_rejection] if negative == [ParameterLocation.QUERY] else []

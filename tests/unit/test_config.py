@@ -1,0 +1,98 @@
+"""Config: TOML file, environment over it, flags over both; every bad value is a clear
+InvalidArgument naming where it came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from torpor.codec import Codec
+from torpor.config import load_config, parse_listen
+from torpor.errors import InvalidArgument
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "torpor.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_derive_socket_and_token_from_the_data_root(tmp_path: Path) -> None:
+    config = load_config(overrides={"data_root": tmp_path}, environ={})
+    assert str(config.listen_address) == f"unix:{tmp_path}/torpord.sock"
+    assert config.token_path == tmp_path / "api-token"
+    assert config.settings().default_compression is None
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, f'''
+data_root = "{tmp_path}/from-file"
+listen = "127.0.0.1:7300"
+accel = "tcg"
+[compression]
+default = "zstd:3"
+mode = "background"
+delay = "30s"
+jobs = 3
+rate_limit = "100M"
+''')
+    config = load_config(path, environ={})
+    settings = config.settings()
+    policy = settings.default_compression
+    assert policy is not None
+    assert (policy.codec, policy.level, policy.mode, policy.delay_s) == (
+        Codec.ZSTD, 3, "background", 30.0)
+    assert (settings.compression_jobs, settings.compression_rate_limit) == (3, 100 << 20)
+    assert (config.listen_address.host, config.listen_address.port) == ("127.0.0.1", 7300)
+
+    env = {"TORPOR_ACCEL": "kvm", "TORPOR_DEFAULT_COMPRESSION": "lz4",
+           "TORPOR_DATA_ROOT": str(tmp_path / "from-env")}
+    config = load_config(path, environ=env)
+    assert config.accel == "kvm" and config.data_root == tmp_path / "from-env"
+    assert config.settings().default_compression.codec is Codec.LZ4  # type: ignore[union-attr]
+    config = load_config(path, environ=env, overrides={"accel": "tcg", "data_root": None})
+    assert config.accel == "tcg" and config.data_root == tmp_path / "from-env"
+
+
+def test_config_file_found_through_the_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, 'accel = "tcg"\n')
+    assert load_config(environ={"TORPOR_CONFIG": str(path)}).accel == "tcg"
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ('accel = "fast"', "accel"),
+    ('listen = "nowhere"', "neither unix:PATH nor HOST:PORT"),
+    ('bogus = 1', "bogus"),
+    ('[compression]\ndefault = "gzip"', "unknown compression 'gzip'"),
+    ('[compression]\ndefault = "zstd:99"', "level"),
+    ('[compression]\ndefault = "zstd:x"', "must be a number"),
+    ('[compression]\njobs = 0', "compression.jobs"),
+    ('[compression]\nrate_limit = "fast"', "not a size"),
+    ('[compression]\ndelay = "soon"', "not a duration"),
+    ('data_root = [', "config"),
+])
+def test_bad_values_are_clear_errors(tmp_path: Path, text: str, message: str) -> None:
+    path = write(tmp_path, text)
+    with pytest.raises(InvalidArgument, match=message) as err:
+        load_config(path, environ={})
+    assert str(path) in err.value.message
+
+
+def test_bad_environment_value_names_the_variable(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="TORPOR_COMPRESSION_JOBS"):
+        load_config(environ={"TORPOR_COMPRESSION_JOBS": "-2"})
+
+
+def test_missing_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        load_config(tmp_path / "nope.toml", environ={})
+
+
+def test_listen_addresses() -> None:
+    assert parse_listen("unix:/run/t.sock").unix_path == Path("/run/t.sock")
+    v6 = parse_listen("[::1]:8080")
+    assert (v6.host, v6.port) == ("::1", 8080)
+    for bad in ("unix:", "host:0", "host:99999", ":80"):
+        with pytest.raises(InvalidArgument):
+            parse_listen(bad)
