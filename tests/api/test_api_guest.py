@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -199,3 +200,34 @@ def test_cli_talks_to_the_daemon_unless_local(api: httpx.Client, daemon: Daemon)
     assert not [op for op in call(api, "GET", "/operations")
                 if op["id"] not in before and op["kind"] == "delete"]
     call(api, "GET", "/instances/clivm", 404)
+
+
+def test_console_through_the_api_and_the_cli(api: httpx.Client, daemon: Daemon, vm: str) -> None:
+    whole = api.get(f"/instances/{vm}/console")
+    # The boot's output survived the standby/restore cycles (the log is appended to).
+    assert whole.status_code == 200 and b"torpor-guest: ready" in whole.content
+    head = api.get(f"/instances/{vm}/console", params={"limit": 8})
+    assert head.content == whole.content[:8] and head.headers["x-torpor-next-offset"] == "8"
+    rest = api.get(f"/instances/{vm}/console", params={"offset": 8})
+    assert head.content + rest.content == whole.content
+    printed = torpor_cli(daemon.data_root, "console", vm)
+    assert printed.returncode == 0  # (text mode: universal newlines)
+    assert printed.stdout.encode() == whole.content.replace(b"\r\n", b"\n")
+
+
+def test_background_compression_shows_in_metrics(api: httpx.Client, vm: str) -> None:
+    completed = metric(api, "torpor_compression_jobs_total", outcome="completed")
+    saved = metric(api, "torpor_compression_bytes_saved_total")
+    sh(api, vm, "dd if=/dev/zero of=/tmp/zeros bs=1M count=64 2>/dev/null")
+    info = call(api, "POST", f"/instances/{vm}/standby",
+                json={"compression": {"codec": "zstd", "mode": "background"}})
+    assert info["compression"]["state"] in ("pending", "compressing", "compressed")
+    deadline = time.monotonic() + 120
+    while call(api, "GET", f"/instances/{vm}")["compression"]["state"] != "compressed":
+        assert time.monotonic() < deadline, call(api, "GET", f"/instances/{vm}")
+        time.sleep(0.2)
+    assert metric(api, "torpor_compression_jobs_total", outcome="completed") == completed + 1
+    assert metric(api, "torpor_compression_bytes_saved_total") > saved
+    assert metric(api, "torpor_compression_jobs_active") == 0
+    assert call(api, "POST", f"/instances/{vm}/restore")["state"] == "running"
+    sh(api, vm, "rm /tmp/zeros")

@@ -65,6 +65,7 @@ SourceFilter = Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63,
                                            description="the snapshot's source instance")]
 OperationId = Annotated[str, Path(pattern=OPERATION_ID_PATTERN)]
 OPERATION_HEADER = "X-Torpor-Operation"
+CONSOLE_NEXT = "X-Torpor-Next-Offset"
 WAIT_POLL = 0.1
 
 _ERROR_STATUSES = (400, 401, 404, 409, 422, 501, 502)
@@ -256,6 +257,18 @@ def create_app(manager: InstanceManager, token: str) -> FastAPI:
         return ExecResponse(exit_code=result.exit_code, signal=result.signal,
                             stdout_b64=base64.b64encode(result.stdout).decode(),
                             stderr_b64=base64.b64encode(result.stderr).decode())
+
+    @api.get("/instances/{name}/console", tags=["instances"], response_class=Response,
+             responses={200: {"content": {"application/octet-stream": {
+                 "schema": {"type": "string", "format": "binary"}}},
+                 "headers": {CONSOLE_NEXT: {"schema": {"type": "integer"}}}}})
+    async def console(name: InstanceName,
+                      offset: Annotated[int, Query(ge=0, le=1 << 50)] = 0,
+                      limit: Annotated[int, Query(ge=1, le=1 << 24)] = 1 << 20) -> Response:
+        """The serial console log from `offset`; the next offset is in a header."""
+        data = await manager.console(name, offset, limit)
+        return Response(data, media_type="application/octet-stream",
+                        headers={CONSOLE_NEXT: str(offset + len(data))})
 
     @api.get("/instances/{name}/wait", tags=["instances"],
              responses={408: {"model": ErrorBody}})

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import secrets
-from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -24,7 +23,6 @@ from torpor.instances import InstanceInfo
 from torpor.instances.fork import TargetState
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.snapshots import SnapshotRecord
-from torpor.paths import InstancePaths
 
 M = TypeVar("M", bound=BaseModel)
 OPERATION_HEADER = "X-Torpor-Operation"
@@ -70,8 +68,8 @@ class RemoteManager:
                                  headers={"Authorization": f"Bearer {self._token}"},
                                  timeout=httpx.Timeout(None, connect=10))
 
-    async def call(self, method: str, path: str, *, json: Any = None,
-                   params: dict[str, Any] | None = None) -> Any:
+    async def _send(self, method: str, path: str, *, json: Any = None,
+                    params: dict[str, Any] | None = None) -> httpx.Response:
         headers = {}
         if self.next_operation is not None:
             headers[OPERATION_HEADER] = self.next_operation
@@ -84,6 +82,11 @@ class RemoteManager:
                 raise DaemonError(f"cannot reach the daemon at {self.address}: {exc}") from None
         if response.status_code >= 400:
             _raise_for(response)
+        return response
+
+    async def call(self, method: str, path: str, *, json: Any = None,
+                   params: dict[str, Any] | None = None) -> Any:
+        response = await self._send(method, path, json=json, params=params)
         return response.json() if response.content else None
 
     async def _model(self, model: type[M], method: str, path: str, **kw: Any) -> M:
@@ -191,8 +194,10 @@ class RemoteManager:
                                       "target_state": target_state},
                                 params=_params(instance=source))
 
-    async def console_path_async(self, name: str) -> Path:
-        return InstancePaths((await self.get(name)).path).serial_log
+    async def console(self, name: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        response = await self._send("GET", f"/instances/{name}/console",
+                                    params={"offset": offset, "limit": limit})
+        return response.content
 
 
 def _dump(policy: CompressionPolicy | None) -> dict[str, Any] | None:

@@ -336,20 +336,18 @@ def console_cmd(ctx: typer.Context, name: NameArg,
                                                      help="Keep printing new output.")] = False
                 ) -> None:
     """Print the guest's serial console log."""
-    path = run(console_path(manager(ctx), name))
-    if not path.exists():
-        err_console.print(f"{name} has no console output yet")
-        return
-    with open(path, "rb") as f:
-        while True:
-            chunk = f.read(65536)
-            if chunk:
-                sys.stdout.buffer.write(chunk)
-                sys.stdout.flush()
-            elif not follow:
-                return
-            else:
-                time.sleep(0.2)
+    backend = manager(ctx)
+    offset = 0
+    while True:
+        chunk = run(backend.console(name, offset))
+        if chunk:
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+            offset += len(chunk)
+        elif not follow:
+            return
+        else:
+            time.sleep(0.2)
 
 
 app.registered_commands[-1].name = "console"
@@ -473,12 +471,6 @@ def image_build() -> None:
 
     image = ensure_builtin_image()
     console.print(f"default guest ready in {builtin_image_dir()} (kernel {image.kernel.name})")
-
-
-async def console_path(backend: Backend, name: str) -> Path:
-    if isinstance(backend, RemoteManager):
-        return await backend.console_path_async(name)
-    return backend.console_path(name)
 
 
 async def fetch_snapshots(backend: Backend, source: str | None) -> list[SnapshotRecord]:

@@ -133,7 +133,9 @@ def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
         argv += ["-initrd", str(config.initrd)]
     if config.cmdline:
         argv += ["-append", config.cmdline]
-    argv += ["-serial", f"file:{config.serial_log}"]
+    # append: a restored VM keeps the console history of its earlier runs
+    argv += ["-chardev", f"file,id=serial0,path={config.serial_log},append=on",
+             "-serial", "chardev:serial0"]
     argv += ["-qmp", f"unix:{config.qmp_socket},server=on,wait=off"]
     if config.qmp_query_socket:
         argv += ["-qmp", f"unix:{config.qmp_query_socket},server=on,wait=off"]

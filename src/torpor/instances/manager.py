@@ -359,5 +359,19 @@ class InstanceManager:
     def console_path(self, name: str) -> Path:
         return self.data_root.instance(self._find(name).id).serial_log
 
+    async def console(self, name: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        """Up to `limit` bytes of the serial console log from `offset` (b"" at its end)."""
+        path = self.console_path(name)
+
+        def read() -> bytes:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(offset)
+                    return f.read(limit)
+            except FileNotFoundError:
+                return b""
+
+        return await asyncio.to_thread(read)
+
     def paths(self, name: str) -> InstancePaths:
         return self.data_root.instance(self._find(name).id)
