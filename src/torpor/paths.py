@@ -4,6 +4,7 @@
       instances/<id>/
         metadata.json            instance definition (atomic writes)
         disk.raw                 sparse writable root disk
+        memory                   guest RAM in memory-file mode (sparse, shared mapping)
         logs/serial.log          guest console
         logs/qemu.log            QEMU's own messages
         run/                     runtime: QMP + agent sockets, pid file, runtime.json (never copied)
@@ -58,6 +59,11 @@ class InstancePaths:
     @property
     def disk(self) -> Path:
         return self.root / "disk.raw"
+
+    @property
+    def memory_file(self) -> Path:
+        """Guest RAM in memory-file mode (sparse; exists while the VM runs or stands by)."""
+        return self.root / "memory"
 
     @property
     def logs_dir(self) -> Path:

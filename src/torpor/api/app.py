@@ -198,7 +198,8 @@ def create_app(manager: InstanceManager, token: str) -> FastAPI:
         async with operations.track(op, "create", body.name):
             return await manager.create(body.name, memory_bytes=body.memory_mib << 20,
                                         cpus=body.cpus, disk_bytes=body.disk_mib << 20,
-                                        snapshot_policy=to_policy(body.snapshot_policy))
+                                        snapshot_policy=to_policy(body.snapshot_policy),
+                                        memory_backing=body.memory_backing)
 
     @api.get("/instances/{name}", tags=["instances"])
     async def get_instance(name: InstanceName) -> InstanceInfo:

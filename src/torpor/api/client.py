@@ -21,7 +21,7 @@ from torpor.config import ListenAddress
 from torpor.guest.agent import ExecResult
 from torpor.instances import InstanceInfo
 from torpor.instances.fork import TargetState
-from torpor.instances.metadata import CompressionPolicy
+from torpor.instances.metadata import CompressionPolicy, MemoryBacking
 from torpor.instances.snapshots import SnapshotRecord
 
 M = TypeVar("M", bound=BaseModel)
@@ -110,9 +110,10 @@ class RemoteManager:
     # --- the InstanceManager calls the CLI makes ------------------------------------
 
     async def create(self, name: str, *, memory_bytes: int, cpus: int, disk_bytes: int,
-                     snapshot_policy: CompressionPolicy | None = None) -> InstanceInfo:
+                     snapshot_policy: CompressionPolicy | None = None,
+                     memory_backing: MemoryBacking = "anonymous") -> InstanceInfo:
         body = {"name": name, "memory_mib": memory_bytes >> 20, "cpus": cpus,
-                "disk_mib": -(-disk_bytes // (1 << 20)),
+                "disk_mib": -(-disk_bytes // (1 << 20)), "memory_backing": memory_backing,
                 "snapshot_policy": _dump(snapshot_policy)}
         return await self._model(InstanceInfo, "POST", "/instances", json=body)
 

@@ -91,6 +91,9 @@ class CreateRequest(Body):
     cpus: Cpus = 1
     disk_mib: DiskMib = Field(
         2048, description="root disk size (sparse); at least the image's 1 GiB")
+    memory_backing: Literal["anonymous", "file"] = Field(
+        "anonymous", description="file: memory-file mode (RAM in a file; device-state "
+        "snapshots, forks map the RAM copy-on-write)")
     snapshot_policy: Compression | None = Field(
         None, description="the instance's standby compression policy")
 

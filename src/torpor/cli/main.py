@@ -167,12 +167,18 @@ def create(
     disk_size: Annotated[str, typer.Option(help="Root disk size (sparse).")] = "2G",
     compress: CompressOpt = None,
     level: LevelOpt = None,
+    memory_backing: Annotated[str, typer.Option(
+        help="Guest RAM: anonymous, or file (memory-file mode: standby and restore in "
+             "milliseconds, forks share RAM).")] = "anonymous",
     json_out: JsonOpt = False,
 ) -> None:
     """Create an instance of the built-in guest (stopped)."""
+    if memory_backing not in ("anonymous", "file"):
+        raise typer.BadParameter("must be anonymous or file", param_hint="--memory-backing")
     info = run(manager(ctx).create(name, memory_bytes=parse_size(memory, "M"), cpus=cpus,
                                    disk_bytes=parse_size(disk_size, "G"),
-                                   snapshot_policy=compression_policy(compress, level)))
+                                   snapshot_policy=compression_policy(compress, level),
+                                   memory_backing=memory_backing))  # type: ignore[arg-type]
     if json_out:
         print_json(info)
     else:

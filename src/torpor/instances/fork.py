@@ -39,6 +39,7 @@ if TYPE_CHECKING:  # the manager calls in here; only the type is needed back
     from torpor.instances.snapshots import SnapshotRecord
 
 TargetState = Literal["running", "standby", "stopped"]
+AUTO_TAG = "torpor.auto"  # a snapshot torpor made for forks, removed with the last of them
 # Copied from a payload or source: everything but the runtime and the source's logs.
 FORK_SKIP = ("run", "logs")
 
@@ -57,13 +58,22 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
                 existing_names: set[str], origin_snapshot: str | None,
                 keep_state: bool) -> InstanceMetadata:
     """Copy `source_dir` (laid out like an instance) into a new instance with a new
-    identity. The caller holds the registry lock. Returns the new metadata."""
+    identity. The caller holds the registry lock. Returns the new metadata.
+    From a stored snapshot (`origin_snapshot`) in memory-file mode, the RAM is not copied:
+    the fork maps the snapshot's memory file privately (copy-on-write)."""
     if name in existing_names:
         raise AlreadyExists(f"an instance named {name!r} already exists")
-    source = InstanceMetadata.load(InstancePaths(source_dir).metadata)
+    source_paths = InstancePaths(source_dir)
+    source = InstanceMetadata.load(source_paths.metadata)
     instance_id = new_instance_id()
     staging = data_root.staging(f"fork-{instance_id}-{secrets.token_hex(3)}")
-    skip = FORK_SKIP if keep_state else (*FORK_SKIP, "snapshots")
+    skip: tuple[str, ...] = FORK_SKIP if keep_state else (*FORK_SKIP, "snapshots")
+    memory_origin = source.memory_origin if keep_state else None
+    if source_paths.memory_file.exists():
+        skip = (*skip, source_paths.memory_file.name)  # a fork never owns the source's RAM
+        if keep_state:
+            assert origin_snapshot is not None, "only a snapshot's memory file is immutable"
+            memory_origin = source_paths.memory_file
     try:
         progress = observe.counter("copy", allocated_bytes(source_dir, skip))
         observe.copied(copy_tree(source_dir, staging, skip=skip, fsync=True, progress=progress))
@@ -74,7 +84,7 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
             "id": instance_id, "name": name, "created_at": utc_now(), "mac": new_mac(),
             "vmgenid": new_vmgenid() if source.vmgenid else None,
             "origin_snapshot": origin_snapshot, "last_operation": None,
-            "compression_plan": None})
+            "compression_plan": None, "memory_origin": memory_origin})
         meta.save(paths.metadata)
         final = data_root.instance(instance_id).root
         os.rename(staging, final)
@@ -117,7 +127,18 @@ async def from_instance(mgr: InstanceManager, source: str, new_name: str, *, cou
             raise WrongState(f"instance {source} is crashed: stop or start it first")
         has_state = state is not InstanceState.STOPPED
         names = _check(mgr, new_name, count, target_state, has_state)
-        if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+        if has_state and ctx.meta.memory_backing == "file":
+            # Memory-file mode: one snapshot (RAM copied once, outside any fork), kept
+            # while forks map its memory file privately; removed with the last of them.
+            base = await snapshots.create(ctx, f"fork-base-{secrets.token_hex(4)}",
+                                          {AUTO_TAG: "fork"})
+            try:
+                created = await _materialise_all(
+                    mgr, mgr.data_root.snapshot(base.id).payload, names, base.id, True)
+            except BaseException:
+                await mgr.drop_auto_snapshot(base.id)
+                raise
+        elif state in (InstanceState.RUNNING, InstanceState.PAUSED):
             # A temporary overlapped snapshot: the source pauses only for it.
             temp = await snapshots.create(ctx, f"fork-{secrets.token_hex(4)}", {})
             try:

@@ -75,6 +75,10 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
     if record is not None:  # crashed: make sure nothing of the old process remains
         await terminate(ctx, record.process())
     check_boot_files(ctx)
+    discard_memory_file(ctx)  # a fresh boot starts from empty (sparse) RAM
+    if ctx.meta.memory_origin is not None:  # a fork booting afresh needs no origin's RAM
+        ctx.meta.memory_origin = None
+        ctx.meta.save(ctx.paths.metadata)
     op = OperationRecorder("start", ctx.name)
     process: TrackedProcess | None = None
     try:
@@ -91,6 +95,12 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
         raise
     op.record(ctx.paths)
     return op
+
+
+def discard_memory_file(ctx: InstanceContext) -> None:
+    """Drop the instance's own RAM file (never a fork's origin: that is a snapshot's)."""
+    with contextlib.suppress(FileNotFoundError):
+        ctx.paths.memory_file.unlink()
 
 
 async def terminate(ctx: InstanceContext, process: TrackedProcess) -> None:
@@ -140,6 +150,7 @@ async def stop(ctx: InstanceContext, *, timeout: float | None = None,
                 how = await shutdown(ctx, process, timeout or ctx.settings.stop_timeout)
                 log.info("%s: %s", ctx.name, how)
         clear_runtime(ctx.paths)
+        discard_memory_file(ctx)  # a stopped VM has no RAM: give the disk space back
     except TorporError as exc:
         op.record(ctx.paths, exc)
         raise

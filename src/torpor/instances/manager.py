@@ -35,6 +35,7 @@ from torpor.instances.metadata import (
     InstanceMetadata,
     InstanceState,
     LastOperation,
+    MemoryBacking,
     new_instance_id,
     new_mac,
     new_vmgenid,
@@ -62,6 +63,7 @@ class InstanceInfo(BaseModel):
     memory_mib: int
     disk_bytes: int
     mac: str
+    memory_backing: MemoryBacking = "anonymous"
     created_at: datetime
     pid: int | None = None
     accel: str | None = None
@@ -129,6 +131,7 @@ class InstanceManager:
         return InstanceInfo(
             name=meta.name, id=meta.id, state=state, cpus=meta.cpus,
             memory_mib=meta.memory_mib, disk_bytes=meta.disk_bytes, mac=meta.mac,
+            memory_backing=meta.memory_backing,
             created_at=meta.created_at, path=paths.root,
             pid=record.identity.pid if record and state is not InstanceState.CRASHED else None,
             accel=record.vm_config.accel if record else None,
@@ -211,8 +214,11 @@ class InstanceManager:
                      disk_bytes: int = DEFAULT_DISK, image: GuestImage | None = None,
                      accel: AccelChoice = "auto",
                      port_forwards: list[PortForward] | None = None,
-                     snapshot_policy: CompressionPolicy | None = None) -> InstanceInfo:
+                     snapshot_policy: CompressionPolicy | None = None,
+                     memory_backing: MemoryBacking = "anonymous") -> InstanceInfo:
         validate_name(name)
+        if memory_backing not in ("anonymous", "file"):
+            raise InvalidArgument("--memory-backing must be anonymous or file")
         if not 1 <= cpus <= MAX_CPUS:
             raise InvalidArgument(f"--cpus must be between 1 and {MAX_CPUS}")
         if memory_bytes < 64 << 20 or memory_bytes % (1 << 20):
@@ -240,7 +246,7 @@ class InstanceManager:
                     memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
                     image=self._import_image(image), accel=accel,
                     port_forwards=port_forwards or [], snapshot_policy=snapshot_policy,
-                    vmgenid=new_vmgenid())
+                    vmgenid=new_vmgenid(), memory_backing=memory_backing)
                 meta.save(paths.metadata)
                 final = self.data_root.instance(instance_id).root
                 os.rename(staging, final)  # the instance appears whole or not at all
@@ -262,6 +268,8 @@ class InstanceManager:
             remove_tree(ctx.paths.root)
             with contextlib.suppress(FileNotFoundError):
                 self.data_root.instance_lock(ctx.meta.id).unlink()
+            origin = ctx.meta.origin_snapshot
+        await self.drop_auto_snapshot(origin)
 
     # --- lifecycle --------------------------------------------------------------------
 
@@ -317,7 +325,23 @@ class InstanceManager:
         return snapshots.find_record(self.data_root, snapshot, source_id)
 
     def snapshot_dependents(self, snapshot_id: str) -> list[str]:
-        return [m.name for m in self._all_metadata() if m.origin_snapshot == snapshot_id]
+        """Instances forked from the snapshot, or mapping its memory file."""
+        snapshot_dir = self.data_root.snapshot(snapshot_id).root
+        return [m.name for m in self._all_metadata()
+                if m.origin_snapshot == snapshot_id
+                or (m.memory_origin is not None and m.memory_origin.is_relative_to(snapshot_dir))]
+
+    async def drop_auto_snapshot(self, snapshot_id: str | None) -> None:
+        """A snapshot torpor made for memory-file forks goes with the last of them."""
+        if snapshot_id is None:
+            return
+        async with file_lock(self.data_root.registry_lock, what="the instance registry"):
+            try:
+                record = snapshots.find_record(self.data_root, snapshot_id)
+            except NotFound:
+                return
+            if record.tags.get(fork_op.AUTO_TAG) and not self.snapshot_dependents(record.id):
+                snapshots.remove(self.data_root, record, [])
 
     async def snapshot_delete(self, snapshot: str, source: str | None = None) -> None:
         async with file_lock(self.data_root.registry_lock, what="the instance registry"):

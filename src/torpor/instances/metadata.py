@@ -100,6 +100,9 @@ def resolve_policy(*candidates: CompressionPolicy | None) -> CompressionPolicy:
     return CompressionPolicy()
 
 
+MemoryBacking = Literal["anonymous", "file"]
+
+
 class InstanceMetadata(BaseModel):
     version: int = METADATA_VERSION
     id: str
@@ -116,6 +119,11 @@ class InstanceMetadata(BaseModel):
     compression_plan: CompressionPlan | None = None
     vmgenid: str | None = None  # QEMU vmgenid device GUID; a fork gets a new one
     origin_snapshot: str | None = None  # the stored snapshot this instance was forked from
+    # Guest RAM: anonymous memory, or a file (memory-file mode: standby saves device state
+    # only). A file-mode fork maps its snapshot's memory file privately (copy-on-write)
+    # instead of having one of its own: memory_origin names that immutable file.
+    memory_backing: MemoryBacking = "anonymous"
+    memory_origin: Path | None = None
     last_operation: LastOperation | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 

@@ -35,6 +35,21 @@ def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
     return config
 
 
+def check_memory_file(ctx: InstanceContext, config: VMConfig, manifest: Manifest) -> None:
+    """The RAM a memory-file state (or a file-mode fork) maps must be there, whole."""
+    memory = config.memory_file
+    if memory is None:
+        return
+    try:
+        size = memory.path.stat().st_size
+    except FileNotFoundError:
+        raise IntegrityError(f"the memory file of {ctx.name} is missing: {memory.path}") from None
+    expected = manifest.memory_file.size_bytes if manifest.memory_file else size
+    if size != expected or size != config.memory_mib << 20:
+        raise IntegrityError(f"the memory file {memory.path} of {ctx.name} has {size} bytes;"
+                             f" the saved state needs {expected}")
+
+
 def check_state(name: str, state: InstanceState) -> None:
     if state is not InstanceState.STANDBY:
         raise WrongState(f"instance {name} has no standby state to restore (it is {state})")
@@ -52,6 +67,7 @@ async def restore(ctx: InstanceContext) -> OperationRecorder:
         raise IntegrityError(f"manifest says the state is {manifest.state.codec} but the file"
                              f" found is {path.name}")
     lifecycle.check_boot_files(ctx)
+    check_memory_file(ctx, config, manifest)
     op = OperationRecorder("restore", ctx.name)
     process: TrackedProcess | None = None
     try:
@@ -65,7 +81,8 @@ async def restore(ctx: InstanceContext) -> OperationRecorder:
                                      f"{manifest.qemu_version}; this host has {version}")
             with op.phase("load"):
                 progress = observe.counter("load", manifest.state.stored_bytes)
-                await load_state(mon, path, codec, manifest.state, progress)
+                await load_state(mon, path, codec, manifest.state, progress,
+                                 ignore_shared=manifest.x_ignore_shared)
             with op.phase("resume"):
                 await mon.resume()
         with op.phase("agent-ready"):

@@ -44,7 +44,7 @@ from torpor.instances.metadata import NAME_RE, CompressionPolicy, InstanceState,
 from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import RuntimeRecord, derive_state
 from torpor.instances.standby import build_manifest
-from torpor.paths import DataRoot, SnapshotPaths
+from torpor.paths import DataRoot, InstancePaths, SnapshotPaths
 from torpor.snapshot.manifest import Manifest
 from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_state
 
@@ -160,7 +160,8 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging
     """The paused window of a running-source snapshot: pause, both legs, resume."""
     state_dir = _state_staging(staging)
     async with Monitor.connect(ctx.paths.qmp_socket) as mon:
-        await prepare_outgoing(mon)
+        # Memory-file mode: the save leg is device state only; RAM goes with the copy leg.
+        await prepare_outgoing(mon, ignore_shared=record.vm_config.memory_file is not None)
         was_running = await mon.status() == "running"
         paused_at = time.monotonic()
         await mon.pause()
@@ -281,14 +282,18 @@ async def restore_into(ctx: InstanceContext, snap: SnapshotRecord) -> None:
         raise WrongState(f"instance {ctx.name} is {state}: stop it (or put it in standby) first")
     payload = ctx.data_root.snapshot(snap.id).payload_instance()
     await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
-    await asyncio.to_thread(_replace_from_payload, ctx, payload.disk, payload.standby_dir)
+    await asyncio.to_thread(_replace_from_payload, ctx, payload)
 
 
-def _replace_from_payload(ctx: InstanceContext, disk: Path, state_dir: Path) -> None:
-    copy_file(disk, ctx.paths.disk, replace=True, fsync=True)
+def _replace_from_payload(ctx: InstanceContext, payload: InstancePaths) -> None:
+    copy_file(payload.disk, ctx.paths.disk, replace=True, fsync=True)
+    if payload.memory_file.exists():  # memory-file mode: the instance's own copy of the RAM
+        copy_file(payload.memory_file, ctx.paths.memory_file, replace=True, fsync=True)
+    else:
+        ctx.paths.memory_file.unlink(missing_ok=True)
     if ctx.paths.standby_dir.exists():
         remove_tree(ctx.paths.standby_dir)
-    if state_dir.exists():
+    if payload.standby_dir.exists():
         ctx.paths.snapshots_dir.mkdir(exist_ok=True)
-        copy_tree(state_dir, ctx.paths.standby_dir, fsync=True)
+        copy_tree(payload.standby_dir, ctx.paths.standby_dir, fsync=True)
     ctx.paths.run_dir.mkdir(exist_ok=True)

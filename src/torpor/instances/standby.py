@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
+from pathlib import Path
 
 from torpor.codec import Codec
 from torpor.errors import OperationFailed, WrongState
@@ -23,7 +25,7 @@ from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_policy, utc_now
 from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, derive_state
-from torpor.snapshot.manifest import Manifest, StateFile
+from torpor.snapshot.manifest import Manifest, MemoryFileRecord, StateFile
 from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_state
 
 log = logging.getLogger(__name__)
@@ -47,8 +49,28 @@ async def _resume_after_failure(ctx: InstanceContext, process: TrackedProcess,
 
 
 def build_manifest(vm_config: VMConfig, state: StateFile, qemu_version: str) -> Manifest:
+    memory = vm_config.memory_file
+    record = None
+    if memory is not None and memory.shared:  # RAM stays in the file: device state only
+        st = memory.path.stat()
+        record = MemoryFileRecord(size_bytes=st.st_size, allocated_bytes=st.st_blocks * 512)
     return Manifest(created_at=utc_now(), qemu_version=qemu_version, vm_config=vm_config,
-                    guest_visible=vm_config.guest_visible(), state=state)
+                    guest_visible=vm_config.guest_visible(), state=state,
+                    kind="memory-file" if record else "stream",
+                    x_ignore_shared=memory is not None, memory_file=record)
+
+
+def release_memory_file(path: Path, op: OperationRecorder) -> None:
+    """After QEMU has quit: write the guest's RAM to disk and drop it from the page cache,
+    so the host really gets the memory back (outside the paused window)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        with op.phase("flush-memory"):
+            os.fdatasync(fd)
+        with op.phase("drop-cache"):
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
 
 
 def _discard_partial(ctx: InstanceContext) -> None:
@@ -63,7 +85,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
     partial, latest = ctx.paths.standby_partial_dir, ctx.paths.standby_dir
     async with Monitor.connect(ctx.paths.qmp_socket) as mon:
         qemu_version = await mon.version()
-        await prepare_outgoing(mon)
+        await prepare_outgoing(mon, ignore_shared=record.vm_config.memory_file is not None)
         paused_at = time.monotonic()
         with op.phase("pause"):
             await mon.pause()
@@ -120,6 +142,8 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
             _discard_partial(ctx)
             raise await _resume_after_failure(ctx, record.process(), exc) from exc
         clear_runtime(ctx.paths)
+        if manifest.kind == "memory-file":
+            await asyncio.to_thread(release_memory_file, ctx.paths.memory_file, op)
         with op.phase("persist"):
             manifest.state = finalize_checksum(ctx.paths.standby_dir, manifest.state)
             manifest.phases = dict(op.phases)

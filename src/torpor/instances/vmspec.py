@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
-from torpor.hypervisor.vmconfig import Accel, Disk, VMConfig
+from torpor.hypervisor.vmconfig import Accel, Disk, MemoryFile, VMConfig
 from torpor.instances.metadata import InstanceMetadata
 from torpor.paths import InstancePaths
+
+
+def memory_file_for(meta: InstanceMetadata, paths: InstancePaths) -> MemoryFile | None:
+    """Own RAM file mapped shared, a fork's origin file mapped privately, or none."""
+    if meta.memory_backing != "file":
+        return None
+    if meta.memory_origin is not None:
+        return MemoryFile(path=meta.memory_origin, shared=False)
+    return MemoryFile(path=paths.memory_file, shared=True)
 
 
 def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) -> VMConfig:
@@ -24,4 +33,5 @@ def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) ->
         agent_socket=paths.agent_socket,
         serial_log=paths.serial_log,
         vmgenid=meta.vmgenid,
+        memory_file=memory_file_for(meta, paths),
     )

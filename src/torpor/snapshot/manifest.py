@@ -17,6 +17,7 @@ from torpor.hypervisor.vmconfig import VMConfig
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MACHINE_STATE = "machine-state"  # the raw name; compressed files add a suffix
+MEMORY_FILE = "memory"  # memory-file mode: guest RAM, in the instance directory
 
 
 class StateFile(BaseModel):
@@ -35,9 +36,22 @@ class StateFile(BaseModel):
         return self.name + SUFFIXES.get(self.codec, "")
 
 
+class MemoryFileRecord(BaseModel):
+    """Memory-file mode: guest RAM stays in this file (relative to the instance
+    directory) and the state file holds the device state only."""
+
+    name: str = MEMORY_FILE
+    size_bytes: int
+    allocated_bytes: int
+
+
 class Manifest(BaseModel):
     format_version: int = FORMAT_VERSION
-    kind: Literal["stream"] = "stream"
+    # stream: RAM and devices in the state file. memory-file: devices only; RAM is in
+    # `memory_file`. Either way a file-backed VM's stream is written with x-ignore-shared.
+    kind: Literal["stream", "memory-file"] = "stream"
+    x_ignore_shared: bool = False
+    memory_file: MemoryFileRecord | None = None
     created_at: datetime
     qemu_version: str
     vm_config: VMConfig

@@ -73,9 +73,12 @@ async def wait_migration(mon: Monitor, progress: Progress | None = None,
         await asyncio.sleep(POLL_INTERVAL)
 
 
-async def prepare_outgoing(mon: Monitor) -> None:
-    """Call before pausing: it is a round trip the paused window need not contain."""
+async def prepare_outgoing(mon: Monitor, *, ignore_shared: bool = False) -> None:
+    """Call before pausing: round trips the paused window need not contain.
+    ignore_shared (memory-file mode): RAM in a shared file is left out of the stream."""
     await mon.set_migration_parameters(max_bandwidth=UNLIMITED_BANDWIDTH)
+    if ignore_shared:
+        await mon.set_migration_capabilities(x_ignore_shared=True)
 
 
 async def _reap(proc: asyncio.subprocess.Process) -> str | None:
@@ -145,9 +148,12 @@ def finalize_checksum(directory: Path, state: StateFile) -> StateFile:
 
 
 async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile,
-                     progress: Progress | None = None) -> None:
+                     progress: Progress | None = None, *, ignore_shared: bool = False) -> None:
     """Feed a stored state into an incoming QEMU; raise IntegrityError if its checksum
-    does not match (the caller must then not resume the VM)."""
+    does not match (the caller must then not resume the VM). ignore_shared: the stream
+    was saved with x-ignore-shared (memory-file mode), so it is read with it too."""
+    if ignore_shared:
+        await mon.set_migration_capabilities(x_ignore_shared=True)
     verifier = asyncio.create_task(asyncio.to_thread(checksum_file, path))
     proc: asyncio.subprocess.Process | None = None
     load_error: BaseException | None = None

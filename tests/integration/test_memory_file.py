@@ -1,0 +1,169 @@
+"""Memory-file mode on real guests: device-state standby, lazy restore, copy-on-write
+forks that share their snapshot's RAM, isolation, and faults."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run, sh
+from torpor.errors import IntegrityError
+from torpor.instances import InstanceManager, InstanceState
+from torpor.instances import snapshots as snapshots_module
+from torpor.instances.legs import LegFailed
+from torpor.instances.runtime import load_runtime
+from torpor.snapshot.manifest import Manifest
+
+pytestmark = pytest.mark.qemu
+MARKS = "md5sum /tmp/ram.bin /root/disk.bin"
+
+
+@pytest.fixture(scope="module")
+def filevm(manager: InstanceManager) -> Iterator[str]:
+    run(manager.create("filevm", memory_bytes=512 << 20, memory_backing="file"))
+    run(manager.start("filevm"))
+    yield "filevm"
+    run(manager.delete("filevm", force=True))
+
+
+def write_marks(manager: InstanceManager, name: str, mib: int = 64) -> str:
+    return sh(manager, name, f"dd if=/dev/urandom of=/tmp/ram.bin bs=1M count={mib}"
+              " 2>/dev/null; head -c 4m /dev/urandom > /root/disk.bin; sync; " + MARKS)
+
+
+def resident_bytes(path: Path) -> int:
+    """Page-cache bytes of a file (util-linux fincore)."""
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip())
+
+
+def file_hash(path: Path) -> str:
+    digest = hashlib.blake2b()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def test_standby_saves_device_state_only_and_releases_the_ram(
+        manager: InstanceManager, filevm: str) -> None:
+    marks = write_marks(manager, filevm, mib=96)
+    counter = int(sh(manager, filevm, "cat /run/counter"))
+    paths = manager.paths(filevm)
+    record = load_runtime(paths)
+    assert record is not None
+    info = run(manager.standby(filevm))
+    assert info.state is InstanceState.STANDBY and info.pid is None
+    assert not record.identity.is_alive()
+    manifest = Manifest.load(paths.standby_dir)
+    assert manifest.kind == "memory-file" and manifest.x_ignore_shared
+    assert manifest.memory_file is not None and manifest.memory_file.size_bytes == 512 << 20
+    assert manifest.state.stored_bytes < 4 << 20  # devices only; the 96 MiB stayed in RAM file
+    assert manifest.memory_file.allocated_bytes >= 96 << 20
+    assert resident_bytes(paths.memory_file) == 0  # flushed and dropped: the host has it back
+    phases = info.last_operation.phases if info.last_operation else {}
+    assert {"paused_window", "flush-memory", "drop-cache"} <= set(phases)
+
+    info = run(manager.restore(filevm))
+    assert info.state is InstanceState.RUNNING
+    assert sh(manager, filevm, MARKS) == marks
+    assert int(sh(manager, filevm, "cat /run/counter")) > counter
+
+
+def test_missing_memory_file_is_refused_and_the_state_kept(
+        manager: InstanceManager, filevm: str) -> None:
+    marks = write_marks(manager, filevm, mib=8)
+    run(manager.standby(filevm))
+    paths = manager.paths(filevm)
+    aside = paths.root / "memory.aside"
+    paths.memory_file.rename(aside)
+    try:
+        with pytest.raises(IntegrityError, match="memory file"):
+            run(manager.restore(filevm))
+        assert run(manager.get(filevm)).state is InstanceState.STANDBY
+    finally:
+        aside.rename(paths.memory_file)
+    run(manager.restore(filevm))  # still restorable once the file is back
+    assert sh(manager, filevm, MARKS) == marks
+
+
+def test_copy_failure_in_a_file_mode_snapshot_leaves_the_source_running(
+        manager: InstanceManager, filevm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    def failing_copy(*args: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device (injected)")
+
+    monkeypatch.setattr(snapshots_module, "copy_tree", failing_copy)
+    with pytest.raises(LegFailed, match="injected"):
+        run(manager.snapshot_create(filevm, "bad-copy"))
+    assert run(manager.get(filevm)).state is InstanceState.RUNNING
+    assert manager.snapshot_list(filevm) == []
+    assert sh(manager, filevm, "echo alive") == "alive\n"
+
+
+def test_forks_map_the_snapshot_ram_privately_and_stay_isolated(
+        manager: InstanceManager, filevm: str) -> None:
+    marks = write_marks(manager, filevm)
+    snap = run(manager.snapshot_create(filevm, "fm-snap"))
+    payload = manager.data_root.snapshot(snap.id).payload_instance()
+    assert Manifest.load(payload.standby_dir).kind == "memory-file"
+    stored = file_hash(payload.memory_file)
+
+    forks = run(manager.snapshot_fork("fm-snap", "fmfork", count=2))
+    names = [f.name for f in forks]
+    try:
+        for name in names:
+            meta_paths = manager.paths(name)
+            assert not meta_paths.memory_file.exists()  # no copy of the RAM at all
+            assert sh(manager, name, MARKS) == marks
+        # The fork and its source run at once; each writes over the same RAM file pages.
+        everyone = [filevm, *names]
+        for name in everyone:
+            sh(manager, name, f"echo {name} > /tmp/who; dd if=/dev/urandom of=/tmp/ram.bin"
+                              " bs=1M count=16 conv=notrunc 2>/dev/null")
+        for name in everyone:
+            assert sh(manager, name, "cat /tmp/who").strip() == name
+        assert len({sh(manager, name, "md5sum /tmp/ram.bin") for name in everyone}) == 3
+        assert file_hash(payload.memory_file) == stored  # never written through
+
+        # A fork's own standby is a stream over its private mapping; it comes back intact.
+        before = sh(manager, names[0], "md5sum /tmp/ram.bin; cat /tmp/who")
+        run(manager.standby(names[0]))
+        kind = Manifest.load(manager.paths(names[0]).standby_dir).kind
+        assert kind == "stream"
+        run(manager.restore(names[0]))
+        assert sh(manager, names[0], "md5sum /tmp/ram.bin; cat /tmp/who") == before
+        assert file_hash(payload.memory_file) == stored
+    finally:
+        for name in names:
+            run(manager.delete(name, force=True))
+    run(manager.snapshot_delete("fm-snap"))
+
+
+def test_fork_of_a_running_file_mode_instance_keeps_a_base_until_the_last_fork(
+        manager: InstanceManager, filevm: str) -> None:
+    marks = write_marks(manager, filevm, mib=8)
+    forks = run(manager.fork(filevm, "fmlive", count=2))
+    bases = [r for r in manager.snapshot_list(filevm) if r.name.startswith("fork-base-")]
+    assert len(bases) == 1 and bases[0].tags == {"torpor.auto": "fork"}
+    assert sh(manager, forks[0].name, MARKS) == marks
+    assert run(manager.get(filevm)).state is InstanceState.RUNNING
+    run(manager.delete(forks[0].name, force=True))
+    assert [r.id for r in manager.snapshot_list(filevm)] == [bases[0].id]  # one fork left
+    run(manager.delete(forks[1].name, force=True))
+    assert manager.snapshot_list(filevm) == []
+
+
+def test_stop_discards_the_ram_file_and_start_boots_afresh(
+        manager: InstanceManager, filevm: str) -> None:
+    paths = manager.paths(filevm)
+    run(manager.stop(filevm))
+    assert not paths.memory_file.exists()
+    run(manager.start(filevm))
+    assert paths.memory_file.stat().st_size == 512 << 20
+    assert sh(manager, filevm, "test -e /tmp/ram.bin || echo fresh") == "fresh\n"
