@@ -12,6 +12,7 @@
     delay = "30s"             # background only: wait this long first
     jobs = 2                  # background jobs at once (default: cores)
     rate_limit = "200M"       # bytes/s a background job reads (default: no cap)
+    memory_file_delay = "5m"  # memory-file mode: compress the RAM file after this idle
 
 The file is $TORPOR_CONFIG, else /etc/torpor/torpor.toml if it exists. Environment:
 TORPOR_DATA_ROOT, TORPOR_LISTEN, TORPOR_ACCEL, TORPOR_DEFAULT_COMPRESSION (codec[:level]),
@@ -56,6 +57,7 @@ class CompressionConfig(BaseModel):
     delay: str | float = 0.0
     jobs: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
     rate_limit: str | int | None = None
+    memory_file_delay: str | float = 300.0  # memory-file mode: idle time before compressing
 
     def policy(self) -> CompressionPolicy | None:
         """The server default policy; None when compression is off by default."""
@@ -111,9 +113,12 @@ class Config(BaseModel):
         return self.token_file or self.root.api_token
 
     def settings(self) -> Settings:
+        delay = self.compression.memory_file_delay
         return Settings(accel=self.accel, default_compression=self.compression.policy(),
                         compression_jobs=self.compression.jobs,
-                        compression_rate_limit=self.compression.rate_limit_bytes())
+                        compression_rate_limit=self.compression.rate_limit_bytes(),
+                        memory_compression_delay=delay if isinstance(delay, float | int)
+                        else parse_duration(delay))
 
 
 @dataclass(frozen=True)

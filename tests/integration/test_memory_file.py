@@ -6,16 +6,19 @@ from __future__ import annotations
 import errno
 import hashlib
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run, sh
+from torpor.codec import Codec
 from torpor.errors import IntegrityError
-from torpor.instances import InstanceManager, InstanceState
+from torpor.instances import InstanceManager, InstanceState, compression_jobs
 from torpor.instances import snapshots as snapshots_module
 from torpor.instances.legs import LegFailed
+from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.runtime import load_runtime
 from torpor.snapshot.manifest import Manifest
 
@@ -167,3 +170,32 @@ def test_stop_discards_the_ram_file_and_start_boots_afresh(
     run(manager.start(filevm))
     assert paths.memory_file.stat().st_size == 512 << 20
     assert sh(manager, filevm, "test -e /tmp/ram.bin || echo fresh") == "fresh\n"
+
+
+def test_background_compression_of_the_ram_file_keeps_its_holes(
+        manager: InstanceManager, filevm: str) -> None:
+    marks = write_marks(manager, filevm, mib=32)
+    paths = manager.paths(filevm)
+    policy = CompressionPolicy(codec=Codec.ZSTD, mode="background")
+    info = run(manager.standby(filevm, policy))
+    before = Manifest.load(paths.standby_dir).memory_file
+    assert before is not None
+    deadline = time.monotonic() + 120
+    while run(manager.get(filevm)).compression.state != "compressed":
+        assert time.monotonic() < deadline, run(manager.get(filevm)).compression
+        time.sleep(0.2)
+    compressed = paths.memory_file.with_name("memory.zst")
+    assert compressed.exists() and not paths.memory_file.exists()
+    status = run(manager.get(filevm)).compression
+    assert status.compressed_bytes and status.compressed_bytes < before.allocated_bytes
+    assert info.state is InstanceState.STANDBY
+
+    # What every reader does before QEMU maps the file: decompress, holes kept.
+    compression_jobs.decompress_memory_file(paths)
+    assert paths.memory_file.stat().st_size == 512 << 20 and not compressed.exists()
+    allocated = paths.memory_file.stat().st_blocks * 512
+    # Holes stay holes: never inflated towards the 512 MiB of written zeros. (It may come
+    # out smaller than before: pages the guest touched but left zero become holes too.)
+    assert 32 << 20 <= allocated <= 1.05 * before.allocated_bytes
+    run(manager.restore(filevm))
+    assert sh(manager, filevm, MARKS) == marks

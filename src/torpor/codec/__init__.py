@@ -12,8 +12,19 @@ from torpor.codec.codecs import (
     compressor_argv,
     decompressor_argv,
     parse_codec,
+    sparse_decompressor_argv,
     validate_level,
 )
 
-__all__ = ["CHECKSUM_ALGORITHM", "SUFFIXES", "Codec", "StreamStats", "checksum_file",
-           "compressor_argv", "decompressor_argv", "parse_codec", "validate_level"]
+__all__ = [
+    "CHECKSUM_ALGORITHM",
+    "SUFFIXES",
+    "Codec",
+    "StreamStats",
+    "checksum_file",
+    "compressor_argv",
+    "decompressor_argv",
+    "parse_codec",
+    "sparse_decompressor_argv",
+    "validate_level",
+]

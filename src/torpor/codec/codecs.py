@@ -71,6 +71,16 @@ def decompressor_argv(codec: Codec, path: os.PathLike[str] | str | None = None) 
     return [str(codec), "-q", "-d", "-c", *([os.fspath(path)] if path is not None else [])]
 
 
+def sparse_decompressor_argv(codec: Codec, src: os.PathLike[str] | str,
+                             dst: os.PathLike[str] | str) -> list[str]:
+    """Decompress file to file, leaving zero runs as holes (not written zeros)."""
+    if codec is Codec.ZSTD:
+        return ["zstd", "-q", "-d", "--sparse", "-f", os.fspath(src), "-o", os.fspath(dst)]
+    if codec is Codec.LZ4:
+        return ["lz4", "-q", "-d", "--sparse", "-f", os.fspath(src), os.fspath(dst)]
+    raise ValueError("nothing to decompress")
+
+
 @dataclass
 class StreamStats:
     stored_bytes: int = 0

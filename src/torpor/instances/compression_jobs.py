@@ -29,8 +29,9 @@ from pathlib import Path
 
 from pydantic import BaseModel
 
-from torpor.codec import SUFFIXES, Codec
-from torpor.fsutil import atomic_write_json, read_json
+from torpor.codec import SUFFIXES, Codec, sparse_decompressor_argv
+from torpor.errors import IntegrityError
+from torpor.fsutil import atomic_write_json, fsync_dir, read_json
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
@@ -143,19 +144,27 @@ def cancel_and_wait(data_root: DataRoot, key: str, timeout: float = CANCEL_TIMEO
 
 # --- files ------------------------------------------------------------------------------
 
-def state_files(directory: Path) -> tuple[Path, dict[Codec, Path], list[Path]]:
-    """(raw path, existing compressed siblings, leftover .tmp files)."""
-    raw = directory / MACHINE_STATE
-    compressed = {codec: directory / (MACHINE_STATE + suffix)
-                  for codec, suffix in SUFFIXES.items()
-                  if (directory / (MACHINE_STATE + suffix)).exists()}
-    stale = list(directory.glob(MACHINE_STATE + "*" + TMP_SUFFIX))
-    return raw, compressed, stale
+def compression_target(paths: InstancePaths) -> Path:
+    """The raw file a standby's background job compresses: the RAM file in memory-file
+    mode (its device state is tiny), else the machine state."""
+    try:
+        kind = Manifest.load(paths.standby_dir).kind
+    except Exception:
+        kind = "stream"
+    return paths.memory_file if kind == "memory-file" else paths.standby_dir / MACHINE_STATE
 
 
-def tidy_state_dir(directory: Path) -> None:
+def siblings(raw: Path) -> tuple[dict[Codec, Path], list[Path]]:
+    """(existing compressed versions of `raw`, leftover .tmp files of killed jobs)."""
+    compressed = {codec: raw.with_name(raw.name + suffix) for codec, suffix in SUFFIXES.items()
+                  if raw.with_name(raw.name + suffix).exists()}
+    stale = list(raw.parent.glob(raw.name + "*" + TMP_SUFFIX))
+    return compressed, stale
+
+
+def tidy(raw: Path) -> None:
     """No worker runs: drop .tmp leftovers; a raw file wins over compressed siblings."""
-    raw, compressed, stale = state_files(directory)
+    compressed, stale = siblings(raw)
     for path in stale:
         path.unlink(missing_ok=True)
     if raw.exists():
@@ -163,11 +172,44 @@ def tidy_state_dir(directory: Path) -> None:
             path.unlink(missing_ok=True)
 
 
+def tidy_state_dir(directory: Path) -> None:
+    tidy(directory / MACHINE_STATE)
+
+
+def decompress_memory_file(paths: InstancePaths) -> None:
+    """Memory-file mode: QEMU maps the RAM file, so a compressed one is decompressed
+    first, keeping its holes (zero runs become holes again, not written zeros)."""
+    raw = paths.memory_file
+    compressed, _ = siblings(raw)
+    if raw.exists() or not compressed:
+        return
+    codec, source = next(iter(compressed.items()))
+    tmp = raw.with_name(raw.name + TMP_SUFFIX)
+    result = subprocess.run([*sparse_decompressor_argv(codec, source, tmp)],
+                            capture_output=True, check=False)
+    if result.returncode != 0:
+        tmp.unlink(missing_ok=True)
+        raise IntegrityError(f"{codec} could not decompress {source}: "
+                             f"{result.stderr.decode(errors='replace').strip()}")
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, raw)
+    fsync_dir(raw.parent)
+    manifest = Manifest.load(paths.standby_dir)
+    if manifest.memory_file is not None:
+        manifest.memory_file = manifest.memory_file.model_copy(
+            update={"codec": Codec.NONE, "stored_bytes": None})
+        manifest.save(paths.standby_dir)
+    source.unlink()
+
+
 def prepare_for_read(ctx: InstanceContext) -> None:
     """What every reader of the standby state does first (holding the instance lock)."""
     cancel_and_wait(ctx.data_root, instance_job_key(ctx.meta.id))
     if ctx.paths.standby_dir.exists():
         tidy_state_dir(ctx.paths.standby_dir)
+        tidy(ctx.paths.memory_file)
+        decompress_memory_file(ctx.paths)
     if ctx.meta.compression_plan is not None:
         ctx.meta.compression_plan = None
         ctx.meta.save(ctx.paths.metadata)
@@ -194,9 +236,15 @@ def clear_stale_plan(data_root: DataRoot, instance_id: str) -> None:
 def status(data_root: DataRoot, paths: InstancePaths,
            plan: CompressionPlan | None, instance_id: str) -> CompressionStatus:
     try:
-        state = Manifest.load(paths.standby_dir).state
+        manifest = Manifest.load(paths.standby_dir)
     except Exception:
         return CompressionStatus(state=CompressionState.NONE)
+    state = manifest.state
+    if manifest.memory_file is not None:  # memory-file mode: the RAM file is what shrinks
+        memory = manifest.memory_file
+        state = state.model_copy(update={"raw_bytes": memory.allocated_bytes,
+                                         "codec": memory.codec,
+                                         "stored_bytes": memory.stored_bytes or 0})
     if plan is not None and plan.error:
         return CompressionStatus(state=CompressionState.ERROR, algorithm=str(plan.codec),
                                  raw_bytes=state.raw_bytes, error=plan.error)

@@ -26,19 +26,20 @@ import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
-from torpor.codec import Codec, checksum_file, compressor_argv
+from torpor.codec import SUFFIXES, checksum_file, compressor_argv
 from torpor.fsutil import atomic_write_json, fsync_dir
 from torpor.hypervisor.process import ProcessIdentity
 from torpor.instances.compression_jobs import (
     TMP_SUFFIX,
+    compression_target,
     instance_job_key,
     record_outcome,
     remaining_delay,
-    tidy_state_dir,
+    tidy,
 )
 from torpor.instances.metadata import CompressionPlan, InstanceMetadata
 from torpor.paths import DataRoot
-from torpor.snapshot.manifest import MACHINE_STATE, Manifest
+from torpor.snapshot.manifest import Manifest
 
 log = logging.getLogger("torpor.compression")
 POLL = 0.02
@@ -155,11 +156,11 @@ class Job:
         if plan is None or plan.error:
             return "nothing to do"
         directory = self.paths.standby_dir
-        raw = directory / MACHINE_STATE
+        raw = compression_target(self.paths)
         if not (directory / "manifest.json").exists() or not raw.exists():
             await self.clear_plan()
             return "plan cleared: no raw standby state"
-        final = directory / (MACHINE_STATE + {Codec.ZSTD: ".zst", Codec.LZ4: ".lz4"}[plan.codec])
+        final = raw.with_name(raw.name + SUFFIXES[plan.codec])
         tmp = final.with_name(final.name + TMP_SUFFIX)
         started = None
         try:
@@ -168,7 +169,7 @@ class Job:
             async with self.flock_any(slots):
                 self.check()
                 started = time.monotonic()
-                tidy_state_dir(directory)  # stale .tmp from a killed worker goes first
+                tidy(raw)  # stale .tmp from a killed worker goes first
                 await self.compress(raw, tmp, plan)
                 stats = checksum_file(tmp)
             async with self.instance_lock():
@@ -192,20 +193,25 @@ class Job:
                      checksum: str) -> int:
         """Under the instance lock: publish the compressed file, then drop the raw one."""
         meta = self.load_meta()
-        directory = raw.parent
         if meta is None or meta.compression_plan is None or not raw.exists():
             tmp.unlink(missing_ok=True)  # a reader took over: nothing to publish
             raise Cancelled()
         os.replace(tmp, final)
-        fsync_dir(directory)
-        manifest = Manifest.load(directory)
-        raw_bytes = raw.stat().st_size
-        manifest.state = manifest.state.model_copy(update={
-            "codec": plan.codec, "level": plan.level, "raw_bytes": raw_bytes,
-            "stored_bytes": final.stat().st_size, "checksum": checksum})
-        manifest.save(directory)
+        fsync_dir(final.parent)
+        manifest = Manifest.load(self.paths.standby_dir)
+        stored = final.stat().st_size
+        if manifest.memory_file is not None and raw == self.paths.memory_file:
+            raw_bytes = raw.stat().st_blocks * 512  # what the sparse RAM file really held
+            manifest.memory_file = manifest.memory_file.model_copy(update={
+                "codec": plan.codec, "level": plan.level, "stored_bytes": stored})
+        else:
+            raw_bytes = raw.stat().st_size
+            manifest.state = manifest.state.model_copy(update={
+                "codec": plan.codec, "level": plan.level, "raw_bytes": raw_bytes,
+                "stored_bytes": stored, "checksum": checksum})
+        manifest.save(self.paths.standby_dir)
         raw.unlink()
-        fsync_dir(directory)
+        fsync_dir(raw.parent)
         meta.compression_plan = None
         meta.save(self.paths.metadata)
         return raw_bytes - final.stat().st_size

@@ -20,6 +20,8 @@ class Settings:
     default_compression: CompressionPolicy | None = None
     compression_jobs: int = field(default_factory=lambda: os.cpu_count() or 1)
     compression_rate_limit: int | None = None  # bytes/s read by a background job; None: no cap
+    # Memory-file mode, policy not itself background: compress the RAM file after this idle.
+    memory_compression_delay: float = 300.0
 
 
 @dataclass

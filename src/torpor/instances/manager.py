@@ -45,7 +45,6 @@ from torpor.instances.metadata import (
 from torpor.instances.runtime import derive_state
 from torpor.instances.snapshots import SnapshotRecord
 from torpor.paths import DataRoot, InstancePaths
-from torpor.snapshot.manifest import MACHINE_STATE
 
 StateCheck = Callable[[str, InstanceState], None]
 DEFAULT_MEMORY = 512 << 20
@@ -163,7 +162,7 @@ class InstanceManager:
             if plan is None or plan.error or compression_jobs.job_running(self.data_root, key):
                 continue
             paths = self.data_root.instance(meta.id)
-            raw = paths.standby_dir / MACHINE_STATE
+            raw = compression_jobs.compression_target(paths)
             if (paths.standby_dir / "manifest.json").exists() and raw.exists():
                 compression_jobs.launch_worker(
                     self.data_root, meta.id, slots=self.settings.compression_jobs,

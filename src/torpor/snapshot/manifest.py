@@ -43,6 +43,10 @@ class MemoryFileRecord(BaseModel):
     name: str = MEMORY_FILE
     size_bytes: int
     allocated_bytes: int
+    # A background job may compress it (name + suffix); readers decompress it first.
+    codec: Codec = Codec.NONE
+    level: int = 0
+    stored_bytes: int | None = None
 
 
 class Manifest(BaseModel):
