@@ -139,11 +139,13 @@ class LibvirtGuest:
         size = self.state_file.stat().st_size
         start = time.monotonic()
         await asyncio.to_thread(_virsh, "restore", str(self.state_file))
+        running = time.monotonic() - start  # `virsh restore` returns with the domain running
         await self.wait_agent()
         restored = time.monotonic() - start
         self.state_file.unlink()
         # virsh save pauses the guest first and ends with QEMU gone: all of it is paused.
-        return {"paused": saved, "standby": saved, "restore": restored, "size": size}
+        return {"paused": saved, "standby": saved, "running": running, "restore": restored,
+                "readback": 0.0, "resident": 0, "size": size}
 
     def destroy(self) -> None:
         _virsh("destroy", self.name, check=False)

@@ -6,6 +6,10 @@ data in guest tmpfs) it measures, on the same running guest in the same run:
   torpor none / zstd-1 / lz4   torpor standby + restore (compressed while saved)
   torpor zstd bg               raw save, compressed afterwards by the background job
                                (restore is measured once the job has finished)
+  torpor file                  memory-file mode: the same guest created with
+                               --memory-backing file; the save is device state only, the
+                               RAM file is flushed and dropped from the page cache after
+                               QEMU has quit (counted in standby total); restore maps it
   exec:cat                     the recipe another VM manager uses: `stop`, `migrate` to
                                "exec:cat > file" with QEMU's default migration settings,
                                `quit`; restore with -incoming "exec:cat < file"
@@ -14,8 +18,11 @@ data in guest tmpfs) it measures, on the same running guest in the same run:
                        initrd, cmdline, CPU model, memory, a copy of its disk), `virsh save`
                        and `virsh restore`; libvirt is installed and started if missing
 
-Columns: paused window (pause → QEMU exited), standby total, restore to agent-responsive,
-state size; ratios against both baselines.
+Columns: paused window (pause → QEMU exited), standby total, restore to running (QEMU
+resumed), restore to agent-responsive, time for the guest to read back its data after
+restore (half guests), host page cache the standby left resident (the RAM file in file
+mode), state size; ratios against both baselines. A last table: guest memory-write
+throughput with anonymous vs file-backed RAM (the cost of file mode while running).
 
     .venv/bin/python -m bench.standby_bench [--sizes 512M,2G,4G] [--kinds idle,half] [--no-libvirt]
 """
@@ -28,6 +35,7 @@ import contextlib
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -59,20 +67,42 @@ async def fill_half(mgr: InstanceManager, name: str, mem: int) -> None:
                                       " 2>/dev/null"], timeout=600)
 
 
-async def torpor_cycle(mgr: InstanceManager, name: str,
+def resident_bytes(path: Path) -> int:
+    """Page-cache bytes of a file (util-linux fincore); 0 if it does not exist."""
+    if not path.exists():
+        return 0
+    out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    return int(out.strip() or 0)
+
+
+async def read_back(mgr: InstanceManager, name: str, kind: str) -> float:
+    """Seconds for the guest to read the data it wrote before standby (lazy paging)."""
+    if kind != "half":
+        return 0.0
+    t0 = time.monotonic()
+    await mgr.exec(name, ["sh", "-c", "cat /tmp/fill > /dev/null"], timeout=600)
+    return time.monotonic() - t0
+
+
+async def torpor_cycle(mgr: InstanceManager, name: str, kind: str,
                        policy: CompressionPolicy) -> dict[str, float]:
     t0 = time.monotonic()
     info = await mgr.standby(name, policy)
     standby_total = time.monotonic() - t0
     assert info.last_operation is not None
     phases = info.last_operation.phases
+    paths = mgr.paths(name)
+    resident = resident_bytes(paths.memory_file)
     while (await mgr.get(name)).compression.state in ("pending", "compressing"):
         await asyncio.sleep(0.05)  # background: restore reads what the job produced
-    size = sum(f.stat().st_size for f in mgr.paths(name).standby_dir.glob("machine-state*"))
+    size = sum(f.stat().st_size for f in paths.standby_dir.glob("machine-state*"))
     restored = await mgr.restore(name)
     assert restored.last_operation is not None
+    done = restored.last_operation.phases
     return {"paused": phases["paused_window"], "standby": standby_total,
-            "restore": restored.last_operation.phases["restore_to_agent"], "size": size}
+            "running": done["restore_to_running"], "restore": done["restore_to_agent"],
+            "readback": await read_back(mgr, name, kind), "resident": resident, "size": size}
 
 
 async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path) -> dict[str, float]:
@@ -104,11 +134,13 @@ async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path) -> dict
                 await asyncio.sleep(0.005)
             if status != "running":
                 await mon.resume()
+        running = time.monotonic() - t0
         await GuestAgent.wait_ready(ctx.paths.agent_socket, 120)
         restore = time.monotonic() - t0
     size = state_file.stat().st_size
     state_file.unlink()
-    return {"paused": paused, "standby": paused, "restore": restore, "size": size}
+    return {"paused": paused, "standby": paused, "running": running, "restore": restore,
+            "readback": 0.0, "resident": 0, "size": size}
 
 
 async def libvirt_twin(mgr: InstanceManager, name: str, workdir: Path) -> LibvirtGuest:
@@ -116,6 +148,35 @@ async def libvirt_twin(mgr: InstanceManager, name: str, workdir: Path) -> Libvir
     async with mgr.locked(name) as ctx:
         config = vm_config_for(ctx.meta, ctx.paths, effective_accel(ctx))
         return LibvirtGuest(f"torpor-bench-{name}", config, ctx.paths.disk, workdir)
+
+
+async def write_throughput(mgr: InstanceManager, name: str, mib: int) -> float:
+    """MiB/s the guest writes fresh memory (tmpfs) at: first touch of each page."""
+    t0 = time.monotonic()
+    await mgr.exec(name, ["sh", "-c", f"dd if=/dev/zero of=/tmp/w bs=1M count={mib}"
+                                      " 2>/dev/null; rm /tmp/w"], timeout=600)
+    return mib / (time.monotonic() - t0)
+
+
+async def bench_file_mode(mgr: InstanceManager, mem: int, kind: str, runs: int
+                          ) -> tuple[dict[str, float], float]:
+    """The memory-file rows: the same guest created with file-backed RAM."""
+    name = f"f{mem >> 20}-{kind}"
+    await mgr.create(name, memory_bytes=mem, memory_backing="file")
+    try:
+        await mgr.start(name)
+        write_rate = await write_throughput(mgr, name, mem // 4 >> 20)
+        if kind == "half":
+            await fill_half(mgr, name, mem)
+        samples = [await torpor_cycle(mgr, name, kind, CompressionPolicy())
+                   for _ in range(runs)]
+        return median_of(samples), write_rate
+    finally:
+        with contextlib.suppress(NotFound):
+            await mgr.delete(name, force=True)
+
+
+WRITE_RATES: dict[str, tuple[float, float]] = {}  # guest → (anonymous, file) MiB/s
 
 
 async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
@@ -126,14 +187,18 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
     rows = []
     try:
         await mgr.start(name)
+        anonymous_rate = await write_throughput(mgr, name, mem // 4 >> 20)
         if kind == "half":
             await fill_half(mgr, name, mem)
         for label, policy in MODES:
-            samples = [await torpor_cycle(mgr, name, policy) for _ in range(runs)]
+            samples = [await torpor_cycle(mgr, name, kind, policy) for _ in range(runs)]
             rows.append((label, median_of(samples)))
         samples = [await exec_cat_cycle(mgr, name, workdir) for _ in range(runs)]
         rows.append(("exec:cat", median_of(samples)))
         await mgr.delete(name, force=True)  # one guest at a time on this host
+        file_row, file_rate = await bench_file_mode(mgr, mem, kind, runs)
+        rows.insert(len(MODES), ("torpor file", file_row))
+        WRITE_RATES[f"{mem >> 20}M {kind}"] = (anonymous_rate, file_rate)
         if twin is not None:
             await twin.start()
             if kind == "half":
@@ -153,26 +218,43 @@ def median_of(samples: list[dict[str, float]]) -> dict[str, float]:
     return {k: statistics.median(s[k] for s in samples) for k in samples[0]}
 
 
-def print_table(results: list[tuple[str, list[tuple[str, dict[str, float]]]]]) -> None:
-    head = (f"{'guest':10} {'method':14} {'paused s':>9} {'standby s':>10} {'restore s':>10}"
-            f" {'state':>10} {'paused/cat':>10} {'paused/virsh':>12} {'restore: cat/x':>14}"
-            f" {'virsh/x':>8}")
-    print(head)
-    print("-" * len(head))
-    for guest, rows in results:
-        by_label = dict(rows)
-        cat, virsh = by_label["exec:cat"], by_label.get("virsh save")
-        for label, m in rows:
-            vs_virsh_p = f"{m['paused'] / virsh['paused']:11.2f}x" if virsh else f"{'-':>12}"
-            vs_virsh_r = f"{virsh['restore'] / m['restore']:7.2f}x" if virsh else f"{'-':>8}"
-            print(f"{guest:10} {label:14} {m['paused']:9.3f} {m['standby']:10.3f} "
-                  f"{m['restore']:10.3f} {format_size(m['size']):>10} "
-                  f"{m['paused'] / cat['paused']:9.2f}x {vs_virsh_p} "
-                  f"{cat['restore'] / m['restore']:13.2f}x {vs_virsh_r}")
-    print("\npaused = pause → QEMU exited (virsh: the whole `virsh save`); restore = restore call"
-          " → guest agent answers;\nmedians of --runs. paused/X: fraction of the baseline's"
-          " paused window (lower is better);\nrestore X/x: how many times faster than the"
-          " baseline's restore (higher is better).")
+HEAD = (f"{'guest':10} {'method':14} {'paused s':>9} {'standby s':>10} {'running s':>10}"
+        f" {'restore s':>10} {'readback s':>11} {'resident':>10} {'state':>10}"
+        f" {'paused/cat':>10} {'paused/virsh':>12} {'restore: cat/x':>14} {'virsh/x':>8}"
+        f" {'running: virsh/x':>16}")
+
+
+def print_rows(guest: str, rows: list[tuple[str, dict[str, float]]]) -> None:
+    """One guest's rows, printed as soon as it is done (a long run keeps what it has)."""
+    by_label = dict(rows)
+    cat, virsh = by_label["exec:cat"], by_label.get("virsh save")
+    for label, m in rows:
+        vs_virsh_p = f"{m['paused'] / virsh['paused']:11.3f}x" if virsh else f"{'-':>12}"
+        vs_virsh_r = f"{virsh['restore'] / m['restore']:7.2f}x" if virsh else f"{'-':>8}"
+        vs_virsh_run = (f"{virsh['running'] / m['running']:15.2f}x" if virsh
+                        else f"{'-':>16}")
+        readback = f"{m['readback']:11.3f}" if m.get("readback") else f"{'-':>11}"
+        print(f"{guest:10} {label:14} {m['paused']:9.3f} {m['standby']:10.3f} "
+              f"{m['running']:10.3f} {m['restore']:10.3f} {readback} "
+              f"{format_size(m.get('resident', 0)):>10} {format_size(m['size']):>10} "
+              f"{m['paused'] / cat['paused']:9.3f}x {vs_virsh_p} "
+              f"{cat['restore'] / m['restore']:13.2f}x {vs_virsh_r} {vs_virsh_run}",
+              flush=True)
+
+
+def print_footer() -> None:
+    print("\npaused = pause → QEMU exited (virsh: the whole `virsh save`); running = restore"
+          " call → guest resumed;\nrestore = restore call → guest agent answers; readback ="
+          " guest reads its half-RAM file after restore;\nresident = page cache the standby"
+          " left behind (file mode: the RAM file, after flush + drop);\nmedians of --runs."
+          " paused/X: fraction of the baseline's paused window (lower is better);\nX/x: how"
+          " many times faster than the baseline (higher is better).")
+    if WRITE_RATES:
+        print(f"\n{'guest':12} {'anonymous MiB/s':>16} {'file MiB/s':>11} {'file/anon':>10}")
+        for guest, (anon, file) in WRITE_RATES.items():
+            print(f"{guest:12} {anon:16.0f} {file:11.0f} {file / anon:9.2f}x")
+        print("guest writes a quarter of its RAM (dd to tmpfs) right after boot: first touch"
+              " of fresh pages.")
 
 
 async def main() -> int:
@@ -188,14 +270,15 @@ async def main() -> int:
     workdir = Path(tempfile.mkdtemp(prefix="tp-bench-", dir="/var/tmp"))
     mgr = InstanceManager(workdir / "data", Settings(accel=os.environ.get(  # type: ignore[arg-type]
         "TORPOR_ACCEL", "auto")))
-    results = []
+    print(HEAD)
+    print("-" * len(HEAD), flush=True)
     for size in args.sizes.split(","):
         for kind in args.kinds.split(","):
             mem = parse_size(size, "M")
             print(f"benchmarking {size} {kind} ...", file=sys.stderr)
-            results.append((f"{size} {kind}", await bench_guest(
-                mgr, mem, kind, workdir, args.runs, not args.no_libvirt)))
-    print_table(results)
+            print_rows(f"{size} {kind}", await bench_guest(
+                mgr, mem, kind, workdir, args.runs, not args.no_libvirt))
+    print_footer()
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
 

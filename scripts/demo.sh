@@ -41,7 +41,8 @@ else
   done
   echo "   listening on unix:$SOCKET (token in $TORPOR_DATA_ROOT/api-token)"
 fi
-for leftover in "$VM" "$VM-fork-1" "$VM-fork-2" "$VM-live"; do
+for leftover in "$VM" "$VM-fork-1" "$VM-fork-2" "$VM-live" "$VM-file" "$VM-file-fork-1" \
+    "$VM-file-fork-2"; do
   if $TORPOR show "$leftover" >/dev/null 2>&1; then $TORPOR delete --force "$leftover" >/dev/null; fi
 done
 if $TORPOR snapshot show demo-snap >/dev/null 2>&1; then $TORPOR snapshot delete demo-snap; fi
@@ -58,6 +59,28 @@ step "it is in standby: no QEMU process" $TORPOR list
 step "restore: load the state, resume" $TORPOR restore "$VM"
 step "the guest carried on (same RAM contents, counter kept counting)" \
   $TORPOR exec "$VM" -- sh -c 'md5sum /tmp/ram.bin; echo "counter $(cat /run/counter)"'
+step "memory-file mode: a second VM whose RAM lives in a file" \
+  $TORPOR create "$VM-file" --memory 512M --memory-backing file
+RAM_FILE=$($TORPOR show "$VM-file" --json | python3 -c 'import json, sys
+print(json.load(sys.stdin)["path"] + "/memory")')
+step "boot it" $TORPOR start "$VM-file"
+step "the same 16 MiB of random data in its RAM" \
+  $TORPOR exec "$VM-file" -- sh -c 'head -c 16m /dev/urandom > /tmp/ram.bin; md5sum /tmp/ram.bin'
+step "standby in memory-file mode: only the device state is saved (milliseconds); the RAM
+   file is flushed and dropped from the page cache after QEMU has quit" $TORPOR standby "$VM-file"
+step "what the host still caches of its RAM file: nothing" fincore "$RAM_FILE"
+step "restore: map the RAM file again, load the devices; pages come back as touched" \
+  $TORPOR restore "$VM-file"
+step "the guest carried on" $TORPOR exec "$VM-file" -- md5sum /tmp/ram.bin
+step "snapshot it and fork two copies that map the snapshot's RAM copy-on-write (no RAM copy)" \
+  sh -c "$TORPOR snapshot create $VM-file --name demo-file-snap >/dev/null && \
+  $TORPOR snapshot fork demo-file-snap $VM-file-fork --count 2"
+step "each fork has the data, and writes only its own copy" \
+  $TORPOR exec "$VM-file-fork-2" -- sh -c 'md5sum /tmp/ram.bin; echo mine > /tmp/ram.bin; md5sum /tmp/ram.bin'
+step "the source is untouched by the fork's write" $TORPOR exec "$VM-file" -- md5sum /tmp/ram.bin
+step "clean up the memory-file VMs" sh -c "$TORPOR delete --force $VM-file-fork-1 && \
+  $TORPOR delete --force $VM-file-fork-2 && $TORPOR snapshot delete demo-file-snap && \
+  $TORPOR delete --force $VM-file"
 step "snapshot it while it runs (state save and disk copy overlap while paused)" \
   $TORPOR snapshot create "$VM" --name demo-snap --tag purpose=demo
 step "fork the snapshot into two running copies (new MAC, vmgenid, hostname)" \
@@ -69,8 +92,8 @@ step "all of them" $TORPOR list
 step "clean up the forks and the snapshot" sh -c "$TORPOR delete --force $VM-fork-1 && \
   $TORPOR delete --force $VM-fork-2 && $TORPOR delete --force $VM-live && \
   $TORPOR snapshot delete demo-snap"
-step "the daemon's record of those operations, with their progress" \
-  $TORPOR operations --instance "$VM"
+step "both snapshot formats side by side, as the daemon recorded them (standby, restore)" \
+  sh -c "$TORPOR operations | grep -E '^ *(KIND|standby|restore) '"
 step "its Prometheus metrics (curl on the socket, bearer token)" sh -c "curl -s \
   --unix-socket $SOCKET -H \"Authorization: Bearer \$(cat $TORPOR_DATA_ROOT/api-token)\" \
   http://torpord/metrics | grep -E '^torpor_(operations_total|paused_window_seconds_count)'"

@@ -167,12 +167,19 @@ def _check(mgr: InstanceManager, new_name: str, count: int, target_state: Target
 
 async def _materialise_all(mgr: InstanceManager, source_dir: Path, names: list[str],
                            origin: str | None, keep_state: bool) -> list[InstanceMetadata]:
-    created: list[InstanceMetadata] = []
     async with file_lock(mgr.data_root.registry_lock, what="the instance registry"):
         existing = mgr.instance_names()
-        for name in names:
-            created.append(await asyncio.to_thread(
-                materialise, mgr.data_root, source_dir, name, existing, origin, keep_state))
+        # In parallel: each copy is mostly waiting on I/O (and its fsync).
+        results = await asyncio.gather(
+            *(asyncio.to_thread(materialise, mgr.data_root, source_dir, name, existing,
+                                origin, keep_state) for name in names),
+            return_exceptions=True)
+    created = [r for r in results if isinstance(r, InstanceMetadata)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        for meta in created:  # all or nothing
+            remove_tree(mgr.data_root.instance(meta.id).root)
+        raise failures[0]
     return created
 
 

@@ -85,6 +85,7 @@ async def restore(ctx: InstanceContext) -> OperationRecorder:
                                  ignore_shared=manifest.x_ignore_shared)
             with op.phase("resume"):
                 await mon.resume()
+        op.add("restore_to_running", time.monotonic() - started)
         with op.phase("agent-ready"):
             await lifecycle.wait_for_agent(ctx)
         op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
