@@ -8,7 +8,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs
                 e2fsprogs kmod util-linux
 
 .PHONY: demo test deps venv guest lint unit bench-copy bench-standby bench-codec \
-        bench-snapshot clean
+        bench-snapshot bench-fork clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -51,6 +51,9 @@ bench-standby: guest
 
 bench-snapshot: guest
 	$(BIN)/python -m bench.snapshot_bench
+
+bench-fork: guest
+	$(BIN)/python -m bench.fork_bench
 
 bench-codec: guest
 	$(BIN)/pip install -q -e '.[bench]'

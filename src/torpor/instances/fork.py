@@ -98,9 +98,12 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
 async def apply_guest_identity(paths: InstancePaths, meta: InstanceMetadata) -> None:
     """Inside a restored fork: its own MAC on eth0 (QEMU's virtio-net follows the guest's
     MAC change) and its own hostname."""
-    script = (f"ip link set eth0 down && ip link set eth0 address {meta.mac} && "
-              f"ip link set eth0 up && (ip route add default via 10.0.2.2 2>/dev/null; true) && "
-              f"hostname {meta.name} && echo {meta.name} > /etc/hostname")
+    # virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR): one command, no
+    # link bounce; the down/up path remains for a NIC that refuses a live change.
+    set_mac = (f"ip link set eth0 address {meta.mac} 2>/dev/null || "
+               f"(ip link set eth0 down && ip link set eth0 address {meta.mac} && "
+               f"ip link set eth0 up && (ip route add default via 10.0.2.2 2>/dev/null; true))")
+    script = f"({set_mac}) && hostname {meta.name} && echo {meta.name} > /etc/hostname"
     async with GuestAgent.connect(paths.agent_socket) as agent:
         result = await agent.exec(["/bin/sh", "-c", script], timeout=30)
     if result.exit_code != 0:

@@ -50,6 +50,21 @@ def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: bool = False
     return process
 
 
+async def spawn(ctx: InstanceContext, config: VMConfig, *,
+                incoming: bool = False) -> TrackedProcess:
+    """spawn_qemu off the event loop: QEMU takes ~35 ms to daemonize, and parallel
+    restores (forks) must not queue behind each other. If we are cancelled meanwhile, the
+    QEMU that did start is killed: no process outlives the operation."""
+    launching = asyncio.ensure_future(
+        asyncio.to_thread(spawn_qemu, ctx, config, incoming=incoming))
+    try:
+        return await asyncio.shield(launching)
+    except asyncio.CancelledError:
+        with contextlib.suppress(Exception):
+            await terminate(ctx, await launching)
+        raise
+
+
 async def wait_for_agent(ctx: InstanceContext) -> float:
     return await GuestAgent.wait_ready(ctx.paths.agent_socket, ctx.settings.agent_timeout)
 
@@ -84,7 +99,7 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
     try:
         with op.phase("spawn"):
             config = vm_config_for(ctx.meta, ctx.paths, effective_accel(ctx))
-            process = spawn_qemu(ctx, config)
+            process = await spawn(ctx, config)
         if wait_agent:
             with op.phase("agent-ready"):
                 await wait_for_agent(ctx)

@@ -72,7 +72,7 @@ async def restore(ctx: InstanceContext) -> OperationRecorder:
     process: TrackedProcess | None = None
     try:
         with op.phase("spawn"):
-            process = lifecycle.spawn_qemu(ctx, config, incoming=True)
+            process = await lifecycle.spawn(ctx, config, incoming=True)
         async with Monitor.connect(ctx.paths.qmp_socket) as mon:
             # Asked of the QEMU that will load the state: exact, and no extra process.
             version = await mon.version()
