@@ -68,7 +68,8 @@ def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: s
     assert restored.state is InstanceState.RUNNING
     assert restored.last_operation is not None
     assert set(restored.last_operation.phases) == {"spawn", "load", "resume", "agent-ready",
-                                                   "restore_to_agent", "cleanup"}
+                                                   "restore_to_running", "restore_to_agent",
+                                                   "cleanup"}
     assert not latest.exists()  # consumed
     after = guest_view(manager, vm)
     assert (after["ram"], after["disk"]) == (before["ram"], before["disk"])

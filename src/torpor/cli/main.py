@@ -22,6 +22,7 @@ from torpor.cli.output import (
     operations_table,
     phases_line,
     print_json,
+    print_listing,
     snapshots_table,
 )
 from torpor.cli.progress import with_progress
@@ -141,13 +142,7 @@ def operations(ctx: typer.Context,
     backend = manager(ctx)
     if not isinstance(backend, RemoteManager):
         raise Unsupported("operations are tracked by the daemon: start `torpor serve` first")
-    ops = run(backend.operations(instance))
-    if json_out:
-        print_json(ops)
-    elif not ops:
-        console.print("no operations")
-    else:
-        console.print(operations_table(ops))
+    print_listing(run(backend.operations(instance)), json_out, "operations", operations_table)
 
 
 @app.command("openapi")
@@ -298,13 +293,7 @@ def delete(ctx: typer.Context, name: NameArg,
 @app.command("list")
 def list_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     """List instances with their derived state."""
-    infos = run(manager(ctx).list_all())
-    if json_out:
-        print_json(infos)
-    elif not infos:
-        console.print("no instances")
-    else:
-        console.print(instances_table(infos))
+    print_listing(run(manager(ctx).list_all()), json_out, "instances", instances_table)
 
 
 @app.command()
@@ -424,13 +413,8 @@ def snapshot_list(ctx: typer.Context,
                       help="Only this instance's snapshots.")] = None,
                   json_out: JsonOpt = False) -> None:
     """List stored snapshots."""
-    records = run(fetch_snapshots(manager(ctx), instance))
-    if json_out:
-        print_json(records)
-    elif not records:
-        console.print("no snapshots")
-    else:
-        console.print(snapshots_table(records))
+    print_listing(run(fetch_snapshots(manager(ctx), instance)), json_out, "snapshots",
+                  snapshots_table)
 
 
 @snapshot_app.command("show")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from pydantic import BaseModel
@@ -23,6 +24,17 @@ def print_json(obj: Any) -> None:
     elif isinstance(obj, list):
         obj = [o.model_dump(mode="json") if isinstance(o, BaseModel) else o for o in obj]
     sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def print_listing(items: list[Any], json_out: bool, what: str,
+                  table: Callable[[list[Any]], Table]) -> None:
+    """A list command's output: JSON, "no <what>", or the table."""
+    if json_out:
+        print_json(items)
+    elif not items:
+        console.print(f"no {what}")
+    else:
+        console.print(table(items))
 
 
 def instances_table(infos: list[Any]) -> Table:
