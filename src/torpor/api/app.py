@@ -8,7 +8,8 @@ needs `Authorization: Bearer <token>`. Errors are `{code, message}` with 400 bad
 failing its checks, 501 unsupported, 502 QEMU/guest/host failure; 500 only for bugs.
 """
 
-
+# No `from __future__ import annotations` here: FastAPI reads the route signatures at
+# runtime, and they name dependencies defined inside create_app.
 import asyncio
 import base64
 import binascii
@@ -35,6 +36,7 @@ from torpor.api.metrics import CONTENT_TYPE, Metrics
 from torpor.api.models import (
     MAX_TIMEOUT,
     NAME_PATTERN,
+    OPERATION_HEADER,
     OPERATION_ID_PATTERN,
     CreateRequest,
     ErrorBody,
@@ -64,7 +66,6 @@ SnapshotName = Annotated[str, Path(pattern=NAME_PATTERN, max_length=63,
 SourceFilter = Annotated[str | None, Query(pattern=NAME_PATTERN, max_length=63,
                                            description="the snapshot's source instance")]
 OperationId = Annotated[str, Path(pattern=OPERATION_ID_PATTERN)]
-OPERATION_HEADER = "X-Torpor-Operation"
 CONSOLE_NEXT = "X-Torpor-Next-Offset"
 WAIT_POLL = 0.1
 

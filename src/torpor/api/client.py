@@ -15,7 +15,7 @@ from pydantic import BaseModel, TypeAdapter
 
 from torpor import errors
 from torpor.api.errors import Timeout, Unauthorized
-from torpor.api.models import ExecResponse, Operation
+from torpor.api.models import OPERATION_HEADER, ExecResponse, Operation
 from torpor.codec import Codec
 from torpor.config import ListenAddress
 from torpor.guest.agent import ExecResult
@@ -25,7 +25,6 @@ from torpor.instances.metadata import CompressionPolicy, MemoryBacking
 from torpor.instances.snapshots import SnapshotRecord
 
 M = TypeVar("M", bound=BaseModel)
-OPERATION_HEADER = "X-Torpor-Operation"
 _ERRORS: dict[str, type[errors.TorporError]] = {
     cls.code: cls for cls in (
         errors.InvalidArgument, errors.NotFound, errors.WrongState, errors.Busy,
