@@ -99,6 +99,8 @@ def test_create_start_standby_restore_snapshot_fork_delete(api: httpx.Client, vm
 
     (fork,) = call(api, "POST", "/snapshots/s1/fork", 201, json={"new_name": "apifork"})
     assert fork["state"] == "running" and fork["mac"] != info["mac"]
+    kinds = {op["kind"] for op in call(api, "GET", "/operations", params={"instance": vm})}
+    assert {"standby", "restore", "snapshot", "snapshot-fork"} <= kinds
     assert sh(api, "apifork", "md5sum /tmp/ram | cut -c1-32").strip() == ram
     assert sh(api, "apifork", "md5sum /root/disk | cut -c1-32").strip() == disk
     assert call(api, "DELETE", "/snapshots/s1", 409)["code"] == "wrong_state"  # a fork needs it

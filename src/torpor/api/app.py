@@ -318,14 +318,16 @@ def create_app(manager: InstanceManager, token: str) -> FastAPI:
                 response_class=Response)
     async def delete_snapshot(snapshot: SnapshotName, op: OpId, instance: SourceFilter = None
                               ) -> Response:
-        async with operations.track(op, "snapshot-delete", instance):
+        source = manager.snapshot_get(snapshot, instance).source_name  # 404 before tracking
+        async with operations.track(op, "snapshot-delete", source):
             await manager.snapshot_delete(snapshot, instance)
         return Response(status_code=204)
 
     @api.post("/snapshots/{snapshot}/fork", tags=["snapshots"], status_code=201)
     async def fork_snapshot(snapshot: SnapshotName, body: ForkRequest, op: OpId,
                             instance: SourceFilter = None) -> list[InstanceInfo]:
-        async with operations.track(op, "snapshot-fork", instance):
+        source = manager.snapshot_get(snapshot, instance).source_name
+        async with operations.track(op, "snapshot-fork", source):
             return await manager.snapshot_fork(snapshot, body.new_name, count=body.count,
                                                target_state=body.target_state,
                                                source=instance)
