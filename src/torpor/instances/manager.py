@@ -224,7 +224,9 @@ class InstanceManager:
             raise InvalidArgument("--memory must be a whole number of MiB, at least 64M")
         if snapshot_policy is not None:
             snapshot_policy.effective_level()
-        image = image or ensure_builtin_image(quiet=True)
+        # Blocking work goes to threads: in the daemon, other requests keep being served.
+        if image is None:
+            image = await asyncio.to_thread(lambda: ensure_builtin_image(quiet=True))
         base_size = image.rootfs.stat().st_size
         if disk_bytes < base_size:
             raise InvalidArgument(f"--disk-size must be at least the image's {base_size} bytes")
@@ -239,11 +241,12 @@ class InstanceManager:
                 paths = InstancePaths(staging)
                 for d in (paths.logs_dir, paths.run_dir, paths.snapshots_dir):
                     d.mkdir()
-                self._make_disk(image.rootfs, paths.disk, disk_bytes)
+                await asyncio.to_thread(self._make_disk, image.rootfs, paths.disk, disk_bytes)
+                image_ref = await asyncio.to_thread(self._import_image, image)
                 meta = InstanceMetadata(
                     id=instance_id, name=name, created_at=utc_now(), cpus=cpus,
                     memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
-                    image=self._import_image(image), accel=accel,
+                    image=image_ref, accel=accel,
                     port_forwards=port_forwards or [], snapshot_policy=snapshot_policy,
                     vmgenid=new_vmgenid(), memory_backing=memory_backing)
                 meta.save(paths.metadata)
