@@ -69,7 +69,8 @@ async def wait_migration(mon: Monitor, progress: Progress | None = None,
         if status == "completed":
             return info
         if status in ("failed", "cancelled"):
-            raise MigrationFailed(f"migration {status}: {info.get('error-desc', 'no detail')}")
+            reason = info.get("error-desc") or "QEMU gave no reason (see logs/qemu.log)"
+            raise MigrationFailed(f"migration {status}: {reason}")
         await asyncio.sleep(POLL_INTERVAL)
 
 
