@@ -97,10 +97,7 @@ def _decompress_file_to_pipe(src: Path, write_end: int, codec: Codec) -> None:
 async def save_inprocess(mon: Monitor, out: Path, codec: Codec) -> None:
     read_end, write_end = _pipe()
     worker = asyncio.create_task(asyncio.to_thread(_compress_pipe_to_file, read_end, out, codec))
-    try:
-        await mon.send_fd(FD_NAME, write_end)
-    finally:
-        os.close(write_end)
+    await mon.hand_over_fd(FD_NAME, write_end)
     await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
     await wait_migration(mon)
     await worker
@@ -110,10 +107,7 @@ async def load_inprocess(mon: Monitor, src: Path, codec: Codec) -> None:
     read_end, write_end = _pipe()
     worker = asyncio.create_task(asyncio.to_thread(_decompress_file_to_pipe, src, write_end,
                                                    codec))
-    try:
-        await mon.send_fd(FD_NAME, read_end)
-    finally:
-        os.close(read_end)
+    await mon.hand_over_fd(FD_NAME, read_end)
     await mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
     await wait_migration(mon)
     await worker

@@ -48,6 +48,11 @@ _ENV = {
 }
 
 
+def seconds(value: str | float) -> float:
+    """A TOML number of seconds, or a duration string ("30s", "5m")."""
+    return float(value) if isinstance(value, float | int) else parse_duration(value)
+
+
 class CompressionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -70,7 +75,7 @@ class CompressionConfig(BaseModel):
             except ValueError:
                 raise InvalidArgument(f"compression level must be a number, not "
                                       f"{level_text!r}") from None
-        delay = self.delay if isinstance(self.delay, float | int) else parse_duration(self.delay)
+        delay = seconds(self.delay)
         policy = CompressionPolicy(codec=codec, level=level, mode=self.mode, delay_s=delay)
         policy.effective_level()
         return None if codec is Codec.NONE else policy
@@ -113,12 +118,10 @@ class Config(BaseModel):
         return self.token_file or self.root.api_token
 
     def settings(self) -> Settings:
-        delay = self.compression.memory_file_delay
         return Settings(accel=self.accel, default_compression=self.compression.policy(),
                         compression_jobs=self.compression.jobs,
                         compression_rate_limit=self.compression.rate_limit_bytes(),
-                        memory_compression_delay=delay if isinstance(delay, float | int)
-                        else parse_duration(delay))
+                        memory_compression_delay=seconds(self.compression.memory_file_delay))
 
 
 @dataclass(frozen=True)

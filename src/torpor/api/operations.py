@@ -14,7 +14,6 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 
-from torpor.api.errors import http_status
 from torpor.api.metrics import Metrics
 from torpor.api.models import ErrorBody, Operation, OperationState
 from torpor.errors import AlreadyExists, InvalidArgument, NotFound, TorporError
@@ -87,5 +86,3 @@ class OperationRegistry:
         return [self.get(k) for k, (op, _) in self._ops.items()
                 if instance in (None, op.instance)]
 
-
-__all__ = ["OperationRegistry", "check_operation_id", "error_body", "http_status"]

@@ -43,10 +43,15 @@ def ensure_token(path: Path) -> str:
     return token
 
 
+def _family(address: ListenAddress) -> socket.AddressFamily:
+    if address.unix_path is not None:
+        return socket.AF_UNIX
+    return socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
+
+
 def daemon_listening(address: ListenAddress, timeout: float = 1.0) -> bool:
     """Whether something accepts connections at `address`."""
-    family = socket.AF_UNIX if address.unix_path else socket.AF_INET6 if ":" in (
-        address.host or "") else socket.AF_INET
+    family = _family(address)
     target: str | tuple[str, int] = (str(address.unix_path) if address.unix_path
                                      else (address.host or "", address.port or 0))
     with socket.socket(family, socket.SOCK_STREAM) as probe:
@@ -60,8 +65,7 @@ def daemon_listening(address: ListenAddress, timeout: float = 1.0) -> bool:
 
 def bind(address: ListenAddress) -> socket.socket:
     if address.unix_path is None:
-        family = socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock = socket.socket(_family(address), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((address.host or "", address.port or 0))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,13 @@ class Monitor:
         """Pass a file descriptor to QEMU under `name` (QMP getfd)."""
         self._client.send_fd_scm(fd)
         await self.execute("getfd", {"fdname": name})
+
+    async def hand_over_fd(self, name: str, fd: int) -> None:
+        """send_fd, then close our copy: a pipe end we kept open would hide EOF."""
+        try:
+            await self.send_fd(name, fd)
+        finally:
+            os.close(fd)
 
     async def set_migration_parameters(self, **params: Any) -> None:
         await self.execute("migrate-set-parameters",

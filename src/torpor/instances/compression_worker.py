@@ -171,10 +171,13 @@ class Job:
                 started = time.monotonic()
                 tidy(raw)  # stale .tmp from a killed worker goes first
                 await self.compress(raw, tmp, plan)
-                stats = checksum_file(tmp)
+                # The manifest records a checksum of a compressed state file only;
+                # a compressed RAM file is checked by the codec's own frame checksum.
+                checksum = (None if raw == self.paths.memory_file
+                            else checksum_file(tmp).checksum)
             async with self.instance_lock():
                 self.check()
-                saved = self.commit(plan, raw, tmp, final, stats.checksum)
+                saved = self.commit(plan, raw, tmp, final, checksum)
         except Cancelled:
             tmp.unlink(missing_ok=True)
             outcome = "skipped" if started is None else "preempted"
@@ -190,7 +193,7 @@ class Job:
         return "completed"
 
     def commit(self, plan: CompressionPlan, raw: Path, tmp: Path, final: Path,
-                     checksum: str) -> int:
+                     checksum: str | None) -> int:
         """Under the instance lock: publish the compressed file, then drop the raw one."""
         meta = self.load_meta()
         if meta is None or meta.compression_plan is None or not raw.exists():

@@ -56,8 +56,7 @@ def build_manifest(vm_config: VMConfig, state: StateFile, qemu_version: str) -> 
         record = MemoryFileRecord(size_bytes=st.st_size, allocated_bytes=st.st_blocks * 512)
     return Manifest(created_at=utc_now(), qemu_version=qemu_version, vm_config=vm_config,
                     guest_visible=vm_config.guest_visible(), state=state,
-                    kind="memory-file" if record else "stream",
-                    x_ignore_shared=memory is not None, memory_file=record)
+                    kind="memory-file" if record else "stream", memory_file=record)
 
 
 def release_memory_file(path: Path, op: OperationRecorder) -> None:

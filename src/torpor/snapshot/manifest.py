@@ -54,7 +54,6 @@ class Manifest(BaseModel):
     # stream: RAM and devices in the state file. memory-file: devices only; RAM is in
     # `memory_file`. Either way a file-backed VM's stream is written with x-ignore-shared.
     kind: Literal["stream", "memory-file"] = "stream"
-    x_ignore_shared: bool = False
     memory_file: MemoryFileRecord | None = None
     created_at: datetime
     qemu_version: str
@@ -62,6 +61,11 @@ class Manifest(BaseModel):
     guest_visible: dict[str, Any]
     state: StateFile
     phases: dict[str, float] = Field(default_factory=dict)
+
+    @property
+    def x_ignore_shared(self) -> bool:
+        """Written with QEMU's x-ignore-shared (file-backed RAM), so read with it."""
+        return self.vm_config.memory_file is not None
 
     def save(self, directory: Path) -> None:
         atomic_write_json(directory / MANIFEST, self.model_dump(mode="json"))

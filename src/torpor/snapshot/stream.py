@@ -121,10 +121,7 @@ async def _save_through_compressor(mon: Monitor, out: Any, codec: Codec, level: 
     finally:
         os.close(read_end)
     try:
-        try:
-            await mon.send_fd(FD_NAME, write_end)
-        finally:
-            os.close(write_end)  # QEMU has its own copy; ours would hide EOF
+        await mon.hand_over_fd(FD_NAME, write_end)
         await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
         await wait_migration(mon, progress)
     except BaseException as exc:
@@ -170,10 +167,7 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
                         *decompressor_argv(codec), stdin=src, stdout=write_end, stderr=PIPE)
                 finally:
                     os.close(write_end)
-                try:
-                    await mon.send_fd(FD_NAME, read_end)
-                finally:
-                    os.close(read_end)
+                await mon.hand_over_fd(FD_NAME, read_end)
             try:
                 await mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
                 # Incoming QEMU reports no byte counts: the shared offset of the file
