@@ -4,6 +4,7 @@
       instances/<id>/
         metadata.json            instance definition (atomic writes)
         disk.raw                 sparse writable root disk
+        disk.overlay.qcow2       only while a snapshot copies the frozen disk (never copied)
         memory                   guest RAM in memory-file mode (sparse, shared mapping)
         logs/serial.log          guest console
         logs/qemu.log            QEMU's own messages
@@ -59,6 +60,12 @@ class InstancePaths:
     @property
     def disk(self) -> Path:
         return self.root / "disk.raw"
+
+    @property
+    def disk_overlay(self) -> Path:
+        """Takes the guest's disk writes while a snapshot copies the frozen disk.raw;
+        folded back afterwards (its presence after a crash says: fold it back first)."""
+        return self.root / "disk.overlay.qcow2"
 
     @property
     def memory_file(self) -> Path:

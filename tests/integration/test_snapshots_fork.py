@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,11 +15,14 @@ import pytest
 from tests.conftest import booted, run, sh
 from torpor.codec import Codec
 from torpor.errors import WrongState
+from torpor.hypervisor.blockfreeze import DiskFreeze, active_image
 from torpor.hypervisor.qmp import Monitor
+from torpor.hypervisor.vmconfig import drive_id
 from torpor.instances import InstanceManager, InstanceState
 from torpor.instances import snapshots as snapshots_module
 from torpor.instances.legs import LegFailed
 from torpor.instances.metadata import CompressionPolicy
+from torpor.instances.runtime import load_runtime
 from torpor.snapshot.stream import MigrationFailed
 
 pytestmark = pytest.mark.qemu
@@ -48,11 +54,19 @@ def identity(manager: InstanceManager, name: str) -> tuple[str, str, str]:
     return guid, mac, sh(manager, name, "cat /sys/class/net/eth0/address").strip()
 
 
+async def guest_disk_file(manager: InstanceManager, name: str) -> Path:
+    async with Monitor.connect(manager.paths(name).qmp_query_socket) as mon:
+        return await active_image(mon, drive_id(0))
+
+
 def no_leftovers(manager: InstanceManager, name: str) -> None:
     paths = manager.paths(name)
     assert not paths.standby_dir.exists() and not paths.standby_partial_dir.exists()
     assert not [p for p in manager.data_root.snapshots_dir.iterdir()
                 if p.name.startswith(".")]
+    # The disk freeze was folded back: the guest writes to disk.raw again.
+    assert not paths.disk_overlay.exists()
+    assert run(guest_disk_file(manager, name)) == paths.disk
 
 
 def test_running_snapshot_then_fork_sees_data_as_of_the_pause(manager: InstanceManager,
@@ -68,6 +82,7 @@ def test_running_snapshot_then_fork_sees_data_as_of_the_pause(manager: InstanceM
         assert (record.kind, record.mode, record.tags) == ("running", "overlapped",
                                                           {"purpose": "test"})
         assert record.phases["paused_window"] > 0 and "legs" in record.phases
+        assert "thaw" in record.phases  # the disk was frozen, copied, folded back
         after = run(manager.get(src))
         assert after.state is InstanceState.RUNNING and after.pid == pid  # source kept running
         no_leftovers(manager, src)
@@ -134,6 +149,37 @@ def test_injected_copy_failure_waits_for_save_and_leaves_nothing(
     assert sh(manager, src, "echo alive") == "alive\n"
 
 
+def test_failure_copying_the_frozen_disk_after_resume_leaves_nothing(
+        manager: InstanceManager, src: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The disk copy outlives the pause; its failure still leaves the source running on
+    its own disk, with the guest's writes made meanwhile kept."""
+    pid = run(manager.get(src)).pid
+    real_copy_file = snapshots_module.copy_file
+
+    def failing_disk_copy(src_path: Path, *args: object, **kwargs: object) -> object:
+        if src_path == manager.paths(src).disk:
+            # Fail once the source runs again (the copy leg started inside the pause),
+            # after the guest wrote something that lands in the overlay.
+            while run(qmp(manager, src, "query-status"))["status"] != "running":  # type: ignore[index]
+                time.sleep(0.01)
+            sh(manager, src, "echo during-copy > /root/during.txt; sync")
+            raise OSError(errno.EIO, "Input/output error (injected)")
+        return real_copy_file(src_path, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(snapshots_module, "copy_file", failing_disk_copy)
+    with pytest.raises(LegFailed) as info:
+        run(manager.snapshot_create(src, "bad-disk-copy"))
+    assert info.value.leg == "copy" and "injected" in str(info.value)
+    after = run(manager.get(src))
+    assert after.state is InstanceState.RUNNING and after.pid == pid
+    no_leftovers(manager, src)
+    assert manager.snapshot_list(src) == []
+    # Written while the guest ran on the overlay, now in disk.raw: survives a restore.
+    run(manager.standby(src))
+    run(manager.restore(src))
+    assert sh(manager, src, "cat /root/during.txt") == "during-copy\n"
+
+
 def test_injected_save_failure_cancels_copy_and_leaves_nothing(
         manager: InstanceManager, src: str, monkeypatch: pytest.MonkeyPatch) -> None:
     async def failing_save(*args: object, **kwargs: object) -> None:
@@ -192,4 +238,41 @@ def test_stopped_and_standby_sources_and_snapshot_restore(manager: InstanceManag
     finally:
         for record in manager.snapshot_list(fresh_name):
             run(manager.snapshot_delete(record.id))
+        run(manager.delete(fresh_name, force=True))
+
+
+def test_snapshot_interrupted_while_frozen_is_folded_back(manager: InstanceManager,
+                                                          fresh_name: str) -> None:
+    """torpor killed between freeze and thaw: the next operation folds the overlay back,
+    online while QEMU runs, with qemu-img after QEMU itself died."""
+    run(manager.create(fresh_name))
+    try:
+        run(manager.start(fresh_name))
+        paths = manager.paths(fresh_name)
+
+        async def freeze_by_hand() -> None:
+            async with Monitor.connect(paths.qmp_query_socket) as mon:
+                await DiskFreeze(mon, drive_id(0), paths.disk_overlay).freeze()
+
+        run(freeze_by_hand())
+        sh(manager, fresh_name, "echo online > /root/online.txt; sync")
+        assert run(guest_disk_file(manager, fresh_name)) == paths.disk_overlay
+        run(manager.standby(fresh_name))  # the lock holder folds back first
+        assert not paths.disk_overlay.exists()
+        run(manager.restore(fresh_name))
+        assert sh(manager, fresh_name, "cat /root/online.txt") == "online\n"
+
+        run(freeze_by_hand())
+        sh(manager, fresh_name, "echo offline > /root/offline.txt; sync")
+        pid = run(manager.get(fresh_name)).pid
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        record = load_runtime(paths)
+        assert record is not None and record.process().wait_exit(10)
+        assert run(manager.get(fresh_name)).state is InstanceState.CRASHED
+        run(manager.start(fresh_name))  # qemu-img commit, then boot
+        assert not paths.disk_overlay.exists()
+        assert sh(manager, fresh_name, "cat /root/offline.txt /root/online.txt") == \
+            "offline\nonline\n"
+    finally:
         run(manager.delete(fresh_name, force=True))

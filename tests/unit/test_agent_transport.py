@@ -2,6 +2,7 @@
 retry (wait_ready) see one error type."""
 
 import asyncio
+import json
 import socket
 import tempfile
 from pathlib import Path
@@ -47,3 +48,42 @@ def test_broken_channel_is_an_agent_error(reply: bytes) -> None:
 def test_wait_ready_gives_up_with_agent_error(tmp_path: Path) -> None:
     with pytest.raises(AgentError, match="did not answer within"):
         asyncio.run(GuestAgent.wait_ready(tmp_path / "nothing.sock", 0.3))
+
+
+def test_attached_is_best_effort_and_early_connection_answers_first() -> None:
+    """`attached` yields None from a silent agent (a standby must not wait on it);
+    `wait_ready` syncs on the early connection instead of dialling again."""
+    with tempfile.TemporaryDirectory(prefix="tp-ag-", dir="/tmp") as tmp:
+        path = Path(tmp) / "agent.sock"
+        server = serve_once(path, b"")
+        server.setblocking(False)
+
+        async def scenario() -> None:
+            loop = asyncio.get_running_loop()
+
+            async def silent_peer() -> socket.socket:
+                conn, _ = await loop.sock_accept(server)
+                return conn  # reads nothing, answers nothing
+
+            silent = asyncio.create_task(silent_peer())
+            async with GuestAgent.attached(path, timeout=0.2) as agent:
+                assert agent is None
+            (await silent).close()
+
+            async def syncing_peer() -> int:
+                conn, _ = await loop.sock_accept(server)
+                request = json.loads(await loop.sock_recv(conn, 4096))
+                token = request["arguments"]["id"]
+                await loop.sock_sendall(conn, b"\xff" + json.dumps({"return": token}).encode()
+                                        + b"\n")
+                conn.close()
+                return int(token)
+
+            peer = asyncio.create_task(syncing_peer())
+            early = await GuestAgent.attach_early(path)
+            assert early is not None
+            assert await GuestAgent.wait_ready(path, 2.0, early) < 2.0
+            await peer  # the one connection the server accepted was the early one
+
+        asyncio.run(scenario())
+        server.close()

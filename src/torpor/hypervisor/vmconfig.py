@@ -115,6 +115,11 @@ def _memory_args(config: VMConfig) -> list[str]:
     ]
 
 
+def drive_id(index: int) -> str:
+    """The name QEMU (QMP's `device`) knows the config's disk number `index` by."""
+    return f"disk{index}"
+
+
 def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
                 incoming: bool = False) -> list[str]:
     """The full argument list; `incoming` starts QEMU waiting for a migration stream."""
@@ -142,9 +147,9 @@ def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
     for index, disk in enumerate(config.disks):
         ro = ",read-only=on" if disk.read_only else ""
         argv += [
-            "-drive", f"file={disk.path},if=none,id=disk{index},format={disk.format},"
+            "-drive", f"file={disk.path},if=none,id={drive_id(index)},format={disk.format},"
                       f"cache=writeback,discard=unmap{ro}",
-            "-device", f"virtio-blk-pci,drive=disk{index}",
+            "-device", f"virtio-blk-pci,drive={drive_id(index)}",
         ]
     argv += [
         "-chardev", f"socket,id=agent,path={config.agent_socket},server=on,wait=off",

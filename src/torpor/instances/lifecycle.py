@@ -65,8 +65,9 @@ async def spawn(ctx: InstanceContext, config: VMConfig, *,
         raise
 
 
-async def wait_for_agent(ctx: InstanceContext) -> float:
-    return await GuestAgent.wait_ready(ctx.paths.agent_socket, ctx.settings.agent_timeout)
+async def wait_for_agent(ctx: InstanceContext, early: GuestAgent | None = None) -> float:
+    return await GuestAgent.wait_ready(ctx.paths.agent_socket, ctx.settings.agent_timeout,
+                                       early)
 
 
 def check_startable(name: str, state: InstanceState) -> None:

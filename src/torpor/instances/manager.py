@@ -122,7 +122,9 @@ class InstanceManager:
                 fresh = InstanceMetadata.load(paths.metadata)
             except FileNotFoundError:
                 raise NotFound(f"no instance named {name!r}") from None
-            yield self._context(fresh)
+            ctx = self._context(fresh)
+            await snapshots.fold_back_frozen_disk(ctx)
+            yield ctx
 
     async def info(self, meta: InstanceMetadata) -> InstanceInfo:
         paths = self.data_root.instance(meta.id)

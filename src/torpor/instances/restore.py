@@ -11,6 +11,7 @@ import time
 
 from torpor.errors import IntegrityError, WrongState
 from torpor.fsutil import remove_tree
+from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig
@@ -70,9 +71,13 @@ async def restore(ctx: InstanceContext) -> OperationRecorder:
     check_memory_file(ctx, config, manifest)
     op = OperationRecorder("restore", ctx.name)
     process: TrackedProcess | None = None
+    early: GuestAgent | None = None
     try:
         with op.phase("spawn"):
             process = await lifecycle.spawn(ctx, config, incoming=True)
+        # Attached before the state is loaded, the agent's port stays "host connected"
+        # (as the standby saved it): qemu-ga answers without its 100 ms retry sleep.
+        early = await GuestAgent.attach_early(ctx.paths.agent_socket)
         async with Monitor.connect(ctx.paths.qmp_socket) as mon:
             # Asked of the QEMU that will load the state: exact, and no extra process.
             version = await mon.version()
@@ -87,9 +92,11 @@ async def restore(ctx: InstanceContext) -> OperationRecorder:
                 await mon.resume()
         op.add("restore_to_running", time.monotonic() - started)
         with op.phase("agent-ready"):
-            await lifecycle.wait_for_agent(ctx)
+            await lifecycle.wait_for_agent(ctx, early)
         op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
     except BaseException as exc:
+        if early is not None:
+            await early.close()
         if process is not None:
             await lifecycle.terminate(ctx, process)
         op.record(ctx.paths, exc)

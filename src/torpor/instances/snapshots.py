@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import re
 import secrets
 import shutil
@@ -36,7 +37,10 @@ from torpor.fsutil import (
     read_json,
     remove_tree,
 )
+from torpor.guest.agent import GuestAgent
+from torpor.hypervisor.blockfreeze import DiskFreeze, thaw, thaw_offline
 from torpor.hypervisor.qmp import Monitor, QmpError
+from torpor.hypervisor.vmconfig import drive_id
 from torpor.instances import compression_jobs, observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.legs import in_thread, run_legs
@@ -49,8 +53,7 @@ from torpor.snapshot.manifest import Manifest
 from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_state
 
 RECORD_VERSION = 1
-# run/ holds sockets and the live process record; it never belongs to a copy.
-ALWAYS_SKIP = ("run",)
+log = logging.getLogger(__name__)
 TAG_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 
 SnapshotKind = Literal["running", "standby", "stopped"]
@@ -129,10 +132,20 @@ def find_record(data_root: DataRoot, name_or_id: str, source_id: str | None = No
 
 # --- create ---------------------------------------------------------------------------------
 
+def _skip(paths: InstancePaths, *more: str) -> tuple[str, ...]:
+    """What a copy of an instance never takes: its runtime (sockets, process record) and a
+    disk overlay (the guest's writes during a snapshot, folded back into the disk)."""
+    return (paths.run_dir.name, paths.disk_overlay.name, *more)
+
+
+def _running_skip(paths: InstancePaths) -> tuple[str, ...]:
+    return _skip(paths, paths.snapshots_dir.name)
+
+
 async def copy_leg(ctx: InstanceContext, payload: Path) -> CopyReport:
-    """Instance directory → payload, without its runtime and snapshot subtrees. No fsync:
-    the snapshot is flushed after the source resumes, before it is published."""
-    return await _copy_instance(ctx, payload, (*ALWAYS_SKIP, "snapshots"), fsync=False)
+    """Instance directory → payload whole, the VM paused (serial mode). No fsync: the
+    snapshot is flushed after the source resumes, before it is published."""
+    return await _copy_instance(ctx, payload, _running_skip(ctx.paths), fsync=False)
 
 
 async def _copy_instance(ctx: InstanceContext, payload: Path, skip: tuple[str, ...], *,
@@ -142,6 +155,26 @@ async def _copy_instance(ctx: InstanceContext, payload: Path, skip: tuple[str, .
                                                     fsync=fsync, cancel=stop,
                                                     progress=progress))
     return observe.copied(report)
+
+
+async def frozen_copy_leg(ctx: InstanceContext, payload: Path, freeze: DiskFreeze,
+                          release_pause: asyncio.Event) -> CopyReport:
+    """The overlapped copy leg. Inside the pause: freeze the disk (the guest's writes go
+    to an overlay from here on) and copy what the guest would change once resumed
+    (metadata; the RAM file in memory-file mode). Then release the pause and copy the
+    frozen disk while the guest runs. No fsync (see copy_leg)."""
+    skip = _running_skip(ctx.paths)
+    progress = observe.counter("copy", allocated_bytes(ctx.paths.root, skip))
+    disk = ctx.paths.disk
+    try:
+        await freeze.freeze()
+        rest = await in_thread(lambda stop: copy_tree(
+            ctx.paths.root, payload, skip=(*skip, disk.name), cancel=stop, progress=progress))
+    finally:
+        release_pause.set()  # frozen, or failed: either way the pause is not needed
+    disk_copy = await in_thread(lambda stop: copy_file(
+        disk, InstancePaths(payload).disk, cancel=stop, progress=progress))
+    return observe.copied(rest.merged(disk_copy))
 
 
 async def save_leg(mon: Monitor, record: RuntimeRecord, directory: Path,
@@ -154,36 +187,99 @@ async def save_leg(mon: Monitor, record: RuntimeRecord, directory: Path,
     return build_manifest(record.vm_config, state, await mon.version())
 
 
+class _PausedWindow:
+    """The source's pause: ended once, on every path; its length goes to the record.
+    The guest agent is attached for the pause only (forks of the saved state find it
+    answering at once); the agent takes one client, so it is let go at the end."""
+
+    def __init__(self, mon: Monitor, op: OperationRecorder, agent_socket: Path) -> None:
+        self.mon, self.op = mon, op
+        self.agent_socket = agent_socket
+        self.agent = contextlib.AsyncExitStack()
+        self.paused_at: float | None = None
+        self.was_running = False
+
+    async def pause(self) -> None:
+        await self.agent.enter_async_context(GuestAgent.attached(self.agent_socket))
+        self.was_running = await self.mon.status() == "running"
+        self.paused_at = time.monotonic()
+        await self.mon.pause()
+
+    async def end(self) -> None:
+        try:
+            if self.paused_at is not None:
+                self.op.add("paused_window", time.monotonic() - self.paused_at)
+                self.paused_at = None
+                if self.was_running:
+                    await self.mon.resume()
+        finally:
+            await self.agent.aclose()
+
+
 async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging: SnapshotPaths,
                             serial: bool, policy: CompressionPolicy, op: OperationRecorder
                             ) -> tuple[Manifest, CopyReport]:
-    """The paused window of a running-source snapshot: pause, both legs, resume."""
+    """A running source's snapshot: pause, both legs, resume. Overlapped, the pause ends
+    when the state is saved and the disk is frozen; the disk copy goes on meanwhile, and
+    the overlay is folded back once both legs have ended (on every path)."""
     state_dir = _state_staging(staging)
     async with Monitor.connect(ctx.paths.qmp_socket) as mon:
         # Memory-file mode: the save leg is device state only; RAM goes with the copy leg.
         await prepare_outgoing(mon, ignore_shared=record.vm_config.memory_file is not None)
-        was_running = await mon.status() == "running"
-        paused_at = time.monotonic()
-        await mon.pause()
+        window = _PausedWindow(mon, op, ctx.paths.agent_socket)
+        freeze = DiskFreeze(mon, drive_id(0), ctx.paths.disk_overlay)
         try:
-            with op.phase("save+copy" if serial else "legs"):
-                if serial:
+            await window.pause()
+            if serial:
+                with op.phase("save+copy"):
                     manifest = await save_leg(mon, record, state_dir, policy)
                     report = await copy_leg(ctx, staging.payload)
-                else:
+            else:
+                released = asyncio.Event()
+
+                async def save_then_resume() -> Manifest:
+                    saved = await save_leg(mon, record, state_dir, policy)
+                    await released.wait()
+                    await window.end()
+                    return saved
+
+                with op.phase("legs"):
                     manifest, report = await run_legs(
-                        save_leg(mon, record, state_dir, policy),
-                        copy_leg(ctx, staging.payload))
-        except BaseException:
-            if was_running:  # resumed on every path; the leg's error is the one reported
-                with contextlib.suppress(QmpError):
-                    await mon.resume()
+                        save_then_resume(),
+                        frozen_copy_leg(ctx, staging.payload, freeze, released))
+            await window.end()
+        except BaseException as exc:
+            with contextlib.suppress(QmpError):
+                await window.end()  # resumed on every path; the leg's error is reported
+            await _thaw_after_failure(freeze, exc)
             raise
-        finally:
-            op.add("paused_window", time.monotonic() - paused_at)
-        if was_running:
-            await mon.resume()
+        with op.phase("thaw"):
+            await freeze.thaw()
     return manifest, report
+
+
+async def _thaw_after_failure(freeze: DiskFreeze, error: BaseException) -> None:
+    try:
+        await freeze.thaw()
+    except QmpError as exc:  # the leg's error stays the one raised; this one must be seen
+        log.error("after %s: %s (torpor folds it back at the next operation)", error, exc)
+
+
+async def fold_back_frozen_disk(ctx: InstanceContext) -> None:
+    """A snapshot interrupted between freeze and thaw (torpor killed) leaves the guest's
+    recent writes in the disk overlay: fold them back before anything else touches the
+    instance (online if QEMU still runs, with qemu-img if it does not)."""
+    overlay = ctx.paths.disk_overlay
+    if not overlay.exists():
+        return
+    log.warning("instance %s: folding back the disk overlay of an interrupted snapshot",
+                ctx.name)
+    state, _ = await derive_state(ctx.paths)
+    if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+        async with Monitor.connect(ctx.paths.qmp_socket) as mon:
+            await thaw(mon, drive_id(0), overlay)
+    else:
+        await asyncio.to_thread(thaw_offline, overlay)
 
 
 def _state_staging(staging: SnapshotPaths) -> Path:
@@ -237,7 +333,7 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
                 await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
             kind = "standby" if state is InstanceState.STANDBY else "stopped"
             mode = "copy"
-            skip = ALWAYS_SKIP if kind == "standby" else (*ALWAYS_SKIP, "snapshots")
+            skip = _skip(ctx.paths) if kind == "standby" else _running_skip(ctx.paths)
             with op.phase("copy"):
                 report = await _copy_instance(ctx, staging.payload, skip, fsync=True)
         snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging, op)

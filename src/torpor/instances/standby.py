@@ -17,6 +17,7 @@ from pathlib import Path
 from torpor.codec import Codec
 from torpor.errors import OperationFailed, WrongState
 from torpor.fsutil import fsync_dir, remove_tree
+from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import VMConfig
@@ -82,7 +83,9 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
     """The paused window: everything between `stop` and QEMU having exited."""
     process = record.process()
     partial, latest = ctx.paths.standby_partial_dir, ctx.paths.standby_dir
-    async with Monitor.connect(ctx.paths.qmp_socket) as mon:
+    # The agent attached while the state is saved: the restore finds it answering at once.
+    async with GuestAgent.attached(ctx.paths.agent_socket), \
+            Monitor.connect(ctx.paths.qmp_socket) as mon:
         qemu_version = await mon.version()
         await prepare_outgoing(mon, ignore_shared=record.vm_config.memory_file is not None)
         paused_at = time.monotonic()
