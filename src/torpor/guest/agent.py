@@ -46,6 +46,7 @@ class GuestAgent:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._reader = reader
         self._writer = writer
+        self._sent_sync: int | None = None  # a guest-sync already on its way
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -127,11 +128,15 @@ class GuestAgent:
                 await asyncio.sleep(0.05)
         raise AgentError(f"guest agent did not answer within {timeout:.0f} s ({last})")
 
-    async def _send(self, command: str, arguments: dict[str, Any] | None = None) -> None:
+    @staticmethod
+    def _request(command: str, arguments: dict[str, Any] | None = None) -> bytes:
         message: dict[str, Any] = {"execute": command}
         if arguments is not None:
             message["arguments"] = arguments
-        self._writer.write(json.dumps(message).encode() + b"\n")
+        return json.dumps(message).encode() + b"\n"
+
+    async def _send(self, command: str, arguments: dict[str, Any] | None = None) -> None:
+        self._writer.write(self._request(command, arguments))
         await self._writer.drain()
 
     async def _read_message(self) -> dict[str, Any]:
@@ -144,17 +149,25 @@ class GuestAgent:
                 result: dict[str, Any] = json.loads(line)
                 return result
 
+    def send_sync(self) -> None:
+        """Put a guest-sync on its way now (e.g. before the guest runs); the next `sync`
+        waits for its answer instead of sending another."""
+        self._sent_sync = random.randrange(1, 2**31)
+        self._writer.write(self._request("guest-sync-delimited", {"id": self._sent_sync}))
+
     async def sync(self, timeout: float = 5.0) -> None:
-        token = random.randrange(1, 2**31)
         try:
-            await asyncio.wait_for(self._sync(token), timeout)
+            if self._sent_sync is None:
+                self.send_sync()
+            token, self._sent_sync = self._sent_sync, None
+            await asyncio.wait_for(self._await_sync(token), timeout)
         except TimeoutError as exc:
             raise AgentError(f"guest agent did not answer guest-sync within {timeout} s") from exc
         except _TRANSPORT_ERRORS as exc:
             raise AgentError(f"guest agent channel failed during guest-sync: {exc!r}") from exc
 
-    async def _sync(self, token: int) -> None:
-        await self._send("guest-sync-delimited", {"id": token})
+    async def _await_sync(self, token: int | None) -> None:
+        await self._writer.drain()
         while True:
             # Skip everything up to the delimiter the agent puts before its reply.
             await self._reader.readuntil(DELIMITER)

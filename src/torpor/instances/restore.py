@@ -88,6 +88,8 @@ async def restore(ctx: InstanceContext) -> OperationRecorder:
                 progress = observe.counter("load", manifest.state.stored_bytes)
                 await load_state(mon, path, codec, manifest.state, progress,
                                  ignore_shared=manifest.x_ignore_shared)
+            if early is not None:
+                early.send_sync()  # waiting for the guest, not for `cont`'s reply
             with op.phase("resume"):
                 await mon.resume()
         op.add("restore_to_running", time.monotonic() - started)
