@@ -66,6 +66,31 @@ def worker(manager: InstanceManager, name: str) -> ProcessIdentity:
     return ProcessIdentity.model_validate(read_json(manager.data_root.job_worker(key)))
 
 
+def open_by(path: Path) -> list[str]:
+    """Processes with `path` open, with their command lines."""
+    found = []
+    for fd in Path("/proc").glob("[0-9]*/fd/*"):
+        try:
+            if os.readlink(fd) == str(path):
+                pid = fd.parts[2]
+                found.append(f"{pid}: {Path(f'/proc/{pid}/cmdline').read_bytes()!r}")
+        except OSError:
+            continue
+    return found
+
+
+def wait_pending_after_kill(manager: InstanceManager, name: str) -> None:
+    """The job of a killed worker reads as pending once its lock is free. (This once read
+    `compressing` right after the kill in 1 of 7 CI runs; if it lasts, say who holds it.)"""
+    deadline = time.monotonic() + 5
+    while run(manager.get(name)).compression.state is not CompressionState.PENDING:
+        if time.monotonic() > deadline:
+            lock = manager.data_root.job_lock(instance_job_key(run(manager.get(name)).id))
+            pytest.fail(f"job lock still held after the worker died; open by: "
+                        f"{open_by(lock)}\n/proc/locks:\n{Path('/proc/locks').read_text()}")
+        time.sleep(0.05)
+
+
 def tmp_files(manager: InstanceManager, name: str) -> list[Path]:
     return list(manager.paths(name).standby_dir.glob("*.tmp"))
 
@@ -140,7 +165,7 @@ def test_killed_worker_is_requeued_by_a_new_manager(manager: InstanceManager, vm
     os.kill(identity.pid, signal.SIGKILL)  # the process hosting the job dies mid-job
     assert TrackedProcess(identity).wait_exit(10)
     assert tmp_files(manager, vm)  # a half-written file is left behind
-    assert run(manager.get(vm)).compression.state is CompressionState.PENDING
+    wait_pending_after_kill(manager, vm)
     fresh = InstanceManager(manager.data_root.root, Settings(accel=manager.settings.accel))
     assert fresh.recover_jobs() == [f"{vm}: re-queued"]
     wait_compression(fresh, vm, CompressionState.COMPRESSED)
