@@ -127,6 +127,12 @@ def pause_once(tmp_path: Path) -> tuple[Any, OperationRecorder]:
     return result, op
 
 
+def failed_leg(tmp_path: Path) -> LegFailed:
+    with pytest.raises(LegFailed) as info:
+        pause_once(tmp_path)
+    return info.value
+
+
 def test_resume_comes_before_the_disk_copy_ends(scenario: Scenario, tmp_path: Path) -> None:
     (manifest, report), op = pause_once(tmp_path)
     assert manifest == "manifest" and report.files_sparse == 2
@@ -138,18 +144,15 @@ def test_resume_comes_before_the_disk_copy_ends(scenario: Scenario, tmp_path: Pa
 def test_copy_failing_before_the_freeze_still_waits_for_the_save(
         scenario: Scenario, tmp_path: Path) -> None:
     scenario.fail.add("freeze")
-    with pytest.raises(LegFailed) as info:
-        pause_once(tmp_path)
-    assert info.value.leg == "copy" and "injected" in str(info.value)
+    failure = failed_leg(tmp_path)
+    assert failure.leg == "copy" and "injected" in str(failure)
     assert scenario.events == ["pause", "saved", "resume"]  # nothing frozen, nothing to thaw
 
 
 def test_disk_copy_failing_after_resume_still_folds_back(scenario: Scenario,
                                                         tmp_path: Path) -> None:
     scenario.fail.add("disk copy")
-    with pytest.raises(LegFailed) as info:
-        pause_once(tmp_path)
-    assert info.value.leg == "copy"
+    assert failed_leg(tmp_path).leg == "copy"
     assert scenario.before("resume", "disk copy failed")
     assert scenario.events[-1] == "thaw"
 
@@ -157,9 +160,8 @@ def test_disk_copy_failing_after_resume_still_folds_back(scenario: Scenario,
 def test_save_failure_cancels_the_disk_copy_resumes_and_folds_back(
         scenario: Scenario, tmp_path: Path) -> None:
     scenario.fail.add("save")
-    with pytest.raises(LegFailed) as info:
-        pause_once(tmp_path)
-    assert info.value.leg == "save" and "injected" in str(info.value)
+    failure = failed_leg(tmp_path)
+    assert failure.leg == "save" and "injected" in str(failure)
     assert scenario.before("save failed", "disk copy cancelled")
     assert scenario.before("disk copy cancelled", "resume")  # both legs ended first
     assert scenario.events[-2:] == ["resume", "thaw"]
