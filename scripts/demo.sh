@@ -81,7 +81,7 @@ step "the source is untouched by the fork's write" $TORPOR exec "$VM-file" -- md
 step "clean up the memory-file VMs" sh -c "$TORPOR delete --force $VM-file-fork-1 && \
   $TORPOR delete --force $VM-file-fork-2 && $TORPOR snapshot delete demo-file-snap && \
   $TORPOR delete --force $VM-file"
-step "snapshot it while it runs (state save and disk copy overlap while paused)" \
+step "snapshot it while it runs (paused for the state save; the disk, frozen under an overlay, is copied as it runs)" \
   $TORPOR snapshot create "$VM" --name demo-snap --tag purpose=demo
 step "fork the snapshot into two running copies (new MAC, vmgenid, hostname)" \
   $TORPOR snapshot fork demo-snap "$VM-fork" --count 2
