@@ -52,7 +52,7 @@ def test_wait_ready_gives_up_with_agent_error(tmp_path: Path) -> None:
 
 def test_attached_is_best_effort_and_early_connection_answers_first() -> None:
     """`attached` yields None from a silent agent (a standby must not wait on it);
-    `wait_ready` syncs on the early connection instead of dialling again."""
+    `ready` syncs on the early connection instead of dialling again, and hands it on."""
     with tempfile.TemporaryDirectory(prefix="tp-ag-", dir="/tmp") as tmp:
         path = Path(tmp) / "agent.sock"
         server = serve_once(path, b"")
@@ -82,7 +82,8 @@ def test_attached_is_best_effort_and_early_connection_answers_first() -> None:
             peer = asyncio.create_task(syncing_peer())
             early = await GuestAgent.attach_early(path)
             assert early is not None
-            assert await GuestAgent.wait_ready(path, 2.0, early) < 2.0
+            assert await GuestAgent.ready(path, 2.0, early) is early
+            await early.close()
             await peer  # the one connection the server accepted was the early one
 
         asyncio.run(scenario())

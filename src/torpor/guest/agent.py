@@ -104,29 +104,41 @@ class GuestAgent:
             await self._writer.wait_closed()
 
     @classmethod
-    async def wait_ready(cls, path: Path, timeout: float,
-                         early: GuestAgent | None = None) -> float:
-        """Until the agent answers guest-sync (on `early` first, if given); the seconds
-        it took."""
-        start = time.monotonic()
-        deadline = start + timeout
+    async def ready(cls, path: Path, timeout: float,
+                    early: GuestAgent | None = None) -> GuestAgent:
+        """A connection on which the agent has answered guest-sync (`early` first, if
+        given); the caller closes it. Handing it on saves the next user a reconnect, after
+        which qemu-ga would be back in its 100 ms retry sleeps."""
+        deadline = time.monotonic() + timeout
         last: Exception | None = None
         if early is not None:
             try:
                 await early.sync(timeout)
-                return time.monotonic() - start
+                return early
             except AgentError as exc:
                 last = exc
-            finally:
                 await early.close()
         while time.monotonic() < deadline:
-            try:
-                async with cls.connect(path, timeout=min(1.0, deadline - time.monotonic())):
-                    return time.monotonic() - start
-            except AgentError as exc:
-                last = exc
-                await asyncio.sleep(0.05)
+            agent = await cls.attach_early(path, min(1.0, deadline - time.monotonic()))
+            if agent is None:
+                last = AgentError(f"cannot connect to the guest agent socket {path}")
+            else:
+                try:
+                    await agent.sync(min(1.0, max(deadline - time.monotonic(), 0.01)))
+                    return agent
+                except AgentError as exc:
+                    last = exc
+                    await agent.close()
+            await asyncio.sleep(0.05)
         raise AgentError(f"guest agent did not answer within {timeout:.0f} s ({last})")
+
+    @classmethod
+    async def wait_ready(cls, path: Path, timeout: float) -> float:
+        """Until the agent answers guest-sync; the seconds it took."""
+        start = time.monotonic()
+        agent = await cls.ready(path, timeout)
+        await agent.close()
+        return time.monotonic() - start
 
     @staticmethod
     def _request(command: str, arguments: dict[str, Any] | None = None) -> bytes:

@@ -95,7 +95,7 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
     return meta
 
 
-async def apply_guest_identity(paths: InstancePaths, meta: InstanceMetadata) -> None:
+async def apply_guest_identity(agent: GuestAgent, meta: InstanceMetadata) -> None:
     """Inside a restored fork: its own MAC on eth0 (QEMU's virtio-net follows the guest's
     MAC change) and its own hostname."""
     # virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR): one command, no
@@ -104,8 +104,7 @@ async def apply_guest_identity(paths: InstancePaths, meta: InstanceMetadata) -> 
                f"(ip link set eth0 down && ip link set eth0 address {meta.mac} && "
                f"ip link set eth0 up && (ip route add default via 10.0.2.2 2>/dev/null; true))")
     script = f"({set_mac}) && hostname {meta.name} && echo {meta.name} > /etc/hostname"
-    async with GuestAgent.connect(paths.agent_socket) as agent:
-        result = await agent.exec(["/bin/sh", "-c", script], timeout=30)
+    result = await agent.exec(["/bin/sh", "-c", script], timeout=30)
     if result.exit_code != 0:
         raise OperationFailed(f"setting the identity of fork {meta.name} failed: "
                               f"{result.stderr.decode(errors='replace').strip()}")
@@ -194,11 +193,12 @@ async def _bring_up(mgr: InstanceManager, forks: list[InstanceMetadata], has_sta
         if target_state == "stopped" and has_state:
             remove_tree(paths.standby_dir)
         elif target_state == "running":
-            if has_state:
-                await mgr.restore(meta.name)
+            if has_state:  # the identity on the connection the restore waited on
+                await mgr.restore(meta.name, then=lambda agent: apply_guest_identity(agent, meta))
             else:
                 await mgr.start(meta.name)
-            await apply_guest_identity(paths, meta)
+                async with GuestAgent.connect(paths.agent_socket) as agent:
+                    await apply_guest_identity(agent, meta)
         return await mgr.get(meta.name)
 
     results = await asyncio.gather(*(one(m) for m in forks), return_exceptions=True)

@@ -65,9 +65,13 @@ async def spawn(ctx: InstanceContext, config: VMConfig, *,
         raise
 
 
-async def wait_for_agent(ctx: InstanceContext, early: GuestAgent | None = None) -> float:
-    return await GuestAgent.wait_ready(ctx.paths.agent_socket, ctx.settings.agent_timeout,
-                                       early)
+async def wait_for_agent(ctx: InstanceContext) -> float:
+    return await GuestAgent.wait_ready(ctx.paths.agent_socket, ctx.settings.agent_timeout)
+
+
+async def agent_ready(ctx: InstanceContext, early: GuestAgent | None = None) -> GuestAgent:
+    """A connection the agent has answered on (the caller closes it)."""
+    return await GuestAgent.ready(ctx.paths.agent_socket, ctx.settings.agent_timeout, early)
 
 
 def check_startable(name: str, state: InstanceState) -> None:

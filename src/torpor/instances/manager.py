@@ -297,9 +297,12 @@ class InstanceManager:
             await standby_op.standby(ctx, policy)
             return await self.info(InstanceMetadata.load(ctx.paths.metadata))
 
-    async def restore(self, name: str) -> InstanceInfo:
+    async def restore(self, name: str, *, then: restore_op.AgentStep | None = None
+                      ) -> InstanceInfo:
+        """`then`: a step on the guest agent, part of the restore (forks set their
+        identity there, on the connection the restore already has)."""
         async with self.locked(name, restore_op.check_state) as ctx:
-            await restore_op.restore(ctx)
+            await restore_op.restore(ctx, then)
             return await self.info(InstanceMetadata.load(ctx.paths.metadata))
 
     async def set_policy(self, name: str, policy: CompressionPolicy | None) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 from torpor.errors import IntegrityError, WrongState
 from torpor.fsutil import remove_tree
@@ -56,7 +57,12 @@ def check_state(name: str, state: InstanceState) -> None:
         raise WrongState(f"instance {name} has no standby state to restore (it is {state})")
 
 
-async def restore(ctx: InstanceContext) -> OperationRecorder:
+AgentStep = Callable[[GuestAgent], Awaitable[None]]
+
+
+async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> OperationRecorder:
+    """`then` runs on the agent connection restore waited on (a fork sets its identity
+    there); it is part of the operation: if it fails, the restore fails."""
     started = time.monotonic()
     state, _ = await derive_state(ctx.paths)
     check_state(ctx.name, state)
@@ -71,13 +77,13 @@ async def restore(ctx: InstanceContext) -> OperationRecorder:
     check_memory_file(ctx, config, manifest)
     op = OperationRecorder("restore", ctx.name)
     process: TrackedProcess | None = None
-    early: GuestAgent | None = None
+    agent: GuestAgent | None = None  # closed on every path
     try:
         with op.phase("spawn"):
             process = await lifecycle.spawn(ctx, config, incoming=True)
         # Attached before the state is loaded, the agent's port stays "host connected"
         # (as the standby saved it): qemu-ga answers without its 100 ms retry sleep.
-        early = await GuestAgent.attach_early(ctx.paths.agent_socket)
+        agent = await GuestAgent.attach_early(ctx.paths.agent_socket)
         async with Monitor.connect(ctx.paths.qmp_socket) as mon:
             # Asked of the QEMU that will load the state: exact, and no extra process.
             version = await mon.version()
@@ -88,17 +94,20 @@ async def restore(ctx: InstanceContext) -> OperationRecorder:
                 progress = observe.counter("load", manifest.state.stored_bytes)
                 await load_state(mon, path, codec, manifest.state, progress,
                                  ignore_shared=manifest.x_ignore_shared)
-            if early is not None:
-                early.send_sync()  # waiting for the guest, not for `cont`'s reply
+            if agent is not None:
+                agent.send_sync()  # waiting for the guest, not for `cont`'s reply
             with op.phase("resume"):
                 await mon.resume()
         op.add("restore_to_running", time.monotonic() - started)
         with op.phase("agent-ready"):
-            await lifecycle.wait_for_agent(ctx, early)
+            agent = await lifecycle.agent_ready(ctx, agent)
         op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
+        if then is not None:
+            await then(agent)
+        await agent.close()
     except BaseException as exc:
-        if early is not None:
-            await early.close()
+        if agent is not None:
+            await agent.close()
         if process is not None:
             await lifecycle.terminate(ctx, process)
         op.record(ctx.paths, exc)
