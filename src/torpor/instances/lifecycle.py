@@ -111,9 +111,9 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
     except BaseException as exc:
         if process is not None:
             await terminate(ctx, process)
-        op.record(ctx.paths, exc)
+        await op.persist(ctx.paths, exc)
         raise
-    op.record(ctx.paths)
+    await op.persist(ctx.paths)
     return op
 
 
@@ -172,8 +172,8 @@ async def stop(ctx: InstanceContext, *, timeout: float | None = None,
         clear_runtime(ctx.paths)
         discard_memory_file(ctx)  # a stopped VM has no RAM: give the disk space back
     except TorporError as exc:
-        op.record(ctx.paths, exc)
+        await op.persist(ctx.paths, exc)
         raise
-    op.record(ctx.paths)
+    await op.persist(ctx.paths)
     return op
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import time
@@ -47,6 +48,11 @@ class OperationRecorder:
         return LastOperation(kind=self.kind, result="error" if error else "ok",
                              started_at=self.started_at, phases=dict(self.phases),
                              error=str(error) if error else None)
+
+    async def persist(self, paths: InstancePaths, error: BaseException | None = None) -> None:
+        """`record` in a thread: its fsync (tens of ms when other copies are flushing) must
+        not hold up the other operations of this process (parallel forks, the daemon)."""
+        await asyncio.to_thread(self.record, paths, error)
 
     def record(self, paths: InstancePaths, error: BaseException | None = None) -> None:
         """Persist into metadata.json; silently skipped if the instance is gone."""

@@ -110,9 +110,9 @@ async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> Operat
             await agent.close()
         if process is not None:
             await lifecycle.terminate(ctx, process)
-        op.record(ctx.paths, exc)
+        await op.persist(ctx.paths, exc)
         raise
-    with op.phase("cleanup"):
-        remove_tree(ctx.paths.standby_dir)  # consumed: the VM has moved on from it
-    op.record(ctx.paths)
+    with op.phase("cleanup"):  # consumed: the VM has moved on from it
+        await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)
+    await op.persist(ctx.paths)
     return op

@@ -343,9 +343,9 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
         fsync_dir(final.parent)
     except BaseException as exc:
         shutil.rmtree(staging.root, ignore_errors=True)
-        op.record(ctx.paths, exc)
+        await op.persist(ctx.paths, exc)
         raise
-    op.record(ctx.paths)
+    await op.persist(ctx.paths)
     return snap
 
 

@@ -164,8 +164,8 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
                                            slots=ctx.settings.compression_jobs,
                                            rate_limit=ctx.settings.compression_rate_limit)
     except BaseException as exc:
-        op.record(ctx.paths, exc)
+        await op.persist(ctx.paths, exc)
         raise
-    op.record(ctx.paths)
+    await op.persist(ctx.paths)
     return op
 
