@@ -20,7 +20,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 from torpor.errors import AlreadyExists, OperationFailed
@@ -84,19 +84,16 @@ class CopyReport:
         return "reflink" if self.files_cloned else "sparse"
 
     def merged(self, other: CopyReport) -> CopyReport:
-        """One report for two copies that make up one destination."""
-        reason = self.clone_fallback_reason or other.clone_fallback_reason
-        return CopyReport(
-            logical_bytes=self.logical_bytes + other.logical_bytes,
-            bytes_written=self.bytes_written + other.bytes_written,
-            bytes_cloned=self.bytes_cloned + other.bytes_cloned,
-            files_cloned=self.files_cloned + other.files_cloned,
-            files_sparse=self.files_sparse + other.files_sparse,
-            clone_attempts=self.clone_attempts + other.clone_attempts,
-            clone_fallback_reason=reason, dirs=self.dirs + other.dirs,
-            symlinks=self.symlinks + other.symlinks, skipped=self.skipped + other.skipped,
-            special_files_skipped=self.special_files_skipped + other.special_files_skipped,
-            elapsed_s=self.elapsed_s + other.elapsed_s)
+        """One report for two copies that make up one destination: counts, lists and
+        times add up; the first fallback reason stands."""
+        merged = CopyReport()
+        for f in fields(self):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            if f.name == "clone_fallback_reason":
+                setattr(merged, f.name, mine or theirs)
+            else:
+                setattr(merged, f.name, mine + theirs)
+        return merged
 
     def as_dict(self) -> dict[str, object]:
         return {

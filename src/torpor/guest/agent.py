@@ -49,21 +49,23 @@ class GuestAgent:
         self._sent_sync: int | None = None  # a guest-sync already on its way
 
     @classmethod
-    @contextlib.asynccontextmanager
-    async def connect(cls, path: Path, timeout: float = 5.0) -> AsyncIterator[GuestAgent]:
+    async def _open(cls, path: Path, timeout: float) -> GuestAgent:
         try:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_unix_connection(str(path), limit=16 << 20), timeout)
         except (OSError, TimeoutError) as exc:
             raise AgentError(f"cannot connect to the guest agent socket {path}: {exc}") from exc
-        agent = cls(reader, writer)
+        return cls(reader, writer)
+
+    @classmethod
+    @contextlib.asynccontextmanager
+    async def connect(cls, path: Path, timeout: float = 5.0) -> AsyncIterator[GuestAgent]:
+        agent = await cls._open(path, timeout)
         try:
             await agent.sync(timeout)
             yield agent
         finally:
-            writer.close()
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+            await agent.close()
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -92,11 +94,9 @@ class GuestAgent:
         """Connect to a QEMU that has not loaded the guest yet (no sync: nobody answers
         before the guest runs); hand the result to `wait_ready`. None if it fails."""
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(path), limit=16 << 20), timeout)
-        except (OSError, TimeoutError):
+            return await cls._open(path, timeout)
+        except AgentError:
             return None
-        return cls(reader, writer)
 
     async def close(self) -> None:
         self._writer.close()
@@ -119,9 +119,10 @@ class GuestAgent:
                 last = exc
                 await early.close()
         while time.monotonic() < deadline:
-            agent = await cls.attach_early(path, min(1.0, deadline - time.monotonic()))
-            if agent is None:
-                last = AgentError(f"cannot connect to the guest agent socket {path}")
+            try:
+                agent = await cls._open(path, min(1.0, deadline - time.monotonic()))
+            except AgentError as exc:
+                last = exc
             else:
                 try:
                     await agent.sync(min(1.0, max(deadline - time.monotonic(), 0.01)))
@@ -161,24 +162,24 @@ class GuestAgent:
                 result: dict[str, Any] = json.loads(line)
                 return result
 
-    def send_sync(self) -> None:
+    def send_sync(self) -> int:
         """Put a guest-sync on its way now (e.g. before the guest runs); the next `sync`
         waits for its answer instead of sending another."""
         self._sent_sync = random.randrange(1, 2**31)
         self._writer.write(self._request("guest-sync-delimited", {"id": self._sent_sync}))
+        return self._sent_sync
 
     async def sync(self, timeout: float = 5.0) -> None:
         try:
-            if self._sent_sync is None:
-                self.send_sync()
-            token, self._sent_sync = self._sent_sync, None
+            token = self._sent_sync or self.send_sync()
+            self._sent_sync = None
             await asyncio.wait_for(self._await_sync(token), timeout)
         except TimeoutError as exc:
             raise AgentError(f"guest agent did not answer guest-sync within {timeout} s") from exc
         except _TRANSPORT_ERRORS as exc:
             raise AgentError(f"guest agent channel failed during guest-sync: {exc!r}") from exc
 
-    async def _await_sync(self, token: int | None) -> None:
+    async def _await_sync(self, token: int) -> None:
         await self._writer.drain()
         while True:
             # Skip everything up to the delimiter the agent puts before its reply.

@@ -164,10 +164,10 @@ async def frozen_copy_leg(ctx: InstanceContext, payload: Path, freeze: DiskFreez
     (metadata; the RAM file in memory-file mode). Then release the pause and copy the
     frozen disk while the guest runs. No fsync (see copy_leg)."""
     skip = _running_skip(ctx.paths)
-    progress = observe.counter("copy", allocated_bytes(ctx.paths.root, skip))
     disk = ctx.paths.disk
     try:
-        await freeze.freeze()
+        await freeze.freeze()  # first: every moment before it is paused time
+        progress = observe.counter("copy", allocated_bytes(ctx.paths.root, skip))
         rest = await in_thread(lambda stop: copy_tree(
             ctx.paths.root, payload, skip=(*skip, disk.name), cancel=stop, progress=progress))
     finally:
