@@ -131,8 +131,11 @@ async def load_tmpfs(mon: Monitor, src: Path, codec: Codec) -> None:
 
 async def timed_save(ctx: InstanceContext, out: Path, codec: Codec, native: bool) -> float:
     """Save the running guest's state, then resume it (the guest keeps running)."""
+    record = load_runtime(ctx.paths)
+    assert record is not None
     async with Monitor.connect(ctx.paths.qmp_socket) as mon:
-        await prepare_outgoing(mon)
+        # The same stream for every codec: all pages (the zero-page filter is left out).
+        await prepare_outgoing(mon, record.vm_config)
         await mon.pause()
         start = time.perf_counter()
         if native:  # the product's save leg, plus the hash it does after QEMU stops

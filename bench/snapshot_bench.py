@@ -46,7 +46,7 @@ async def leg_alone(mgr: InstanceManager, name: str, work: Path, leg: str) -> fl
     async with mgr.locked(name) as ctx, Monitor.connect(ctx.paths.qmp_socket) as mon:
         record = load_runtime(ctx.paths)
         assert record is not None
-        await prepare_outgoing(mon)
+        await prepare_outgoing(mon, record.vm_config)
         drop_caches()
         start = time.monotonic()
         await mon.pause()

@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run, torpor_cli
+from torpor.errors import OperationFailed
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.accel import probe_kvm, resolve_accel
 from torpor.images.builtin import GuestImage
 from torpor.instances import InstanceManager, InstanceState
+from torpor.instances.context import Settings
 from torpor.instances.runtime import load_runtime
 
 pytestmark = pytest.mark.qemu
@@ -80,6 +82,22 @@ def test_start_stop_delete_leave_nothing(manager: InstanceManager, fresh_name: s
     run(manager.delete(fresh_name))
     assert not paths.root.exists()
     assert fresh_name not in [i.name for i in run(manager.list_all())]
+
+
+def test_qemu_failing_to_start_reports_its_error(manager: InstanceManager, data_root: Path,
+                                                fresh_name: str) -> None:
+    """QEMU's own message comes back (from its log) and nothing is left running."""
+    run(manager.create(fresh_name))
+    paths = manager.paths(fresh_name)
+    paths.disk.unlink()
+    with pytest.raises(OperationFailed, match=r"QEMU failed to start: .*disk\.raw"):
+        run(manager.start(fresh_name))
+    assert run(manager.get(fresh_name)).state is InstanceState.STOPPED
+    assert load_runtime(paths) is None and not paths.pidfile.exists()
+    missing = InstanceManager(data_root, Settings(accel="tcg", qemu_binary="/no/such/qemu"))
+    with pytest.raises(OperationFailed, match=r"QEMU binary not found: /no/such/qemu"):
+        run(missing.start(fresh_name))
+    run(manager.delete(fresh_name, force=True))
 
 
 def test_disk_writes_survive_reboot(manager: InstanceManager, fresh_name: str) -> None:

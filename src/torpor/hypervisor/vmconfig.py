@@ -115,6 +115,13 @@ def _memory_args(config: VMConfig) -> list[str]:
     ]
 
 
+def zeroed_ram_block(config: VMConfig) -> str | None:
+    """The RAM block a QEMU freshly started with this config holds zero-filled (apart
+    from what QEMU loads into it itself): anonymous memory on a PC machine."""
+    pc_machine = config.machine in ("q35", "pc") or config.machine.startswith("pc-")
+    return "pc.ram" if pc_machine and config.memory_file is None else None
+
+
 def drive_id(index: int) -> str:
     """The name QEMU (QMP's `device`) knows the config's disk number `index` by."""
     return f"disk{index}"

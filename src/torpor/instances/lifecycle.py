@@ -52,7 +52,7 @@ def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: bool = False
 
 async def spawn(ctx: InstanceContext, config: VMConfig, *,
                 incoming: bool = False) -> TrackedProcess:
-    """spawn_qemu off the event loop: QEMU takes ~35 ms to daemonize, and parallel
+    """spawn_qemu off the event loop: QEMU takes ~20 ms to initialise, and parallel
     restores (forks) must not queue behind each other. If we are cancelled meanwhile, the
     QEMU that did start is killed: no process outlives the operation."""
     launching = asyncio.ensure_future(

@@ -40,7 +40,7 @@ from torpor.fsutil import (
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.blockfreeze import DiskFreeze, thaw, thaw_offline
 from torpor.hypervisor.qmp import Monitor, QmpError
-from torpor.hypervisor.vmconfig import drive_id
+from torpor.hypervisor.vmconfig import drive_id, zeroed_ram_block
 from torpor.instances import compression_jobs, observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.legs import in_thread, run_legs
@@ -183,7 +183,8 @@ async def save_leg(mon: Monitor, record: RuntimeRecord, directory: Path,
     directory.mkdir(parents=True)
     progress = observe.counter("save", record.vm_config.memory_mib << 20)
     state = await save_state(mon, directory, policy.codec, policy.effective_level(),
-                             progress, fsync=False)
+                             progress, fsync=False,
+                             fresh_block=zeroed_ram_block(record.vm_config))
     return build_manifest(record.vm_config, state, await mon.version())
 
 
@@ -225,7 +226,7 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging
     state_dir = _state_staging(staging)
     async with Monitor.connect(ctx.paths.qmp_socket) as mon:
         # Memory-file mode: the save leg is device state only; RAM goes with the copy leg.
-        await prepare_outgoing(mon, ignore_shared=record.vm_config.memory_file is not None)
+        await prepare_outgoing(mon, record.vm_config)
         window = _PausedWindow(mon, op, ctx.paths.agent_socket)
         freeze = DiskFreeze(mon, drive_id(0), ctx.paths.disk_overlay)
         try:

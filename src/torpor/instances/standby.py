@@ -20,7 +20,7 @@ from torpor.fsutil import fsync_dir, remove_tree
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
-from torpor.hypervisor.vmconfig import VMConfig
+from torpor.hypervisor.vmconfig import VMConfig, zeroed_ram_block
 from torpor.instances import compression_jobs, observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_policy, utc_now
@@ -87,7 +87,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
     async with GuestAgent.attached(ctx.paths.agent_socket), \
             Monitor.connect(ctx.paths.qmp_socket) as mon:
         qemu_version = await mon.version()
-        await prepare_outgoing(mon, ignore_shared=record.vm_config.memory_file is not None)
+        await prepare_outgoing(mon, record.vm_config)
         paused_at = time.monotonic()
         with op.phase("pause"):
             await mon.pause()
@@ -95,7 +95,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
             partial.mkdir(parents=True)
             progress = observe.counter("save", ctx.meta.memory_mib << 20)
             state = await save_state(mon, partial, policy.codec, policy.effective_level(),
-                                     progress)
+                                     progress, fresh_block=zeroed_ram_block(record.vm_config))
             manifest = build_manifest(record.vm_config, state, qemu_version)
             manifest.save(partial)
             partial.rename(latest)

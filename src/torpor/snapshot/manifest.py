@@ -20,6 +20,14 @@ MACHINE_STATE = "machine-state"  # the raw name; compressed files add a suffix
 MEMORY_FILE = "memory"  # memory-file mode: guest RAM, in the instance directory
 
 
+class LeftOutZeroPages(BaseModel):
+    """Zero-page records of RAM block `block` the stream leaves out (a QEMU receiving a
+    state holds that block zero-filled)."""
+
+    block: str
+    pages: int
+
+
 class StateFile(BaseModel):
     """The machine-state file. `name` is always the raw name; the codec's suffix is added
     to find a compressed file."""
@@ -31,6 +39,7 @@ class StateFile(BaseModel):
     stored_bytes: int = 0
     checksum_algorithm: str = "xxh3_128"
     checksum: str | None = None  # of the stored bytes; None only if a crash cut it short
+    zero_pages: LeftOutZeroPages | None = None
 
     def stored_name(self) -> str:
         return self.name + SUFFIXES.get(self.codec, "")

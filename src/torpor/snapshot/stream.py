@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import fcntl
 import os
+import threading
 from asyncio.subprocess import PIPE
 from collections.abc import Callable
 from pathlib import Path
@@ -24,7 +25,9 @@ from typing import Any
 from torpor.codec import Codec, checksum_file, compressor_argv, decompressor_argv
 from torpor.errors import IntegrityError, OperationFailed
 from torpor.hypervisor.qmp import Monitor
-from torpor.snapshot.manifest import StateFile
+from torpor.hypervisor.vmconfig import VMConfig
+from torpor.hypervisor.zeropages import StreamAbandoned, pump
+from torpor.snapshot.manifest import LeftOutZeroPages, StateFile
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: lifts QEMU 7.2's 128 MiB/s default cap
 PIPE_SIZE = 1 << 20
@@ -74,11 +77,11 @@ async def wait_migration(mon: Monitor, progress: Progress | None = None,
         await asyncio.sleep(POLL_INTERVAL)
 
 
-async def prepare_outgoing(mon: Monitor, *, ignore_shared: bool = False) -> None:
-    """Call before pausing: round trips the paused window need not contain.
-    ignore_shared (memory-file mode): RAM in a shared file is left out of the stream."""
+async def prepare_outgoing(mon: Monitor, config: VMConfig) -> None:
+    """Call before pausing: round trips the paused window need not contain. A file-backed
+    VM's RAM (memory-file mode) is left out of the stream (x-ignore-shared)."""
     await mon.set_migration_parameters(max_bandwidth=UNLIMITED_BANDWIDTH)
-    if ignore_shared:
+    if config.memory_file is not None:
         await mon.set_migration_capabilities(x_ignore_shared=True)
 
 
@@ -91,29 +94,81 @@ async def _reap(proc: asyncio.subprocess.Process) -> str | None:
 
 
 async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
-                     progress: Progress | None = None, *, fsync: bool = True) -> StateFile:
+                     progress: Progress | None = None, *, fsync: bool = True,
+                     fresh_block: str | None = None) -> StateFile:
     """Migrate the paused VM's state (after prepare_outgoing) into
-    directory/machine-state[.ext]. The checksum is left to finalize_checksum. fsync=False
-    leaves flushing to the caller (a snapshot of a VM that keeps running flushes after
-    resuming it; a standby must flush before QEMU quits)."""
+    directory/machine-state[.ext], leaving out the zero pages of `fresh_block` (the RAM a
+    receiving QEMU holds zero-filled: vmconfig.zeroed_ram_block).
+    The checksum is left to finalize_checksum. fsync=False leaves flushing to the caller
+    (a snapshot of a VM that keeps running flushes after resuming it; a standby must
+    flush before QEMU quits)."""
     state = StateFile(codec=codec, level=level)
     with open(directory / state.stored_name(), "xb") as out:  # noqa: ASYNC230 - instant
         if codec is Codec.NONE:
-            await mon.send_fd(FD_NAME, out.fileno())
-            await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
-            await wait_migration(mon, progress)
+            left_out = await _migrate_into(mon, out.fileno(), fresh_block, progress)
         else:
-            await _save_through_compressor(mon, out, codec, level, progress)
+            left_out = await _save_through_compressor(mon, out, codec, level, progress,
+                                                      fresh_block)
         if fsync:
             await asyncio.to_thread(os.fsync, out.fileno())
         state.stored_bytes = os.fstat(out.fileno()).st_size
     if codec is Codec.NONE:
         state.raw_bytes = state.stored_bytes
+    if fresh_block is not None:
+        state.zero_pages = LeftOutZeroPages(block=fresh_block, pages=left_out)
     return state
 
 
+async def _migrate_into(mon: Monitor, sink: int, fresh_block: str | None,
+                        progress: Progress | None) -> int:
+    """QEMU's outgoing stream into fd `sink` (the caller's, left open): directly, or
+    through the zero-page filter in a thread. The number of pages left out."""
+    if fresh_block is None:
+        try:
+            await mon.send_fd(FD_NAME, sink)
+            await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+            await wait_migration(mon, progress)
+        except BaseException:
+            await _abandon_outgoing(mon)
+            raise
+        return 0
+    read_end, write_end = _pipe()
+    stop = threading.Event()
+    pumping = asyncio.ensure_future(asyncio.to_thread(_pump, read_end, sink, fresh_block, stop))
+    try:
+        await mon.hand_over_fd(FD_NAME, write_end)
+        await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+        await wait_migration(mon, progress)
+    except BaseException as exc:
+        await _abandon_outgoing(mon)
+        stop.set()  # QEMU let go of the pipe; a hung one must not hold the thread
+        try:
+            await pumping
+        except OSError as write_error:  # e.g. a full disk: the cause of QEMU's failure
+            raise OperationFailed(f"could not write the machine state: {write_error}") from exc
+        except StreamAbandoned:
+            pass
+        raise
+    return await pumping
+
+
+def _pump(source: int, sink: int, fresh_block: str, stop: threading.Event) -> int:
+    try:
+        return pump(source, sink, fresh_block, stop)
+    finally:
+        os.close(source)  # a writer still writing gets EPIPE rather than blocking
+
+
+async def _abandon_outgoing(mon: Monitor) -> None:
+    """After a failed save: QEMU stops migrating and closes its end of the stream."""
+    for command, args in (("migrate_cancel", None), ("closefd", {"fdname": FD_NAME})):
+        with contextlib.suppress(Exception):
+            await mon.execute(command, args, timeout=5)
+
+
 async def _save_through_compressor(mon: Monitor, out: Any, codec: Codec, level: int,
-                                   progress: Progress | None) -> None:
+                                   progress: Progress | None, fresh_block: str | None
+                                   ) -> int:
     read_end, write_end = _pipe()
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -121,19 +176,19 @@ async def _save_through_compressor(mon: Monitor, out: Any, codec: Codec, level: 
     finally:
         os.close(read_end)
     try:
-        await mon.hand_over_fd(FD_NAME, write_end)
-        await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
-        await wait_migration(mon, progress)
+        try:
+            left_out = await _migrate_into(mon, write_end, fresh_block, progress)
+        finally:
+            os.close(write_end)  # once QEMU has closed its copy too, the tool sees EOF
     except BaseException as exc:
-        with contextlib.suppress(Exception):
-            await mon.execute("migrate_cancel", timeout=5)
-        error = await _reap(proc)  # QEMU's end is closed now: the tool sees EOF
+        error = await _reap(proc)
         if error:  # e.g. "No space left on device": the tool's failure is the cause
             raise OperationFailed(f"{codec} failed while saving: {error}") from exc
         raise
     error = await _reap(proc)
     if error:
         raise OperationFailed(f"{codec} failed while saving: {error}")
+    return left_out
 
 
 def finalize_checksum(directory: Path, state: StateFile) -> StateFile:
