@@ -12,7 +12,9 @@ data in guest tmpfs) it measures, on the same running guest in the same run:
                                QEMU has quit (counted in standby total); restore maps it
   exec:cat                     the recipe another VM manager uses: `stop`, `migrate` to
                                "exec:cat > file" with QEMU's default migration settings,
-                               `quit`; restore with -incoming "exec:cat < file"
+                               `quit`; restore with -incoming "exec:cat < file", QEMU
+                               started plainly (same argv, `-daemonize`), without
+                               torpor's launcher (fd table sized at exec, setsid start)
 
   virsh save           libvirt: the same guest defined as a libvirt domain (same kernel,
                        initrd, cmdline, CPU model, memory, a copy of its disk), `virsh save`
@@ -45,8 +47,9 @@ from bench.libvirt_baseline import LibvirtGuest, ensure_libvirt
 from torpor.codec import Codec
 from torpor.errors import NotFound
 from torpor.guest.agent import GuestAgent
-from torpor.hypervisor.process import launch
+from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import Monitor
+from torpor.hypervisor.vmconfig import VMConfig, render_argv
 from torpor.instances import InstanceManager
 from torpor.instances.context import Settings
 from torpor.instances.lifecycle import effective_accel
@@ -105,6 +108,21 @@ async def torpor_cycle(mgr: InstanceManager, name: str, kind: str,
             "readback": await read_back(mgr, name, kind), "resident": resident, "size": size}
 
 
+def launch_plainly(config: VMConfig, pidfile: Path, log_file: Path,
+                   extra_args: tuple[str, ...]) -> TrackedProcess:
+    """QEMU as a VM manager without torpor's launcher starts it: the same argv, then
+    `-daemonize`; returns once QEMU has initialised (the daemonizing parent exits)."""
+    for sock in (config.qmp_socket, config.qmp_query_socket, config.agent_socket):
+        if sock is not None:
+            sock.unlink(missing_ok=True)
+    argv = [*render_argv(config), *extra_args, "-daemonize", "-pidfile", str(pidfile)]
+    with open(log_file, "ab") as log:
+        subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log, check=True)
+    identity = ProcessIdentity.of(int(pidfile.read_text().strip()))
+    assert identity is not None, "the baseline's QEMU exited at once"
+    return TrackedProcess(identity)
+
+
 async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path) -> dict[str, float]:
     """The baseline, driven through QMP on the same QEMU process torpor started."""
     state_file = workdir / f"{name}.state"
@@ -124,8 +142,8 @@ async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path) -> dict
         clear_runtime(ctx.paths)
         t0 = time.monotonic()
         config = record.vm_config
-        proc = launch(config, pidfile=ctx.paths.pidfile, log_file=ctx.paths.qemu_log,
-                      extra_args=("-incoming", f"exec:cat < {state_file}"))
+        proc = launch_plainly(config, ctx.paths.pidfile, ctx.paths.qemu_log,
+                              ("-incoming", f"exec:cat < {state_file}"))
         save_runtime(ctx.paths, RuntimeRecord(identity=proc.identity, vm_config=config,
                                               launched_at=utc_now()))
         # The stream carries the source's run state (paused), so the recipe ends in `cont`.
