@@ -149,7 +149,10 @@ async def _migrate_into(mon: Monitor, sink: int, fresh_block: str | None,
         except StreamAbandoned:
             pass
         raise
-    return await pumping
+    try:
+        return await pumping
+    except OSError as write_error:  # the last bytes, after QEMU had handed them over
+        raise OperationFailed(f"could not write the machine state: {write_error}") from None
 
 
 def _pump(source: int, sink: int, fresh_block: str, stop: threading.Event) -> int:
