@@ -226,6 +226,30 @@ def test_pump_copies_through_pipes_and_stops_when_told() -> None:
     os.close(sink_r)
 
 
+def test_pump_carries_a_unit_longer_than_its_buffer() -> None:
+    """A configuration section longer than a read and its carry room still parses."""
+    original = build([[(MAIN, 0, None), (MAIN, 1, 0), (MAIN, 2, 0)]])
+    long_name = b"m" * 20_000
+    original = original[:9] + be32(len(long_name)) + long_name + original[16:]
+    expected, dropped = filtered(original, [])
+    assert dropped == 2
+    source_r, source_w = os.pipe()
+    sink_r, sink_w = os.pipe()
+    received = bytearray()
+    reader = threading.Thread(target=lambda: received.extend(_read_all(sink_r)))
+    reader.start()
+    writer = threading.Thread(target=lambda: (_write_slowly(source_w, original),
+                                              os.close(source_w)))
+    writer.start()
+    assert pump(source_r, sink_w, MAIN, threading.Event(), chunk=1000) == dropped
+    os.close(sink_w)
+    writer.join()
+    reader.join()
+    assert bytes(received) == expected
+    for fd in (source_r, sink_r):
+        os.close(fd)
+
+
 def _write_slowly(fd: int, data: bytes) -> None:
     for start in range(0, len(data), 777):
         os.write(fd, data[start:start + 777])

@@ -155,7 +155,7 @@ def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: bool = 
     child here (the CLI may exit; no torpor process holds its zombie) and its stdout and
     stderr go to the log for its whole life. Not `-daemonize`: QEMU's own fork leaves the
     parent waiting while the child initialises, and every page the child writes meanwhile
-    is copied: 35-45 ms to a ready monitor against 18-23 ms, measured here."""
+    is copied: 35-45 ms to a ready monitor against about 30 ms, measured here."""
     _check_socket_paths(config)
     if shutil.which(binary) is None:
         raise OperationFailed(f"QEMU binary not found: {binary}")
@@ -168,20 +168,20 @@ def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: bool = 
     # QEMU holds the write end for its life: end of file on the read end means it exited.
     exited, holder = os.pipe2(os.O_CLOEXEC)
     try:
-        with open(log_file, "ab") as log, _fd_table_sizer() as sizer:
-            log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n".encode())
-            log.flush()
-            output_from = log.tell()
-            subprocess.run(["setsid", "--fork", *argv], stdin=subprocess.DEVNULL, stdout=log,
-                           stderr=log, pass_fds=(sizer, holder), check=True)
-        os.close(holder)
-        holder = -1
+        try:
+            with open(log_file, "ab") as log, _fd_table_sizer() as sizer:
+                log.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {' '.join(argv)}\n"
+                          .encode())
+                log.flush()
+                output_from = log.tell()
+                subprocess.run(["setsid", "--fork", *argv], stdin=subprocess.DEVNULL,
+                               stdout=log, stderr=log, pass_fds=(sizer, holder), check=True)
+        finally:
+            os.close(holder)  # QEMU has its own copy
         _wait_until_answering(config.qmp_socket, exited, pidfile,
                               lambda: _output_since(log_file, output_from))
     finally:
         os.close(exited)
-        if holder >= 0:
-            os.close(holder)
     identity = ProcessIdentity.of(int(pidfile.read_text().strip()))
     if identity is None:
         raise OperationFailed("QEMU exited right after starting; see " + str(log_file))

@@ -58,7 +58,7 @@ _STOP_CHECK_MS = 100
 
 
 class StreamAbandoned(Exception):
-    pass
+    """The pump was told to stop before the stream ended."""
 
 
 class _Need(Exception):
@@ -289,8 +289,8 @@ def _offset_bounds(run: bytes, count: int) -> tuple[int, int]:
 def pump(source: int, sink: int, fresh_block: str, stop: threading.Event,
          chunk: int = 1 << 20) -> int:
     """Copy a migration stream from fd `source` to fd `sink` until EOF, without the zero
-    pages of `fresh_block` a receiving QEMU already has; returns how many it left out. Blocking:
-    run it in a thread; `stop` makes it give up waiting for input (a writer that neither
+    pages of `fresh_block` a receiving QEMU already has; returns how many it left out.
+    Blocking: run it in a thread; `stop` makes it give up waiting for input (a writer that neither
     writes nor closes). An error writing (a full disk) raises."""
     stream = ZeroPageFilter(fresh_block)
     buf = bytearray(chunk + _CARRY)
@@ -310,10 +310,12 @@ def pump(source: int, sink: int, fresh_block: str, stop: threading.Event,
         for part in parts:
             _write_all(sink, part)
         carried = carried + got - used
-        view[:carried] = view[used:used + carried]
-        if len(buf) - carried < chunk:  # never with QEMU's records; kept for safety
-            buf.extend(bytes(chunk))
-            view = memoryview(buf)
+        if len(buf) - carried < chunk:  # a unit longer than _CARRY: a bigger buffer
+            bigger = bytearray(carried + chunk + _CARRY)
+            bigger[:carried] = view[used:used + carried]
+            buf, view = bigger, memoryview(bigger)
+        else:
+            view[:carried] = view[used:used + carried]
 
 
 def _write_all(fd: int, data: memoryview) -> None:
