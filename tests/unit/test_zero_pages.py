@@ -198,32 +198,39 @@ def test_configuration_subsection_stops_filtering() -> None:
     assert filtered(with_subsection, []) == (with_subsection, 0)
 
 
-def test_pump_copies_through_pipes_and_stops_when_told() -> None:
-    original = build([[(MAIN, 0, None)] + [(MAIN, i, 0) for i in range(1, 64)], []])
-    expected, dropped = filtered(original, [])
+def pumped(stream: bytes) -> tuple[bytes, int]:
+    """`stream` written in small pieces into a pipe, pumped (1000-byte reads) into
+    another: what came out, and the pages left out."""
     source_r, source_w = os.pipe()
     sink_r, sink_w = os.pipe()
     received = bytearray()
     reader = threading.Thread(target=lambda: received.extend(_read_all(sink_r)))
     reader.start()
-    writer = threading.Thread(target=lambda: (_write_slowly(source_w, original),
+    writer = threading.Thread(target=lambda: (_write_slowly(source_w, stream),
                                               os.close(source_w)))
     writer.start()
-    assert pump(source_r, sink_w, MAIN, threading.Event(), chunk=1000) == dropped
-    os.close(sink_w)
-    writer.join()
-    reader.join()
-    assert bytes(received) == expected
-    os.close(source_r)
+    try:
+        dropped = pump(source_r, sink_w, MAIN, threading.Event(), chunk=1000)
+    finally:
+        os.close(sink_w)
+        writer.join()
+        reader.join()
+        os.close(source_r)
+        os.close(sink_r)
+    return bytes(received), dropped
+
+
+def test_pump_copies_through_pipes_and_stops_when_told() -> None:
+    original = build([[(MAIN, 0, None)] + [(MAIN, i, 0) for i in range(1, 64)], []])
+    assert pumped(original) == filtered(original, [])
 
     idle_r, idle_w = os.pipe()  # a writer that neither writes nor closes
     stop = threading.Event()
     stop.set()
     with pytest.raises(StreamAbandoned):
-        pump(idle_r, sink_r, MAIN, stop)
+        pump(idle_r, idle_w, MAIN, stop)
     os.close(idle_r)
     os.close(idle_w)
-    os.close(sink_r)
 
 
 def test_pump_carries_a_unit_longer_than_its_buffer() -> None:
@@ -233,21 +240,7 @@ def test_pump_carries_a_unit_longer_than_its_buffer() -> None:
     original = original[:9] + be32(len(long_name)) + long_name + original[16:]
     expected, dropped = filtered(original, [])
     assert dropped == 2
-    source_r, source_w = os.pipe()
-    sink_r, sink_w = os.pipe()
-    received = bytearray()
-    reader = threading.Thread(target=lambda: received.extend(_read_all(sink_r)))
-    reader.start()
-    writer = threading.Thread(target=lambda: (_write_slowly(source_w, original),
-                                              os.close(source_w)))
-    writer.start()
-    assert pump(source_r, sink_w, MAIN, threading.Event(), chunk=1000) == dropped
-    os.close(sink_w)
-    writer.join()
-    reader.join()
-    assert bytes(received) == expected
-    for fd in (source_r, sink_r):
-        os.close(fd)
+    assert pumped(original) == (expected, dropped)
 
 
 def _write_slowly(fd: int, data: bytes) -> None:
