@@ -40,7 +40,7 @@ import zstandard
 
 from torpor.codec import Codec, checksum_file
 from torpor.hypervisor.qmp import Monitor
-from torpor.hypervisor.vmconfig import VMConfig
+from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
 from torpor.instances import InstanceManager
 from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.lifecycle import spawn_qemu, terminate
@@ -153,7 +153,7 @@ async def timed_save(ctx: InstanceContext, out: Path, codec: Codec, native: bool
 
 async def timed_load(ctx: InstanceContext, config: VMConfig, src: Path, codec: Codec,
                      how: str) -> float:
-    process = spawn_qemu(ctx, config, incoming=True)
+    process = spawn_qemu(ctx, config, incoming=DEFERRED)
     try:
         async with Monitor.connect(ctx.paths.qmp_socket) as mon:
             start = time.perf_counter()

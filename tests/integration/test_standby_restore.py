@@ -8,19 +8,18 @@ import os
 import signal
 import subprocess
 import tempfile
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from tests.conftest import booted, run, sh, torpor_cli
-from torpor.codec import Codec
+from torpor.codec import Codec, checksum_file
 from torpor.errors import IntegrityError, OperationFailed
 from torpor.hypervisor.qmp import Monitor
 from torpor.images.builtin import GuestImage
 from torpor.instances import InstanceManager, InstanceState
-from torpor.instances import restore as restore_module
 from torpor.instances import standby as standby_module
 from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
@@ -139,6 +138,28 @@ def test_flipped_byte_is_refused_and_snapshot_kept(manager: InstanceManager, vm:
     assert guest_view(manager, vm)["ram"] == before["ram"]
 
 
+def test_state_qemu_cannot_load_is_a_clear_error_and_snapshot_kept(
+        manager: InstanceManager, vm: str) -> None:
+    """A state whose checksum holds but that QEMU rejects (cut short, manifest made to
+    match): QEMU, loading it from its command line, exits; its message is the error."""
+    run(manager.standby(vm))
+    latest = manager.paths(vm).standby_dir
+    manifest = Manifest.load(latest)
+    state_file = latest / manifest.state.stored_name()
+    whole = state_file.read_bytes()
+    state_file.write_bytes(whole[:len(whole) // 2])
+    cut = checksum_file(state_file)
+    manifest.model_copy(update={"state": manifest.state.model_copy(update={
+        "checksum": cut.checksum, "stored_bytes": cut.stored_bytes})}).save(latest)
+    with pytest.raises(OperationFailed, match="could not load the machine state.*qemu"):
+        run(manager.restore(vm))
+    assert run(manager.get(vm)).state is InstanceState.STANDBY
+    assert load_runtime(manager.paths(vm)) is None  # no QEMU left behind
+    state_file.write_bytes(whole)  # put back: the kept snapshot restores
+    manifest.save(latest)
+    assert run(manager.restore(vm)).state is InstanceState.RUNNING
+
+
 def test_other_qemu_version_is_refused_and_snapshot_kept(manager: InstanceManager,
                                                           vm: str) -> None:
     run(manager.standby(vm))
@@ -168,20 +189,22 @@ def test_left_out_zero_pages_load_into_the_same_memory(manager: InstanceManager,
        " 2>/dev/null; rm /tmp/zeros")
     ram_bytes = run(manager.get(vm)).memory_mib << 20
 
-    def dumping(real: Callable[..., Awaitable[Any]], name: str) -> Callable[..., Any]:
-        async def dump_then(mon: Monitor, *args: Any, **kwargs: Any) -> Any:
-            result = None
-            if name == "loaded":  # after the load, before anything is sent to the guest
-                result = await real(mon, *args, **kwargs)
-            await mon.execute("pmemsave", {"val": 0, "size": ram_bytes,
-                                           "filename": str(tmp_path / name)}, timeout=120)
-            return result if name == "loaded" else await real(mon, *args, **kwargs)
-        return dump_then
+    async def dump(mon: Monitor, name: str) -> None:
+        await mon.execute("pmemsave", {"val": 0, "size": ram_bytes,
+                                       "filename": str(tmp_path / name)}, timeout=120)
 
-    monkeypatch.setattr(standby_module, "save_state",
-                        dumping(standby_module.save_state, "saved"))
-    monkeypatch.setattr(restore_module, "load_state",
-                        dumping(restore_module.load_state, "loaded"))
+    real_save, real_resume = standby_module.save_state, Monitor.resume
+
+    async def dump_then_save(mon: Monitor, *args: Any, **kwargs: Any) -> Any:
+        await dump(mon, "saved")  # the paused source
+        return await real_save(mon, *args, **kwargs)
+
+    async def dump_then_resume(mon: Monitor) -> None:
+        await dump(mon, "loaded")  # loaded, before anything is sent to the guest
+        await real_resume(mon)
+
+    monkeypatch.setattr(standby_module, "save_state", dump_then_save)
+    monkeypatch.setattr(Monitor, "resume", dump_then_resume)
     run(manager.standby(vm))
     left_out = Manifest.load(manager.paths(vm).standby_dir).state.zero_pages
     assert left_out is not None and left_out.block == "pc.ram"

@@ -1,6 +1,13 @@
 from pathlib import Path
 
-from torpor.hypervisor.vmconfig import Disk, MemoryFile, PortForward, VMConfig, render_argv
+from torpor.hypervisor.vmconfig import (
+    DEFERRED,
+    Disk,
+    MemoryFile,
+    PortForward,
+    VMConfig,
+    render_argv,
+)
 
 
 def config(**over: object) -> VMConfig:
@@ -33,7 +40,7 @@ def test_incoming_kvm_forwards_and_memory_file() -> None:
     argv = render_argv(config(accel="kvm", port_forwards=(PortForward(host_port=2222,
                                                                        guest_port=22),),
                               memory_file=MemoryFile(path=Path("/i/memory"), shared=False)),
-                       incoming=True)
+                       incoming=DEFERRED)
     joined = " ".join(argv)
     assert argv[-2:] == ["-incoming", "defer"]
     assert "-accel kvm" in joined
@@ -46,3 +53,8 @@ def test_guest_visible_part_ignores_runtime_paths() -> None:
     b = config(qmp_socket=Path("/elsewhere/q.sock"), serial_log=Path("/x/s.log"))
     assert a.guest_visible() == b.guest_visible()
     assert a.guest_visible() != config(memory_mib=1024).guest_visible()
+
+
+def test_incoming_from_a_descriptor_at_exec() -> None:
+    argv = render_argv(config(), incoming="fd:7")
+    assert argv[-3:] == ["-S", "-incoming", "fd:7"]

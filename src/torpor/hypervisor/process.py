@@ -20,7 +20,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -147,15 +147,20 @@ def _fd_table_sizer() -> Iterator[int]:
         os.close(high)
 
 
-def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: bool = False,
-           binary: str = "qemu-system-x86_64", extra_args: tuple[str, ...] = ()) -> TrackedProcess:
+def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: str | None = None,
+           binary: str = "qemu-system-x86_64", extra_args: tuple[str, ...] = (),
+           pass_fds: tuple[int, ...] = (), ready_timeout: float = LAUNCH_TIMEOUT,
+           on_started: Callable[[ProcessIdentity], None] | None = None) -> TrackedProcess:
     """Start QEMU detached; returns once its monitor answers, or raises with its error.
 
     QEMU is started through `setsid --fork`, whose fork exits at once: QEMU is nobody's
     child here (the CLI may exit; no torpor process holds its zombie) and its stdout and
     stderr go to the log for its whole life. Not `-daemonize`: QEMU's own fork leaves the
     parent waiting while the child initialises, and every page the child writes meanwhile
-    is copied: 35-45 ms to a ready monitor against about 30 ms, measured here."""
+    is copied: 35-45 ms to a ready monitor against about 30 ms, measured here.
+    `pass_fds` are inherited under the same numbers (e.g. `-incoming fd:N`); `on_started`
+    gets the process as soon as QEMU has written its pidfile, before it is ready (a QEMU
+    that loads a state from its command line answers only once it has read it all)."""
     _check_socket_paths(config)
     if shutil.which(binary) is None:
         raise OperationFailed(f"QEMU binary not found: {binary}")
@@ -175,34 +180,64 @@ def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: bool = 
                 log.flush()
                 output_from = log.tell()
                 subprocess.run(["setsid", "--fork", *argv], stdin=subprocess.DEVNULL,
-                               stdout=log, stderr=log, pass_fds=(sizer, holder), check=True)
+                               stdout=log, stderr=log, pass_fds=(sizer, holder, *pass_fds),
+                               check=True)
         finally:
             os.close(holder)  # QEMU has its own copy
-        _wait_until_answering(config.qmp_socket, exited, pidfile,
-                              lambda: _output_since(log_file, output_from))
+        waiting = _Startup(exited, pidfile, ready_timeout,
+                           lambda: _output_since(log_file, output_from))
+        identity = waiting.until_pidfile()
+        try:
+            if on_started is not None:
+                on_started(identity)
+            waiting.until_answering(config.qmp_socket)
+        except BaseException:
+            TrackedProcess(identity).kill()  # a failed launch leaves no QEMU behind
+            raise
     finally:
         os.close(exited)
-    identity = ProcessIdentity.of(int(pidfile.read_text().strip()))
-    if identity is None:
-        raise OperationFailed("QEMU exited right after starting; see " + str(log_file))
     return TrackedProcess(identity)
 
 
-def _wait_until_answering(monitor: Path, exited: int, pidfile: Path,
-                          output: Callable[[], str]) -> None:
-    """Until QEMU's monitor answers a command (its main loop runs: initialised), or QEMU
-    has exited (its output is the error), or LAUNCH_TIMEOUT (QEMU is killed)."""
-    deadline = time.monotonic() + LAUNCH_TIMEOUT
-    while time.monotonic() < deadline:
-        if _answers(monitor, deadline):
-            return
-        if select.select([exited], [], [], LAUNCH_POLL)[0]:
-            raise OperationFailed(f"QEMU failed to start: {output() or 'no message'}")
-    with contextlib.suppress(OSError, ValueError):
-        identity = ProcessIdentity.of(int(pidfile.read_text().strip()))
-        if identity is not None:
-            TrackedProcess(identity).kill()
-    raise OperationFailed(f"QEMU did not finish starting in {LAUNCH_TIMEOUT:.0f} s")
+@dataclass
+class _Startup:
+    """Waiting for a launched QEMU: it exits (its output is the error), or the deadline
+    passes (it is killed), or it gets there."""
+
+    exited: int
+    pidfile: Path
+    timeout: float
+    output: Callable[[], str]
+    deadline: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.deadline = time.monotonic() + self.timeout
+
+    def until_pidfile(self) -> ProcessIdentity:
+        """QEMU writes its pidfile early in its start-up."""
+        while True:
+            with contextlib.suppress(OSError, ValueError):
+                identity = ProcessIdentity.of(int(self.pidfile.read_text().strip()))
+                if identity is not None:
+                    return identity
+            if self._pause():
+                raise OperationFailed(f"QEMU failed to start: {self._error()}")
+
+    def until_answering(self, monitor: Path) -> None:
+        """Until its monitor answers a command (its main loop runs: initialised)."""
+        while not _answers(monitor, self.deadline):
+            if self._pause():
+                raise OperationFailed(f"QEMU failed to start: {self._error()}")
+
+    def _pause(self) -> bool:
+        """Wait LAUNCH_POLL; True if QEMU has exited. Past the deadline, raise (the caller
+        kills it)."""
+        if time.monotonic() >= self.deadline:
+            raise OperationFailed(f"QEMU did not finish starting in {self.timeout:.0f} s")
+        return bool(select.select([self.exited], [], [], LAUNCH_POLL)[0])
+
+    def _error(self) -> str:
+        return self.output() or "no message"
 
 
 def _answers(monitor: Path, deadline: float) -> bool:

@@ -102,5 +102,9 @@ class Monitor:
         return dict(result)
 
     async def version(self) -> str:
-        v = (await self.execute("query-version"))["qemu"]
+        """QEMU's version, from its greeting (no round trip) when the library kept it."""
+        greeting = self._client.greeting
+        version: Any = (greeting.QMP.version if greeting is not None
+                        else await self.execute("query-version"))
+        v = version["qemu"]
         return f"{v['major']}.{v['minor']}.{v['micro']}"

@@ -127,9 +127,13 @@ def drive_id(index: int) -> str:
     return f"disk{index}"
 
 
+DEFERRED = "defer"  # -incoming: the stream's source is given later (QMP migrate-incoming)
+
+
 def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
-                incoming: bool = False) -> list[str]:
-    """The full argument list; `incoming` starts QEMU waiting for a migration stream."""
+                incoming: str | None = None) -> list[str]:
+    """The full argument list; `incoming` (DEFERRED, or a URI such as `fd:N`) starts QEMU
+    loading a migration stream instead of booting."""
     argv = [
         binary,
         "-name", f"{config.name},debug-threads=on",
@@ -167,7 +171,7 @@ def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
     ]
     if config.vmgenid:
         argv += ["-device", f"vmgenid,guid={config.vmgenid}"]
-    if incoming:
+    if incoming is not None:
         # -S: stay paused after the state is loaded, until the caller has verified it.
-        argv += ["-S", "-incoming", "defer"]
+        argv += ["-S", "-incoming", incoming]
     return argv

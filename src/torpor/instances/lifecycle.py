@@ -9,7 +9,7 @@ import logging
 from torpor.errors import OperationFailed, TorporError, WrongState
 from torpor.guest.agent import AgentError, GuestAgent
 from torpor.hypervisor.accel import resolve_accel
-from torpor.hypervisor.process import TrackedProcess, launch
+from torpor.hypervisor.process import LAUNCH_TIMEOUT, ProcessIdentity, TrackedProcess, launch
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import Accel, VMConfig
 from torpor.instances.context import InstanceContext
@@ -39,24 +39,35 @@ def check_boot_files(ctx: InstanceContext) -> None:
             raise OperationFailed(f"boot file of instance {ctx.name} is missing: {f}")
 
 
-def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: bool = False) -> TrackedProcess:
-    """Launch QEMU for this instance and record it in runtime.json."""
+def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: str | None = None,
+               pass_fds: tuple[int, ...] = (),
+               ready_timeout: float = LAUNCH_TIMEOUT) -> TrackedProcess:
+    """Launch QEMU for this instance, recorded in runtime.json as soon as it has a pid (a
+    QEMU that loads a large state takes a while to answer; it must not go unrecorded)."""
     clear_runtime(ctx.paths)
     ctx.paths.logs_dir.mkdir(parents=True, exist_ok=True)
-    process = launch(config, pidfile=ctx.paths.pidfile, log_file=ctx.paths.qemu_log,
-                     incoming=incoming, binary=ctx.settings.qemu_binary)
-    save_runtime(ctx.paths, RuntimeRecord(identity=process.identity, vm_config=config,
-                                          launched_at=utc_now()))
-    return process
+
+    def record(identity: ProcessIdentity) -> None:
+        save_runtime(ctx.paths, RuntimeRecord(identity=identity, vm_config=config,
+                                              launched_at=utc_now()))
+    try:
+        return launch(config, pidfile=ctx.paths.pidfile, log_file=ctx.paths.qemu_log,
+                      incoming=incoming, binary=ctx.settings.qemu_binary, pass_fds=pass_fds,
+                      ready_timeout=ready_timeout, on_started=record)
+    except BaseException:
+        clear_runtime(ctx.paths)  # launch leaves no QEMU behind when it fails
+        raise
 
 
-async def spawn(ctx: InstanceContext, config: VMConfig, *,
-                incoming: bool = False) -> TrackedProcess:
-    """spawn_qemu off the event loop: QEMU takes ~20 ms to initialise, and parallel
+async def spawn(ctx: InstanceContext, config: VMConfig, *, incoming: str | None = None,
+                pass_fds: tuple[int, ...] = (),
+                ready_timeout: float = LAUNCH_TIMEOUT) -> TrackedProcess:
+    """spawn_qemu off the event loop: QEMU takes ~30 ms to initialise, and parallel
     restores (forks) must not queue behind each other. If we are cancelled meanwhile, the
     QEMU that did start is killed: no process outlives the operation."""
-    launching = asyncio.ensure_future(
-        asyncio.to_thread(spawn_qemu, ctx, config, incoming=incoming))
+    launching = asyncio.ensure_future(asyncio.to_thread(
+        spawn_qemu, ctx, config, incoming=incoming, pass_fds=pass_fds,
+        ready_timeout=ready_timeout))
     try:
         return await asyncio.shield(launching)
     except asyncio.CancelledError:

@@ -7,15 +7,19 @@ snapshot untouched and restorable and no QEMU process behind.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
 
+from torpor.codec import Codec
 from torpor.errors import IntegrityError, WrongState
 from torpor.fsutil import remove_tree
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor
-from torpor.hypervisor.vmconfig import VMConfig
+from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
 from torpor.instances import compression_jobs, lifecycle, observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import InstanceState
@@ -23,7 +27,7 @@ from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import derive_state
 from torpor.instances.vmspec import vm_config_for
 from torpor.snapshot.manifest import Manifest, locate_state_file
-from torpor.snapshot.stream import load_state
+from torpor.snapshot.stream import exec_feed, load_state, reads_at_exec
 
 
 def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
@@ -60,6 +64,14 @@ def check_state(name: str, state: InstanceState) -> None:
 AgentStep = Callable[[GuestAgent], Awaitable[None]]
 
 
+@dataclass
+class _Incoming:
+    """What a restore has started so far: its QEMU and its agent connection."""
+
+    process: TrackedProcess | None = None
+    agent: GuestAgent | None = None
+
+
 async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> OperationRecorder:
     """`then` runs on the agent connection restore waited on (a fork sets its identity
     there); it is part of the operation: if it fails, the restore fails."""
@@ -76,43 +88,84 @@ async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> Operat
     lifecycle.check_boot_files(ctx)
     check_memory_file(ctx, config, manifest)
     op = OperationRecorder("restore", ctx.name)
-    process: TrackedProcess | None = None
-    agent: GuestAgent | None = None  # closed on every path
+    vm = _Incoming()  # killed and closed on every failure
     try:
-        with op.phase("spawn"):
-            process = await lifecycle.spawn(ctx, config, incoming=True)
-        # Attached before the state is loaded, the agent's port stays "host connected"
-        # (as the standby saved it): qemu-ga answers without its 100 ms retry sleep.
-        agent = await GuestAgent.attach_early(ctx.paths.agent_socket)
-        async with Monitor.connect(ctx.paths.qmp_socket) as mon:
-            # Asked of the QEMU that will load the state: exact, and no extra process.
-            version = await mon.version()
-            if version != manifest.qemu_version:
-                raise IntegrityError(f"saved state of {ctx.name} was written by QEMU "
-                                     f"{manifest.qemu_version}; this host has {version}")
-            with op.phase("load"):
-                progress = observe.counter("load", manifest.state.stored_bytes)
-                await load_state(mon, path, codec, manifest.state, progress,
-                                 ignore_shared=manifest.x_ignore_shared)
-            if agent is not None:
-                agent.send_sync()  # waiting for the guest, not for `cont`'s reply
+        async with contextlib.AsyncExitStack() as stack:
+            load = (_load_at_exec if reads_at_exec(codec, manifest.x_ignore_shared)
+                    else _load_deferred)
+            mon = await load(ctx, stack, vm, op, config, manifest, path, codec)
+            if vm.agent is not None:
+                vm.agent.send_sync()  # waiting for the guest, not for `cont`'s reply
             with op.phase("resume"):
                 await mon.resume()
         op.add("restore_to_running", time.monotonic() - started)
         with op.phase("agent-ready"):
-            agent = await lifecycle.agent_ready(ctx, agent)
+            vm.agent = await lifecycle.agent_ready(ctx, vm.agent)
         op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
         if then is not None:
-            await then(agent)
-        await agent.close()
+            await then(vm.agent)
+        await vm.agent.close()
     except BaseException as exc:
-        if agent is not None:
-            await agent.close()
-        if process is not None:
-            await lifecycle.terminate(ctx, process)
+        if vm.agent is not None:
+            await vm.agent.close()
+        if vm.process is not None:
+            await lifecycle.terminate(ctx, vm.process)
         await op.persist(ctx.paths, exc)
         raise
     with op.phase("cleanup"):  # consumed: the VM has moved on from it
         await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)
     await op.persist(ctx.paths)
     return op
+
+
+async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
+                        vm: _Incoming, op: OperationRecorder, config: VMConfig,
+                        manifest: Manifest, path: Path, codec: Codec) -> Monitor:
+    """QEMU started with the state file on its command line: it loads as soon as it has
+    initialised. `spawn` ends when it begins to read, `load` when the state is in and its
+    checksum verified. Returns the monitor of the paused, loaded QEMU."""
+    feed = await stack.enter_async_context(exec_feed(path, manifest.state))
+    progress = observe.counter("load", manifest.state.stored_bytes)
+    launching = asyncio.ensure_future(lifecycle.spawn(
+        ctx, config, incoming=feed.uri, pass_fds=(feed.fd,), ready_timeout=feed.ready_timeout))
+    try:
+        with op.phase("spawn"):
+            await feed.until_read_from(launching)
+        # Attached while QEMU loads, before the guest runs (see _load_deferred).
+        vm.agent = await GuestAgent.attach_early(ctx.paths.agent_socket)
+        with op.phase("load"):
+            vm.process = await feed.followed(launching, progress)
+            mon = await stack.enter_async_context(Monitor.connect(ctx.paths.qmp_socket))
+            await _check_version(ctx, mon, manifest)
+            await feed.completed(mon, progress)
+    finally:
+        if not launching.done():  # we failed meanwhile: spawn kills what it started
+            launching.cancel()
+            await asyncio.wait({launching})
+    return mon
+
+
+async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
+                         vm: _Incoming, op: OperationRecorder, config: VMConfig,
+                         manifest: Manifest, path: Path, codec: Codec) -> Monitor:
+    """QEMU started with `-incoming defer`; the state (through a decompressor, or after
+    setting x-ignore-shared) is handed to it through the monitor."""
+    with op.phase("spawn"):
+        vm.process = await lifecycle.spawn(ctx, config, incoming=DEFERRED)
+    # Attached before the state is loaded, the agent's port stays "host connected"
+    # (as the standby saved it): qemu-ga answers without its 100 ms retry sleep.
+    vm.agent = await GuestAgent.attach_early(ctx.paths.agent_socket)
+    mon = await stack.enter_async_context(Monitor.connect(ctx.paths.qmp_socket))
+    await _check_version(ctx, mon, manifest)  # asked of the QEMU that loads: exact
+    with op.phase("load"):
+        progress = observe.counter("load", manifest.state.stored_bytes)
+        await load_state(mon, path, codec, manifest.state, progress,
+                         ignore_shared=manifest.x_ignore_shared)
+    return mon
+
+
+async def _check_version(ctx: InstanceContext, mon: Monitor, manifest: Manifest) -> None:
+    version = await mon.version()
+    if version != manifest.qemu_version:
+        raise IntegrityError(f"saved state of {ctx.name} was written by QEMU "
+                             f"{manifest.qemu_version}; this host has {version}")

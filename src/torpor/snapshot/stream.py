@@ -4,9 +4,10 @@ Save: QEMU (paused by the caller) migrates into a file descriptor we pass it (ge
 `fd:`): the state file itself when uncompressed, or a pipe into a zstd/lz4 process writing
 the file, so there is never a second pass over a raw file. The checksum is computed after
 QEMU has exited (`finalize_checksum`), outside the paused window.
-Load: QEMU (started with -incoming defer -S) reads from a passed descriptor: the file
-itself, or a pipe from a decompressing process. A thread hashes the stored file meanwhile,
-and the verdict is in before the caller may resume.
+Load: QEMU (started with -S) reads from a descriptor: the file itself, inherited at exec
+(`-incoming fd:N`, see ExecFeed), or, passed with getfd after `-incoming defer`, a pipe
+from a decompressing process (or the file, when a capability must be set first). A thread
+hashes the stored file meanwhile, and the verdict is in before the caller may resume.
 Every child process is waited for on every path.
 """
 
@@ -18,12 +19,14 @@ import fcntl
 import os
 import threading
 from asyncio.subprocess import PIPE
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from torpor.codec import Codec, checksum_file, compressor_argv, decompressor_argv
+from torpor.codec import Codec, StreamStats, checksum_file, compressor_argv, decompressor_argv
 from torpor.errors import IntegrityError, OperationFailed
+from torpor.hypervisor.process import LAUNCH_TIMEOUT
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig
 from torpor.hypervisor.zeropages import StreamAbandoned, pump
@@ -32,9 +35,18 @@ from torpor.snapshot.manifest import LeftOutZeroPages, StateFile
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: lifts QEMU 7.2's 128 MiB/s default cap
 PIPE_SIZE = 1 << 20
 POLL_INTERVAL = 0.005
+# An incoming QEMU reading a file answers nothing until its main thread has read it
+# all; the load is then nearly done, so poll finely (each poll waited for the load).
+# From a pipe it answers throughout: polling that often would take CPU from the load.
+FILE_LOAD_POLL_INTERVAL = 0.001
 FD_NAME = "torpor-state"
+PROGRESS_INTERVAL = 0.05  # s between progress reports of a load QEMU does not report on
+# How slowly a stored state may load (a cold, slow disk) before a QEMU reading it from
+# its command line is given up on: it answers its monitor only once it has read it all.
+SLOWEST_LOAD_RATE = 20 << 20  # bytes/s
 
 Progress = Callable[[int], None]
+T = TypeVar("T")
 
 
 class MigrationFailed(OperationFailed):
@@ -56,8 +68,8 @@ def ram_processed(info: dict[str, Any]) -> int:
 
 
 async def wait_migration(mon: Monitor, progress: Progress | None = None,
-                         measure: Callable[[dict[str, Any]], int] = ram_processed
-                         ) -> dict[str, Any]:
+                         measure: Callable[[dict[str, Any]], int] = ram_processed,
+                         interval: float = POLL_INTERVAL) -> dict[str, Any]:
     """Poll query-migrate until the migration has completed; raise if it failed.
     `progress` gets the increments of `measure(info)`."""
     reported = 0
@@ -74,7 +86,7 @@ async def wait_migration(mon: Monitor, progress: Progress | None = None,
         if status in ("failed", "cancelled"):
             reason = info.get("error-desc") or "QEMU gave no reason (see logs/qemu.log)"
             raise MigrationFailed(f"migration {status}: {reason}")
-        await asyncio.sleep(POLL_INTERVAL)
+        await asyncio.sleep(interval)
 
 
 async def prepare_outgoing(mon: Monitor, config: VMConfig) -> None:
@@ -231,7 +243,8 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
                 # Incoming QEMU reports no byte counts: the shared offset of the file
                 # (QEMU's descriptor, or the decompressor's stdin) tells how far it got.
                 await wait_migration(mon, progress,
-                                     lambda _: os.lseek(src.fileno(), 0, os.SEEK_CUR))
+                                     lambda _: os.lseek(src.fileno(), 0, os.SEEK_CUR),
+                                     FILE_LOAD_POLL_INTERVAL if proc is None else POLL_INTERVAL)
             except Exception as exc:  # decided below, after the checksum
                 load_error = exc
     finally:
@@ -242,15 +255,101 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
             tool_error = await _reap(proc)
         else:
             tool_error = None
-        try:
-            stats = await verifier
-        except OSError as exc:
-            raise IntegrityError(f"machine state could not be read back: {exc}") from exc
-    if expected.checksum is not None and stats.checksum != expected.checksum:
-        raise IntegrityError(
-            f"machine state {path.name} does not match its manifest checksum "
-            f"({expected.checksum_algorithm} {stats.checksum} != {expected.checksum})")
+        await _verdict(verifier, path, expected)
     if load_error is not None:
         raise MigrationFailed(f"QEMU could not load the machine state: {load_error}")
     if tool_error is not None:
         raise IntegrityError(f"{codec} could not decompress {path.name}: {tool_error}")
+
+
+async def _verdict(verifier: asyncio.Future[StreamStats], path: Path,
+                   expected: StateFile) -> None:
+    """IntegrityError unless the stored file hashed to its manifest's checksum."""
+    try:
+        stats = await verifier
+    except OSError as exc:
+        raise IntegrityError(f"machine state could not be read back: {exc}") from exc
+    if expected.checksum is not None and stats.checksum != expected.checksum:
+        raise IntegrityError(
+            f"machine state {path.name} does not match its manifest checksum "
+            f"({expected.checksum_algorithm} {stats.checksum} != {expected.checksum})")
+
+
+def reads_at_exec(codec: Codec, ignore_shared: bool) -> bool:
+    """Whether QEMU can take a stored state on its command line (`-incoming fd:N`): one it
+    reads itself (uncompressed) and that needs no capability set first (x-ignore-shared
+    has no command-line form in QEMU 7.2)."""
+    return codec is Codec.NONE and not ignore_shared
+
+
+@dataclass
+class ExecFeed:
+    """An uncompressed state that QEMU reads from its command line, so that the load
+    starts the moment QEMU has initialised: `-incoming defer`, then getfd and
+    migrate-incoming through the monitor, cost about 15 ms of each restore, measured here.
+    A thread hashes the file meanwhile. Made by `exec_feed`."""
+
+    fd: int
+    path: Path
+    expected: StateFile
+    verifier: asyncio.Future[StreamStats]
+    reported: int = 0
+
+    @property
+    def uri(self) -> str:
+        return f"fd:{self.fd}"
+
+    @property
+    def ready_timeout(self) -> float:
+        """How long QEMU may take to answer: it does once it has read the whole state."""
+        return LAUNCH_TIMEOUT + self.expected.stored_bytes / SLOWEST_LOAD_RATE
+
+    def read_so_far(self) -> int:
+        return os.lseek(self.fd, 0, os.SEEK_CUR)  # QEMU's descriptor shares our offset
+
+    async def until_read_from(self, qemu: asyncio.Future[Any]) -> None:
+        """Until QEMU has begun to read the state (or has finished starting, or failed)."""
+        while not qemu.done() and self.read_so_far() == 0:
+            await asyncio.wait({qemu}, timeout=FILE_LOAD_POLL_INTERVAL)
+
+    async def followed(self, qemu: asyncio.Future[T], progress: Progress | None) -> T:
+        """QEMU's launch once its monitor answers (it has read the state), reporting its
+        progress meanwhile. If it failed while loading, a state that fails its checksum
+        is the error (IntegrityError), else QEMU's own message (MigrationFailed)."""
+        while not qemu.done():
+            await asyncio.wait({qemu}, timeout=PROGRESS_INTERVAL)
+            self._report(progress)
+        try:
+            return qemu.result()
+        except OperationFailed as exc:
+            if self.read_so_far() == 0:
+                raise  # it never got to the state
+            await _verdict(self.verifier, self.path, self.expected)
+            raise MigrationFailed(f"QEMU could not load the machine state: {exc}") from exc
+
+    async def completed(self, mon: Monitor, progress: Progress | None) -> None:
+        """Until the load has completed and the state's checksum is verified."""
+        try:
+            await wait_migration(mon, interval=FILE_LOAD_POLL_INTERVAL)
+        except MigrationFailed:
+            await _verdict(self.verifier, self.path, self.expected)
+            raise
+        self._report(progress)
+        await _verdict(self.verifier, self.path, self.expected)
+
+    def _report(self, progress: Progress | None) -> None:
+        done = self.read_so_far()
+        if progress is not None and done > self.reported:
+            progress(done - self.reported)
+            self.reported = done
+
+
+@contextlib.asynccontextmanager
+async def exec_feed(path: Path, expected: StateFile) -> AsyncIterator[ExecFeed]:
+    """The state file opened for an incoming QEMU to inherit, its hash under way."""
+    with open(path, "rb") as state:  # noqa: ASYNC230 - instant
+        verifier = asyncio.ensure_future(asyncio.to_thread(checksum_file, path))
+        try:
+            yield ExecFeed(state.fileno(), path, expected, verifier)
+        finally:
+            await asyncio.wait({verifier})  # a thread cannot be cancelled; it ends at EOF
