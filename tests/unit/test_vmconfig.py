@@ -42,7 +42,8 @@ def test_incoming_kvm_forwards_and_memory_file() -> None:
                               memory_file=MemoryFile(path=Path("/i/memory"), shared=False)),
                        incoming=DEFERRED)
     joined = " ".join(argv)
-    assert argv[-2:] == ["-incoming", "defer"]
+    assert argv[-4:-2] == ["-incoming", "defer"]
+    assert "-global migration.announce-rounds=0" in joined
     assert "-accel kvm" in joined
     assert "hostfwd=tcp:127.0.0.1:2222-:22" in joined
     assert "memory-backend-file,id=ram0,size=512M,mem-path=/i/memory,share=off" in joined
@@ -57,4 +58,4 @@ def test_guest_visible_part_ignores_runtime_paths() -> None:
 
 def test_incoming_from_a_descriptor_at_exec() -> None:
     argv = render_argv(config(), incoming="fd:7")
-    assert argv[-3:] == ["-S", "-incoming", "fd:7"]
+    assert argv[-5:-2] == ["-S", "-incoming", "fd:7"]

@@ -128,6 +128,11 @@ def drive_id(index: int) -> str:
 
 
 DEFERRED = "defer"  # -incoming: the stream's source is given later (QMP migrate-incoming)
+# After an incoming migration QEMU has the guest announce itself on the network (gratuitous
+# ARP, IPv6 neighbour advertisements; 5 rounds): that is for a VM that moved to another
+# host. A restored or forked VM is where it was saved, and its network stack, run cold
+# under TCG right as it resumes, cost ~20 ms of the restore's wait for the agent here.
+NO_SELF_ANNOUNCE = ("-global", "migration.announce-rounds=0")
 
 
 def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
@@ -173,5 +178,5 @@ def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
         argv += ["-device", f"vmgenid,guid={config.vmgenid}"]
     if incoming is not None:
         # -S: stay paused after the state is loaded, until the caller has verified it.
-        argv += ["-S", "-incoming", incoming]
+        argv += ["-S", "-incoming", incoming, *NO_SELF_ANNOUNCE]
     return argv
