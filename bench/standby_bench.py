@@ -20,6 +20,7 @@ data in guest tmpfs) it measures, on the same running guest in the same run:
                        initrd, cmdline, CPU model, memory, a copy of its disk), `virsh save`
                        and `virsh restore`; libvirt is installed and started if missing
 
+torpor's anonymous-RAM methods and exec:cat take turns on the guest, run after run.
 Columns: paused window (pause → QEMU exited), standby total, restore to running (QEMU
 resumed), restore to agent-responsive, time for the guest to read back its data after
 restore (half guests), host page cache the standby left resident (the RAM file in file
@@ -34,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import os
 import shutil
 import statistics
@@ -41,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench.libvirt_baseline import LibvirtGuest, ensure_libvirt
@@ -208,11 +211,17 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
         anonymous_rate = await write_throughput(mgr, name, mem // 4 >> 20)
         if kind == "half":
             await fill_half(mgr, name, mem)
-        for label, policy in MODES:
-            samples = [await torpor_cycle(mgr, name, kind, policy) for _ in range(runs)]
-            rows.append((label, median_of(samples)))
-        samples = [await exec_cat_cycle(mgr, name, workdir) for _ in range(runs)]
-        rows.append(("exec:cat", median_of(samples)))
+        # Round-robin over the methods, so that each meets the guest in the same state
+        # (a guest just booted is still busy for some seconds) and the same host noise.
+        cycles: list[tuple[str, Callable[[], Awaitable[dict[str, float]]]]] = [
+            *((label, functools.partial(torpor_cycle, mgr, name, kind, policy))
+              for label, policy in MODES),
+            ("exec:cat", functools.partial(exec_cat_cycle, mgr, name, workdir))]
+        samples: dict[str, list[dict[str, float]]] = {label: [] for label, _ in cycles}
+        for _ in range(runs):
+            for label, cycle in cycles:
+                samples[label].append(await cycle())
+        rows += [(label, median_of(samples[label])) for label, _ in cycles]
         await mgr.delete(name, force=True)  # one guest at a time on this host
         file_row, file_rate = await bench_file_mode(mgr, mem, kind, runs)
         rows.insert(len(MODES), ("torpor file", file_row))
@@ -222,8 +231,8 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
             if kind == "half":
                 await twin.exec(f"dd if=/dev/urandom of=/tmp/fill bs=1M count={mem // 2 >> 20}"
                                 " 2>/dev/null")
-            samples = [await twin.save_restore() for _ in range(runs)]
-            rows.append(("virsh save", median_of(samples)))
+            rows.append(("virsh save", median_of([await twin.save_restore()
+                                                  for _ in range(runs)])))
         return rows
     finally:
         if twin is not None:

@@ -68,8 +68,12 @@ def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: s
     assert info.last_operation is not None
     assert {"pause", "save", "stop", "persist", "paused_window"} <= set(
         info.last_operation.phases)
-    restored = run(manager.restore(vm))
+    observer = OperationObserver()
+    with observing(observer):
+        restored = run(manager.restore(vm))
     assert restored.state is InstanceState.RUNNING
+    load = next(s for s in observer.stages() if s.stage == "load")
+    assert load.done_bytes == load.total_bytes == manifest.state.stored_bytes  # progress
     assert restored.last_operation is not None
     assert set(restored.last_operation.phases) == {"spawn", "load", "resume", "agent-ready",
                                                    "restore_to_running", "restore_to_agent",
@@ -78,6 +82,11 @@ def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: s
     after = guest_view(manager, vm)
     assert (after["ram"], after["disk"]) == (before["ram"], before["disk"])
     assert int(after["counter"]) > int(before["counter"])  # the same process kept counting
+
+    async def announce_rounds() -> int:
+        async with Monitor.connect(manager.paths(vm).qmp_socket) as mon:
+            return int((await mon.execute("query-migrate-parameters"))["announce-rounds"])
+    assert run(announce_rounds()) == 0  # QEMU did not have the guest announce itself
 
 
 def test_show_json_carries_last_operation(data_root: Path, manager: InstanceManager,
