@@ -197,6 +197,7 @@ async def bench_file_mode(mgr: InstanceManager, mem: int, kind: str, runs: int
             await mgr.delete(name, force=True)
 
 
+SETTLE = 1.0  # s the guest idles before each standby/restore cycle
 WRITE_RATES: dict[str, tuple[float, float]] = {}  # guest → (anonymous, file) MiB/s
 
 
@@ -212,7 +213,9 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
         if kind == "half":
             await fill_half(mgr, name, mem)
         # Round-robin over the methods, so that each meets the guest in the same state
-        # (a guest just booted is still busy for some seconds) and the same host noise.
+        # (a guest just booted is still busy for some seconds) and the same host noise;
+        # each cycle starts from a guest left idle for SETTLE seconds, not one still busy
+        # with what the previous restore set off (exec:cat's network announcements).
         cycles: list[tuple[str, Callable[[], Awaitable[dict[str, float]]]]] = [
             *((label, functools.partial(torpor_cycle, mgr, name, kind, policy))
               for label, policy in MODES),
@@ -220,6 +223,7 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
         samples: dict[str, list[dict[str, float]]] = {label: [] for label, _ in cycles}
         for _ in range(runs):
             for label, cycle in cycles:
+                await asyncio.sleep(SETTLE)
                 samples[label].append(await cycle())
         rows += [(label, median_of(samples[label])) for label, _ in cycles]
         await mgr.delete(name, force=True)  # one guest at a time on this host
