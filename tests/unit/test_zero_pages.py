@@ -200,7 +200,9 @@ def test_configuration_subsection_stops_filtering() -> None:
 
 def pumped(stream: bytes) -> tuple[bytes, int]:
     """`stream` written in small pieces into a pipe, pumped (1000-byte reads) into
-    another: what came out, and the pages left out."""
+    another: what came out, and the pages left out. What the pump says it wrote must be
+    what came out."""
+    told = bytearray()
     source_r, source_w = os.pipe()
     sink_r, sink_w = os.pipe()
     received = bytearray()
@@ -210,13 +212,15 @@ def pumped(stream: bytes) -> tuple[bytes, int]:
                                               os.close(source_w)))
     writer.start()
     try:
-        dropped = pump(source_r, sink_w, MAIN, threading.Event(), chunk=1000)
+        dropped = pump(source_r, sink_w, MAIN, threading.Event(), chunk=1000,
+                       written=told.extend)
     finally:
         os.close(sink_w)
         writer.join()
         reader.join()
         os.close(source_r)
         os.close(sink_r)
+    assert told == received
     return bytes(received), dropped
 
 

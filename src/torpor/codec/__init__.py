@@ -13,6 +13,7 @@ from torpor.codec.codecs import (
     decompressor_argv,
     parse_codec,
     sparse_decompressor_argv,
+    stored_hasher,
     validate_level,
 )
 
@@ -26,5 +27,6 @@ __all__ = [
     "decompressor_argv",
     "parse_codec",
     "sparse_decompressor_argv",
+    "stored_hasher",
     "validate_level",
 ]

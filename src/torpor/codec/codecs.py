@@ -87,9 +87,14 @@ class StreamStats:
     checksum: str = ""
 
 
+def stored_hasher() -> xxhash.xxh3_128:
+    """The hash (CHECKSUM_ALGORITHM) of a stored file, fed as its bytes are written."""
+    return xxhash.xxh3_128()
+
+
 def checksum_file(path: os.PathLike[str] | str) -> StreamStats:
     stats = StreamStats()
-    hasher = xxhash.xxh3_128()
+    hasher = stored_hasher()
     with open(path, "rb") as f:
         while chunk := f.read(CHUNK):
             hasher.update(chunk)

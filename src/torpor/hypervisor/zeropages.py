@@ -26,7 +26,7 @@ import struct
 import sys
 import threading
 from array import array
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import Enum, auto
 
 PAGE_SIZE = 4096
@@ -287,11 +287,18 @@ def _offset_bounds(run: bytes, count: int) -> tuple[int, int]:
 
 
 def pump(source: int, sink: int, fresh_block: str, stop: threading.Event,
-         chunk: int = 1 << 20) -> int:
+         chunk: int = 1 << 20, written: Callable[[memoryview], object] | None = None) -> int:
     """Copy a migration stream from fd `source` to fd `sink` until EOF, without the zero
     pages of `fresh_block` a receiving QEMU already has; returns how many it left out.
     Blocking: run it in a thread; `stop` makes it give up waiting for input (a writer that neither
-    writes nor closes). An error writing (a full disk) raises."""
+    writes nor closes). An error writing (a full disk) raises. `written` sees every byte
+    written, in order (e.g. a hash of the stored file, with no second pass over it)."""
+
+    def emit(part: memoryview) -> None:
+        if written is not None:
+            written(part)
+        _write_all(sink, part)
+
     stream = ZeroPageFilter(fresh_block)
     buf = bytearray(chunk + _CARRY)
     view = memoryview(buf)
@@ -304,11 +311,11 @@ def pump(source: int, sink: int, fresh_block: str, stop: threading.Event,
                 raise StreamAbandoned("the migration stream was abandoned before its end")
         got = os.readv(source, [view[carried:carried + chunk]])
         if got == 0:
-            _write_all(sink, view[:carried])  # a stream cut short: passed on as it is
+            emit(view[:carried])  # a stream cut short: passed on as it is
             return stream.dropped_pages
         parts, used = stream.scan(view[:carried + got])
         for part in parts:
-            _write_all(sink, part)
+            emit(part)
         carried = carried + got - used
         if len(buf) - carried < chunk:  # a unit longer than _CARRY: a bigger buffer
             bigger = bytearray(carried + chunk + _CARRY)

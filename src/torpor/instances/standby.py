@@ -154,7 +154,8 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
         if manifest.kind == "memory-file":
             await asyncio.to_thread(release_memory_file, ctx.paths.memory_file, op)
         with op.phase("persist"):
-            manifest.state = finalize_checksum(ctx.paths.standby_dir, manifest.state)
+            manifest.state = await asyncio.to_thread(  # a no-op if hashed while written
+                finalize_checksum, ctx.paths.standby_dir, manifest.state)
             manifest.phases = dict(op.phases)
             manifest.save(ctx.paths.standby_dir)
         if background:

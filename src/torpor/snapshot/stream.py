@@ -2,8 +2,9 @@
 
 Save: QEMU (paused by the caller) migrates into a file descriptor we pass it (getfd +
 `fd:`): the state file itself when uncompressed, or a pipe into a zstd/lz4 process writing
-the file, so there is never a second pass over a raw file. The checksum is computed after
-QEMU has exited (`finalize_checksum`), outside the paused window.
+the file, so there is never a second pass over a raw file. A standby's uncompressed state
+is hashed as the zero-page filter writes it; any other checksum is computed after QEMU
+has exited (`finalize_checksum`), outside the paused window.
 Load: QEMU (started with -S) reads from a descriptor: the file itself, inherited at exec
 (`-incoming fd:N`, see ExecFeed), or, passed with getfd after `-incoming defer`, a pipe
 from a decompressing process (or the file, when a capability must be set first). A thread
@@ -24,7 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from torpor.codec import Codec, StreamStats, checksum_file, compressor_argv, decompressor_argv
+from torpor.codec import (
+    Codec,
+    StreamStats,
+    checksum_file,
+    compressor_argv,
+    decompressor_argv,
+    stored_hasher,
+)
 from torpor.errors import IntegrityError, OperationFailed
 from torpor.hypervisor.process import LAUNCH_TIMEOUT
 from torpor.hypervisor.qmp import Monitor
@@ -46,6 +54,7 @@ PROGRESS_INTERVAL = 0.05  # s between progress reports of a load QEMU does not r
 SLOWEST_LOAD_RATE = 20 << 20  # bytes/s
 
 Progress = Callable[[int], None]
+Hasher = Any  # what stored_hasher() returns: update(bytes), hexdigest()
 T = TypeVar("T")
 
 
@@ -111,13 +120,15 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
     """Migrate the paused VM's state (after prepare_outgoing) into
     directory/machine-state[.ext], leaving out the zero pages of `fresh_block` (the RAM a
     receiving QEMU holds zero-filled: vmconfig.zeroed_ram_block).
-    The checksum is left to finalize_checksum. fsync=False leaves flushing to the caller
+    An uncompressed state written through the filter is hashed as it is written; any
+    other is left to finalize_checksum. fsync=False leaves flushing to the caller
     (a snapshot of a VM that keeps running flushes after resuming it; a standby must
     flush before QEMU quits)."""
     state = StateFile(codec=codec, level=level)
+    hasher = stored_hasher() if codec is Codec.NONE and fresh_block is not None else None
     with open(directory / state.stored_name(), "xb") as out:  # noqa: ASYNC230 - instant
         if codec is Codec.NONE:
-            left_out = await _migrate_into(mon, out.fileno(), fresh_block, progress)
+            left_out = await _migrate_into(mon, out.fileno(), fresh_block, progress, hasher)
         else:
             left_out = await _save_through_compressor(mon, out, codec, level, progress,
                                                       fresh_block)
@@ -126,15 +137,18 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
         state.stored_bytes = os.fstat(out.fileno()).st_size
     if codec is Codec.NONE:
         state.raw_bytes = state.stored_bytes
+    if hasher is not None:
+        state.checksum = hasher.hexdigest()
     if fresh_block is not None:
         state.zero_pages = LeftOutZeroPages(block=fresh_block, pages=left_out)
     return state
 
 
 async def _migrate_into(mon: Monitor, sink: int, fresh_block: str | None,
-                        progress: Progress | None) -> int:
+                        progress: Progress | None, hasher: Hasher | None = None) -> int:
     """QEMU's outgoing stream into fd `sink` (the caller's, left open): directly, or
-    through the zero-page filter in a thread. The number of pages left out."""
+    through the zero-page filter in a thread (which feeds `hasher` what it writes). The
+    number of pages left out."""
     if fresh_block is None:
         try:
             await mon.send_fd(FD_NAME, sink)
@@ -146,7 +160,8 @@ async def _migrate_into(mon: Monitor, sink: int, fresh_block: str | None,
         return 0
     read_end, write_end = _pipe()
     stop = threading.Event()
-    pumping = asyncio.ensure_future(asyncio.to_thread(_pump, read_end, sink, fresh_block, stop))
+    pumping = asyncio.ensure_future(asyncio.to_thread(
+        _pump, read_end, sink, fresh_block, stop, hasher))
     try:
         await mon.hand_over_fd(FD_NAME, write_end)
         await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})
@@ -167,9 +182,11 @@ async def _migrate_into(mon: Monitor, sink: int, fresh_block: str | None,
         raise OperationFailed(f"could not write the machine state: {write_error}") from None
 
 
-def _pump(source: int, sink: int, fresh_block: str, stop: threading.Event) -> int:
+def _pump(source: int, sink: int, fresh_block: str, stop: threading.Event,
+          hasher: Hasher | None) -> int:
     try:
-        return pump(source, sink, fresh_block, stop)
+        return pump(source, sink, fresh_block, stop,
+                    written=hasher.update if hasher is not None else None)
     finally:
         os.close(source)  # a writer still writing gets EPIPE rather than blocking
 
