@@ -20,7 +20,7 @@ data in guest tmpfs) it measures, on the same running guest in the same run:
                        initrd, cmdline, CPU model, memory, a copy of its disk), `virsh save`
                        and `virsh restore`; libvirt is installed and started if missing
 
-torpor's anonymous-RAM methods and exec:cat take turns on the guest, run after run.
+torpor's anonymous-RAM methods and exec:cat take turns on the guest, in a random order each run.
 Columns: paused window (pause → QEMU exited), standby total, restore to running (QEMU
 resumed), restore to agent-responsive, time for the guest to read back its data after
 restore (half guests), host page cache the standby left resident (the RAM file in file
@@ -37,6 +37,7 @@ import asyncio
 import contextlib
 import functools
 import os
+import random
 import shutil
 import statistics
 import subprocess
@@ -212,17 +213,21 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
         anonymous_rate = await write_throughput(mgr, name, mem // 4 >> 20)
         if kind == "half":
             await fill_half(mgr, name, mem)
-        # Round-robin over the methods, so that each meets the guest in the same state
-        # (a guest just booted is still busy for some seconds) and the same host noise;
-        # each cycle starts from a guest left idle for SETTLE seconds, not one still busy
+        # The methods take turns on the guest, so that each meets it in the same state (a
+        # guest just booted is still busy for some seconds) and the same host noise, in a
+        # new random order each round: a fixed order falls into step with the host's own
+        # periodic work (on a VM host, free memory handed back to the hypervisor every
+        # 2 s, which makes the next allocation of it slow) and biases one method.
+        # Each cycle starts from a guest left idle for SETTLE seconds, not one still busy
         # with what the previous restore set off (exec:cat's network announcements).
         cycles: list[tuple[str, Callable[[], Awaitable[dict[str, float]]]]] = [
             *((label, functools.partial(torpor_cycle, mgr, name, kind, policy))
               for label, policy in MODES),
             ("exec:cat", functools.partial(exec_cat_cycle, mgr, name, workdir))]
         samples: dict[str, list[dict[str, float]]] = {label: [] for label, _ in cycles}
+        order = random.Random(mem + len(kind))  # the same orders every time
         for _ in range(runs):
-            for label, cycle in cycles:
+            for label, cycle in order.sample(cycles, len(cycles)):
                 await asyncio.sleep(SETTLE)
                 samples[label].append(await cycle())
         rows += [(label, median_of(samples[label])) for label, _ in cycles]
