@@ -17,6 +17,8 @@ import pytest
 from tests.conftest import booted, run, sh, torpor_cli
 from torpor.codec import Codec, checksum_file
 from torpor.errors import IntegrityError, OperationFailed
+from torpor.guest.agent import GuestAgent
+from torpor.hypervisor.process import ProcessIdentity
 from torpor.hypervisor.qmp import Monitor
 from torpor.images.builtin import GuestImage
 from torpor.instances import InstanceManager, InstanceState
@@ -166,6 +168,40 @@ def test_state_qemu_cannot_load_is_a_clear_error_and_snapshot_kept(
     assert load_runtime(manager.paths(vm)) is None  # no QEMU left behind
     state_file.write_bytes(whole)  # put back: the kept snapshot restores
     manifest.save(latest)
+    assert run(manager.restore(vm)).state is InstanceState.RUNNING
+
+
+def qemus_of(manager: InstanceManager, name: str) -> list[int]:
+    """Live processes started with this instance's monitor socket on their command line."""
+    socket = str(manager.paths(name).qmp_socket).encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and socket in (entry / "cmdline").read_bytes():
+                identity = ProcessIdentity.of(int(entry.name))
+                if identity is not None and identity.is_alive():
+                    found.append(identity.pid)
+        except OSError:
+            continue
+    return found
+
+
+def test_failure_while_qemu_loads_leaves_no_qemu(manager: InstanceManager, vm: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failure while QEMU is reading the state from its command line (injected where
+    restore attaches to the agent): the QEMU being launched is killed, the snapshot kept."""
+    run(manager.standby(vm))
+
+    async def broken(*_: Any, **__: Any) -> None:
+        raise OperationFailed("injected failure")
+
+    monkeypatch.setattr(GuestAgent, "attach_early", broken)
+    with pytest.raises(OperationFailed, match="injected failure"):
+        run(manager.restore(vm))
+    assert not qemus_of(manager, vm)  # the QEMU that was loading is gone
+    assert load_runtime(manager.paths(vm)) is None
+    assert run(manager.get(vm)).state is InstanceState.STANDBY
+    monkeypatch.undo()
     assert run(manager.restore(vm)).state is InstanceState.RUNNING
 
 

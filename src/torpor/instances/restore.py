@@ -142,6 +142,8 @@ async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
         if not launching.done():  # we failed meanwhile: spawn kills what it started
             launching.cancel()
             await asyncio.wait({launching})
+        elif vm.process is None and not launching.cancelled() and not launching.exception():
+            vm.process = launching.result()  # started, then we failed: the caller kills it
     return mon
 
 
