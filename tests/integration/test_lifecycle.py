@@ -28,6 +28,12 @@ def test_exec_returns_output_and_exit_code(manager: InstanceManager, shared_vm: 
     assert (result.stdout, result.stderr, result.exit_code) == (b"hello\n", b"oops\n", 7)
 
 
+def test_default_guest_can_rekey_its_rng(manager: InstanceManager, shared_vm: str) -> None:
+    """What forks rely on for their own randomness (the kernel has no vmgenid driver)."""
+    result = run(manager.exec(shared_vm, ["/sbin/torpor-reseed"]))
+    assert result.exit_code == 0, result
+
+
 def test_counter_workload_runs(manager: InstanceManager, shared_vm: str) -> None:
     def counter() -> int:
         return int(run(manager.exec(shared_vm, ["cat", "/run/counter"])).stdout)

@@ -97,13 +97,19 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
 
 async def apply_guest_identity(agent: GuestAgent, meta: InstanceMetadata) -> None:
     """Inside a restored fork: its own MAC on eth0 (QEMU's virtio-net follows the guest's
-    MAC change) and its own hostname."""
+    MAC change), its own randomness and its own hostname."""
     # virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR): one command, no
     # link bounce; the down/up path remains for a NIC that refuses a live change.
     set_mac = (f"ip link set eth0 address {meta.mac} 2>/dev/null || "
                f"(ip link set eth0 down && ip link set eth0 address {meta.mac} && "
                f"ip link set eth0 up && (ip route add default via 10.0.2.2 2>/dev/null; true))")
-    script = f"({set_mac}) && hostname {meta.name} && echo {meta.name} > /etc/hostname"
+    # Its own randomness: the loaded kernel's RNG state is the source's, and the default
+    # guest's kernel has no VM generation ID driver to reseed it. Host random bytes go into
+    # its pool, then the crng is rekeyed from it (the default guest's torpor-reseed).
+    reseed = (f"echo {secrets.token_hex(32)} > /dev/urandom && "
+              "if [ -x /sbin/torpor-reseed ]; then /sbin/torpor-reseed; fi")
+    script = (f"({set_mac}) && ({reseed}) && hostname {meta.name} && "
+              f"echo {meta.name} > /etc/hostname")
     result = await agent.exec(["/bin/sh", "-c", script], timeout=30)
     if result.exit_code != 0:
         raise OperationFailed(f"setting the identity of fork {meta.name} failed: "
