@@ -160,7 +160,7 @@ def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: str | N
     is copied: 35-45 ms to a ready monitor against about 30 ms, measured here.
     `pass_fds` are inherited under the same numbers (e.g. `-incoming fd:N`); `on_started`
     gets the process as soon as QEMU has written its pidfile, before it is ready (a QEMU
-    that loads a state from its command line answers only once it has read it all)."""
+    that loads a state from its command line answers only once its loader yields)."""
     _check_socket_paths(config)
     if shutil.which(binary) is None:
         raise OperationFailed(f"QEMU binary not found: {binary}")
