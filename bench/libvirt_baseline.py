@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -132,11 +133,13 @@ class LibvirtGuest:
                 raise RuntimeError(f"guest command did not finish in {timeout} s")
             await asyncio.sleep(0.2)
 
-    async def save_restore(self) -> dict[str, float]:
+    async def save_restore(self, prepare: Callable[[int], None]) -> dict[str, float]:
+        """prepare(state bytes) runs between save and restore, outside both timings."""
         start = time.monotonic()
         await asyncio.to_thread(_virsh, "save", self.name, str(self.state_file))
         saved = time.monotonic() - start
         size = self.state_file.stat().st_size
+        await asyncio.to_thread(prepare, size)
         start = time.monotonic()
         await asyncio.to_thread(_virsh, "restore", str(self.state_file))
         running = time.monotonic() - start  # `virsh restore` returns with the domain running

@@ -21,13 +21,18 @@ data in guest tmpfs) it measures, on the same running guest in the same run:
                        and `virsh restore`; libvirt is installed and started if missing
 
 torpor's anonymous-RAM methods and exec:cat take turns on the guest, in a random order each run.
+Before every restore, of every method, the host memory it will allocate is warmed up
+(touched and freed; `--host-memory as-is` skips that): on a VM host that hands free memory
+back to its hypervisor, whether a restore gets memory the hypervisor still backs decides
+more than the method does (bench/hostmem.py).
 Columns: paused window (pause → QEMU exited), standby total, restore to running (QEMU
 resumed), restore to agent-responsive, time for the guest to read back its data after
 restore (half guests), host page cache the standby left resident (the RAM file in file
 mode), state size; ratios against both baselines. A last table: guest memory-write
 throughput with anonymous vs file-backed RAM (the cost of file mode while running).
 
-    .venv/bin/python -m bench.standby_bench [--sizes 512M,2G,4G] [--kinds idle,half] [--no-libvirt]
+    .venv/bin/python -m bench.standby_bench [--sizes 512M,2G,4G] [--kinds idle,half]
+        [--runs N] [--host-memory warm|as-is] [--no-libvirt]
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from bench.hostmem import reports_free_pages, warm_up
 from bench.libvirt_baseline import LibvirtGuest, ensure_libvirt
 from torpor.codec import Codec
 from torpor.errors import NotFound
@@ -92,8 +98,23 @@ async def read_back(mgr: InstanceManager, name: str, kind: str) -> float:
     return time.monotonic() - t0
 
 
+Prepare = Callable[[int], None]  # run right before a measured restore, given its state bytes
+
+
+def prepare_host_memory(warm: bool) -> Prepare:
+    """What runs before every restore, of every method: nothing, or a warm-up of the host
+    memory the restore is about to allocate (bench/hostmem.py says why)."""
+    def prepare(state_bytes: int) -> None:
+        if warm:
+            warm_up(state_bytes + WARM_UP_MARGIN)
+    return prepare
+
+
+WARM_UP_MARGIN = 128 << 20  # QEMU's own allocations, pipe and codec buffers
+
+
 async def torpor_cycle(mgr: InstanceManager, name: str, kind: str,
-                       policy: CompressionPolicy) -> dict[str, float]:
+                       policy: CompressionPolicy, prepare: Prepare) -> dict[str, float]:
     t0 = time.monotonic()
     info = await mgr.standby(name, policy)
     standby_total = time.monotonic() - t0
@@ -104,6 +125,9 @@ async def torpor_cycle(mgr: InstanceManager, name: str, kind: str,
     while (await mgr.get(name)).compression.state in ("pending", "compressing"):
         await asyncio.sleep(0.05)  # background: restore reads what the job produced
     size = sum(f.stat().st_size for f in paths.standby_dir.glob("machine-state*"))
+    # file mode: the restore reads the RAM file's data back into the page cache
+    ram_file = paths.memory_file.stat().st_blocks * 512 if paths.memory_file.exists() else 0
+    await asyncio.to_thread(prepare, size + ram_file)
     restored = await mgr.restore(name)
     assert restored.last_operation is not None
     done = restored.last_operation.phases
@@ -127,7 +151,8 @@ def launch_plainly(config: VMConfig, pidfile: Path, log_file: Path,
     return TrackedProcess(identity)
 
 
-async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path) -> dict[str, float]:
+async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path, prepare: Prepare
+                         ) -> dict[str, float]:
     """The baseline, driven through QMP on the same QEMU process torpor started."""
     state_file = workdir / f"{name}.state"
     async with mgr.locked(name) as ctx:
@@ -144,6 +169,7 @@ async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path) -> dict
         await asyncio.to_thread(process.wait_exit, 30)
         paused = time.monotonic() - t0
         clear_runtime(ctx.paths)
+        await asyncio.to_thread(prepare, state_file.stat().st_size)
         t0 = time.monotonic()
         config = record.vm_config
         proc = launch_plainly(config, ctx.paths.pidfile, ctx.paths.qemu_log,
@@ -180,8 +206,8 @@ async def write_throughput(mgr: InstanceManager, name: str, mib: int) -> float:
     return mib / (time.monotonic() - t0)
 
 
-async def bench_file_mode(mgr: InstanceManager, mem: int, kind: str, runs: int
-                          ) -> tuple[dict[str, float], float]:
+async def bench_file_mode(mgr: InstanceManager, mem: int, kind: str, runs: int,
+                          prepare: Prepare) -> tuple[dict[str, float], float]:
     """The memory-file rows: the same guest created with file-backed RAM."""
     name = f"f{mem >> 20}-{kind}"
     await mgr.create(name, memory_bytes=mem, memory_backing="file")
@@ -190,7 +216,7 @@ async def bench_file_mode(mgr: InstanceManager, mem: int, kind: str, runs: int
         write_rate = await write_throughput(mgr, name, mem // 4 >> 20)
         if kind == "half":
             await fill_half(mgr, name, mem)
-        samples = [await torpor_cycle(mgr, name, kind, CompressionPolicy())
+        samples = [await torpor_cycle(mgr, name, kind, CompressionPolicy(), prepare)
                    for _ in range(runs)]
         return median_of(samples), write_rate
     finally:
@@ -203,7 +229,8 @@ WRITE_RATES: dict[str, tuple[float, float]] = {}  # guest → (anonymous, file) 
 
 
 async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
-                      runs: int, with_libvirt: bool) -> list[tuple[str, dict[str, float]]]:
+                      runs: int, with_libvirt: bool, prepare: Prepare
+                      ) -> list[tuple[str, dict[str, float]]]:
     name = f"b{mem >> 20}-{kind}"
     await mgr.create(name, memory_bytes=mem)
     twin = await libvirt_twin(mgr, name, workdir) if with_libvirt else None
@@ -221,9 +248,9 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
         # Each cycle starts from a guest left idle for SETTLE seconds, not one still busy
         # with what the previous restore set off (exec:cat's network announcements).
         cycles: list[tuple[str, Callable[[], Awaitable[dict[str, float]]]]] = [
-            *((label, functools.partial(torpor_cycle, mgr, name, kind, policy))
+            *((label, functools.partial(torpor_cycle, mgr, name, kind, policy, prepare))
               for label, policy in MODES),
-            ("exec:cat", functools.partial(exec_cat_cycle, mgr, name, workdir))]
+            ("exec:cat", functools.partial(exec_cat_cycle, mgr, name, workdir, prepare))]
         samples: dict[str, list[dict[str, float]]] = {label: [] for label, _ in cycles}
         order = random.Random(mem + len(kind))  # the same orders every time
         for _ in range(runs):
@@ -232,7 +259,7 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
                 samples[label].append(await cycle())
         rows += [(label, median_of(samples[label])) for label, _ in cycles]
         await mgr.delete(name, force=True)  # one guest at a time on this host
-        file_row, file_rate = await bench_file_mode(mgr, mem, kind, runs)
+        file_row, file_rate = await bench_file_mode(mgr, mem, kind, runs, prepare)
         rows.insert(len(MODES), ("torpor file", file_row))
         WRITE_RATES[f"{mem >> 20}M {kind}"] = (anonymous_rate, file_rate)
         if twin is not None:
@@ -240,7 +267,7 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
             if kind == "half":
                 await twin.exec(f"dd if=/dev/urandom of=/tmp/fill bs=1M count={mem // 2 >> 20}"
                                 " 2>/dev/null")
-            rows.append(("virsh save", median_of([await twin.save_restore()
+            rows.append(("virsh save", median_of([await twin.save_restore(prepare)
                                                   for _ in range(runs)])))
         return rows
     finally:
@@ -300,7 +327,16 @@ async def main() -> int:
     parser.add_argument("--kinds", default="idle,half")
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--no-libvirt", action="store_true", help="skip the virsh baseline")
+    parser.add_argument(
+        "--host-memory", choices=("warm", "as-is"), default="warm",
+        help="warm (default): before every restore, of every method, touch and free as much"
+             " memory as it will allocate, so that none waits for a hypervisor to back"
+             " memory again; as-is: restore at once, on whatever memory the host gives")
     args = parser.parse_args()
+    prepare = prepare_host_memory(args.host_memory == "warm")
+    print(f"host memory: {args.host_memory}; this host "
+          f"{'hands' if reports_free_pages() else 'does not hand'} free memory back to a"
+          " hypervisor (virtio-balloon free page reporting)", flush=True)
     if not args.no_libvirt:
         ensure_libvirt()
     workdir = Path(tempfile.mkdtemp(prefix="tp-bench-", dir="/var/tmp"))
@@ -313,7 +349,7 @@ async def main() -> int:
             mem = parse_size(size, "M")
             print(f"benchmarking {size} {kind} ...", file=sys.stderr)
             print_rows(f"{size} {kind}", await bench_guest(
-                mgr, mem, kind, workdir, args.runs, not args.no_libvirt))
+                mgr, mem, kind, workdir, args.runs, not args.no_libvirt, prepare))
     print_footer()
     shutil.rmtree(workdir, ignore_errors=True)
     return 0
