@@ -99,18 +99,15 @@ async def read_back(mgr: InstanceManager, name: str, kind: str) -> float:
 
 
 Prepare = Callable[[int], None]  # run right before a measured restore, given its state bytes
+WARM_UP_MARGIN = 128 << 20  # QEMU's own allocations, pipe and codec buffers
 
 
 def prepare_host_memory(warm: bool) -> Prepare:
     """What runs before every restore, of every method: nothing, or a warm-up of the host
     memory the restore is about to allocate (bench/hostmem.py says why)."""
-    def prepare(state_bytes: int) -> None:
-        if warm:
-            warm_up(state_bytes + WARM_UP_MARGIN)
-    return prepare
-
-
-WARM_UP_MARGIN = 128 << 20  # QEMU's own allocations, pipe and codec buffers
+    if not warm:
+        return lambda state_bytes: None
+    return lambda state_bytes: warm_up(state_bytes + WARM_UP_MARGIN)
 
 
 async def torpor_cycle(mgr: InstanceManager, name: str, kind: str,
