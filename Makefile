@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs \
                 e2fsprogs kmod util-linux
 
-.PHONY: demo test deps venv guest lint unit bench-copy bench-standby bench-codec \
+.PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
         bench-snapshot bench-fork clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
@@ -42,6 +42,13 @@ test: guest lint
 
 unit: venv
 	$(BIN)/pytest tests/unit
+
+# The reliability tests alone (also part of `make test`): the fault matrix, tampered
+# state, disk full, the guest clock and the concurrency soak.
+test-faults: guest
+	$(BIN)/pytest tests/integration/test_faults.py tests/integration/test_tampered_state.py \
+	    tests/integration/test_guest_clock.py tests/api/test_soak.py \
+	    tests/integration/test_standby_restore.py::test_disk_full_fails_cleanly_and_gives_the_space_back
 
 bench-copy: deps venv
 	$(BIN)/python bench/copy_bench.py

@@ -52,7 +52,7 @@ step "run a command in the guest through the agent" \
   $TORPOR exec "$VM" -- sh -c 'echo "hello from $(hostname), kernel $(uname -r), counter $(cat /run/counter)"'
 step "show it" $TORPOR show "$VM"
 step "put something in guest RAM (tmpfs) to prove it survives" \
-  $TORPOR exec "$VM" -- sh -c 'head -c 16m /dev/urandom > /tmp/ram.bin; md5sum /tmp/ram.bin'
+  $TORPOR exec "$VM" -- sh -c 'dd if=/dev/urandom of=/tmp/ram.bin bs=1M count=16 2>/dev/null; md5sum /tmp/ram.bin'
 step "standby: save the machine state (zstd), stop QEMU, release its memory" \
   $TORPOR standby "$VM" --compress zstd
 step "it is in standby: no QEMU process" $TORPOR list
@@ -65,7 +65,7 @@ RAM_FILE=$($TORPOR show "$VM-file" --json | python3 -c 'import json, sys
 print(json.load(sys.stdin)["path"] + "/memory")')
 step "boot it" $TORPOR start "$VM-file"
 step "the same 16 MiB of random data in its RAM" \
-  $TORPOR exec "$VM-file" -- sh -c 'head -c 16m /dev/urandom > /tmp/ram.bin; md5sum /tmp/ram.bin'
+  $TORPOR exec "$VM-file" -- sh -c 'dd if=/dev/urandom of=/tmp/ram.bin bs=1M count=16 2>/dev/null; md5sum /tmp/ram.bin'
 step "standby in memory-file mode: only the device state is saved (milliseconds); the RAM
    file is flushed and dropped from the page cache after QEMU has quit" $TORPOR standby "$VM-file"
 step "what the host still caches of its RAM file: nothing" fincore "$RAM_FILE"

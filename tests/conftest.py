@@ -47,9 +47,9 @@ def manager(data_root: Path, guest_image: GuestImage) -> InstanceManager:
     return InstanceManager(data_root, Settings(accel=os.environ.get("TORPOR_ACCEL", "auto")))  # type: ignore[arg-type]
 
 
-def booted(manager: InstanceManager, name: str) -> Iterator[str]:
+def booted(manager: InstanceManager, name: str, memory: int = 512 << 20) -> Iterator[str]:
     """Create and boot an instance for a fixture's lifetime, then delete it."""
-    run(manager.create(name))
+    run(manager.create(name, memory_bytes=memory))
     run(manager.start(name))
     yield name
     run(manager.delete(name, force=True))
@@ -68,6 +68,10 @@ def sh(manager: InstanceManager, name: str, script: str) -> str:
     return result.stdout.decode()
 
 
+# md5 of nothing: what a fill that silently failed would hash to (the guest's busybox
+# `head -c 8m` writes nothing), so fills check they wrote something.
+EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
+
 _counter = iter(range(10_000))
 
 
@@ -76,9 +80,10 @@ def fresh_name() -> str:
     return f"vm{next(_counter)}"
 
 
-def torpor_cli(data_root: Path, *args: str, timeout: float = 120,
-               input: bytes | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the real `torpor` command line against a data root."""
-    env = dict(os.environ, TORPOR_DATA_ROOT=str(data_root))
-    return subprocess.run([sys.executable, "-m", "torpor.cli.main", *args], env=env,
-                          capture_output=True, text=True, timeout=timeout, check=False)
+def torpor_cli(data_root: Path, *args: str, timeout: float = 120, input: str | None = None,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the real `torpor` command line against a data root (`env`: added to ours)."""
+    full_env = dict(os.environ, TORPOR_DATA_ROOT=str(data_root), **(env or {}))
+    return subprocess.run([sys.executable, "-m", "torpor.cli.main", *args], env=full_env,
+                          input=input, capture_output=True, text=True, timeout=timeout,
+                          check=False)

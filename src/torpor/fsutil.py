@@ -60,11 +60,38 @@ def read_json(path: Path) -> Any:
         return json.load(f)
 
 
+OWNER_SEPARATOR = "@"
+DELETING_PREFIX = ".deleting-"
+
+
+def owner_tag() -> str:
+    """`<pid>-<start time>` of this process. Put at the end of a temporary file or
+    directory's name (after `@`), it lets a sweep tell a dead process's debris from work
+    in progress, even once the pid is reused."""
+    stat = Path("/proc/self/stat").read_text()
+    start_time = stat[stat.rindex(")") + 2 :].split()[19]
+    return f"{os.getpid()}-{start_time}"
+
+
+def owned_name(name: str) -> str:
+    return f"{name}{OWNER_SEPARATOR}{owner_tag()}"
+
+
+def parse_owner(name: str) -> tuple[int, int] | None:
+    """(pid, start time) from a name made by `owned_name`; None if it carries none."""
+    _, sep, tag = name.rpartition(OWNER_SEPARATOR)
+    pid, _, start = tag.partition("-")
+    if not sep or not pid.isdigit() or not start.isdigit():
+        return None
+    return int(pid), int(start)
+
+
 def remove_tree(path: Path) -> None:
-    """Remove a directory tree by first renaming it aside, so it disappears at once."""
+    """Remove a directory tree by first renaming it aside, so it disappears at once (a
+    process killed meanwhile leaves `.deleting-*` with its owner tag, for a sweep)."""
     if not path.exists():
         return
-    doomed = path.with_name(f".deleting-{path.name}-{os.getpid()}")
+    doomed = path.with_name(owned_name(f"{DELETING_PREFIX}{path.name}"))
     os.replace(path, doomed)
     fsync_dir(path.parent)
     shutil.rmtree(doomed, ignore_errors=True)

@@ -10,6 +10,8 @@
         logs/qemu.log            QEMU's own messages
         run/                     runtime: QMP + agent sockets, pid file, runtime.json (never copied)
         snapshots/latest/        standby state (manifest.json + machine-state[.zst|.lz4])
+        snapshots/.latest.partial/   a standby being written; .latest.consumed/: one a
+                                 restore has loaded (never loaded again)
       snapshots/<id>/            stored snapshots: record.json + payload/
       locks/<id>.lock            per-instance operation locks; registry.lock for names;
                                  compress-slot-<n>.lock: N background compressions at once
@@ -17,7 +19,8 @@
       jobs/stats.json            job counters (completed, preempted, skipped, bytes saved)
       images/<name>/             boot files (kernel, initrd) instances reference; read-only
       cache/                     probe results (accelerator)
-      tmp/                       staging for instance creation
+      tmp/                       staging for instance creation, forks, images (each name
+                                 ends in its builder's owner tag, `@<pid>-<start time>`)
       torpord.sock               the daemon's default socket (0600)
       api-token                  the daemon's bearer token (0600)
 """
@@ -29,7 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_DATA_ROOT = Path("/var/lib/torpor")
-UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
+UNIX_PATH_MAX = 107
+SNAPSHOT_STAGING_PREFIX = ".creating-"  # sun_path is 108 bytes including the terminating NUL
 
 
 def resolve_data_root(explicit: str | os.PathLike[str] | None = None) -> Path:
@@ -122,6 +126,12 @@ class InstancePaths:
     def standby_partial_dir(self) -> Path:
         """Where a standby save is written before it is renamed to `latest`."""
         return self.snapshots_dir / ".latest.partial"
+
+    @property
+    def standby_consumed_dir(self) -> Path:
+        """A standby state a restore has loaded and set aside before the guest ran: never
+        loaded again, removed once the restore ends (or by the next operation)."""
+        return self.snapshots_dir / ".latest.consumed"
 
     def sockets(self) -> tuple[Path, ...]:
         return (self.qmp_socket, self.qmp_query_socket, self.agent_socket)
@@ -229,7 +239,14 @@ class DataRoot:
         return self.locks_dir / f"{instance_id}.lock"
 
     def staging(self, name: str) -> Path:
+        """Where something is built before it is renamed into place. `name` carries its
+        builder's owner tag (fsutil.owned_name), so a sweep can tell debris from work."""
         return self.tmp_dir / name
+
+    def snapshot_staging(self, name: str) -> SnapshotPaths:
+        """A snapshot being made, renamed to snapshots/<id> once complete (`name`: the
+        id with its builder's owner tag)."""
+        return SnapshotPaths(self.snapshots_dir / f"{SNAPSHOT_STAGING_PREFIX}{name}")
 
     def ensure(self) -> None:
         for d in (self.instances_dir, self.snapshots_dir, self.locks_dir, self.cache_dir,

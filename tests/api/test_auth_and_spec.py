@@ -76,3 +76,31 @@ def test_daemon_stops_cleanly_and_keeps_its_token() -> None:
     assert not (root / "torpord.sock").exists()
     assert (root / "api-token").read_text().strip() == token
     stop_daemon(first)
+
+
+def test_an_oversized_body_is_refused_before_it_is_read(daemon: Daemon) -> None:
+    """150 MB declared, nothing sent: the answer (413) must come without the body, where
+    the daemon used to read the whole body first (the client would wait forever here)."""
+    import socket
+
+    path = daemon.listen.removeprefix("unix:")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(30)
+        sock.connect(path)
+        sock.sendall(b"POST /instances/x/exec HTTP/1.1\r\nHost: torpord\r\n"
+                     b"Authorization: Bearer " + daemon.token.encode() + b"\r\n"
+                     b"Content-Type: application/json\r\nContent-Length: 157286400\r\n\r\n"
+                     b'{"argv": ["')
+        reply = sock.recv(4096).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413"), reply
+    assert '"code":"too_large"' in reply.replace(" ", "")
+
+
+def test_a_chunked_body_over_the_cap_is_cut_off(api: httpx.Client) -> None:
+    def chunks() -> object:
+        for _ in range(20):
+            yield b"x" * (1 << 20)
+
+    response = api.post("/instances/x/exec", content=chunks(),  # type: ignore[arg-type]
+                        headers={"Content-Type": "application/json"})
+    assert response.status_code == 413 and response.json()["code"] == "too_large"

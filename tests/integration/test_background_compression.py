@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import booted, run
+from tests.conftest import EMPTY_MD5, booted, run, sh
 from torpor.codec import Codec
 from torpor.fsutil import read_json
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
@@ -40,9 +40,10 @@ def throttled(manager: InstanceManager, rate: int) -> InstanceManager:
 
 
 def mark_guest(manager: InstanceManager, name: str) -> str:
-    out = run(manager.exec(name, ["sh", "-c", "head -c 8m /dev/urandom > /tmp/ram.bin;"
-                                  " md5sum /tmp/ram.bin"])).stdout
-    return out.decode().split()[0]
+    out = sh(manager, name, "dd if=/dev/urandom of=/tmp/ram.bin bs=1M count=8 2>/dev/null;"
+             " md5sum /tmp/ram.bin")
+    assert EMPTY_MD5 not in out
+    return out.split()[0]
 
 
 def guest_hash(manager: InstanceManager, name: str) -> str:
@@ -184,3 +185,27 @@ def test_stale_plan_is_cleared_by_a_new_manager(manager: InstanceManager, vm: st
     assert fresh.recover_jobs() == [f"{vm}: plan cleared"]
     assert InstanceMetadata.load(paths.metadata).compression_plan is None
     assert fresh.recover_jobs() == []
+
+
+def test_a_snapshot_or_fork_of_a_standby_source_keeps_its_plan(manager: InstanceManager,
+                                                              vm: str) -> None:
+    """Both read the standby state (its job stops first) and leave it in place: the plan
+    must survive them and its job be queued again, not be dropped."""
+    before = mark_guest(manager, vm)
+    run(manager.standby(vm, CompressionPolicy(codec=Codec.ZSTD, mode="background",
+                                              delay_s=600)))
+    key = instance_job_key(run(manager.get(vm)).id)
+    plan = InstanceMetadata.load(manager.paths(vm).metadata).compression_plan
+    assert plan is not None
+    snap = run(manager.snapshot_create(vm, "keeps-plan"))
+    fork = run(manager.fork(vm, "keeps-plan-fork", target_state="stopped"))[0]
+    try:
+        after = InstanceMetadata.load(manager.paths(vm).metadata).compression_plan
+        assert after == plan  # the same plan: codec, level and not-before time
+        assert job_running(manager.data_root, key)  # and its worker waits again
+        assert run(manager.get(vm)).compression.state is CompressionState.PENDING
+    finally:
+        run(manager.delete(fork.name))
+        run(manager.snapshot_delete(snap.id))
+    run(manager.restore(vm))
+    assert guest_hash(manager, vm) == before

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import booted, run, sh
+from tests.conftest import EMPTY_MD5, booted, run, sh
 from torpor.codec import Codec
 from torpor.errors import WrongState
 from torpor.hypervisor.blockfreeze import DiskFreeze, active_image
@@ -34,8 +34,11 @@ def src(manager: InstanceManager) -> Iterator[str]:
 
 
 def write_marks(manager: InstanceManager, name: str) -> str:
-    return sh(manager, name, "head -c 8m /dev/urandom > /tmp/ram.bin;"
-              " head -c 4m /dev/urandom > /root/disk.bin; sync; md5sum /tmp/ram.bin /root/disk.bin")
+    out = sh(manager, name, "dd if=/dev/urandom of=/tmp/ram.bin bs=1M count=8 2>/dev/null;"
+             " dd if=/dev/urandom of=/root/disk.bin bs=1M count=4 2>/dev/null; sync;"
+             " md5sum /tmp/ram.bin /root/disk.bin")
+    assert EMPTY_MD5 not in out
+    return out
 
 
 def read_marks(manager: InstanceManager, name: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import booted, run, sh, torpor_cli
+from tests.conftest import EMPTY_MD5, booted, run, sh, torpor_cli
 from torpor.codec import Codec, checksum_file
 from torpor.errors import IntegrityError, OperationFailed
 from torpor.guest.agent import GuestAgent
@@ -40,10 +40,11 @@ def vm(manager: InstanceManager) -> Iterator[str]:
 
 def fill_guest(manager: InstanceManager, name: str, ram_mib: int = 24) -> dict[str, str]:
     """Random data in guest RAM (tmpfs) and on its disk; returns their hashes + counter."""
-    out = sh(manager, name, f"head -c {ram_mib}M /dev/urandom > /tmp/ram.bin;"
-             " head -c 4M /dev/urandom > /root/disk.bin; sync;"
+    out = sh(manager, name, f"dd if=/dev/urandom of=/tmp/ram.bin bs=1M count={ram_mib} 2>/dev/null;"
+             " dd if=/dev/urandom of=/root/disk.bin bs=1M count=4 2>/dev/null; sync;"
              " md5sum /tmp/ram.bin /root/disk.bin; cat /run/counter")
     lines = out.split("\n")
+    assert EMPTY_MD5 not in out, out
     return {"ram": lines[0].split()[0], "disk": lines[1].split()[0], "counter": lines[2]}
 
 
@@ -78,6 +79,7 @@ def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: s
     assert load.done_bytes == load.total_bytes == manifest.state.stored_bytes  # progress
     assert restored.last_operation is not None
     assert set(restored.last_operation.phases) == {"spawn", "load", "resume", "agent-ready",
+                                                   "clock", "clock_behind",
                                                    "restore_to_running", "restore_to_agent",
                                                    "cleanup"}
     assert not latest.exists()  # consumed
@@ -311,23 +313,41 @@ def tiny_data_root() -> Iterator[Path]:
         mnt.rmdir()
 
 
+def free_bytes(path: Path) -> int:
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 @pytest.mark.parametrize("codec", [Codec.NONE, Codec.ZSTD])
-def test_disk_full_during_save_resumes_the_vm(tiny_data_root: Path, guest_image: GuestImage,
-                                              codec: Codec) -> None:
+def test_disk_full_fails_cleanly_and_gives_the_space_back(
+        tiny_data_root: Path, guest_image: GuestImage, codec: Codec) -> None:
+    """Standby (raw or compressed), a snapshot and a fork running out of space: each fails
+    with the disk's own error, the VM keeps running with its data, nothing partial is
+    left and the space is given back."""
     mgr = InstanceManager(tiny_data_root, Settings(accel="tcg"))
     run(mgr.create("full", disk_bytes=1 << 30))
     run(mgr.start("full"))
     before = fill_guest(mgr, "full", ram_mib=48)
     st = os.statvfs(tiny_data_root)
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
-    # Leave 8 MiB free: far less than the ~48 MiB of random guest RAM the save needs.
+    # Leave 8 MiB free: far less than the ~48 MiB of random guest RAM the save needs, and
+    # than the disk a snapshot or fork copies.
     subprocess.run(["mount", "-o", f"remount,size={used + (8 << 20)}", str(tiny_data_root)],
                    check=True)
-    with pytest.raises(OperationFailed, match="the VM was resumed") as info:
-        run(mgr.standby("full", CompressionPolicy(codec=codec)))
-    assert "No space left" in str(info.value) or "failed" in str(info.value)
-    assert run(mgr.get("full")).state is InstanceState.RUNNING
-    paths = mgr.paths("full")
-    assert not paths.standby_dir.exists() and not paths.standby_partial_dir.exists()
-    assert guest_view(mgr, "full")["ram"] == before["ram"]
+    free = free_bytes(tiny_data_root)
+    attempts = [("standby", lambda: mgr.standby("full", CompressionPolicy(codec=codec))),
+                ("snapshot", lambda: mgr.snapshot_create("full", "s", compression=(
+                    CompressionPolicy(codec=codec) if codec is not Codec.NONE else None))),
+                ("fork", lambda: mgr.fork("full", "f"))]
+    for what, attempt in attempts:
+        with pytest.raises(OperationFailed) as info:
+            run(attempt())
+        assert "No space left on device" in str(info.value), (what, str(info.value))
+        assert run(mgr.get("full")).state is InstanceState.RUNNING, what
+        assert run(mgr.check()) == [], what  # no partial state, snapshot or fork copy
+        assert mgr.snapshot_list() == [] and mgr.instance_names() == {"full"}, what
+        assert free_bytes(tiny_data_root) >= free - (1 << 20), what  # the space is back
+    view = guest_view(mgr, "full")
+    assert (view["ram"], view["disk"]) == (before["ram"], before["disk"])
+    assert int(view["counter"]) > int(before["counter"])  # the same processes, still going
     run(mgr.delete("full", force=True))

@@ -89,13 +89,18 @@ def test_job_waits_out_its_delay_and_cancel_means_skipped(tmp_path: Path) -> Non
     plan = InstanceMetadata.load(paths.metadata).compression_plan
     assert plan is not None
     assert status(root, paths, plan, iid).state is CompressionState.PENDING
-    clock_now = [NOW + 29.8]  # 0.2 s left on the injected clock
-
     async def scenario() -> tuple[str, str]:
-        job = Job(root, iid, slots=1, rate_limit=None, clock=lambda: clock_now[0])
+        waiting = asyncio.Event()
+
+        class Observed(Job):
+            async def sleep(self, seconds: float) -> None:
+                assert seconds == 20  # what the injected clock leaves of the delay
+                waiting.set()
+                await super().sleep(seconds)
+
+        job = Observed(root, iid, slots=1, rate_limit=None, clock=lambda: NOW + 10)
         first = asyncio.create_task(job.run())
-        await asyncio.sleep(0.05)
-        assert not first.done()  # still inside its delay
+        await waiting.wait()  # inside its delay
         job.cancel.set()
         outcome = await first
         return outcome, (paths.standby_dir / "machine-state").read_bytes() == raw and "raw kept"
@@ -111,12 +116,17 @@ def test_cancel_during_compression_is_preempted_and_leaves_no_tmp(tmp_path: Path
     paths = root.instance(iid)
 
     async def scenario() -> str:
-        job = Job(root, iid, slots=1, rate_limit=256 << 10, clock=lambda: NOW)  # ~16 s
+        compressing = asyncio.Event()
+
+        class Observed(Job):
+            async def _feed(self, proc: asyncio.subprocess.Process, src: object) -> object:
+                compressing.set()  # the compressor runs, writing the .tmp
+                return await super()._feed(proc, src)
+
+        job = Observed(root, iid, slots=1, rate_limit=256 << 10, clock=lambda: NOW)  # ~16 s
         task = asyncio.create_task(job.run())
-        for _ in range(200):
-            await asyncio.sleep(0.02)
-            if list(paths.standby_dir.glob("*.tmp")):
-                break
+        await compressing.wait()
+        assert list(paths.standby_dir.glob("*.tmp"))
         job.cancel.set()
         return await task
 

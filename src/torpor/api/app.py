@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
 from torpor import __version__
+from torpor.api.bodylimit import BodyLimit
 from torpor.api.errors import Timeout, Unauthorized, http_status
 from torpor.api.metrics import CONTENT_TYPE, Metrics
 from torpor.api.models import (
@@ -121,7 +122,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     async def http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
-        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        code = {404: "not_found", 405: "method_not_allowed",
+                413: "too_large"}.get(exc.status_code, "http_error")
         headers = dict(exc.headers or {})
         if exc.status_code == 405:  # every method the path has, not just one route's
             headers["Allow"] = ", ".join(_allowed_methods(app, request))
@@ -162,6 +164,7 @@ def create_app(manager: InstanceManager, token: str) -> FastAPI:
     app = FastAPI(title="torpord", version=__version__, openapi_url=None, docs_url=None,
                   redoc_url=None, description=__doc__)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit)
 
     # --- service ----------------------------------------------------------------------
 
@@ -237,6 +240,12 @@ def create_app(manager: InstanceManager, token: str) -> FastAPI:
     async def restore_instance(name: InstanceName, op: OpId) -> InstanceInfo:
         async with operations.track(op, "restore", name):
             return await manager.restore(name)
+
+    @api.post("/instances/{name}/resume", tags=["instances"])
+    async def resume_instance(name: InstanceName, op: OpId) -> InstanceInfo:
+        """A VM left paused by an interrupted operation runs again."""
+        async with operations.track(op, "resume", name):
+            return await manager.resume(name)
 
     @api.put("/instances/{name}/policy", tags=["instances"])
     async def set_policy(name: InstanceName, body: PolicyRequest) -> InstanceInfo:

@@ -138,6 +138,9 @@ class RemoteManager:
     async def restore(self, name: str) -> InstanceInfo:
         return await self._model(InstanceInfo, "POST", f"/instances/{name}/restore")
 
+    async def resume(self, name: str) -> InstanceInfo:
+        return await self._model(InstanceInfo, "POST", f"/instances/{name}/resume")
+
     async def set_policy(self, name: str, policy: CompressionPolicy | None) -> None:
         await self.call("PUT", f"/instances/{name}/policy", json={"policy": _dump(policy)})
 

@@ -4,6 +4,7 @@ is never world-accessible, not even for a moment (uvicorn would make it 0666).""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -99,6 +100,10 @@ def serve(config: Config) -> None:
     manager = InstanceManager(root.root, config.settings(), lock_wait=0)
     for line in manager.recover_jobs():
         log.warning("compression: %s", line)
+    # The safe repairs of `torpor check --repair`: a restarted daemon starts clean.
+    for problem in asyncio.run(manager.check(repair=True)):
+        log.warning("check: %s %s %s (%s)", "repaired" if problem.repaired else "left",
+                    problem.kind, problem.path, problem.detail)
     address = config.listen_address
     sock = bind(address)
     sock.listen(128)

@@ -259,6 +259,39 @@ def restore(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> Non
 
 
 @app.command()
+def resume(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
+    """Resume a VM left paused (e.g. by an operation that was killed)."""
+    report_operation(run(manager(ctx).resume(name)), json_out)
+
+
+@app.command()
+def check(ctx: typer.Context,
+          repair: Annotated[bool, typer.Option(
+              "--repair", help="Fix what is safe to fix (debris of killed operations, VMs left"
+              " paused, crashed QEMUs); say what is left.")] = False,
+          json_out: JsonOpt = False) -> None:
+    """Report every inconsistency in the data root; exit 1 while problems remain.
+
+    Runs in-process even when a daemon listens: it takes each instance's lock like any
+    operation, and leaves alone an instance that is busy."""
+    cfg = config(ctx)
+    mgr = InstanceManager(cfg.root.root, cfg.settings(), lock_wait=0)
+    problems = run(mgr.check(repair=repair))
+    remaining = [p for p in problems if not p.repaired]
+    if json_out:
+        print_json({"problems": [p.model_dump() for p in problems]})
+    elif not problems:
+        console.print(f"{cfg.root.root}: no problems")
+    else:
+        for p in problems:
+            mark = "repaired" if p.repaired else "problem"
+            console.print(f"{mark:8}  {p.kind:18} {p.path}  ({p.detail})", highlight=False,
+                          soft_wrap=True)
+    if remaining:
+        raise typer.Exit(1)
+
+
+@app.command()
 def policy(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
            level: LevelOpt = None, background: BackgroundOpt = False, delay: DelayOpt = None,
            clear: Annotated[bool, typer.Option("--clear", help="Use the default.")] = False

@@ -205,6 +205,14 @@ class GuestAgent:
     async def ping(self, timeout: float = 5.0) -> None:
         await self.execute("guest-ping", timeout=timeout)
 
+    async def get_time(self) -> int:
+        """The guest's wall clock, in nanoseconds since the epoch."""
+        return int(await self.execute("guest-get-time"))
+
+    async def set_time(self, time_ns: int, timeout: float = 10.0) -> None:
+        """Set the guest's wall clock (qemu-ga then writes the RTC with /sbin/hwclock)."""
+        await self.execute("guest-set-time", {"time": time_ns}, timeout=timeout)
+
     async def shutdown(self) -> None:
         """Ask the guest to power off. The agent sends no reply on success."""
         try:

@@ -94,6 +94,9 @@ cp /bin/busybox root/bin/busybox
 for app in $(/bin/busybox --list); do
   [ -e root/bin/"$app" ] || [ -e root/usr/bin/"$app" ] || [ -e root/sbin/"$app" ] || ln -s busybox root/bin/"$app"
 done
+# qemu-ga's guest-set-time (torpor sets a restored guest's clock with it) runs /sbin/hwclock
+# and refuses when it is missing; busybox's applet writes the RTC from the new time.
+ln -sf /bin/busybox root/sbin/hwclock
 echo torpor-guest > root/etc/hostname
 printf 'root:x:0:0:root:/root:/bin/sh\n' > root/etc/passwd
 printf 'root:x:0:\n' > root/etc/group

@@ -30,15 +30,16 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from torpor.codec import SUFFIXES, Codec, sparse_decompressor_argv
-from torpor.errors import IntegrityError
+from torpor.errors import IntegrityError, OperationFailed, TorporError
 from torpor.fsutil import atomic_write_json, fsync_dir, read_json
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
 from torpor.paths import DataRoot, InstancePaths
-from torpor.snapshot.manifest import MACHINE_STATE, Manifest
+from torpor.snapshot.manifest import MACHINE_STATE, Manifest, memory_identity
 
 CANCEL_TIMEOUT = 30.0
+CANCEL_POLL = 0.01
 TMP_SUFFIX = ".tmp"
 Clock = Callable[[], float]
 
@@ -91,66 +92,90 @@ def worker_identity(data_root: DataRoot, key: str) -> ProcessIdentity | None:
     return identity if identity.is_alive() else None
 
 
-def job_running(data_root: DataRoot, key: str) -> bool:
-    """True while a worker holds the job lock."""
-    try:
-        fd = os.open(data_root.job_lock(key), os.O_RDWR | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return False
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
-    finally:
-        os.close(fd)  # releases the probe lock if we got it
-    return False
-
-
 def launch_worker(data_root: DataRoot, instance_id: str, *, slots: int,
                   rate_limit: int | None) -> None:
-    """Start a detached worker for the instance's plan (it exits at once if one runs)."""
+    """Start a detached worker for the instance's plan, unless one runs. The job lock is
+    taken here and handed to the worker (an inherited descriptor: the same lock), so the
+    job counts as running from the moment this returns."""
     data_root.jobs_dir.mkdir(parents=True, exist_ok=True)
     key = instance_job_key(instance_id)
-    argv = [sys.executable, "-m", "torpor.instances.compression_worker",
-            "--data-root", str(data_root.root), "--instance", instance_id,
-            "--slots", str(slots)]
-    if rate_limit:
-        argv += ["--rate-limit", str(rate_limit)]
-    with open(data_root.job_log(key), "ab") as log:
-        # Double fork through `setsid -f`: the worker is no child of ours to reap, and it
-        # survives this process.
-        subprocess.run(["setsid", "-f", *argv], stdin=subprocess.DEVNULL, stdout=log,
-                       stderr=log, check=True)
+    lock_fd = os.open(data_root.job_lock(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return  # a worker has this job
+        argv = [sys.executable, "-m", "torpor.instances.compression_worker",
+                "--data-root", str(data_root.root), "--instance", instance_id,
+                "--slots", str(slots), "--lock-fd", str(lock_fd)]
+        if rate_limit:
+            argv += ["--rate-limit", str(rate_limit)]
+        with open(data_root.job_log(key), "ab") as log:
+            # Double fork through `setsid -f`: the worker is no child of ours to reap, and
+            # it survives this process.
+            subprocess.run(["setsid", "-f", *argv], stdin=subprocess.DEVNULL, stdout=log,
+                           stderr=log, check=True, pass_fds=(lock_fd,))
+    finally:
+        os.close(lock_fd)  # the worker's copy keeps the lock
 
 
 def cancel_and_wait(data_root: DataRoot, key: str, timeout: float = CANCEL_TIMEOUT) -> None:
-    """Stop the job's worker and return only once it has exited and released its lock."""
-    identity = worker_identity(data_root, key)
-    if identity is not None:
-        worker = TrackedProcess(identity)
-        worker.signal(signal.SIGTERM)
-        if not worker.wait_exit(timeout):
-            worker.kill()
-    # The lock outlives the identity file by a moment (and covers a worker that had not
-    # written its identity yet): wait on the lock itself.
+    """Stop the job's worker and return only once it has exited and released its lock.
+
+    Polls the job lock rather than blocking on it: a worker that has the lock but has not
+    yet written its identity (just started) is signalled as soon as it has, so a reader
+    holding the instance lock never waits on a worker that waits on that lock."""
     lock = data_root.job_lock(key)
-    if lock.exists():
-        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)  # blocks until a starting worker gives up
-        finally:
-            os.close(fd)
+    deadline = time.monotonic() + timeout
+    signalled: ProcessIdentity | None = None
+    while lock.exists() and not _lock_free(lock):
+        identity = worker_identity(data_root, key)
+        if identity is not None and identity != signalled:
+            TrackedProcess(identity).signal(signal.SIGTERM)
+            signalled = identity
+        if time.monotonic() >= deadline:
+            if identity is None:
+                raise OperationFailed(f"a compression worker holds {lock} and does not say"
+                                      " who it is; it did not exit within"
+                                      f" {timeout:.0f} s")
+            TrackedProcess(identity).kill()
+            deadline = time.monotonic() + timeout  # killed: its lock goes with it
+        time.sleep(CANCEL_POLL)
+
+
+def _lock_free(lock: Path) -> bool:
+    fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)  # releases the probe lock if we got it
+    return True
+
+
+def job_running(data_root: DataRoot, key: str) -> bool:
+    """True while a worker holds the job lock."""
+    lock = data_root.job_lock(key)
+    try:
+        return not _lock_free(lock)
+    except FileNotFoundError:
+        return False
+
+
+def remove_job_files(data_root: DataRoot, key: str) -> None:
+    """A deleted instance's job files (its worker has exited: cancel_and_wait first)."""
+    for path in (data_root.job_lock(key), data_root.job_worker(key), data_root.job_log(key)):
+        path.unlink(missing_ok=True)
 
 
 # --- files ------------------------------------------------------------------------------
 
 def compression_target(paths: InstancePaths) -> Path:
     """The raw file a standby's background job compresses: the RAM file in memory-file
-    mode (its device state is tiny), else the machine state."""
-    try:
-        kind = Manifest.load(paths.standby_dir).kind
-    except Exception:
-        kind = "stream"
+    mode (its device state is tiny), else the machine state. IntegrityError if the
+    manifest cannot be read (a job must not guess which file is which)."""
+    kind = Manifest.load(paths.standby_dir).kind
     return paths.memory_file if kind == "memory-file" else paths.standby_dir / MACHINE_STATE
 
 
@@ -162,57 +187,88 @@ def siblings(raw: Path) -> tuple[dict[Codec, Path], list[Path]]:
     return compressed, stale
 
 
-def tidy(raw: Path) -> None:
-    """No worker runs: drop .tmp leftovers; a raw file wins over compressed siblings."""
+def tidy(raw: Path, named: Codec) -> None:
+    """No worker runs: drop .tmp leftovers and every version of `raw` but the one the
+    manifest names. The manifest is rewritten only once the file it names is complete, so
+    whichever step a killed job or reader stopped at, the named file is whole and any
+    other is a leftover (a raw file wins over a partial, .tmp, compressed one)."""
     compressed, stale = siblings(raw)
     for path in stale:
         path.unlink(missing_ok=True)
-    if raw.exists():
-        for path in compressed.values():
+    keep = raw.with_name(raw.name + SUFFIXES.get(named, ""))
+    if not keep.exists():
+        return  # nothing to prefer: the reader's checks name what is missing
+    for path in (raw, *compressed.values()):
+        if path != keep:
             path.unlink(missing_ok=True)
 
 
-def tidy_state_dir(directory: Path) -> None:
-    tidy(directory / MACHINE_STATE)
+def tidy_standby(paths: InstancePaths) -> None:
+    """tidy() the standby state's files (and the RAM file in memory-file mode) by what its
+    manifest names; an unreadable manifest leaves everything for the reader to refuse."""
+    try:
+        manifest = Manifest.load(paths.standby_dir)
+    except TorporError:
+        return
+    tidy(paths.standby_dir / manifest.state.name, manifest.state.codec)
+    if manifest.memory_file is not None:
+        tidy(paths.memory_file, manifest.memory_file.codec)
 
 
 def decompress_memory_file(paths: InstancePaths) -> None:
     """Memory-file mode: QEMU maps the RAM file, so a compressed one is decompressed
-    first, keeping its holes (zero runs become holes again, not written zeros)."""
-    raw = paths.memory_file
-    compressed, _ = siblings(raw)
-    if raw.exists() or not compressed:
+    first, keeping its holes (zero runs become holes again, not written zeros). Order:
+    raw file complete → manifest names it → compressed file removed; a kill between any
+    two leaves the manifest naming a whole file."""
+    manifest = Manifest.load(paths.standby_dir)
+    memory = manifest.memory_file
+    if memory is None or memory.codec is Codec.NONE:
         return
-    codec, source = next(iter(compressed.items()))
+    raw = paths.memory_file
+    source = raw.with_name(raw.name + SUFFIXES[memory.codec])
     tmp = raw.with_name(raw.name + TMP_SUFFIX)
-    result = subprocess.run([*sparse_decompressor_argv(codec, source, tmp)],
+    result = subprocess.run([*sparse_decompressor_argv(memory.codec, source, tmp)],
                             capture_output=True, check=False)
     if result.returncode != 0:
         tmp.unlink(missing_ok=True)
-        raise IntegrityError(f"{codec} could not decompress {source}: "
+        raise IntegrityError(f"{memory.codec} could not decompress {source}: "
                              f"{result.stderr.decode(errors='replace').strip()}")
     with open(tmp, "rb+") as f:
         os.fsync(f.fileno())
     os.replace(tmp, raw)
     fsync_dir(raw.parent)
-    manifest = Manifest.load(paths.standby_dir)
-    if manifest.memory_file is not None:
-        manifest.memory_file = manifest.memory_file.model_copy(
-            update={"codec": Codec.NONE, "stored_bytes": None})
-        manifest.save(paths.standby_dir)
+    manifest.memory_file = memory.model_copy(update={"codec": Codec.NONE, "stored_bytes": None})
+    manifest.memory_file.identity = memory_identity(raw)  # a new file, same content
+    manifest.save(paths.standby_dir)
     source.unlink()
+    fsync_dir(raw.parent)
 
 
-def prepare_for_read(ctx: InstanceContext) -> None:
-    """What every reader of the standby state does first (holding the instance lock)."""
+def prepare_for_read(ctx: InstanceContext) -> CompressionPlan | None:
+    """What every reader of the standby state does first (holding the instance lock):
+    stop the job, keep only the files the manifest names, decompress a RAM file. Returns
+    the plan it took over: a reader that leaves the state in place (a snapshot or fork of
+    a standby source) hands it back with `resume_plan` afterwards."""
     cancel_and_wait(ctx.data_root, instance_job_key(ctx.meta.id))
     if ctx.paths.standby_dir.exists():
-        tidy_state_dir(ctx.paths.standby_dir)
-        tidy(ctx.paths.memory_file)
+        tidy_standby(ctx.paths)
         decompress_memory_file(ctx.paths)
-    if ctx.meta.compression_plan is not None:
+    plan = ctx.meta.compression_plan
+    if plan is not None:
         ctx.meta.compression_plan = None
         ctx.meta.save(ctx.paths.metadata)
+    return plan
+
+
+def resume_plan(ctx: InstanceContext, plan: CompressionPlan | None, *, slots: int,
+                rate_limit: int | None) -> None:
+    """Give a standby state's compression plan back after a reader that did not consume
+    the state: the job is queued again (with what remains of its delay)."""
+    if plan is None or plan.error or not ctx.paths.standby_dir.exists():
+        return
+    ctx.meta.compression_plan = plan
+    ctx.meta.save(ctx.paths.metadata)
+    launch_worker(ctx.data_root, ctx.meta.id, slots=slots, rate_limit=rate_limit)
 
 
 def clear_stale_plan(data_root: DataRoot, instance_id: str) -> None:

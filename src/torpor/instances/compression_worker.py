@@ -22,11 +22,14 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+from torpor import faults
 from torpor.codec import SUFFIXES, checksum_file, compressor_argv
+from torpor.errors import TorporError
 from torpor.fsutil import atomic_write_json, fsync_dir
 from torpor.hypervisor.process import ProcessIdentity
 from torpor.instances.compression_jobs import (
@@ -35,7 +38,6 @@ from torpor.instances.compression_jobs import (
     instance_job_key,
     record_outcome,
     remaining_delay,
-    tidy,
 )
 from torpor.instances.metadata import CompressionPlan, InstanceMetadata
 from torpor.paths import DataRoot
@@ -156,8 +158,16 @@ class Job:
         if plan is None or plan.error:
             return "nothing to do"
         directory = self.paths.standby_dir
-        raw = compression_target(self.paths)
-        if not (directory / "manifest.json").exists() or not raw.exists():
+        if not (directory / "manifest.json").exists():
+            await self.clear_plan()
+            return "plan cleared: no standby state"
+        try:
+            raw = compression_target(self.paths)
+        except TorporError as exc:  # never guess which file to compress
+            record_outcome(self.data_root, "failed")
+            await self.clear_plan(error=str(exc))
+            return f"failed: {exc}"
+        if not raw.exists():
             await self.clear_plan()
             return "plan cleared: no raw standby state"
         final = raw.with_name(raw.name + SUFFIXES[plan.codec])
@@ -169,8 +179,9 @@ class Job:
             async with self.flock_any(slots):
                 self.check()
                 started = time.monotonic()
-                tidy(raw)  # stale .tmp from a killed worker goes first
+                tmp.unlink(missing_ok=True)  # a killed worker's leftover goes first
                 await self.compress(raw, tmp, plan)
+                faults.point("compress.written")
                 # The manifest records a checksum of a compressed state file only;
                 # a compressed RAM file is checked by the codec's own frame checksum.
                 checksum = (None if raw == self.paths.memory_file
@@ -193,14 +204,17 @@ class Job:
         return "completed"
 
     def commit(self, plan: CompressionPlan, raw: Path, tmp: Path, final: Path,
-                     checksum: str | None) -> int:
-        """Under the instance lock: publish the compressed file, then drop the raw one."""
+               checksum: str | None) -> int:
+        """Under the instance lock: publish the compressed file, then the manifest naming
+        it, then drop the raw one. Readers keep the file the manifest names, so a kill
+        between any two steps leaves a whole, named file (compression_jobs.tidy)."""
         meta = self.load_meta()
         if meta is None or meta.compression_plan is None or not raw.exists():
             tmp.unlink(missing_ok=True)  # a reader took over: nothing to publish
             raise Cancelled()
         os.replace(tmp, final)
         fsync_dir(final.parent)
+        faults.point("compress.renamed")
         manifest = Manifest.load(self.paths.standby_dir)
         stored = final.stat().st_size
         if manifest.memory_file is not None and raw == self.paths.memory_file:
@@ -213,6 +227,7 @@ class Job:
                 "codec": plan.codec, "level": plan.level, "raw_bytes": raw_bytes,
                 "stored_bytes": stored, "checksum": checksum})
         manifest.save(self.paths.standby_dir)
+        faults.point("compress.recorded")
         raw.unlink()
         fsync_dir(raw.parent)
         meta.compression_plan = None
@@ -233,24 +248,37 @@ def main() -> int:
     parser.add_argument("--instance", required=True)
     parser.add_argument("--slots", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rate-limit", type=int, default=None)
+    parser.add_argument("--lock-fd", type=int, default=None,
+                        help="the job lock, already held (inherited from the launcher)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data_root = DataRoot(args.data_root)
     key = instance_job_key(args.instance)
     data_root.jobs_dir.mkdir(parents=True, exist_ok=True)
-    lock_fd = os.open(data_root.job_lock(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return 0  # another worker has this job
-    lower_priority()
+    if args.lock_fd is not None:  # taken for us by the launcher (compression_jobs)
+        lock_fd = args.lock_fd
+        os.set_inheritable(lock_fd, False)  # the compressor must not hold the job
+    else:
+        lock_fd = os.open(data_root.job_lock(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
+                          0o600)
+        try:
+            fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return 0  # another worker has this job
+    # A cancel that comes before the event loop runs still counts as a cancel.
+    cancelled_early = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: cancelled_early.set())
+    # Who holds the job lock is said at once: a reader cancelling the job signals us by it.
     identity = ProcessIdentity.of(os.getpid())
     assert identity is not None
     atomic_write_json(data_root.job_worker(key), identity.model_dump())
+    lower_priority()
     job = Job(data_root, args.instance, args.slots, args.rate_limit)
 
     async def run() -> str:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, job.cancel.set)
+        if cancelled_early.is_set():
+            job.cancel.set()
         return await job.run()
 
     try:

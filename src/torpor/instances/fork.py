@@ -10,15 +10,23 @@ agent, since the loaded device state still carries the source's MAC).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from torpor import faults
 from torpor.copy import copy_tree
-from torpor.errors import AlreadyExists, InvalidArgument, OperationFailed, WrongState
-from torpor.fsutil import allocated_bytes, fsync_dir, remove_tree
+from torpor.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    NotFound,
+    OperationFailed,
+    WrongState,
+)
+from torpor.fsutil import allocated_bytes, fsync_dir, owned_name, owner_tag, remove_tree
 from torpor.guest.agent import GuestAgent
 from torpor.instances import compression_jobs, observe, snapshots
 from torpor.instances.locking import file_lock
@@ -40,6 +48,9 @@ if TYPE_CHECKING:  # the manager calls in here; only the type is needed back
 
 TargetState = Literal["running", "standby", "stopped"]
 AUTO_TAG = "torpor.auto"  # a snapshot torpor made for forks, removed with the last of them
+AUTO_BASE = "fork"  # memory-file mode: the forks map its RAM file; kept while they exist
+AUTO_TEMPORARY = "fork-temporary"  # a running source's state for the forks' copies
+OWNER_TAG = "torpor.owner"  # the process that made an automatic snapshot (fsutil.owner_tag)
 # Copied from a payload or source: everything but the runtime and the source's logs.
 FORK_SKIP = ("run", "logs")
 
@@ -66,7 +77,7 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
     source_paths = InstancePaths(source_dir)
     source = InstanceMetadata.load(source_paths.metadata)
     instance_id = new_instance_id()
-    staging = data_root.staging(f"fork-{instance_id}-{secrets.token_hex(3)}")
+    staging = data_root.staging(owned_name(f"fork-{instance_id}"))
     skip: tuple[str, ...] = FORK_SKIP if keep_state else (*FORK_SKIP, "snapshots")
     memory_origin = source.memory_origin if keep_state else None
     if source_paths.memory_file.exists():
@@ -139,8 +150,9 @@ async def from_instance(mgr: InstanceManager, source: str, new_name: str, *, cou
             # Memory-file mode: one snapshot (RAM copied once, outside any fork), kept
             # while forks map its memory file privately; removed with the last of them.
             base = await snapshots.create(ctx, f"fork-base-{secrets.token_hex(4)}",
-                                          {AUTO_TAG: "fork"})
+                                          auto_tags(AUTO_BASE))
             try:
+                faults.point("fork.based")
                 created = await _materialise_all(
                     mgr, mgr.data_root.snapshot(base.id).payload, names, base.id, True)
             except BaseException:
@@ -148,17 +160,30 @@ async def from_instance(mgr: InstanceManager, source: str, new_name: str, *, cou
                 raise
         elif state in (InstanceState.RUNNING, InstanceState.PAUSED):
             # A temporary overlapped snapshot: the source pauses only for it.
-            temp = await snapshots.create(ctx, f"fork-{secrets.token_hex(4)}", {})
+            temp = await snapshots.create(ctx, f"fork-{secrets.token_hex(4)}",
+                                          auto_tags(AUTO_TEMPORARY))
             try:
+                faults.point("fork.based")
                 created = await _materialise_all(
                     mgr, mgr.data_root.snapshot(temp.id).payload, names, None, True)
             finally:
                 remove_tree(mgr.data_root.snapshot(temp.id).root)
         else:
-            if has_state:  # a reader of the standby state: stop its background job first
-                await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
-            created = await _materialise_all(mgr, ctx.paths.root, names, None, has_state)
+            # A standby source's state is read: its job stops, and is queued again after.
+            plan = (await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+                    if has_state else None)
+            try:
+                created = await _materialise_all(mgr, ctx.paths.root, names, None, has_state)
+            finally:
+                compression_jobs.resume_plan(ctx, plan, slots=ctx.settings.compression_jobs,
+                                             rate_limit=ctx.settings.compression_rate_limit)
     return await _bring_up(mgr, created, has_state, target_state)
+
+
+def auto_tags(purpose: str) -> dict[str, str]:
+    """A snapshot torpor makes for a fork says so, and which process made it: if that
+    process dies before the snapshot has dependents, `torpor check` removes it."""
+    return {AUTO_TAG: purpose, OWNER_TAG: owner_tag()}
 
 
 def _check(mgr: InstanceManager, new_name: str, count: int, target_state: TargetState,
@@ -193,7 +218,8 @@ async def _materialise_all(mgr: InstanceManager, source_dir: Path, names: list[s
 
 async def _bring_up(mgr: InstanceManager, forks: list[InstanceMetadata], has_state: bool,
                     target_state: TargetState) -> list[InstanceInfo]:
-    """Each fork to its target state, in parallel; a fork that fails is deleted."""
+    """Each fork to its target state, in parallel. All or nothing: if one fails, every
+    fork of the operation is deleted."""
     async def one(meta: InstanceMetadata) -> InstanceInfo:
         paths = mgr.data_root.instance(meta.id)
         if target_state == "stopped" and has_state:
@@ -207,11 +233,16 @@ async def _bring_up(mgr: InstanceManager, forks: list[InstanceMetadata], has_sta
                     await apply_guest_identity(agent, meta)
         return await mgr.get(meta.name)
 
-    results = await asyncio.gather(*(one(m) for m in forks), return_exceptions=True)
-    failures = [r for r in results if isinstance(r, BaseException)]
-    if failures:
-        for meta, result in zip(forks, results, strict=True):
-            if isinstance(result, BaseException):
-                await mgr.delete(meta.name, force=True)  # no half-made fork left
-        raise failures[0]
+    try:
+        faults.point("fork.copied")
+        results = await asyncio.gather(*(one(m) for m in forks), return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
+        faults.point("fork.restored")
+    except BaseException:
+        for meta in forks:  # no half-made fork left
+            with contextlib.suppress(NotFound):
+                await mgr.delete(meta.name, force=True)
+        raise
     return [r for r in results if not isinstance(r, BaseException)]

@@ -7,11 +7,13 @@ import contextlib
 import logging
 
 from torpor.errors import OperationFailed, TorporError, WrongState
+from torpor.fsutil import remove_tree
 from torpor.guest.agent import AgentError, GuestAgent
 from torpor.hypervisor.accel import resolve_accel
 from torpor.hypervisor.process import LAUNCH_TIMEOUT, ProcessIdentity, TrackedProcess, launch
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import Accel, VMConfig
+from torpor.instances import compression_jobs
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import InstanceState, utc_now
 from torpor.instances.operation import OperationRecorder
@@ -76,10 +78,6 @@ async def spawn(ctx: InstanceContext, config: VMConfig, *, incoming: str | None 
         raise
 
 
-async def wait_for_agent(ctx: InstanceContext) -> float:
-    return await GuestAgent.wait_ready(ctx.paths.agent_socket, ctx.settings.agent_timeout)
-
-
 async def agent_ready(ctx: InstanceContext, early: GuestAgent | None = None) -> GuestAgent:
     """A connection the agent has answered on (the caller closes it)."""
     return await GuestAgent.ready(ctx.paths.agent_socket, ctx.settings.agent_timeout, early)
@@ -95,8 +93,22 @@ def check_startable(name: str, state: InstanceState) -> None:
 def check_stoppable(name: str, state: InstanceState) -> None:
     if state is InstanceState.STOPPED:
         raise WrongState(f"instance {name} is not running")
-    if state is InstanceState.STANDBY:
-        raise WrongState(f"instance {name} is in standby: restore it first, or delete it")
+
+
+def check_resumable(name: str, state: InstanceState) -> None:
+    if state is not InstanceState.PAUSED:
+        raise WrongState(f"instance {name} is {state}, not paused")
+
+
+async def resume(ctx: InstanceContext) -> None:
+    """paused → running. Recovery (instances/recover.py) has usually done it already when
+    the lock was taken; a VM paused for another reason is resumed here."""
+    state, _ = await derive_state(ctx.paths)
+    if state is InstanceState.PAUSED:
+        async with Monitor.connect(ctx.paths.qmp_socket) as mon:
+            await mon.resume()
+    elif state is not InstanceState.RUNNING:
+        raise WrongState(f"instance {ctx.name} is {state}, not paused")
 
 
 async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRecorder:
@@ -118,7 +130,11 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
             process = await spawn(ctx, config)
         if wait_agent:
             with op.phase("agent-ready"):
-                await wait_for_agent(ctx)
+                agent = await agent_ready(ctx)
+            try:
+                await _record_clock_source(ctx, agent)
+            finally:
+                await agent.close()
     except BaseException as exc:
         if process is not None:
             await terminate(ctx, process)
@@ -126,6 +142,35 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
         raise
     await op.persist(ctx.paths)
     return op
+
+
+CLOCK_SOURCE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"
+
+
+async def _record_clock_source(ctx: InstanceContext, agent: GuestAgent) -> None:
+    """The guest kernel's clocksource, for the record (standby copies it into the
+    manifest): whatever it is, a restored guest's wall clock is set from the host's."""
+    try:
+        source = (await agent.read_file(CLOCK_SOURCE)).decode(errors="replace").strip()
+    except AgentError as exc:
+        log.info("%s: clocksource not readable (%s)", ctx.name, exc)
+        return
+    if source != ctx.meta.guest_clock_source:
+        ctx.meta.guest_clock_source = source
+        ctx.meta.save(ctx.paths.metadata)
+
+
+def discard_standby_state(ctx: InstanceContext) -> None:
+    """standby → stopped: the saved state (and its job) go; the disk stays."""
+    compression_jobs.cancel_and_wait(ctx.data_root,
+                                     compression_jobs.instance_job_key(ctx.meta.id))
+    remove_tree(ctx.paths.standby_dir)
+    discard_memory_file(ctx)
+    for path in compression_jobs.siblings(ctx.paths.memory_file)[0].values():
+        path.unlink(missing_ok=True)
+    if ctx.meta.compression_plan is not None:
+        ctx.meta.compression_plan = None
+        ctx.meta.save(ctx.paths.metadata)
 
 
 def discard_memory_file(ctx: InstanceContext) -> None:
@@ -170,7 +215,14 @@ async def stop(ctx: InstanceContext, *, timeout: float | None = None,
     """running/paused/crashed → stopped. The caller holds the instance lock."""
     state, record = await derive_state(ctx.paths)
     check_stoppable(ctx.name, state)
+    if state is InstanceState.STANDBY and not force:
+        raise WrongState(f"instance {ctx.name} is in standby: restore it, or discard its saved"
+                         " state with `stop --force`")
     op = OperationRecorder("stop", ctx.name)
+    if state is InstanceState.STANDBY:
+        await asyncio.to_thread(discard_standby_state, ctx)
+        await op.persist(ctx.paths)
+        return op
     try:
         assert record is not None
         process = record.process()

@@ -11,17 +11,19 @@ import subprocess
 from collections.abc import AsyncIterator, Callable
 from datetime import datetime
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
+from torpor import faults
 from torpor.copy import copy_file
 from torpor.errors import AlreadyExists, InvalidArgument, NotFound, OperationFailed, WrongState
-from torpor.fsutil import fsync_dir, remove_tree
-from torpor.guest.agent import ExecResult, GuestAgent
+from torpor.fsutil import fsync_dir, owned_name, remove_tree
+from torpor.guest.agent import AgentError, ExecResult, GuestAgent
 from torpor.hypervisor.accel import AccelChoice
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
-from torpor.instances import compression_jobs, lifecycle, snapshots
+from torpor.instances import compression_jobs, health, lifecycle, snapshots
 from torpor.instances import fork as fork_op
 from torpor.instances import restore as restore_op
 from torpor.instances import standby as standby_op
@@ -42,6 +44,7 @@ from torpor.instances.metadata import (
     utc_now,
     validate_name,
 )
+from torpor.instances.recover import recover
 from torpor.instances.runtime import derive_state
 from torpor.instances.snapshots import SnapshotRecord
 from torpor.paths import DataRoot, InstancePaths
@@ -105,7 +108,8 @@ class InstanceManager:
                                self.data_root.instance(meta.id))
 
     @contextlib.asynccontextmanager
-    async def locked(self, name: str, precheck: StateCheck | None = None
+    async def locked(self, name: str, precheck: StateCheck | None = None, *,
+                     wait: float | Literal["default"] | None = "default"
                      ) -> AsyncIterator[InstanceContext]:
         """The instance's lock, with its metadata re-read once the lock is held.
         `precheck` refuses a wrong state before the lock is taken, so a request that is
@@ -116,14 +120,14 @@ class InstanceManager:
             state, _ = await derive_state(self.data_root.instance(meta.id))
             precheck(meta.name, state)
         async with file_lock(self.data_root.instance_lock(meta.id), what=f"instance {name}",
-                             wait=self.lock_wait):
+                             wait=self.lock_wait if wait == "default" else wait):
             paths = self.data_root.instance(meta.id)
             try:
                 fresh = InstanceMetadata.load(paths.metadata)
             except FileNotFoundError:
                 raise NotFound(f"no instance named {name!r}") from None
             ctx = self._context(fresh)
-            await snapshots.fold_back_frozen_disk(ctx)
+            await recover(ctx)  # whatever a killed operation left, put right first
             yield ctx
 
     async def info(self, meta: InstanceMetadata) -> InstanceInfo:
@@ -159,21 +163,48 @@ class InstanceManager:
         Returns what it did, one line per instance."""
         done = []
         for meta in self._all_metadata():
-            plan = meta.compression_plan
-            key = compression_jobs.instance_job_key(meta.id)
-            if plan is None or plan.error or compression_jobs.job_running(self.data_root, key):
-                continue
-            paths = self.data_root.instance(meta.id)
-            raw = compression_jobs.compression_target(paths)
-            if (paths.standby_dir / "manifest.json").exists() and raw.exists():
-                compression_jobs.launch_worker(
-                    self.data_root, meta.id, slots=self.settings.compression_jobs,
-                    rate_limit=self.settings.compression_rate_limit)
-                done.append(f"{meta.name}: re-queued")
-            else:
-                compression_jobs.clear_stale_plan(self.data_root, meta.id)
-                done.append(f"{meta.name}: plan cleared")
+            line = self._requeue(meta)
+            if line:
+                done.append(f"{meta.name}: {line}")
         return done
+
+    def _requeue(self, meta: InstanceMetadata) -> str | None:
+        plan = meta.compression_plan
+        key = compression_jobs.instance_job_key(meta.id)
+        if plan is None or plan.error or compression_jobs.job_running(self.data_root, key):
+            return None
+        paths = self.data_root.instance(meta.id)
+        if (paths.standby_dir / "manifest.json").exists():
+            # The worker itself decides whether there is anything left to compress.
+            compression_jobs.launch_worker(
+                self.data_root, meta.id, slots=self.settings.compression_jobs,
+                rate_limit=self.settings.compression_rate_limit)
+            return "re-queued"
+        compression_jobs.clear_stale_plan(self.data_root, meta.id)
+        return "plan cleared"
+
+    # --- health -------------------------------------------------------------------------
+
+    async def check(self, *, repair: bool = False) -> list[health.Problem]:
+        """Every inconsistency `torpor check` knows in this data root; with `repair`, fix
+        what is safe to fix and say, per problem, whether it is gone."""
+        if repair:
+            return await health.repair(self, self.data_root)
+        return await health.scan(self.data_root)
+
+    async def repair_instance(self, instance_id: str, kind: str, path: Path) -> None:
+        """One instance's problem, under its lock (never waited for: a busy instance is
+        being put right by the operation that holds it). Recovery runs as the lock is
+        taken; what it does not cover is done here."""
+        async with self.locked(instance_id, wait=0) as ctx:
+            state, record = await derive_state(ctx.paths)
+            if kind == "crashed" and state is InstanceState.CRASHED and record is not None:
+                await lifecycle.terminate(ctx, record.process())
+                lifecycle.discard_memory_file(ctx)
+            elif kind == "stale-temp":
+                path.unlink(missing_ok=True)
+            elif kind == "orphaned-plan":
+                self._requeue(ctx.meta)
 
     # --- create / delete --------------------------------------------------------------
 
@@ -182,7 +213,7 @@ class InstanceManager:
         depend on a cache that a recipe change replaces."""
         target = self.data_root.image_dir(f"{image.name}-{recipe_hash()}")
         if not target.exists():
-            staging = self.data_root.staging(f"image-{target.name}-{os.getpid()}")
+            staging = self.data_root.staging(owned_name(f"image-{target.name}"))
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)
             for f in (image.kernel, image.initrd):
@@ -203,7 +234,10 @@ class InstanceManager:
     def _make_disk(rootfs: Path, disk: Path, size: int) -> None:
         copy_file(rootfs, disk)
         if size > disk.stat().st_size:
-            os.truncate(disk, size)
+            try:
+                os.truncate(disk, size)
+            except OSError as exc:  # e.g. EFBIG: past the filesystem's largest file
+                raise InvalidArgument(f"--disk-size {size} bytes: {exc.strerror}") from None
             result = subprocess.run(["resize2fs", "-f", str(disk)], capture_output=True,
                                     check=False)
             if result.returncode != 0:
@@ -237,7 +271,7 @@ class InstanceManager:
             if any(m.name == name for m in self._all_metadata()):
                 raise AlreadyExists(f"an instance named {name!r} already exists")
             instance_id = new_instance_id()
-            staging = self.data_root.staging(f"create-{instance_id}")
+            staging = self.data_root.staging(owned_name(f"create-{instance_id}"))
             try:
                 staging.mkdir(parents=True)
                 paths = InstancePaths(staging)
@@ -267,11 +301,16 @@ class InstanceManager:
                 raise WrongState(f"instance {name} is {state}: stop it first, or use --force")
             if record is not None:
                 await lifecycle.terminate(ctx, record.process())
-            await asyncio.to_thread(compression_jobs.cancel_and_wait, self.data_root,
-                                    compression_jobs.instance_job_key(ctx.meta.id))
-            remove_tree(ctx.paths.root)
-            with contextlib.suppress(FileNotFoundError):
-                self.data_root.instance_lock(ctx.meta.id).unlink()
+            faults.point("delete.killed")
+            key = compression_jobs.instance_job_key(ctx.meta.id)
+            await asyncio.to_thread(compression_jobs.cancel_and_wait, self.data_root, key)
+            await asyncio.to_thread(remove_tree, ctx.paths.root)
+            try:
+                faults.point("delete.removed")
+            finally:  # the instance is gone: what is left of it goes too
+                compression_jobs.remove_job_files(self.data_root, key)
+                with contextlib.suppress(FileNotFoundError):
+                    self.data_root.instance_lock(ctx.meta.id).unlink()
             origin = ctx.meta.origin_snapshot
         await self.drop_auto_snapshot(origin)
 
@@ -303,6 +342,12 @@ class InstanceManager:
         identity there, on the connection the restore already has)."""
         async with self.locked(name, restore_op.check_state) as ctx:
             await restore_op.restore(ctx, then)
+            return await self.info(InstanceMetadata.load(ctx.paths.metadata))
+
+    async def resume(self, name: str) -> InstanceInfo:
+        """A VM left paused (by an operation that was killed, or by hand) runs again."""
+        async with self.locked(name, lifecycle.check_resumable) as ctx:
+            await lifecycle.resume(ctx)
             return await self.info(InstanceMetadata.load(ctx.paths.metadata))
 
     async def set_policy(self, name: str, policy: CompressionPolicy | None) -> None:
@@ -384,8 +429,16 @@ class InstanceManager:
         state, _ = await derive_state(paths)
         if state is not InstanceState.RUNNING:
             raise WrongState(f"instance {name} is {state}, not running")
-        async with GuestAgent.connect(paths.agent_socket) as agent:
-            return await agent.exec(argv, input=input, timeout=timeout)
+        try:
+            async with GuestAgent.connect(paths.agent_socket) as agent:
+                return await agent.exec(argv, input=input, timeout=timeout)
+        except AgentError:
+            # The VM left "running" under the command (a standby or stop in another
+            # request): that is the conflict to report, not a failing guest.
+            now, _ = await derive_state(paths)
+            if now is not InstanceState.RUNNING:
+                raise WrongState(f"instance {name} went {now} during the command") from None
+            raise
 
     def console_path(self, name: str) -> Path:
         return self.data_root.instance(self._find(name).id).serial_log

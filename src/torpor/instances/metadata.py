@@ -125,6 +125,7 @@ class InstanceMetadata(BaseModel):
     memory_backing: MemoryBacking = "anonymous"
     memory_origin: Path | None = None
     last_operation: LastOperation | None = None
+    guest_clock_source: str | None = None  # the guest kernel's clocksource, read at boot
     extra: dict[str, Any] = Field(default_factory=dict)
 
     def save(self, path: Path) -> None:

@@ -1,22 +1,31 @@
 """Restore: start QEMU waiting for the saved state, load and verify it, resume.
 
-A state that fails its checks is never resumed; a failed restore leaves the standby
-snapshot untouched and restorable and no QEMU process behind.
+A state that fails its checks is never resumed; a restore failing before the guest runs
+leaves the standby state untouched and restorable and no QEMU process behind.
+
+The saved state is consumed *before* the guest runs: `latest/` is renamed to
+`.latest.consumed` (durably) and only then is `cont` sent. Once the guest has run it may
+have written to its disk, and its old RAM must never be resumed over that disk again; a
+kill at any later point leaves a state no command will load (the next operation removes
+it). A failure after `cont` therefore leaves the VM running, never killed and "restorable".
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+import os
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from torpor import faults
 from torpor.codec import Codec
-from torpor.errors import IntegrityError, WrongState
-from torpor.fsutil import remove_tree
-from torpor.guest.agent import GuestAgent
+from torpor.errors import IntegrityError, OperationFailed, WrongState
+from torpor.fsutil import fsync_dir, remove_tree
+from torpor.guest.agent import AgentError, GuestAgent
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
@@ -27,7 +36,10 @@ from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import derive_state
 from torpor.instances.vmspec import vm_config_for
 from torpor.snapshot.manifest import Manifest, locate_state_file
+from torpor.snapshot.manifest import check_memory_file as verify_memory_file
 from torpor.snapshot.stream import exec_feed, load_state, reads_at_exec
+
+log = logging.getLogger(__name__)
 
 
 def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
@@ -42,18 +54,21 @@ def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
 
 
 def check_memory_file(ctx: InstanceContext, config: VMConfig, manifest: Manifest) -> None:
-    """The RAM a memory-file state (or a file-mode fork) maps must be there, whole."""
+    """The RAM a memory-file state (or a file-mode fork) maps must be there, whole, and
+    the very file that was saved (identity and sampled pages: see MemoryFileRecord)."""
     memory = config.memory_file
     if memory is None:
         return
-    try:
+    if manifest.memory_file is not None:
+        verify_memory_file(memory.path, manifest.memory_file)
+        return
+    try:  # a fork's own stream over its origin's RAM: the stream carries every page
         size = memory.path.stat().st_size
     except FileNotFoundError:
         raise IntegrityError(f"the memory file of {ctx.name} is missing: {memory.path}") from None
-    expected = manifest.memory_file.size_bytes if manifest.memory_file else size
-    if size != expected or size != config.memory_mib << 20:
+    if size != config.memory_mib << 20:
         raise IntegrityError(f"the memory file {memory.path} of {ctx.name} has {size} bytes;"
-                             f" the saved state needs {expected}")
+                             f" the saved state needs {config.memory_mib << 20}")
 
 
 def check_state(name: str, state: InstanceState) -> None:
@@ -74,7 +89,7 @@ class _Incoming:
 
 async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> OperationRecorder:
     """`then` runs on the agent connection restore waited on (a fork sets its identity
-    there); it is part of the operation: if it fails, the restore fails."""
+    there); it is part of the operation: if it fails, the restore fails (the VM runs)."""
     started = time.monotonic()
     state, _ = await derive_state(ctx.paths)
     check_state(ctx.name, state)
@@ -82,29 +97,21 @@ async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> Operat
     manifest = Manifest.load(ctx.paths.standby_dir)
     config = check_compatible(ctx, manifest)
     path, codec = locate_state_file(ctx.paths.standby_dir, manifest.state)
-    if codec is not manifest.state.codec:
-        raise IntegrityError(f"manifest says the state is {manifest.state.codec} but the file"
-                             f" found is {path.name}")
     lifecycle.check_boot_files(ctx)
     check_memory_file(ctx, config, manifest)
     op = OperationRecorder("restore", ctx.name)
-    vm = _Incoming()  # killed and closed on every failure
+    vm = _Incoming()  # killed and closed on every failure before the guest runs
     try:
         async with contextlib.AsyncExitStack() as stack:
             load = (_load_at_exec if reads_at_exec(codec, manifest.x_ignore_shared)
                     else _load_deferred)
             mon = await load(ctx, stack, vm, op, config, manifest, path, codec)
+            faults.point("restore.loaded")
             if vm.agent is not None:
                 vm.agent.send_sync()  # waiting for the guest, not for `cont`'s reply
             with op.phase("resume"):
-                await mon.resume()
-        op.add("restore_to_running", time.monotonic() - started)
-        with op.phase("agent-ready"):
-            vm.agent = await lifecycle.agent_ready(ctx, vm.agent)
-        op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
-        if then is not None:
-            await then(vm.agent)
-        await vm.agent.close()
+                await asyncio.to_thread(consume_state, ctx)
+                await _resume_or_give_back(ctx, mon)
     except BaseException as exc:
         if vm.agent is not None:
             await vm.agent.close()
@@ -112,10 +119,68 @@ async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> Operat
             await lifecycle.terminate(ctx, vm.process)
         await op.persist(ctx.paths, exc)
         raise
-    with op.phase("cleanup"):  # consumed: the VM has moved on from it
-        await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)
+    op.add("restore_to_running", time.monotonic() - started)
+    try:
+        faults.point("restore.resumed")
+        with op.phase("agent-ready"):
+            vm.agent = await lifecycle.agent_ready(ctx, vm.agent)
+            await set_guest_clock(vm.agent, op)
+        op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
+        if then is not None:
+            await then(vm.agent)
+        await vm.agent.close()
+        faults.point("restore.agent")
+        with op.phase("cleanup"):
+            await asyncio.to_thread(remove_tree, ctx.paths.standby_consumed_dir)
+    except BaseException as exc:
+        if vm.agent is not None:
+            await vm.agent.close()
+        await asyncio.to_thread(remove_tree, ctx.paths.standby_consumed_dir)
+        failure = OperationFailed(f"restore of {ctx.name}: the VM runs again but {exc}")
+        await op.persist(ctx.paths, failure)
+        raise failure from exc
     await op.persist(ctx.paths)
     return op
+
+
+def consume_state(ctx: InstanceContext) -> None:
+    """Set the loaded state aside, durably, before the guest runs: from here on no command
+    loads it again (see the module's docstring)."""
+    remove_tree(ctx.paths.standby_consumed_dir)
+    os.rename(ctx.paths.standby_dir, ctx.paths.standby_consumed_dir)
+    fsync_dir(ctx.paths.snapshots_dir)
+
+
+def _give_back_state(ctx: InstanceContext) -> None:
+    os.rename(ctx.paths.standby_consumed_dir, ctx.paths.standby_dir)
+    fsync_dir(ctx.paths.snapshots_dir)
+
+
+async def _resume_or_give_back(ctx: InstanceContext, mon: Monitor) -> None:
+    """`cont`. If it fails and the guest has certainly not run (QEMU answers and is still
+    paused), the state is restorable again; otherwise it stays consumed."""
+    try:
+        faults.point("restore.consumed")
+        await mon.resume()
+    except BaseException:
+        with contextlib.suppress(Exception):
+            if await mon.status() != "running":
+                await asyncio.to_thread(_give_back_state, ctx)
+        raise
+
+
+async def set_guest_clock(agent: GuestAgent, op: OperationRecorder) -> None:
+    """The guest's wall clock continued from the moment it was paused: set it from the
+    host's (qemu-ga `guest-set-time`). How far behind it was goes into the record. A guest
+    whose agent cannot set the time keeps running, with a warning in the log."""
+    with op.phase("clock"):
+        try:
+            behind = time.time_ns() - await agent.get_time()
+            await agent.set_time(time.time_ns())
+        except AgentError as exc:
+            log.warning("%s: the guest's clock was not set: %s", op.instance, exc)
+            return
+    op.add("clock_behind", behind / 1e9)
 
 
 async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
@@ -131,6 +196,7 @@ async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
     try:
         with op.phase("spawn"):
             await feed.until_read_from(launching)
+        faults.point("restore.spawned")
         # Attached while QEMU loads, before the guest runs (see _load_deferred).
         vm.agent = await GuestAgent.attach_early(ctx.paths.agent_socket)
         with op.phase("load"):
@@ -154,6 +220,7 @@ async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
     setting x-ignore-shared) is handed to it through the monitor."""
     with op.phase("spawn"):
         vm.process = await lifecycle.spawn(ctx, config, incoming=DEFERRED)
+    faults.point("restore.spawned")
     # Attached before the state is loaded, the agent's port stays "host connected"
     # (as the standby saved it): qemu-ga answers without its 100 ms retry sleep.
     vm.agent = await GuestAgent.attach_early(ctx.paths.agent_socket)

@@ -54,7 +54,10 @@ def clear_runtime(paths: InstancePaths) -> None:
 
 
 def has_standby_state(paths: InstancePaths) -> bool:
-    return (paths.standby_dir / "manifest.json").exists()
+    """latest/ is only ever made whole (renamed into place with its manifest), so its
+    presence is the state, even if something removed the manifest since: such a state is
+    refused by restore, never cold-booted over."""
+    return paths.standby_dir.exists()
 
 
 async def query_vm_status(paths: InstancePaths, timeout: float = 2.0) -> str | None:

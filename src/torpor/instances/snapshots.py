@@ -26,6 +26,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
+from torpor import faults
 from torpor.codec import Codec
 from torpor.copy import CopyReport, copy_file, copy_tree
 from torpor.errors import AlreadyExists, InvalidArgument, NotFound, WrongState
@@ -34,6 +35,7 @@ from torpor.fsutil import (
     atomic_write_json,
     fsync_dir,
     fsync_tree,
+    owned_name,
     read_json,
     remove_tree,
 )
@@ -49,7 +51,7 @@ from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import RuntimeRecord, derive_state
 from torpor.instances.standby import build_manifest
 from torpor.paths import DataRoot, InstancePaths, SnapshotPaths
-from torpor.snapshot.manifest import Manifest
+from torpor.snapshot.manifest import Manifest, rebind_memory_file
 from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_state
 
 RECORD_VERSION = 1
@@ -167,6 +169,7 @@ async def frozen_copy_leg(ctx: InstanceContext, payload: Path, freeze: DiskFreez
     disk = ctx.paths.disk
     try:
         await freeze.freeze()  # first: every moment before it is paused time
+        faults.point("snapshot.frozen")
         progress = observe.counter("copy", allocated_bytes(ctx.paths.root, skip))
         rest = await in_thread(lambda stop: copy_tree(
             ctx.paths.root, payload, skip=(*skip, disk.name), cancel=stop, progress=progress))
@@ -232,6 +235,7 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging
         freeze = DiskFreeze(mon, drive_id(0), ctx.paths.disk_overlay)
         try:
             await window.pause()
+            faults.point("snapshot.paused")
             if serial:
                 with op.phase("save+copy"):
                     manifest = await save_leg(mon, record, state_dir, policy)
@@ -241,8 +245,10 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging
 
                 async def save_then_resume() -> Manifest:
                     saved = await save_leg(mon, record, state_dir, policy)
+                    faults.point("snapshot.saved")
                     await released.wait()
                     await window.end()
+                    faults.point("snapshot.resumed")
                     return saved
 
                 with op.phase("legs"):
@@ -250,13 +256,19 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging
                         save_then_resume(),
                         frozen_copy_leg(ctx, staging.payload, freeze, released))
             await window.end()
+            faults.point("snapshot.copied")
         except BaseException as exc:
-            with contextlib.suppress(QmpError):
+            try:
                 await window.end()  # resumed on every path; the leg's error is reported
+            except QmpError as resume_error:
+                log.error("snapshot of %s failed (%s) and the VM could not be resumed: %s"
+                          " (the next operation on it resumes it)", ctx.name, exc,
+                          resume_error)
             await _thaw_after_failure(freeze, exc)
             raise
         with op.phase("thaw"):
             await freeze.thaw()
+        faults.point("snapshot.thawed")
     return manifest, report
 
 
@@ -299,6 +311,7 @@ def _finish_running_snapshot(staging: SnapshotPaths, manifest: Manifest) -> None
     fsync_tree(staging.root)
     manifest.state = finalize_checksum(state_dir, manifest.state)
     manifest.save(state_dir)
+    rebind_memory_file(state_dir, staging.payload_instance().memory_file)
 
 
 async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
@@ -318,7 +331,7 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
     if state is InstanceState.CRASHED:
         raise WrongState(f"instance {ctx.name} is crashed: stop it (or start it) first")
     snapshot_id = secrets.token_hex(6)
-    staging = SnapshotPaths(data_root.snapshots_dir / f".creating-{snapshot_id}")
+    staging = data_root.snapshot_staging(owned_name(snapshot_id))
     op = OperationRecorder("snapshot", ctx.name)
     try:
         staging.root.mkdir(parents=True)
@@ -330,25 +343,43 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             with op.phase("flush"):  # outside the pause: durability before publishing
                 await asyncio.to_thread(_finish_running_snapshot, staging, manifest)
         else:
-            if state is InstanceState.STANDBY:
-                # A reader of the standby state: stop its background job first.
-                await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
             kind = "standby" if state is InstanceState.STANDBY else "stopped"
             mode = "copy"
-            skip = _skip(ctx.paths) if kind == "standby" else _running_skip(ctx.paths)
-            with op.phase("copy"):
-                report = await _copy_instance(ctx, staging.payload, skip, fsync=True)
+            report = await _copy_at_rest(ctx, staging, kind, op)
         snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging, op)
         atomic_write_json(staging.record, snap.model_dump(mode="json"))
+        faults.point("snapshot.flushed")
         final = data_root.snapshot(snapshot_id).root
         staging.root.rename(final)  # the snapshot appears whole or not at all
         fsync_dir(final.parent)
+        faults.point("snapshot.published")
     except BaseException as exc:
         shutil.rmtree(staging.root, ignore_errors=True)
+        remove_tree(data_root.snapshot(snapshot_id).root)  # all or nothing, even once published
         await op.persist(ctx.paths, exc)
         raise
     await op.persist(ctx.paths)
     return snap
+
+
+async def _copy_at_rest(ctx: InstanceContext, staging: SnapshotPaths, kind: SnapshotKind,
+                        op: OperationRecorder) -> CopyReport:
+    """A standby or stopped source: a plain copy. A standby source's state is read, so its
+    background job stops first, and is queued again afterwards (the state stays)."""
+    plan = None
+    if kind == "standby":
+        plan = await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+    try:
+        skip = _skip(ctx.paths) if kind == "standby" else _running_skip(ctx.paths)
+        with op.phase("copy"):
+            report = await _copy_instance(ctx, staging.payload, skip, fsync=True)
+        payload = staging.payload_instance()
+        if kind == "standby":
+            await asyncio.to_thread(rebind_memory_file, payload.standby_dir, payload.memory_file)
+    finally:
+        compression_jobs.resume_plan(ctx, plan, slots=ctx.settings.compression_jobs,
+                                     rate_limit=ctx.settings.compression_rate_limit)
+    return report
 
 
 def _record(ctx: InstanceContext, snapshot_id: str, name: str, kind: SnapshotKind,
@@ -394,4 +425,5 @@ def _replace_from_payload(ctx: InstanceContext, payload: InstancePaths) -> None:
     if payload.standby_dir.exists():
         ctx.paths.snapshots_dir.mkdir(exist_ok=True)
         copy_tree(payload.standby_dir, ctx.paths.standby_dir, fsync=True)
+        rebind_memory_file(ctx.paths.standby_dir, ctx.paths.memory_file)
     ctx.paths.run_dir.mkdir(exist_ok=True)

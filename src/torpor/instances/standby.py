@@ -14,6 +14,7 @@ import os
 import time
 from pathlib import Path
 
+from torpor import faults
 from torpor.codec import Codec
 from torpor.errors import OperationFailed, WrongState
 from torpor.fsutil import fsync_dir, remove_tree
@@ -26,7 +27,14 @@ from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_policy, utc_now
 from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, derive_state
-from torpor.snapshot.manifest import Manifest, MemoryFileRecord, StateFile
+from torpor.snapshot.manifest import (
+    FileIdentity,
+    Manifest,
+    MemoryFileRecord,
+    PageSample,
+    StateFile,
+    sample_pages,
+)
 from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_state
 
 log = logging.getLogger(__name__)
@@ -60,22 +68,21 @@ def build_manifest(vm_config: VMConfig, state: StateFile, qemu_version: str) -> 
                     kind="memory-file" if record else "stream", memory_file=record)
 
 
-def release_memory_file(path: Path, op: OperationRecorder) -> None:
+def release_memory_file(path: Path, op: OperationRecorder) -> tuple[FileIdentity, list[PageSample]]:
     """After QEMU has quit: write the guest's RAM to disk and drop it from the page cache,
-    so the host really gets the memory back (outside the paused window)."""
+    so the host really gets the memory back (outside the paused window). Returns what
+    restore checks the file against: its identity and sampled pages (read before the
+    cache is dropped)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with op.phase("flush-memory"):
             os.fdatasync(fd)
+            record = FileIdentity.of(path), sample_pages(path)
         with op.phase("drop-cache"):
             os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
-
-
-def _discard_partial(ctx: InstanceContext) -> None:
-    remove_tree(ctx.paths.standby_partial_dir)
-    remove_tree(ctx.paths.standby_dir)
+    return record
 
 
 async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: CompressionPolicy,
@@ -91,15 +98,19 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
         paused_at = time.monotonic()
         with op.phase("pause"):
             await mon.pause()
+        faults.point("standby.paused")
         with op.phase("save"):
             partial.mkdir(parents=True)
             progress = observe.counter("save", ctx.meta.memory_mib << 20)
             state = await save_state(mon, partial, policy.codec, policy.effective_level(),
                                      progress, fresh_block=zeroed_ram_block(record.vm_config))
             manifest = build_manifest(record.vm_config, state, qemu_version)
+            manifest.guest_clock_source = ctx.meta.guest_clock_source
             manifest.save(partial)
+            faults.point("standby.saved")
             partial.rename(latest)
             fsync_dir(latest.parent)
+        faults.point("standby.published")
         with op.phase("stop"):
             await mon.quit()
             stopped = await asyncio.to_thread(process.wait_exit, QUIT_TIMEOUT)
@@ -111,6 +122,12 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
 
 class _QemuWouldNotStop(Exception):
     pass
+
+
+def _discard_saved(ctx: InstanceContext) -> None:
+    """A standby that failed before QEMU stopped resumes the VM: what it saved is stale."""
+    remove_tree(ctx.paths.standby_partial_dir)
+    remove_tree(ctx.paths.standby_dir)
 
 
 def check_state(name: str, state: InstanceState) -> None:
@@ -139,20 +156,23 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
     # Background: save raw inside the paused window; a worker compresses after.
     save_policy = CompressionPolicy() if background else policy
     op = OperationRecorder("standby", ctx.name)
-    _discard_partial(ctx)  # a consumed snapshot left by a crash mid-restore is stale
     try:
         try:
             manifest = await _save_and_stop(ctx, record, save_policy, op)
         except _QemuWouldNotStop:
-            _discard_partial(ctx)
+            _discard_saved(ctx)
             raise await _resume_after_failure(
                 ctx, record.process(), OperationFailed("QEMU did not stop")) from None
         except BaseException as exc:
-            _discard_partial(ctx)
+            _discard_saved(ctx)
             raise await _resume_after_failure(ctx, record.process(), exc) from exc
         clear_runtime(ctx.paths)
-        if manifest.kind == "memory-file":
-            await asyncio.to_thread(release_memory_file, ctx.paths.memory_file, op)
+        faults.point("standby.stopped")
+        if manifest.kind == "memory-file" and manifest.memory_file is not None:
+            identity, samples = await asyncio.to_thread(
+                release_memory_file, ctx.paths.memory_file, op)
+            manifest.memory_file = manifest.memory_file.model_copy(
+                update={"identity": identity, "samples": samples})
         with op.phase("persist"):
             manifest.state = await asyncio.to_thread(  # a no-op if hashed while written
                 finalize_checksum, ctx.paths.standby_dir, manifest.state)

@@ -3,10 +3,12 @@ check that the stored file is the one that was written."""
 
 from __future__ import annotations
 
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
+import xxhash
 from pydantic import BaseModel, Field
 
 from torpor.codec import SUFFIXES, Codec
@@ -18,6 +20,8 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MACHINE_STATE = "machine-state"  # the raw name; compressed files add a suffix
 MEMORY_FILE = "memory"  # memory-file mode: guest RAM, in the instance directory
+PAGE = 4096
+SAMPLED_PAGES = 64
 
 
 class LeftOutZeroPages(BaseModel):
@@ -45,9 +49,33 @@ class StateFile(BaseModel):
         return self.name + SUFFIXES.get(self.codec, "")
 
 
+class FileIdentity(BaseModel):
+    """Which file, and whether anything has written to it since: a RAM file replaced (a
+    new inode) or rewritten in place (a new ctime) no longer matches."""
+
+    device: int
+    inode: int
+    size: int
+    ctime_ns: int
+
+    @classmethod
+    def of(cls, path: Path) -> FileIdentity:
+        st = path.stat()
+        return cls(device=st.st_dev, inode=st.st_ino, size=st.st_size, ctime_ns=st.st_ctime_ns)
+
+
+class PageSample(BaseModel):
+    offset: int
+    xxh64: str
+
+
 class MemoryFileRecord(BaseModel):
     """Memory-file mode: guest RAM stays in this file (relative to the instance
-    directory) and the state file holds the device state only."""
+    directory) and the state file holds the device state only.
+
+    Restore checks it fail-closed without reading all of it: the file must be the one
+    recorded (`identity`, re-recorded whenever torpor itself copies or decompresses it)
+    and the sampled pages, taken from its data extents, must hash as they did."""
 
     name: str = MEMORY_FILE
     size_bytes: int
@@ -56,6 +84,8 @@ class MemoryFileRecord(BaseModel):
     codec: Codec = Codec.NONE
     level: int = 0
     stored_bytes: int | None = None
+    identity: FileIdentity | None = None
+    samples: list[PageSample] = Field(default_factory=list)
 
 
 class Manifest(BaseModel):
@@ -70,6 +100,9 @@ class Manifest(BaseModel):
     guest_visible: dict[str, Any]
     state: StateFile
     phases: dict[str, float] = Field(default_factory=dict)
+    # The guest kernel's clocksource when it was saved (read at boot). Whatever it is, the
+    # wall clock continues from the pause; restore sets it from the host's (qemu-ga).
+    guest_clock_source: str | None = None
 
     @property
     def x_ignore_shared(self) -> bool:
@@ -85,6 +118,9 @@ class Manifest(BaseModel):
         try:
             raw = read_json(path)
         except FileNotFoundError:
+            if directory.is_dir():  # a state without its manifest: never loaded blind
+                raise IntegrityError(f"the saved state in {directory} has no {MANIFEST}: it"
+                                     " cannot be checked, so it is not loaded") from None
             raise NotFound(f"no saved state in {directory}") from None
         except ValueError as exc:
             raise IntegrityError(f"manifest {path} is not valid JSON: {exc}") from exc
@@ -99,13 +135,92 @@ class Manifest(BaseModel):
 
 
 def locate_state_file(directory: Path, state: StateFile) -> tuple[Path, Codec]:
-    """The raw file if present, else the compressed sibling found by its suffix."""
-    raw = directory / state.name
-    if raw.exists():
-        return raw, Codec.NONE
-    for codec, suffix in SUFFIXES.items():
-        candidate = directory / (state.name + suffix)
-        if candidate.exists():
-            return candidate, codec
-    raise IntegrityError(f"the machine-state file {state.name}[.zst|.lz4] is missing from "
-                         f"{directory}")
+    """The file the manifest names. The manifest is rewritten only once the file it names
+    is complete (a background job publishes the compressed file, then the manifest, then
+    drops the raw one), so the named file is the one to trust; a sibling is a leftover."""
+    named = directory / state.stored_name()
+    if named.exists():
+        return named, state.codec
+    others = [directory / (state.name + suffix) for suffix in ("", *SUFFIXES.values())]
+    found = [p.name for p in others if p.exists()]
+    if found:
+        raise IntegrityError(f"the manifest in {directory} names {named.name} but only "
+                             f"{', '.join(found)} is there")
+    raise IntegrityError(f"the machine-state file {named.name} is missing from {directory}")
+
+
+def memory_identity(path: Path) -> FileIdentity:
+    return FileIdentity.of(path)
+
+
+def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
+    extents, offset = [], 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError:  # ENXIO: no data after offset
+            break
+        end = os.lseek(fd, start, os.SEEK_HOLE)
+        extents.append((start, end))
+        offset = end
+    return extents
+
+
+def sample_pages(path: Path, count: int = SAMPLED_PAGES) -> list[PageSample]:
+    """Hashes of `count` pages spread evenly over the file's data (holes read as zeros
+    whatever happens, so they would prove nothing)."""
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        extents = _data_extents(fd, os.fstat(fd).st_size)
+        pages = [(start // PAGE, -(-end // PAGE)) for start, end in extents]
+        total = sum(end - start for start, end in pages)
+        if total == 0:
+            return []
+        wanted = sorted({total * i // count for i in range(min(count, total))})
+        samples, passed, index = [], 0, 0
+        for start, end in pages:
+            while index < len(wanted) and wanted[index] < passed + (end - start):
+                offset = (start + wanted[index] - passed) * PAGE
+                data = os.pread(fd, PAGE, offset)
+                samples.append(PageSample(offset=offset, xxh64=xxhash.xxh64_hexdigest(data)))
+                index += 1
+            passed += end - start
+        return samples
+    finally:
+        os.close(fd)
+
+
+def check_memory_file(path: Path, record: MemoryFileRecord, *, same_file: bool = True) -> None:
+    """IntegrityError unless `path` is the RAM file `record` describes: its size, its
+    identity (unless `same_file` is False: a copy torpor made), and its sampled pages."""
+    try:
+        identity = FileIdentity.of(path)
+    except FileNotFoundError:
+        raise IntegrityError(f"the memory file {path} is missing") from None
+    if identity.size != record.size_bytes:
+        raise IntegrityError(f"the memory file {path} has {identity.size} bytes; the saved"
+                             f" state needs {record.size_bytes}")
+    if same_file and record.identity is not None and identity != record.identity:
+        raise IntegrityError(f"the memory file {path} was replaced or written to since the"
+                             " state was saved (inode or change time differ)")
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for sample in record.samples:
+            if xxhash.xxh64_hexdigest(os.pread(fd, PAGE, sample.offset)) != sample.xxh64:
+                raise IntegrityError(f"the memory file {path} does not hold the saved RAM"
+                                     f" (page at {sample.offset} differs)")
+    finally:
+        os.close(fd)
+
+
+def rebind_memory_file(directory: Path, path: Path) -> None:
+    """After torpor copied the RAM file to `path` (a snapshot's payload, an instance
+    restored from one): check the copy's pages, then record it as the file to expect."""
+    manifest = Manifest.load(directory)
+    if manifest.memory_file is None or not path.exists():
+        return
+    check_memory_file(path, manifest.memory_file, same_file=False)
+    if not manifest.memory_file.samples:  # a snapshot's save does not sample: do it here
+        manifest.memory_file.samples = sample_pages(path)
+    manifest.memory_file.identity = FileIdentity.of(path)
+    manifest.save(directory)

@@ -19,6 +19,7 @@ import contextlib
 import fcntl
 import os
 import threading
+import time
 from asyncio.subprocess import PIPE
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -53,6 +54,10 @@ PROGRESS_INTERVAL = 0.05  # s between progress reports of a load QEMU does not r
 # How slowly a stored state may load (a cold, slow disk) before a QEMU reading it from
 # its command line is given up on: until its loader first yields it answers nothing.
 SLOWEST_LOAD_RATE = 20 << 20  # bytes/s
+# A load whose input has not advanced for this long is given up on: QEMU is reading
+# something that is not (or no longer) a migration stream. Generous: a slow disk or a
+# large RAM block being set up stalls for a moment, never for this long.
+LOAD_STALL_TIMEOUT = 15.0
 
 Progress = Callable[[int], None]
 Hasher = Any  # what stored_hasher() returns: update(bytes), hexdigest()
@@ -79,23 +84,34 @@ def ram_processed(info: dict[str, Any]) -> int:
 
 async def wait_migration(mon: Monitor, progress: Progress | None = None,
                          measure: Callable[[dict[str, Any]], int] = ram_processed,
-                         interval: float = POLL_INTERVAL) -> dict[str, Any]:
+                         interval: float = POLL_INTERVAL, *,
+                         stall_timeout: float | None = None,
+                         check: Callable[[], None] | None = None) -> dict[str, Any]:
     """Poll query-migrate until the migration has completed; raise if it failed.
-    `progress` gets the increments of `measure(info)`."""
+    `progress` gets the increments of `measure(info)`. `stall_timeout`: give up
+    (MigrationFailed) when `measure` has not advanced for that long while QEMU says it is
+    still at work (QEMU 7.2 can spin forever on a stream that is not a migration stream).
+    `check` runs at every poll and may raise (a feeding process that failed)."""
     reported = 0
+    last_progress = time.monotonic()
     while True:
         info = await mon.query_migrate()
         status = info.get("status")
-        if progress is not None:
-            done = measure(info)
-            if done > reported:
+        done = measure(info)
+        if done > reported:
+            if progress is not None:
                 progress(done - reported)
-                reported = done
+            reported, last_progress = done, time.monotonic()
         if status == "completed":
             return info
         if status in ("failed", "cancelled"):
             reason = info.get("error-desc") or "QEMU gave no reason (see logs/qemu.log)"
             raise MigrationFailed(f"migration {status}: {reason}")
+        if check is not None:
+            check()
+        if stall_timeout is not None and time.monotonic() - last_progress > stall_timeout:
+            raise MigrationFailed(f"the load made no progress for {stall_timeout:.0f} s"
+                                  f" (stuck at byte {reported} of the stored state)")
         await asyncio.sleep(interval)
 
 
@@ -262,22 +278,35 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
                 # (QEMU's descriptor, or the decompressor's stdin) tells how far it got.
                 await wait_migration(mon, progress,
                                      lambda _: os.lseek(src.fileno(), 0, os.SEEK_CUR),
-                                     FILE_LOAD_POLL_INTERVAL if proc is None else POLL_INTERVAL)
+                                     FILE_LOAD_POLL_INTERVAL if proc is None else POLL_INTERVAL,
+                                     stall_timeout=LOAD_STALL_TIMEOUT,
+                                     check=lambda: _decompressor_alive(proc, codec))
             except Exception as exc:  # decided below, after the checksum
                 load_error = exc
     finally:
+        tool_error = None
         if proc is not None:
-            if load_error is not None:
+            if load_error is not None and proc.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    proc.kill()
-            tool_error = await _reap(proc)
-        else:
-            tool_error = None
+                    proc.kill()  # killed by us: its exit status says nothing
+                await _reap(proc)
+            else:
+                tool_error = await _reap(proc)
         await _verdict(verifier, path, expected)
+    if tool_error is not None:  # the cause of whatever QEMU made of the stream
+        raise IntegrityError(f"{codec} could not decompress {path.name}: {tool_error}")
     if load_error is not None:
         raise MigrationFailed(f"QEMU could not load the machine state: {load_error}")
-    if tool_error is not None:
-        raise IntegrityError(f"{codec} could not decompress {path.name}: {tool_error}")
+
+
+class _DecompressorFailed(Exception):
+    pass
+
+
+def _decompressor_alive(proc: asyncio.subprocess.Process | None, codec: Codec) -> None:
+    """A decompressor that failed while QEMU still waits for its stream ends the load."""
+    if proc is not None and proc.returncode not in (None, 0):
+        raise _DecompressorFailed(f"{codec} exited with status {proc.returncode}")
 
 
 async def _verdict(verifier: asyncio.Future[StreamStats], path: Path,

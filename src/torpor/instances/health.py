@@ -1,0 +1,275 @@
+"""What a healthy data root looks like, and what is wrong with one: `torpor check`.
+
+`scan` walks a data root and names every inconsistency it knows, read-only. `repair`
+fixes what is safe: debris whose owner process is gone, and per instance whatever
+recovery (instances/recover.py) does under the instance's lock; then it scans again and
+marks each problem repaired or not. The fault-matrix tests use the same scan as their
+invariant: after any fault and the next command, it must come back empty.
+
+Debris is recognised by its owner: temporary names end in `@<pid>-<start time>` of the
+process that made them (fsutil.owned_name), so a sweep never touches work in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Protocol
+
+from pydantic import BaseModel
+
+from torpor.codec import SUFFIXES
+from torpor.errors import Busy, NotFound, TorporError
+from torpor.fsutil import DELETING_PREFIX, parse_owner, remove_tree
+from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
+from torpor.hypervisor.qmp import PAUSED_STATES
+from torpor.instances import compression_jobs
+from torpor.instances.metadata import InstanceMetadata
+from torpor.instances.runtime import load_runtime, query_vm_status
+from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths
+from torpor.snapshot.manifest import Manifest
+
+TMP_SUFFIX = ".tmp"
+
+
+class Problem(BaseModel):
+    kind: str
+    path: str
+    detail: str
+    repaired: bool = False
+
+
+class Report(BaseModel):
+    problems: list[Problem]
+
+
+def _owner_alive(name: str) -> bool:
+    """Whether the process named in `name`'s owner tag still runs (untagged: no)."""
+    owner = parse_owner(name)
+    return owner is not None and ProcessIdentity(pid=owner[0], start_time=owner[1]).is_alive()
+
+
+# --- scan ------------------------------------------------------------------------------
+
+def _debris(root: DataRoot) -> Iterator[Problem]:
+    """Staging and deletion leftovers of dead processes, across the data root."""
+    places = [(root.tmp_dir, "", "staging", "a build (instance, fork, image) never finished")]
+    places.append((root.snapshots_dir, SNAPSHOT_STAGING_PREFIX, "partial-snapshot",
+                   "a snapshot never published"))
+    for directory in (root.instances_dir, root.snapshots_dir):
+        places.append((directory, DELETING_PREFIX, "deleting", "a removal never finished"))
+    for directory, prefix, kind, detail in places:
+        if not directory.is_dir():
+            continue
+        for entry in sorted(directory.iterdir()):
+            if entry.name.startswith(prefix) and not _owner_alive(entry.name):
+                yield Problem(kind=kind, path=str(entry), detail=detail)
+
+
+def _instances(root: DataRoot) -> Iterator[tuple[InstanceMetadata | None, InstancePaths]]:
+    if not root.instances_dir.is_dir():
+        return
+    for entry in sorted(root.instances_dir.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        paths = root.instance(entry.name)
+        try:
+            yield InstanceMetadata.load(paths.metadata), paths
+        except (FileNotFoundError, ValueError):
+            yield None, paths
+
+
+async def _instance_problems(root: DataRoot, meta: InstanceMetadata | None,
+                             paths: InstancePaths) -> list[Problem]:
+    if meta is None:
+        return [Problem(kind="bad-metadata", path=str(paths.metadata),
+                        detail="missing or unreadable: the instance is not listed")]
+    found: list[Problem] = []
+
+    def add(kind: str, path: Path, detail: str) -> None:
+        found.append(Problem(kind=kind, path=str(path), detail=f"{meta.name}: {detail}"))
+
+    record = load_runtime(paths)
+    alive = record is not None and record.identity.is_alive()
+    standby = paths.standby_dir.exists()
+    if alive:
+        status = await query_vm_status(paths)
+        if status in PAUSED_STATES:
+            add("paused-vm", paths.root, f"QEMU is {status}, left by an interrupted operation")
+        elif status == "running" and standby:
+            add("stale-state", paths.standby_dir, "a saved state the running VM moved on from")
+    elif record is not None and not standby:
+        add("crashed", paths.runtime, "QEMU died behind torpor's back")
+    for leftover in (paths.standby_partial_dir, paths.standby_consumed_dir):
+        if leftover.exists():
+            add("partial-standby", leftover, "an interrupted standby's or restore's state")
+    if paths.disk_overlay.exists():
+        add("disk-overlay", paths.disk_overlay, "a snapshot's disk freeze was not folded back")
+    key = compression_jobs.instance_job_key(meta.id)
+    worker = compression_jobs.job_running(root, key)
+    if not worker:
+        for directory in (paths.root, paths.standby_dir):
+            for tmp in sorted(directory.glob(f"*{TMP_SUFFIX}")) if directory.is_dir() else []:
+                add("stale-temp", tmp, "a temporary file whose writer is gone")
+    plan = meta.compression_plan
+    if plan is not None and not plan.error and not worker:
+        add("orphaned-plan", paths.metadata, "a background compression with no worker")
+    if standby and not alive:
+        found += [Problem(kind=p.kind, path=p.path, detail=f"{meta.name}: {p.detail}")
+                  for p in _state_problems(paths)]
+    if meta.memory_origin is not None and not meta.memory_origin.exists():
+        add("missing-origin", meta.memory_origin, "the snapshot RAM file this fork maps is gone")
+    return found
+
+
+def _state_problems(paths: InstancePaths) -> Iterator[Problem]:
+    """A saved state whose manifest does not match its files (never repaired: the
+    state is refused by restore and kept for whoever wants to look at it)."""
+    try:
+        manifest = Manifest.load(paths.standby_dir)
+    except TorporError as exc:
+        yield Problem(kind="bad-manifest", path=str(paths.standby_dir), detail=str(exc))
+        return
+    named = paths.standby_dir / manifest.state.stored_name()
+    if not named.exists():
+        yield Problem(kind="missing-state", path=str(named), detail="the manifest names it")
+    elif manifest.state.checksum and named.stat().st_size != manifest.state.stored_bytes:
+        yield Problem(kind="state-size", path=str(named),
+                      detail=f"{named.stat().st_size} bytes, the manifest says"
+                             f" {manifest.state.stored_bytes}")
+    memory = manifest.memory_file
+    if memory is not None:
+        stored = paths.memory_file.with_name(memory.name + SUFFIXES.get(memory.codec, ""))
+        if not stored.exists():
+            yield Problem(kind="missing-state", path=str(stored), detail="the RAM file is gone")
+
+
+def _snapshot_problems(root: DataRoot, dependents: dict[str, list[str]]) -> Iterator[Problem]:
+    from torpor.instances.fork import AUTO_TAG, OWNER_TAG  # fork imports the manager side
+    from torpor.instances.snapshots import all_records
+
+    for record in all_records(root):
+        owner = record.tags.get(OWNER_TAG)
+        if (record.tags.get(AUTO_TAG) and not dependents.get(record.id)
+                and not (owner and _owner_alive(f"@{owner}"))):
+            yield Problem(kind="orphaned-snapshot", path=str(root.snapshot(record.id).root),
+                          detail=f"{record.name}: made for forks that never came to be")
+
+
+def _job_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
+    if not root.jobs_dir.is_dir():
+        return
+    prefix = compression_jobs.instance_job_key("")
+    for path in sorted(root.jobs_dir.glob(f"{prefix}*")):
+        key = path.name.split(".")[0]
+        if key.removeprefix(prefix) not in ids and not compression_jobs.job_running(root, key):
+            yield Problem(kind="orphaned-job", path=str(path), detail="of a deleted instance")
+
+
+def _lock_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
+    if not root.locks_dir.is_dir():
+        return
+    for path in sorted(root.locks_dir.glob("*.lock")):
+        stem = path.name.removesuffix(".lock")
+        if len(stem) == 12 and all(c in "0123456789abcdef" for c in stem) and stem not in ids:
+            yield Problem(kind="orphaned-lock", path=str(path), detail="of a deleted instance")
+
+
+def stray_qemus(root: DataRoot) -> Iterator[tuple[ProcessIdentity, str]]:
+    """QEMU processes of this data root that no instance's runtime record names."""
+    marker = f"{root.instances_dir}/"
+    for pid_dir in Path("/proc").iterdir():
+        if not pid_dir.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            argv = (pid_dir / "cmdline").read_bytes().split(b"\0")
+            if not argv or b"qemu-system" not in argv[0]:
+                continue
+            text = " ".join(a.decode(errors="replace") for a in argv)
+            if marker not in text:
+                continue
+            instance_id = text.split(marker, 1)[1].split("/", 1)[0]
+            record = load_runtime(root.instance(instance_id))
+            identity = ProcessIdentity.of(int(pid_dir.name))
+            if identity is not None and identity.is_alive() and (
+                    record is None or record.identity != identity):
+                yield identity, instance_id
+
+
+async def scan(root: DataRoot) -> list[Problem]:
+    problems = list(_debris(root))
+    metas: list[InstanceMetadata] = []
+    for meta, paths in _instances(root):
+        problems += await _instance_problems(root, meta, paths)
+        if meta is not None:
+            metas.append(meta)
+    dependents: dict[str, list[str]] = {}
+    for meta in metas:
+        for snapshot_id in _snapshots_used(root, meta):
+            dependents.setdefault(snapshot_id, []).append(meta.name)
+    problems += _snapshot_problems(root, dependents)
+    problems += _job_problems(root, {m.id for m in metas})
+    problems += _lock_problems(root, {m.id for m in metas})
+    problems += [Problem(kind="stray-qemu", path=str(root.instance(instance_id).root),
+                         detail=f"QEMU pid {identity.pid} is no instance's")
+                 for identity, instance_id in stray_qemus(root)]
+    return problems
+
+
+def _snapshots_used(root: DataRoot, meta: InstanceMetadata) -> Iterator[str]:
+    if meta.origin_snapshot:
+        yield meta.origin_snapshot
+    if meta.memory_origin is not None and meta.memory_origin.is_relative_to(root.snapshots_dir):
+        yield meta.memory_origin.relative_to(root.snapshots_dir).parts[0]
+
+
+# --- repair ----------------------------------------------------------------------------
+
+class InstanceRepairer(Protocol):
+    """What repair needs of the manager: an instance's problem fixed under its lock."""
+
+    async def repair_instance(self, instance_id: str, kind: str, path: Path) -> None: ...
+
+
+async def repair(manager: InstanceRepairer, root: DataRoot) -> list[Problem]:
+    """Fix what is safe to fix, then scan again: each problem found first is reported
+    with `repaired` telling whether it is gone."""
+    before = await scan(root)
+    for problem in before:
+        await _fix(manager, root, problem)
+    after = {(p.kind, p.path) for p in await scan(root)}
+    for problem in before:
+        problem.repaired = (problem.kind, problem.path) not in after
+    return before
+
+
+INSTANCE_KINDS = {"paused-vm", "stale-state", "crashed", "partial-standby", "disk-overlay",
+                  "stale-temp", "orphaned-plan"}
+
+
+async def _fix(manager: InstanceRepairer, root: DataRoot, problem: Problem) -> None:
+    path = Path(problem.path)
+    if problem.kind in ("staging", "partial-snapshot", "deleting", "orphaned-job",
+                        "orphaned-lock"):
+        await asyncio.to_thread(_remove, path)
+    elif problem.kind == "orphaned-snapshot":
+        await asyncio.to_thread(remove_tree, path)
+    elif problem.kind == "stray-qemu":
+        for identity, instance_id in stray_qemus(root):
+            if str(root.instance(instance_id).root) == problem.path:
+                await asyncio.to_thread(TrackedProcess(identity).kill)
+    elif problem.kind in INSTANCE_KINDS:
+        instance_id = path.relative_to(root.instances_dir).parts[0]
+        with contextlib.suppress(Busy, NotFound):  # busy: an operation puts it right itself
+            await manager.repair_instance(instance_id, problem.kind, path)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        remove_tree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+

@@ -1,0 +1,90 @@
+"""Recovery: an instance back in a state every command understands, after a torpor
+process was killed in the middle of an operation on it.
+
+Runs first in every locked operation (and in `torpor check --repair`, and when the daemon
+starts). Holding the instance's lock means no operation is in flight on it, so whatever
+an operation leaves only while it runs is debris here:
+
+- QEMU paused (or mid-migration) with a complete `latest/`: a standby saved it or a
+  restore loaded it, and the guest has not run since → QEMU quits: the instance is in
+  standby.
+- QEMU paused without `latest/`: a snapshot's (or a failed standby's) pause, or a restore
+  that set its state aside before `cont` → QEMU is resumed (`cont` also re-activates the
+  disks a completed save inactivated).
+- QEMU running with a `latest/`: the VM has moved on from that state → it is removed.
+- a disk overlay: a snapshot froze the disk and did not fold it back → folded back, after
+  the resume.
+- `.latest.partial/`, `.latest.consumed/`: a standby cut short, a state a restore loaded
+  → removed.
+- no QEMU, its runtime record and a `latest/`: QEMU died or quit with its state saved →
+  the record is cleared (standby).
+
+A state is never loaded twice: a restore renames `latest/` aside before the guest runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from torpor.fsutil import remove_tree
+from torpor.hypervisor.qmp import PAUSED_STATES, Monitor, QmpError
+from torpor.instances.context import InstanceContext
+from torpor.instances.runtime import clear_runtime, has_standby_state, load_runtime
+from torpor.instances.snapshots import fold_back_frozen_disk
+
+log = logging.getLogger(__name__)
+QUIT_TIMEOUT = 10.0
+
+
+async def recover(ctx: InstanceContext) -> list[str]:
+    """Put the instance right (the caller holds its lock); what was done, one line each."""
+    done: list[str] = []
+    record = load_runtime(ctx.paths)
+    process = record.process() if record is not None else None
+    if process is not None and process.is_alive():
+        done += await _settle_live_qemu(ctx)
+    elif record is not None and has_standby_state(ctx.paths):
+        clear_runtime(ctx.paths)
+        done.append("cleared the record of a QEMU that is gone (the state is saved)")
+    for leftover, what in ((ctx.paths.standby_partial_dir, "an interrupted standby's state"),
+                           (ctx.paths.standby_consumed_dir, "a state a restore had loaded")):
+        if leftover.exists():
+            await asyncio.to_thread(remove_tree, leftover)
+            done.append(f"removed {what} ({leftover.name})")
+    if ctx.paths.disk_overlay.exists():
+        await fold_back_frozen_disk(ctx)
+        done.append("folded back the disk overlay of an interrupted snapshot")
+    for line in done:
+        log.warning("instance %s: %s", ctx.name, line)
+    return done
+
+
+async def _settle_live_qemu(ctx: InstanceContext) -> list[str]:
+    async with Monitor.connect(ctx.paths.qmp_socket) as mon:
+        status = await mon.status()
+        if status == "running":
+            if has_standby_state(ctx.paths):
+                await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)
+                return ["removed a saved state the running VM has moved on from"]
+            return []
+        if status not in PAUSED_STATES:
+            return []  # crashed: stop or start deals with it
+        if has_standby_state(ctx.paths):
+            await _quit(ctx, mon)
+            return [f"stopped a QEMU left {status} with its state saved: it is in standby"]
+        with contextlib.suppress(QmpError):  # a save cut short may still be "active"
+            await mon.execute("migrate_cancel", timeout=5)
+        await mon.resume()
+        return [f"resumed a VM left {status} by an interrupted operation"]
+
+
+async def _quit(ctx: InstanceContext, mon: Monitor) -> None:
+    record = load_runtime(ctx.paths)
+    await mon.quit()
+    if record is not None:
+        process = record.process()
+        if not await asyncio.to_thread(process.wait_exit, QUIT_TIMEOUT):
+            await asyncio.to_thread(process.kill)
+    clear_runtime(ctx.paths)

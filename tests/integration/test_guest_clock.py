@@ -1,0 +1,71 @@
+"""A restored or forked guest's wall clock is the host's, however long it slept.
+
+Without the clock step a guest continued from the moment it was paused: 20 s in standby,
+20 s behind. One wait serves all three cases: a stream-mode guest and a memory-file guest
+go into standby and a snapshot is taken at the same time; 20 s later both are restored
+and the snapshot is forked.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tests.conftest import run, sh
+from torpor.instances import InstanceManager, InstanceState
+from torpor.instances.metadata import InstanceMetadata
+from torpor.snapshot.manifest import Manifest
+
+pytestmark = pytest.mark.qemu
+ASLEEP_S = 20
+
+
+@pytest.fixture(scope="module")
+def guests(manager: InstanceManager) -> Iterator[tuple[str, str]]:
+    names = ("clock-anon", "clock-file")
+    for name, backing in zip(names, ("anonymous", "file"), strict=True):
+        run(manager.create(name, memory_bytes=256 << 20, memory_backing=backing))  # type: ignore[arg-type]
+        run(manager.start(name))
+    yield names
+    for name in (*names, "clock-fork"):
+        if name in manager.instance_names():
+            run(manager.delete(name, force=True))
+    for snap in manager.snapshot_list():
+        run(manager.snapshot_delete(snap.id))
+
+
+def guest_seconds_behind(manager: InstanceManager, name: str) -> float:
+    """Host time minus the guest's `date +%s` (whole seconds: busybox date has no %N),
+    taken around the exec so the exec's own time cannot hide an error."""
+    before = time.time()
+    guest = int(sh(manager, name, "date +%s"))
+    after = time.time()
+    if guest < int(before):
+        return before - (guest + 1)  # at least this far behind
+    if guest > int(after):
+        return after - guest  # ahead
+    return 0.0
+
+
+def test_guests_read_the_hosts_time_after_20_s_asleep(manager: InstanceManager,
+                                                      guests: tuple[str, str]) -> None:
+    anon = guests[0]
+    snap = run(manager.snapshot_create(anon, "clock-snap"))
+    for name in guests:
+        run(manager.standby(name))
+        assert run(manager.get(name)).state is InstanceState.STANDBY
+        # The guest kernel's clocksource, read at boot, goes with the saved state.
+        source = InstanceMetadata.load(manager.paths(name).metadata).guest_clock_source
+        assert source and Manifest.load(manager.paths(name).standby_dir).guest_clock_source \
+            == source
+    time.sleep(ASLEEP_S)  # the scenario itself: the guests are asleep this long
+    for name in guests:
+        info = run(manager.restore(name))
+        assert info.last_operation is not None
+        # The record says how far behind the guest was before it was set.
+        assert info.last_operation.phases["clock_behind"] >= ASLEEP_S
+        assert abs(guest_seconds_behind(manager, name)) <= 1, name
+    fork = run(manager.snapshot_fork(snap.id, "clock-fork"))[0]
+    assert abs(guest_seconds_behind(manager, fork.name)) <= 1
