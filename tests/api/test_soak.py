@@ -16,6 +16,7 @@ import base64
 import random
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -134,6 +135,8 @@ def test_three_clients_thirty_operations_each(daemon: Daemon, guests: dict[str, 
     for t in threads:
         t.join()
     assert len(calls) == CLIENTS * OPERATIONS
+    outcomes = Counter((c.op, c.status) for c in calls)
+    print("soak outcomes:", sorted(outcomes.items()))  # shown with -s, and on failure
     undocumented = [c for c in calls if c.status not in DOCUMENTED]
     assert not undocumented, undocumented  # never a 500, never a 502 here
     conflicts = [c for c in calls if c.status == 409]

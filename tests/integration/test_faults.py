@@ -27,6 +27,7 @@ import pytest
 
 from tests.conftest import EMPTY_MD5, booted, run, sh, torpor_cli
 from torpor import faults
+from torpor.errors import WrongState
 from torpor.fsutil import owned_name
 from torpor.hypervisor.qmp import Monitor
 from torpor.instances import InstanceManager, InstanceState, compression_jobs
@@ -299,3 +300,24 @@ def test_resume_runs_a_vm_left_paused(manager: InstanceManager, data_root: Path,
 async def pause(manager: InstanceManager, name: str) -> None:
     async with Monitor.connect(manager.paths(name).qmp_socket) as mon:
         await mon.pause()
+
+
+@pytest.mark.parametrize("point", ["restore.resumed", "restore.agent"])
+def test_a_vm_dying_after_a_killed_restore_never_gets_its_old_ram_back(
+        manager: InstanceManager, data_root: Path, fm: str, point: str) -> None:
+    """Defect 1 of the sweep: the consumed state used to be removed only after `cont` and
+    the agent. Killed in between, the VM ran with `latest/` still there; once the guest
+    wrote to its disk and QEMU went away, the instance showed `standby` and a restore
+    resumed the old RAM over the newer disk."""
+    run(manager.standby(fm))
+    faulted(data_root, point, "kill", "restore", fm)
+    sh(manager, fm, "echo newer > /root/newer; sync")  # the disk moves on
+    record = load_runtime(manager.paths(fm))
+    assert record is not None
+    record.process().kill()  # QEMU dies before any other command ran
+    assert run(manager.get(fm)).state is InstanceState.CRASHED  # not standby
+    with pytest.raises(WrongState):
+        run(manager.restore(fm))
+    run(manager.start(fm))  # a fresh boot on the newer disk
+    assert sh(manager, fm, "cat /root/newer") == "newer\n"
+    assert run(manager.check()) == []
