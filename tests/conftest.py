@@ -72,6 +72,24 @@ def sh(manager: InstanceManager, name: str, script: str) -> str:
 # `head -c 8m` writes nothing), so fills check they wrote something.
 EMPTY_MD5 = "d41d8cd98f00b204e9800998ecf8427e"
 
+MARKS = "md5sum /tmp/ram.bin /root/disk.bin"
+
+
+def write_marks(manager: InstanceManager, name: str, ram_mib: int = 8,
+                disk_mib: int = 4) -> str:
+    """Random data in the guest's RAM (tmpfs) and on its disk (synced); their md5sums,
+    which `read_marks` gives again while both are intact."""
+    out = sh(manager, name, f"dd if=/dev/urandom of=/tmp/ram.bin bs=1M count={ram_mib}"
+             f" 2>/dev/null; dd if=/dev/urandom of=/root/disk.bin bs=1M count={disk_mib}"
+             f" 2>/dev/null; sync; {MARKS}")
+    assert EMPTY_MD5 not in out, out
+    return out
+
+
+def read_marks(manager: InstanceManager, name: str) -> str:
+    return sh(manager, name, MARKS)
+
+
 _counter = iter(range(10_000))
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EMPTY_MD5, booted, run, sh
+from tests.conftest import booted, read_marks, run, sh, write_marks
 from torpor.codec import Codec
 from torpor.errors import WrongState
 from torpor.hypervisor.blockfreeze import DiskFreeze, active_image
@@ -31,18 +31,6 @@ pytestmark = pytest.mark.qemu
 @pytest.fixture(scope="module")
 def src(manager: InstanceManager) -> Iterator[str]:
     yield from booted(manager, "snapsrc")
-
-
-def write_marks(manager: InstanceManager, name: str) -> str:
-    out = sh(manager, name, "dd if=/dev/urandom of=/tmp/ram.bin bs=1M count=8 2>/dev/null;"
-             " dd if=/dev/urandom of=/root/disk.bin bs=1M count=4 2>/dev/null; sync;"
-             " md5sum /tmp/ram.bin /root/disk.bin")
-    assert EMPTY_MD5 not in out
-    return out
-
-
-def read_marks(manager: InstanceManager, name: str) -> str:
-    return sh(manager, name, "md5sum /tmp/ram.bin /root/disk.bin")
 
 
 async def qmp(manager: InstanceManager, name: str, command: str) -> object:

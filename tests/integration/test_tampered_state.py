@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EMPTY_MD5, run, sh
+from tests.conftest import read_marks, run, sh, write_marks
 from torpor.codec import Codec
 from torpor.errors import OperationFailed
 from torpor.instances import InstanceManager, InstanceState
@@ -126,14 +126,6 @@ def guests(manager: InstanceManager) -> Iterator[dict[str, str]]:
         run(manager.delete(name, force=True))
 
 
-def mark(manager: InstanceManager, name: str) -> str:
-    out = sh(manager, name, "dd if=/dev/urandom of=/tmp/ram.bin bs=1M count=8 2>/dev/null;"
-             " dd if=/dev/urandom of=/root/disk.bin bs=1M count=1 2>/dev/null; sync;"
-             " md5sum /tmp/ram.bin /root/disk.bin")
-    assert EMPTY_MD5 not in out
-    return out
-
-
 def snapshot_files(paths: InstancePaths, tmp: Path) -> Path:
     """A copy of everything the tampering may touch (the state and the RAM file)."""
     backup = tmp / "backup"
@@ -156,7 +148,7 @@ def put_back(paths: InstancePaths, backup: Path) -> None:
 def test_tampered_state_is_refused_and_kept(manager: InstanceManager, guests: dict[str, str],
                                              row: Row, tmp_path: Path) -> None:
     name = guests[row.mode]
-    marks = mark(manager, name)
+    marks = write_marks(manager, name, disk_mib=1)
     run(manager.standby(name, CompressionPolicy(codec=row.codec)))
     paths = manager.paths(name)
     backup = snapshot_files(paths, tmp_path)
@@ -177,4 +169,4 @@ def test_tampered_state_is_refused_and_kept(manager: InstanceManager, guests: di
         return
     put_back(paths, backup)
     run(manager.restore(name))  # the kept state, undamaged, is the guest as it was
-    assert sh(manager, name, "md5sum /tmp/ram.bin /root/disk.bin") == marks
+    assert read_marks(manager, name) == marks
