@@ -80,12 +80,17 @@ def faulted(data_root: Path, point: str, action: str, *argv: str,
         assert f"injected fault at {point}" in lines[0]
 
 
-def settle(manager: InstanceManager, action: str) -> None:
-    """The invariant checker: clean after an error; after a kill, repaired to clean."""
+def settle(manager: InstanceManager, action: str, case: str = "") -> None:
+    """The invariant checker: clean after an error; after a kill, repaired to clean.
+    Prints a line of the points × outcomes table (pytest -s shows it)."""
+    states = {info.name: str(info.state) for info in run(manager.list_all())}
+    repaired: list[str] = []
     if action == "kill":
         problems = run(manager.check(repair=True))
         assert all(p.repaired for p in problems), [p for p in problems if not p.repaired]
+        repaired = sorted({p.kind for p in problems})
     assert run(manager.check()) == []
+    print(f"OUTCOME | {case} | {action} | {states} | {', '.join(repaired) or '-'}")
 
 
 def running_again(manager: InstanceManager, name: str) -> None:
@@ -123,7 +128,7 @@ def test_standby(manager: InstanceManager, data_root: Path, fm: str, point: str,
                  action: str) -> None:
     planted = plant(manager, fm)
     faulted(data_root, point, action, "standby", fm)
-    settle(manager, action)
+    settle(manager, action, point)
     running_again(manager, fm)
     verify(manager, fm, planted)
 
@@ -135,7 +140,7 @@ def test_restore(manager: InstanceManager, data_root: Path, fm: str, point: str,
     planted = plant(manager, fm)
     run(manager.standby(fm))
     faulted(data_root, point, action, "restore", fm)
-    settle(manager, action)
+    settle(manager, action, point)
     running_again(manager, fm)
     verify(manager, fm, planted)
     # The consumed state is never loaded again: whatever the fault, the VM now runs
@@ -149,7 +154,7 @@ def test_snapshot(manager: InstanceManager, data_root: Path, fm: str, point: str
                   action: str) -> None:
     planted = plant(manager, fm)
     faulted(data_root, point, action, "snapshot", "create", fm, "--name", "sf")
-    settle(manager, action)
+    settle(manager, action, point)
     running_again(manager, fm)
     verify(manager, fm, planted)
     snaps = manager.snapshot_list(fm)
@@ -168,7 +173,7 @@ def test_fork(manager: InstanceManager, data_root: Path, fm: str, point: str,
               action: str) -> None:
     planted = plant(manager, fm)
     faulted(data_root, point, action, "fork", fm, "fk")
-    settle(manager, action)
+    settle(manager, action, point)
     running_again(manager, fm)
     verify(manager, fm, planted)
     if action == "error":
@@ -186,7 +191,7 @@ def test_delete(manager: InstanceManager, data_root: Path, fm: str, point: str,
                 action: str) -> None:
     run(manager.fork(fm, "victim"))
     faulted(data_root, point, action, "delete", "--force", "victim")
-    settle(manager, action)
+    settle(manager, action, point)
     if "victim" in manager.instance_names():  # deleting again finishes the job
         run(manager.delete("victim", force=True))
     assert run(manager.check()) == []
@@ -202,12 +207,17 @@ def test_compression_job(manager: InstanceManager, data_root: Path, fm: str, poi
                         "--background", env=env)
     assert result.returncode == 0, result.stderr
     wait_for_job(manager, fm)
+    shown = run(manager.get(fm)).compression
+    repaired: list[str] = []
     if action == "kill":  # the plan is orphaned: repair queues it again, without faults
         problems = run(manager.check(repair=True))
         assert "orphaned-plan" in {p.kind for p in problems}
         assert all(p.repaired for p in problems), problems
+        repaired = sorted({p.kind for p in problems})
         wait_for_job(manager, fm)
     assert run(manager.check()) == []
+    print(f"OUTCOME | {point} | {action} | compression {shown.state} |"
+          f" {', '.join(repaired) or '-'}")
     running_again(manager, fm)
     verify(manager, fm, planted)
 

@@ -51,17 +51,19 @@ class StateFile(BaseModel):
 
 class FileIdentity(BaseModel):
     """Which file, and whether anything has written to it since: a RAM file replaced (a
-    new inode) or rewritten in place (a new ctime) no longer matches."""
+    new inode) or written to (a new modification time: writes through QEMU's mapping
+    update it too) no longer matches. Not the change time: renaming the file away and back
+    changes that, and leaves the RAM as it was."""
 
     device: int
     inode: int
     size: int
-    ctime_ns: int
+    mtime_ns: int
 
     @classmethod
     def of(cls, path: Path) -> FileIdentity:
         st = path.stat()
-        return cls(device=st.st_dev, inode=st.st_ino, size=st.st_size, ctime_ns=st.st_ctime_ns)
+        return cls(device=st.st_dev, inode=st.st_ino, size=st.st_size, mtime_ns=st.st_mtime_ns)
 
 
 class PageSample(BaseModel):
@@ -202,7 +204,7 @@ def check_memory_file(path: Path, record: MemoryFileRecord, *, same_file: bool =
                              f" state needs {record.size_bytes}")
     if same_file and record.identity is not None and identity != record.identity:
         raise IntegrityError(f"the memory file {path} was replaced or written to since the"
-                             " state was saved (inode or change time differ)")
+                             " state was saved (inode or modification time differ)")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         for sample in record.samples:
