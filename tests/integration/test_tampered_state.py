@@ -148,6 +148,9 @@ def put_back(paths: InstancePaths, backup: Path) -> None:
 def test_tampered_state_is_refused_and_kept(manager: InstanceManager, guests: dict[str, str],
                                              row: Row, tmp_path: Path) -> None:
     name = guests[row.mode]
+    if run(manager.get(name)).state is not InstanceState.RUNNING:  # a row before failed
+        run(manager.stop(name, force=True))
+        run(manager.start(name))
     marks = write_marks(manager, name, disk_mib=1)
     run(manager.standby(name, CompressionPolicy(codec=row.codec)))
     paths = manager.paths(name)

@@ -213,3 +213,25 @@ def test_a_launched_job_counts_as_running_at_once(tmp_path: Path) -> None:
     assert not compression_jobs.job_running(root, key)
     stats = json.loads(root.job_stats.read_text())
     assert stats["skipped"] == 1
+
+
+def test_check_leaves_a_busy_instance_alone_and_never_takes_its_lock(tmp_path: Path) -> None:
+    import asyncio
+    import fcntl
+
+    from torpor.instances import health
+
+    root, instance_id, _ = standby_instance(tmp_path, Codec.ZSTD, delay=0)
+    partial = root.instance(instance_id).standby_partial_dir
+    partial.mkdir()
+    lock = root.instance_lock(instance_id)
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)  # an operation is under way on it
+        kinds = {p.kind for p in asyncio.run(health.scan(root))}
+        assert "partial-standby" not in kinds  # its half-done work is not debris
+    finally:
+        os.close(fd)
+    kinds = {p.kind for p in asyncio.run(health.scan(root))}
+    assert "partial-standby" in kinds

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Protocol
@@ -81,11 +82,26 @@ def _instances(root: DataRoot) -> Iterator[tuple[InstanceMetadata | None, Instan
             yield None, paths
 
 
+def lock_held(path: Path) -> bool:
+    """Whether some process holds a flock on `path`, read from /proc/locks: probing by
+    taking the lock would make a racing operation (the daemon never waits) fail busy."""
+    try:
+        st = path.stat()
+        table = Path("/proc/locks").read_text()
+    except OSError:
+        return False
+    device = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    return any(line.split()[5:6] == [device] for line in table.splitlines()
+               if " FLOCK " in line and "->" not in line)
+
+
 async def _instance_problems(root: DataRoot, meta: InstanceMetadata | None,
                              paths: InstancePaths) -> list[Problem]:
     if meta is None:
         return [Problem(kind="bad-metadata", path=str(paths.metadata),
                         detail="missing or unreadable: the instance is not listed")]
+    if lock_held(root.instance_lock(meta.id)):
+        return []  # an operation is under way: what looks half-done is its work
     found: list[Problem] = []
 
     def add(kind: str, path: Path, detail: str) -> None:

@@ -27,7 +27,7 @@ from torpor.errors import IntegrityError, OperationFailed, WrongState
 from torpor.fsutil import fsync_dir, remove_tree
 from torpor.guest.agent import AgentError, GuestAgent
 from torpor.hypervisor.process import TrackedProcess
-from torpor.hypervisor.qmp import Monitor
+from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
 from torpor.instances import compression_jobs, lifecycle, observe
 from torpor.instances.context import InstanceContext
@@ -201,9 +201,12 @@ async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
         vm.agent = await GuestAgent.attach_early(ctx.paths.agent_socket)
         with op.phase("load"):
             vm.process = await feed.followed(launching, progress)
-            mon = await stack.enter_async_context(Monitor.connect(ctx.paths.qmp_socket))
-            await _check_version(ctx, mon, manifest)
-            await feed.completed(mon, progress)
+            try:
+                mon = await stack.enter_async_context(Monitor.connect(ctx.paths.qmp_socket))
+                await _check_version(ctx, mon, manifest)
+                await feed.completed(mon, progress)
+            except QmpError as exc:  # QEMU exited on a state it could not load
+                raise await feed.lost(exc, _last_line(ctx.paths.qemu_log)) from exc
     finally:
         if not launching.done():  # we failed meanwhile: spawn kills what it started
             launching.cancel()
@@ -231,6 +234,13 @@ async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
         await load_state(mon, path, codec, manifest.state, progress,
                          ignore_shared=manifest.x_ignore_shared)
     return mon
+
+
+def _last_line(log_file: Path) -> str:
+    with contextlib.suppress(OSError):
+        lines = log_file.read_text(errors="replace").strip().splitlines()
+        return lines[-1] if lines else ""
+    return ""
 
 
 async def _check_version(ctx: InstanceContext, mon: Monitor, manifest: Manifest) -> None:

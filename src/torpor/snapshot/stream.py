@@ -375,6 +375,14 @@ class ExecFeed:
             await _verdict(self.verifier, self.path, self.expected)
             raise MigrationFailed(f"QEMU could not load the machine state: {exc}") from exc
 
+    async def lost(self, error: Exception, detail: str) -> MigrationFailed:
+        """QEMU went away mid-load (its monitor refused us, or dropped): a state that
+        fails its checksum is the error (IntegrityError, raised), else QEMU's own message
+        (`detail`, from its log) in the MigrationFailed returned."""
+        await _verdict(self.verifier, self.path, self.expected)
+        return MigrationFailed(f"QEMU stopped while loading the machine state ({error})"
+                               + (f": {detail}" if detail else ""))
+
     async def completed(self, mon: Monitor, progress: Progress | None) -> None:
         """Until the load has completed and the state's checksum is verified."""
         try:
