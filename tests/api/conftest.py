@@ -47,8 +47,8 @@ def free_port() -> int:
         return port
 
 
-def start_daemon(listen: str | None = None) -> Daemon:
-    root = Path(tempfile.mkdtemp(prefix="tpa-", dir="/tmp"))
+def start_daemon(listen: str | None = None, root: Path | None = None) -> Daemon:
+    root = root or Path(tempfile.mkdtemp(prefix="tpa-", dir="/tmp"))
     listen = listen or f"unix:{root}/torpord.sock"
     env = dict(os.environ, TORPOR_DATA_ROOT=str(root))
     log = open(root / "torpord.log", "wb")  # noqa: SIM115 - the daemon's lifetime

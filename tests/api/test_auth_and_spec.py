@@ -7,6 +7,7 @@ import json
 import re
 import socket
 import stat
+import tempfile
 from pathlib import Path
 
 import httpx
@@ -106,3 +107,18 @@ def test_a_chunked_body_over_the_cap_is_cut_off(api: httpx.Client) -> None:
     response = api.post("/instances/x/exec", content=chunks(),  # type: ignore[arg-type]
                         headers={"Content-Type": "application/json"})
     assert response.status_code == 413 and response.json()["code"] == "too_large"
+
+
+def test_the_daemon_sweeps_debris_of_killed_operations_when_it_starts(tmp_path: Path) -> None:
+    root = Path(tempfile.mkdtemp(prefix="tpa-", dir="/tmp"))
+    debris = [root / "tmp" / "fork-0123456789ab@4000000-1",
+              root / "snapshots" / ".creating-0123456789ab@4000000-1",
+              root / "instances" / ".deleting-0123456789ab@4000000-1"]
+    for path in debris:
+        (path / "payload").mkdir(parents=True)
+    daemon = start_daemon(root=root)
+    try:
+        assert not [p for p in debris if p.exists()]
+        assert "check: repaired staging" in (root / "torpord.log").read_text()
+    finally:
+        stop_daemon(daemon)

@@ -27,10 +27,12 @@ import pytest
 
 from tests.conftest import EMPTY_MD5, booted, run, sh, torpor_cli
 from torpor import faults
+from torpor.codec import Codec
 from torpor.errors import WrongState
 from torpor.fsutil import owned_name
 from torpor.hypervisor.qmp import Monitor
 from torpor.instances import InstanceManager, InstanceState, compression_jobs
+from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.runtime import load_runtime
 
 pytestmark = pytest.mark.qemu
@@ -330,4 +332,16 @@ def test_a_vm_dying_after_a_killed_restore_never_gets_its_old_ram_back(
         run(manager.restore(fm))
     run(manager.start(fm))  # a fresh boot on the newer disk
     assert sh(manager, fm, "cat /root/newer") == "newer\n"
+    assert run(manager.check()) == []
+
+
+def test_delete_leaves_no_job_files_of_the_instance(manager: InstanceManager, fm: str) -> None:
+    """A deleted instance's `jobs/instance-<id>.*` used to stay forever."""
+    run(manager.fork(fm, "jobs-gone"))
+    run(manager.standby("jobs-gone", CompressionPolicy(codec=Codec.ZSTD, mode="background",
+                                                       delay_s=600)))
+    key = compression_jobs.instance_job_key(run(manager.get("jobs-gone")).id)
+    assert compression_jobs.job_running(manager.data_root, key)
+    run(manager.delete("jobs-gone", force=True))
+    assert not list(manager.data_root.jobs_dir.glob(f"{key}.*"))
     assert run(manager.check()) == []

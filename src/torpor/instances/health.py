@@ -27,8 +27,10 @@ from torpor.fsutil import DELETING_PREFIX, parse_owner, remove_tree
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES
 from torpor.instances import compression_jobs
+from torpor.instances.fork import AUTO_TAG, OWNER_TAG
 from torpor.instances.metadata import InstanceMetadata
 from torpor.instances.runtime import load_runtime, query_vm_status
+from torpor.instances.snapshots import all_records
 from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths
 from torpor.snapshot.manifest import Manifest
 
@@ -163,9 +165,6 @@ def _state_problems(paths: InstancePaths) -> Iterator[Problem]:
 
 
 def _snapshot_problems(root: DataRoot, dependents: dict[str, list[str]]) -> Iterator[Problem]:
-    from torpor.instances.fork import AUTO_TAG, OWNER_TAG  # fork imports the manager side
-    from torpor.instances.snapshots import all_records
-
     for record in all_records(root):
         owner = record.tags.get(OWNER_TAG)
         if (record.tags.get(AUTO_TAG) and not dependents.get(record.id)
