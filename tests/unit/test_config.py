@@ -96,3 +96,16 @@ def test_listen_addresses() -> None:
     for bad in ("unix:", "host:0", "host:99999", ":80"):
         with pytest.raises(InvalidArgument):
             parse_listen(bad)
+
+
+def test_the_cli_does_not_import_the_server_stack() -> None:
+    """Every CLI command asks whether a daemon listens; that must not cost the import of
+    uvicorn and FastAPI (~0.2 s), which only `torpor serve` needs."""
+    import subprocess
+    import sys
+
+    code = ("import sys, torpor.cli.main; "
+            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert result.stdout.strip() == "[]"

@@ -16,6 +16,7 @@ from pathlib import Path
 import uvicorn
 
 from torpor.api.app import create_app
+from torpor.api.listen import address_family, daemon_listening
 from torpor.config import Config, ListenAddress
 from torpor.errors import Busy, InvalidArgument
 from torpor.instances import InstanceManager
@@ -44,29 +45,9 @@ def ensure_token(path: Path) -> str:
     return token
 
 
-def _family(address: ListenAddress) -> socket.AddressFamily:
-    if address.unix_path is not None:
-        return socket.AF_UNIX
-    return socket.AF_INET6 if ":" in (address.host or "") else socket.AF_INET
-
-
-def daemon_listening(address: ListenAddress, timeout: float = 1.0) -> bool:
-    """Whether something accepts connections at `address`."""
-    family = _family(address)
-    target: str | tuple[str, int] = (str(address.unix_path) if address.unix_path
-                                     else (address.host or "", address.port or 0))
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
-        probe.settimeout(timeout)
-        try:
-            probe.connect(target)
-        except OSError:
-            return False
-    return True
-
-
 def bind(address: ListenAddress) -> socket.socket:
     if address.unix_path is None:
-        sock = socket.socket(_family(address), socket.SOCK_STREAM)
+        sock = socket.socket(address_family(address), socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((address.host or "", address.port or 0))

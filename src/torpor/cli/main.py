@@ -13,7 +13,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from torpor.api.client import RemoteManager
-from torpor.api.server import daemon_listening
+from torpor.api.listen import daemon_listening
 from torpor.cli.output import (
     console,
     err_console,
