@@ -16,6 +16,7 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Iterator
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -37,15 +38,42 @@ from torpor.snapshot.manifest import Manifest
 TMP_SUFFIX = ".tmp"
 
 
+class Kind(StrEnum):
+    # debris of a dead process, anywhere in the data root: removed
+    STAGING = "staging"
+    PARTIAL_SNAPSHOT = "partial-snapshot"
+    DELETING = "deleting"
+    ORPHANED_JOB = "orphaned-job"
+    ORPHANED_LOCK = "orphaned-lock"
+    ORPHANED_SNAPSHOT = "orphaned-snapshot"
+    STRAY_QEMU = "stray-qemu"  # killed
+    # one instance's, put right under its lock (recovery, then what recovery leaves)
+    PAUSED_VM = "paused-vm"
+    STALE_STATE = "stale-state"
+    CRASHED = "crashed"
+    PARTIAL_STANDBY = "partial-standby"
+    DISK_OVERLAY = "disk-overlay"
+    STALE_TEMP = "stale-temp"
+    ORPHANED_PLAN = "orphaned-plan"
+    # reported, never repaired: damage is kept for whoever wants to look at it
+    BAD_METADATA = "bad-metadata"
+    BAD_MANIFEST = "bad-manifest"
+    MISSING_STATE = "missing-state"
+    STATE_SIZE = "state-size"
+    MISSING_ORIGIN = "missing-origin"
+
+
+DEBRIS = {Kind.STAGING, Kind.PARTIAL_SNAPSHOT, Kind.DELETING, Kind.ORPHANED_JOB,
+          Kind.ORPHANED_LOCK, Kind.ORPHANED_SNAPSHOT}
+PER_INSTANCE = {Kind.PAUSED_VM, Kind.STALE_STATE, Kind.CRASHED, Kind.PARTIAL_STANDBY,
+                Kind.DISK_OVERLAY, Kind.STALE_TEMP, Kind.ORPHANED_PLAN}
+
+
 class Problem(BaseModel):
-    kind: str
+    kind: Kind
     path: str
     detail: str
     repaired: bool = False
-
-
-class Report(BaseModel):
-    problems: list[Problem]
 
 
 def _owner_alive(name: str) -> bool:
@@ -58,11 +86,11 @@ def _owner_alive(name: str) -> bool:
 
 def _debris(root: DataRoot) -> Iterator[Problem]:
     """Staging and deletion leftovers of dead processes, across the data root."""
-    places = [(root.tmp_dir, "", "staging", "a build (instance, fork, image) never finished")]
-    places.append((root.snapshots_dir, SNAPSHOT_STAGING_PREFIX, "partial-snapshot",
+    places = [(root.tmp_dir, "", Kind.STAGING, "a build (instance, fork, image) never finished")]
+    places.append((root.snapshots_dir, SNAPSHOT_STAGING_PREFIX, Kind.PARTIAL_SNAPSHOT,
                    "a snapshot never published"))
     for directory in (root.instances_dir, root.snapshots_dir):
-        places.append((directory, DELETING_PREFIX, "deleting", "a removal never finished"))
+        places.append((directory, DELETING_PREFIX, Kind.DELETING, "a removal never finished"))
     for directory, prefix, kind, detail in places:
         if not directory.is_dir():
             continue
@@ -100,13 +128,13 @@ def lock_held(path: Path) -> bool:
 async def _instance_problems(root: DataRoot, meta: InstanceMetadata | None,
                              paths: InstancePaths) -> list[Problem]:
     if meta is None:
-        return [Problem(kind="bad-metadata", path=str(paths.metadata),
+        return [Problem(kind=Kind.BAD_METADATA, path=str(paths.metadata),
                         detail="missing or unreadable: the instance is not listed")]
     if lock_held(root.instance_lock(meta.id)):
         return []  # an operation is under way: what looks half-done is its work
     found: list[Problem] = []
 
-    def add(kind: str, path: Path, detail: str) -> None:
+    def add(kind: Kind, path: Path, detail: str) -> None:
         found.append(Problem(kind=kind, path=str(path), detail=f"{meta.name}: {detail}"))
 
     record = load_runtime(paths)
@@ -115,30 +143,30 @@ async def _instance_problems(root: DataRoot, meta: InstanceMetadata | None,
     if alive:
         status = await query_vm_status(paths)
         if status in PAUSED_STATES:
-            add("paused-vm", paths.root, f"QEMU is {status}, left by an interrupted operation")
+            add(Kind.PAUSED_VM, paths.root, f"QEMU is {status}, left by an interrupted operation")
         elif status == "running" and standby:
-            add("stale-state", paths.standby_dir, "a saved state the running VM moved on from")
+            add(Kind.STALE_STATE, paths.standby_dir, "a saved state the running VM moved on from")
     elif record is not None and not standby:
-        add("crashed", paths.runtime, "QEMU died behind torpor's back")
+        add(Kind.CRASHED, paths.runtime, "QEMU died behind torpor's back")
     for leftover in (paths.standby_partial_dir, paths.standby_consumed_dir):
         if leftover.exists():
-            add("partial-standby", leftover, "an interrupted standby's or restore's state")
+            add(Kind.PARTIAL_STANDBY, leftover, "an interrupted standby's or restore's state")
     if paths.disk_overlay.exists():
-        add("disk-overlay", paths.disk_overlay, "a snapshot's disk freeze was not folded back")
+        add(Kind.DISK_OVERLAY, paths.disk_overlay, "a snapshot's disk freeze was not folded back")
     key = compression_jobs.instance_job_key(meta.id)
     worker = compression_jobs.job_running(root, key)
     if not worker:
         for directory in (paths.root, paths.standby_dir):
             for tmp in sorted(directory.glob(f"*{TMP_SUFFIX}")) if directory.is_dir() else []:
-                add("stale-temp", tmp, "a temporary file whose writer is gone")
+                add(Kind.STALE_TEMP, tmp, "a temporary file whose writer is gone")
     plan = meta.compression_plan
     if plan is not None and not plan.error and not worker:
-        add("orphaned-plan", paths.metadata, "a background compression with no worker")
+        add(Kind.ORPHANED_PLAN, paths.metadata, "a background compression with no worker")
     if standby and not alive:
         found += [Problem(kind=p.kind, path=p.path, detail=f"{meta.name}: {p.detail}")
                   for p in _state_problems(paths)]
     if meta.memory_origin is not None and not meta.memory_origin.exists():
-        add("missing-origin", meta.memory_origin, "the snapshot RAM file this fork maps is gone")
+        add(Kind.MISSING_ORIGIN, meta.memory_origin, "the snapshot RAM file this fork maps is gone")
     return found
 
 
@@ -148,20 +176,20 @@ def _state_problems(paths: InstancePaths) -> Iterator[Problem]:
     try:
         manifest = Manifest.load(paths.standby_dir)
     except TorporError as exc:
-        yield Problem(kind="bad-manifest", path=str(paths.standby_dir), detail=str(exc))
+        yield Problem(kind=Kind.BAD_MANIFEST, path=str(paths.standby_dir), detail=str(exc))
         return
     named = paths.standby_dir / manifest.state.stored_name()
     if not named.exists():
-        yield Problem(kind="missing-state", path=str(named), detail="the manifest names it")
+        yield Problem(kind=Kind.MISSING_STATE, path=str(named), detail="the manifest names it")
     elif manifest.state.checksum and named.stat().st_size != manifest.state.stored_bytes:
-        yield Problem(kind="state-size", path=str(named),
+        yield Problem(kind=Kind.STATE_SIZE, path=str(named),
                       detail=f"{named.stat().st_size} bytes, the manifest says"
                              f" {manifest.state.stored_bytes}")
     memory = manifest.memory_file
     if memory is not None:
         stored = paths.memory_file.with_name(memory.name + SUFFIXES.get(memory.codec, ""))
         if not stored.exists():
-            yield Problem(kind="missing-state", path=str(stored), detail="the RAM file is gone")
+            yield Problem(kind=Kind.MISSING_STATE, path=str(stored), detail="the RAM file is gone")
 
 
 def _snapshot_problems(root: DataRoot, dependents: dict[str, list[str]]) -> Iterator[Problem]:
@@ -169,7 +197,7 @@ def _snapshot_problems(root: DataRoot, dependents: dict[str, list[str]]) -> Iter
         owner = record.tags.get(OWNER_TAG)
         if (record.tags.get(AUTO_TAG) and not dependents.get(record.id)
                 and not (owner and _owner_alive(f"@{owner}"))):
-            yield Problem(kind="orphaned-snapshot", path=str(root.snapshot(record.id).root),
+            yield Problem(kind=Kind.ORPHANED_SNAPSHOT, path=str(root.snapshot(record.id).root),
                           detail=f"{record.name}: made for forks that never came to be")
 
 
@@ -180,7 +208,7 @@ def _job_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
     for path in sorted(root.jobs_dir.glob(f"{prefix}*")):
         key = path.name.split(".")[0]
         if key.removeprefix(prefix) not in ids and not compression_jobs.job_running(root, key):
-            yield Problem(kind="orphaned-job", path=str(path), detail="of a deleted instance")
+            yield Problem(kind=Kind.ORPHANED_JOB, path=str(path), detail="of a deleted instance")
 
 
 def _lock_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
@@ -189,7 +217,7 @@ def _lock_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
     for path in sorted(root.locks_dir.glob("*.lock")):
         stem = path.name.removesuffix(".lock")
         if len(stem) == 12 and all(c in "0123456789abcdef" for c in stem) and stem not in ids:
-            yield Problem(kind="orphaned-lock", path=str(path), detail="of a deleted instance")
+            yield Problem(kind=Kind.ORPHANED_LOCK, path=str(path), detail="of a deleted instance")
 
 
 def stray_qemus(root: DataRoot) -> Iterator[tuple[ProcessIdentity, str]]:
@@ -227,7 +255,7 @@ async def scan(root: DataRoot) -> list[Problem]:
     problems += _snapshot_problems(root, dependents)
     problems += _job_problems(root, {m.id for m in metas})
     problems += _lock_problems(root, {m.id for m in metas})
-    problems += [Problem(kind="stray-qemu", path=str(root.instance(instance_id).root),
+    problems += [Problem(kind=Kind.STRAY_QEMU, path=str(root.instance(instance_id).root),
                          detail=f"QEMU pid {identity.pid} is no instance's")
                  for identity, instance_id in stray_qemus(root)]
     return problems
@@ -245,7 +273,7 @@ def _snapshots_used(root: DataRoot, meta: InstanceMetadata) -> Iterator[str]:
 class InstanceRepairer(Protocol):
     """What repair needs of the manager: an instance's problem fixed under its lock."""
 
-    async def repair_instance(self, instance_id: str, kind: str, path: Path) -> None: ...
+    async def repair_instance(self, instance_id: str, kind: Kind, path: Path) -> None: ...
 
 
 async def repair(manager: InstanceRepairer, root: DataRoot) -> list[Problem]:
@@ -260,22 +288,15 @@ async def repair(manager: InstanceRepairer, root: DataRoot) -> list[Problem]:
     return before
 
 
-INSTANCE_KINDS = {"paused-vm", "stale-state", "crashed", "partial-standby", "disk-overlay",
-                  "stale-temp", "orphaned-plan"}
-
-
 async def _fix(manager: InstanceRepairer, root: DataRoot, problem: Problem) -> None:
     path = Path(problem.path)
-    if problem.kind in ("staging", "partial-snapshot", "deleting", "orphaned-job",
-                        "orphaned-lock"):
+    if problem.kind in DEBRIS:
         await asyncio.to_thread(_remove, path)
-    elif problem.kind == "orphaned-snapshot":
-        await asyncio.to_thread(remove_tree, path)
-    elif problem.kind == "stray-qemu":
+    elif problem.kind is Kind.STRAY_QEMU:
         for identity, instance_id in stray_qemus(root):
             if str(root.instance(instance_id).root) == problem.path:
                 await asyncio.to_thread(TrackedProcess(identity).kill)
-    elif problem.kind in INSTANCE_KINDS:
+    elif problem.kind in PER_INSTANCE:
         instance_id = path.relative_to(root.instances_dir).parts[0]
         with contextlib.suppress(Busy, NotFound):  # busy: an operation puts it right itself
             await manager.repair_instance(instance_id, problem.kind, path)

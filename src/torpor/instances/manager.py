@@ -192,18 +192,18 @@ class InstanceManager:
             return await health.repair(self, self.data_root)
         return await health.scan(self.data_root)
 
-    async def repair_instance(self, instance_id: str, kind: str, path: Path) -> None:
+    async def repair_instance(self, instance_id: str, kind: health.Kind, path: Path) -> None:
         """One instance's problem, under its lock (never waited for: a busy instance is
         being put right by the operation that holds it). Recovery runs as the lock is
         taken; what it does not cover is done here."""
         async with self.locked(instance_id, wait=0) as ctx:
             state, record = await derive_state(ctx.paths)
-            if kind == "crashed" and state is InstanceState.CRASHED and record is not None:
+            if kind is health.Kind.CRASHED and state is InstanceState.CRASHED and record:
                 await lifecycle.terminate(ctx, record.process())
                 lifecycle.discard_memory_file(ctx)
-            elif kind == "stale-temp":
+            elif kind is health.Kind.STALE_TEMP:
                 path.unlink(missing_ok=True)
-            elif kind == "orphaned-plan":
+            elif kind is health.Kind.ORPHANED_PLAN:
                 self._requeue(ctx.meta)
 
     # --- create / delete --------------------------------------------------------------
