@@ -36,7 +36,7 @@ from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
 from torpor.paths import DataRoot, InstancePaths
-from torpor.snapshot.manifest import MACHINE_STATE, Manifest, memory_identity
+from torpor.snapshot.manifest import MACHINE_STATE, FileIdentity, Manifest
 
 CANCEL_TIMEOUT = 30.0
 CANCEL_POLL = 0.01
@@ -238,7 +238,7 @@ def decompress_memory_file(paths: InstancePaths) -> None:
     os.replace(tmp, raw)
     fsync_dir(raw.parent)
     manifest.memory_file = memory.model_copy(update={"codec": Codec.NONE, "stored_bytes": None})
-    manifest.memory_file.identity = memory_identity(raw)  # a new file, same content
+    manifest.memory_file.identity = FileIdentity.of(raw)  # a new file, same content
     manifest.save(paths.standby_dir)
     source.unlink()
     fsync_dir(raw.parent)

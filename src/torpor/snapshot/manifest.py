@@ -151,10 +151,6 @@ def locate_state_file(directory: Path, state: StateFile) -> tuple[Path, Codec]:
     raise IntegrityError(f"the machine-state file {named.name} is missing from {directory}")
 
 
-def memory_identity(path: Path) -> FileIdentity:
-    return FileIdentity.of(path)
-
-
 def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
     extents, offset = [], 0
     while offset < size:
