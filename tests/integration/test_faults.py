@@ -274,6 +274,8 @@ def test_check_finds_planted_debris_and_repair_leaves_running_vms_alone(
     (creating / "payload").mkdir(parents=True)
     stale = paths.root / ".metadata.json.x1y2.tmp"
     stale.write_text("{")
+    removing = paths.snapshots_dir / ".deleting-latest-4242"  # an older torpor's name
+    (removing / "sub").mkdir(parents=True)
     in_progress = manager.data_root.staging(owned_name("create-abc"))  # ours: alive
     in_progress.mkdir(parents=True)
     try:
@@ -282,13 +284,14 @@ def test_check_finds_planted_debris_and_repair_leaves_running_vms_alone(
         problems = json.loads(found.stdout)["problems"]
         assert {(p["kind"], p["path"]) for p in problems} == {
             ("partial-standby", str(paths.standby_partial_dir)),
-            ("partial-snapshot", str(creating)), ("stale-temp", str(stale))}
+            ("partial-snapshot", str(creating)), ("stale-temp", str(stale)),
+            ("deleting", str(removing))}
         assert not any(p["repaired"] for p in problems)
         repaired = torpor_cli(data_root, "check", "--repair", "--json")
         assert repaired.returncode == 0, repaired.stdout
         assert all(p["repaired"] for p in json.loads(repaired.stdout)["problems"])
         assert not paths.standby_partial_dir.exists() and not creating.exists()
-        assert not stale.exists() and in_progress.exists()
+        assert not stale.exists() and not removing.exists() and in_progress.exists()
         clean = torpor_cli(data_root, "check")
         assert clean.returncode == 0 and "no problems" in clean.stdout
         assert run(manager.get(fm)).state is InstanceState.RUNNING

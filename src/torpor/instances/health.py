@@ -89,7 +89,10 @@ def _debris(root: DataRoot) -> Iterator[Problem]:
     places = [(root.tmp_dir, "", Kind.STAGING, "a build (instance, fork, image) never finished")]
     places.append((root.snapshots_dir, SNAPSHOT_STAGING_PREFIX, Kind.PARTIAL_SNAPSHOT,
                    "a snapshot never published"))
-    for directory in (root.instances_dir, root.snapshots_dir):
+    # Removals rename aside first: at the top (instances, snapshots) and inside each
+    # instance (its standby states: .deleting-latest@…).
+    inside = sorted(root.instances_dir.glob("*/snapshots")) if root.instances_dir.is_dir() else []
+    for directory in (root.instances_dir, root.snapshots_dir, *inside):
         places.append((directory, DELETING_PREFIX, Kind.DELETING, "a removal never finished"))
     for directory, prefix, kind, detail in places:
         if not directory.is_dir():
