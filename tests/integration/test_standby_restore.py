@@ -303,14 +303,20 @@ def test_qemu_killed_mid_save_leaves_crashed_vm_with_intact_disk(
 
 @pytest.fixture
 def tiny_data_root() -> Iterator[Path]:
+    """A small data root of its own: an ext4 filesystem on a loop device (ext4: no
+    reflink, so snapshot and fork copies really need the space)."""
     mnt = Path(tempfile.mkdtemp(prefix="tp-full-", dir="/tmp"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1g", "tmpfs", str(mnt)], check=True)
+    image = mnt.with_suffix(".img")
+    subprocess.run(["truncate", "-s", "1536M", str(image)], check=True)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(image)], check=True)
+    subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], check=True)
     try:
         yield mnt
     finally:
         subprocess.run(["pkill", "-KILL", "-f", f"{mnt}/instances"], check=False)
         subprocess.run(["umount", "-l", str(mnt)], check=False)
         mnt.rmdir()
+        image.unlink()
 
 
 def free_bytes(path: Path) -> int:
@@ -328,13 +334,13 @@ def test_disk_full_fails_cleanly_and_gives_the_space_back(
     run(mgr.create("full", disk_bytes=1 << 30))
     run(mgr.start("full"))
     before = fill_guest(mgr, "full", ram_mib=48)
-    st = os.statvfs(tiny_data_root)
-    used = (st.f_blocks - st.f_bfree) * st.f_frsize
     # Leave 8 MiB free: far less than the ~48 MiB of random guest RAM the save needs, and
     # than the disk a snapshot or fork copies.
-    subprocess.run(["mount", "-o", f"remount,size={used + (8 << 20)}", str(tiny_data_root)],
-                   check=True)
+    ballast = tiny_data_root / "ballast"
+    subprocess.run(["fallocate", "-l", str(free_bytes(tiny_data_root) - (8 << 20)),
+                    str(ballast)], check=True)
     free = free_bytes(tiny_data_root)
+    assert free <= 9 << 20
     attempts = [("standby", lambda: mgr.standby("full", CompressionPolicy(codec=codec))),
                 ("snapshot", lambda: mgr.snapshot_create("full", "s", compression=(
                     CompressionPolicy(codec=codec) if codec is not Codec.NONE else None))),
