@@ -13,14 +13,17 @@ failing its checks, 501 unsupported, 502 QEMU/guest/host failure; 500 only for b
 import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import logging
+import os
 import secrets
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path as FsPath
 from typing import Annotated, Any
 
+import httpx
 from fastapi import APIRouter, Depends, FastAPI, Header, Path, Query, Request, Response
 from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
@@ -139,6 +142,27 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(Exception, bug)
 
 
+SLOW_CALLBACK_ENV = "TORPOR_SLOW_CALLBACK"
+
+
+@contextlib.asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Before serving: FastAPI builds its routes' validators on the first request that
+    reaches the router (~50-80 ms here, on the event loop, while other requests wait), so
+    one request that matches no route (so meets them all) pays it now. With TORPOR_SLOW_CALLBACK=SECONDS, asyncio's debug
+    mode then logs every callback that holds the event loop longer than that ("Executing
+    … took …"): a test runs the daemon so to prove no request blocks the others."""
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
+                                 base_url="http://torpord") as warm_up:
+        await warm_up.get("/-/warm-up")  # matches no route: every route is prepared
+    threshold = os.environ.get(SLOW_CALLBACK_ENV)
+    if threshold:
+        loop = asyncio.get_running_loop()
+        loop.set_debug(True)
+        loop.slow_callback_duration = float(threshold)
+    yield
+
+
 def create_app(manager: InstanceManager, token: str) -> FastAPI:
     metrics = Metrics(manager.data_root, manager.compression_states)
     operations = OperationRegistry(metrics)
@@ -162,7 +186,7 @@ def create_app(manager: InstanceManager, token: str) -> FastAPI:
     api = APIRouter(dependencies=[Depends(authorized), Depends(known_query_only)],
                     responses=ERROR_RESPONSES)
     app = FastAPI(title="torpord", version=__version__, openapi_url=None, docs_url=None,
-                  redoc_url=None, description=__doc__)
+                  redoc_url=None, description=__doc__, lifespan=_lifespan)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)
 

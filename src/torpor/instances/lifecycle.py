@@ -126,7 +126,10 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
     process: TrackedProcess | None = None
     try:
         with op.phase("spawn"):
-            config = vm_config_for(ctx.meta, ctx.paths, effective_accel(ctx))
+            # The first start on a host probes KVM by booting the kernel (seconds): a
+            # thread, so the daemon goes on serving meanwhile.
+            accel = await asyncio.to_thread(effective_accel, ctx)
+            config = vm_config_for(ctx.meta, ctx.paths, accel)
             process = await spawn(ctx, config)
         if wait_agent:
             with op.phase("agent-ready"):

@@ -231,6 +231,14 @@ class InstanceManager:
                         cmdline=image.cmdline)
 
     @staticmethod
+    def _publish(meta: InstanceMetadata, staging: Path, final: Path) -> None:
+        """The metadata written (fsync), then the instance renamed into place: it appears
+        whole or not at all."""
+        meta.save(InstancePaths(staging).metadata)
+        os.rename(staging, final)
+        fsync_dir(final.parent)
+
+    @staticmethod
     def _make_disk(rootfs: Path, disk: Path, size: int) -> None:
         copy_file(rootfs, disk)
         if size > disk.stat().st_size:
@@ -285,10 +293,8 @@ class InstanceManager:
                     image=image_ref, accel=accel,
                     port_forwards=port_forwards or [], snapshot_policy=snapshot_policy,
                     vmgenid=new_vmgenid(), memory_backing=memory_backing)
-                meta.save(paths.metadata)
                 final = self.data_root.instance(instance_id).root
-                os.rename(staging, final)  # the instance appears whole or not at all
-                fsync_dir(final.parent)
+                await asyncio.to_thread(self._publish, meta, staging, final)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -398,7 +404,8 @@ class InstanceManager:
     async def snapshot_delete(self, snapshot: str, source: str | None = None) -> None:
         async with file_lock(self.data_root.registry_lock, what="the instance registry"):
             record = self.snapshot_get(snapshot, source)
-            snapshots.remove(self.data_root, record, self.snapshot_dependents(record.id))
+            await asyncio.to_thread(snapshots.remove, self.data_root, record,
+                                    self.snapshot_dependents(record.id))
 
     async def snapshot_restore(self, name: str, snapshot: str) -> InstanceInfo:
         """Replace the instance's disk and machine state with a snapshot of it."""
