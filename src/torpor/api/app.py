@@ -149,9 +149,10 @@ SLOW_CALLBACK_ENV = "TORPOR_SLOW_CALLBACK"
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """Before serving: FastAPI builds its routes' validators on the first request that
     reaches the router (~50-80 ms here, on the event loop, while other requests wait), so
-    one request that matches no route (so meets them all) pays it now. With TORPOR_SLOW_CALLBACK=SECONDS, asyncio's debug
-    mode then logs every callback that holds the event loop longer than that ("Executing
-    … took …"): a test runs the daemon so to prove no request blocks the others."""
+    one request that matches no route (so meets them all) pays it now. With
+    TORPOR_SLOW_CALLBACK=SECONDS, asyncio's debug mode then logs every callback that holds
+    the event loop longer than that ("Executing … took …"): a test runs the daemon so to
+    prove no request blocks the others."""
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                  base_url="http://torpord") as warm_up:
         await warm_up.get("/-/warm-up")  # matches no route: every route is prepared
