@@ -149,7 +149,10 @@ class InstanceManager:
         return await self.info(self._find(name))
 
     async def list_all(self) -> list[InstanceInfo]:
-        return [await self.info(meta) for meta in self._all_metadata()]
+        """Every instance; their QEMUs are asked for their state at the same time (one
+        slow or hung monitor costs its own 2 s query timeout once, not once per VM)."""
+        metas = await asyncio.to_thread(self._all_metadata)
+        return list(await asyncio.gather(*(self.info(meta) for meta in metas)))
 
     def compression_states(self) -> list[CompressionState]:
         """Each instance's background compression state (for metrics)."""
