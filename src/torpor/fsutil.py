@@ -64,13 +64,25 @@ OWNER_SEPARATOR = "@"
 DELETING_PREFIX = ".deleting-"
 
 
+def read_proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, start time in clock ticks since boot) from /proc/<pid>/stat; None
+    if there is no such process."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    # The command name may contain spaces and parentheses: split after the last ')'.
+    fields = raw[raw.rindex(")") + 2 :].split()
+    return fields[0], int(fields[19])
+
+
 def owner_tag() -> str:
     """`<pid>-<start time>` of this process. Put at the end of a temporary file or
     directory's name (after `@`), it lets a sweep tell a dead process's debris from work
     in progress, even once the pid is reused."""
-    stat = Path("/proc/self/stat").read_text()
-    start_time = stat[stat.rindex(")") + 2 :].split()[19]
-    return f"{os.getpid()}-{start_time}"
+    stat = read_proc_stat(os.getpid())
+    assert stat is not None  # we are running
+    return f"{os.getpid()}-{stat[1]}"
 
 
 def owned_name(name: str) -> str:

@@ -24,9 +24,9 @@ from torpor.snapshot.manifest import (
     FileIdentity,
     Manifest,
     MemoryFileRecord,
-    check_memory_file,
     locate_state_file,
     sample_pages,
+    verify_memory_file,
 )
 
 
@@ -129,15 +129,15 @@ def _ram_file(tmp_path: Path) -> tuple[Path, MemoryFileRecord]:
 def test_memory_file_check_refuses_a_replaced_or_rewritten_file(tmp_path: Path) -> None:
     path, record = _ram_file(tmp_path)
     assert len(record.samples) == 64 and all(s.offset % 4096 == 0 for s in record.samples)
-    check_memory_file(path, record)  # untouched: fine
+    verify_memory_file(path, record)  # untouched: fine
     replacement = tmp_path / "zeros"
     with open(replacement, "wb") as f:
         f.truncate(64 << 20)  # right size, all zeros
     os.replace(replacement, path)
     with pytest.raises(IntegrityError, match="replaced or written to"):
-        check_memory_file(path, record)
+        verify_memory_file(path, record)
     with pytest.raises(IntegrityError, match="does not hold the saved RAM"):
-        check_memory_file(path, record, same_file=False)  # a copy is judged by its pages
+        verify_memory_file(path, record, same_file=False)  # a copy is judged by its pages
 
 
 def test_memory_file_check_sees_a_write_in_place(tmp_path: Path) -> None:
@@ -146,7 +146,7 @@ def test_memory_file_check_sees_a_write_in_place(tmp_path: Path) -> None:
         f.seek(60 << 20)  # a page no sample covers: the change time still tells
         f.write(b"x")
     with pytest.raises(IntegrityError, match="replaced or written to"):
-        check_memory_file(path, record)
+        verify_memory_file(path, record)
 
 
 # --- the worker hand-over ---------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from torpor.errors import OperationFailed
+from torpor.fsutil import read_proc_stat
 from torpor.hypervisor.vmconfig import VMConfig, render_argv
 from torpor.paths import UNIX_PATH_MAX
 
@@ -38,17 +39,6 @@ LAUNCH_POLL = 0.001  # s between tries of a monitor that is not listening yet
 FD_TABLE_SIZE = 256
 
 
-def _read_stat(pid: int) -> tuple[str, int] | None:
-    """(state letter, start time in clock ticks since boot) from /proc/<pid>/stat."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except (FileNotFoundError, ProcessLookupError):
-        return None
-    # The command name may contain spaces and parentheses: split after the last ')'.
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return fields[0], int(fields[19])
-
-
 class ProcessIdentity(BaseModel):
     """A pid plus its start time: a pid alone may be reused by an unrelated process."""
 
@@ -57,12 +47,12 @@ class ProcessIdentity(BaseModel):
 
     @classmethod
     def of(cls, pid: int) -> ProcessIdentity | None:
-        stat = _read_stat(pid)
+        stat = read_proc_stat(pid)
         return None if stat is None else cls(pid=pid, start_time=stat[1])
 
     def is_alive(self) -> bool:
         """True while the same process exists and has not exited (zombies count as gone)."""
-        stat = _read_stat(self.pid)
+        stat = read_proc_stat(self.pid)
         return stat is not None and stat[1] == self.start_time and stat[0] not in ("Z", "X")
 
     def open_pidfd(self) -> int | None:
@@ -72,7 +62,7 @@ class ProcessIdentity(BaseModel):
         except ProcessLookupError:
             return None
         # Checked after opening: from now on the fd cannot refer to a reused pid.
-        stat = _read_stat(self.pid)
+        stat = read_proc_stat(self.pid)
         if stat is None or stat[1] != self.start_time:
             os.close(fd)
             return None

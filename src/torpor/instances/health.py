@@ -23,7 +23,7 @@ from typing import Protocol
 from pydantic import BaseModel
 
 from torpor.codec import SUFFIXES
-from torpor.errors import Busy, NotFound, TorporError
+from torpor.errors import Busy, IntegrityError, NotFound, TorporError
 from torpor.fsutil import DELETING_PREFIX, parse_owner, remove_tree
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES
@@ -33,7 +33,7 @@ from torpor.instances.metadata import InstanceMetadata
 from torpor.instances.runtime import load_runtime, query_vm_status
 from torpor.instances.snapshots import all_records
 from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths
-from torpor.snapshot.manifest import Manifest
+from torpor.snapshot.manifest import Manifest, locate_state_file
 
 TMP_SUFFIX = ".tmp"
 
@@ -182,12 +182,15 @@ def _state_problems(paths: InstancePaths) -> Iterator[Problem]:
         yield Problem(kind=Kind.BAD_MANIFEST, path=str(paths.standby_dir), detail=str(exc))
         return
     named = paths.standby_dir / manifest.state.stored_name()
-    if not named.exists():
-        yield Problem(kind=Kind.MISSING_STATE, path=str(named), detail="the manifest names it")
-    elif manifest.state.checksum and named.stat().st_size != manifest.state.stored_bytes:
-        yield Problem(kind=Kind.STATE_SIZE, path=str(named),
-                      detail=f"{named.stat().st_size} bytes, the manifest says"
-                             f" {manifest.state.stored_bytes}")
+    try:
+        locate_state_file(paths.standby_dir, manifest.state)  # restore's own lookup
+    except IntegrityError as exc:
+        yield Problem(kind=Kind.MISSING_STATE, path=str(named), detail=str(exc))
+    else:
+        if manifest.state.checksum and named.stat().st_size != manifest.state.stored_bytes:
+            yield Problem(kind=Kind.STATE_SIZE, path=str(named),
+                          detail=f"{named.stat().st_size} bytes, the manifest says"
+                                 f" {manifest.state.stored_bytes}")
     memory = manifest.memory_file
     if memory is not None:
         stored = paths.memory_file.with_name(memory.name + SUFFIXES.get(memory.codec, ""))

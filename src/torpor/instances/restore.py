@@ -35,8 +35,7 @@ from torpor.instances.metadata import InstanceState
 from torpor.instances.operation import OperationRecorder
 from torpor.instances.runtime import derive_state
 from torpor.instances.vmspec import vm_config_for
-from torpor.snapshot.manifest import Manifest, locate_state_file
-from torpor.snapshot.manifest import check_memory_file as verify_memory_file
+from torpor.snapshot.manifest import Manifest, locate_state_file, verify_memory_file
 from torpor.snapshot.stream import exec_feed, load_state, reads_at_exec
 
 log = logging.getLogger(__name__)

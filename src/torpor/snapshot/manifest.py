@@ -188,7 +188,7 @@ def sample_pages(path: Path, count: int = SAMPLED_PAGES) -> list[PageSample]:
         os.close(fd)
 
 
-def check_memory_file(path: Path, record: MemoryFileRecord, *, same_file: bool = True) -> None:
+def verify_memory_file(path: Path, record: MemoryFileRecord, *, same_file: bool = True) -> None:
     """IntegrityError unless `path` is the RAM file `record` describes: its size, its
     identity (unless `same_file` is False: a copy torpor made), and its sampled pages."""
     try:
@@ -217,7 +217,7 @@ def rebind_memory_file(directory: Path, path: Path) -> None:
     manifest = Manifest.load(directory)
     if manifest.memory_file is None or not path.exists():
         return
-    check_memory_file(path, manifest.memory_file, same_file=False)
+    verify_memory_file(path, manifest.memory_file, same_file=False)
     if not manifest.memory_file.samples:  # a snapshot's save does not sample: do it here
         manifest.memory_file.samples = sample_pages(path)
     manifest.memory_file.identity = FileIdentity.of(path)
