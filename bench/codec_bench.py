@@ -41,12 +41,10 @@ import zstandard
 from torpor.codec import Codec, checksum_file
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
-from torpor.instances import InstanceManager
 from torpor.instances.context import InstanceContext, Settings
-from torpor.instances.lifecycle import spawn_qemu, terminate
 from torpor.instances.runtime import load_runtime
-from torpor.snapshot.manifest import StateFile
-from torpor.snapshot.stream import (
+from torpor.machinestate.manifest import StateFile
+from torpor.machinestate.stream import (
     FD_NAME,
     _pipe,
     load_state,
@@ -54,6 +52,8 @@ from torpor.snapshot.stream import (
     save_state,
     wait_migration,
 )
+from torpor.manager import InstanceManager
+from torpor.operations.lifecycle import spawn_qemu, terminate
 from torpor.units import format_size, parse_size
 
 NATIVE_DECOMPRESS = {Codec.ZSTD: ["zstd", "-dcq"], Codec.LZ4: ["lz4", "-dcq"]}

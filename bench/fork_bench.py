@@ -20,8 +20,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from torpor.instances import InstanceManager
 from torpor.instances.context import Settings
+from torpor.manager import InstanceManager
 from torpor.units import format_size
 
 

@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 from torpor.hypervisor.qmp import Monitor
-from torpor.instances import InstanceManager
 from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.runtime import load_runtime
-from torpor.instances.snapshots import copy_leg, save_leg
-from torpor.snapshot.stream import prepare_outgoing
+from torpor.machinestate.stream import prepare_outgoing
+from torpor.manager import InstanceManager
+from torpor.operations.snapshots import copy_leg, save_leg
 
 
 def drop_caches() -> None:

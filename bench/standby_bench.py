@@ -60,12 +60,12 @@ from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig, render_argv
-from torpor.instances import InstanceManager
 from torpor.instances.context import Settings
-from torpor.instances.lifecycle import effective_accel
 from torpor.instances.metadata import CompressionPolicy, utc_now
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, load_runtime, save_runtime
 from torpor.instances.vmspec import vm_config_for
+from torpor.manager import InstanceManager
+from torpor.operations.lifecycle import effective_accel
 from torpor.units import format_size, parse_size
 
 MODES = [("torpor none", CompressionPolicy()),

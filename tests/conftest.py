@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import pytest
 
 from torpor.images.builtin import GuestImage, ensure_builtin_image
-from torpor.instances import InstanceManager
 from torpor.instances.context import Settings
+from torpor.manager import InstanceManager
 
 T = TypeVar("T")
 

@@ -26,7 +26,7 @@ import pytest
 
 from tests.api.conftest import Daemon
 from tests.conftest import EMPTY_MD5, run
-from torpor.instances import InstanceManager
+from torpor.manager import InstanceManager
 
 pytestmark = pytest.mark.qemu
 GUESTS = ("soak-a", "soak-b", "soak-c")

@@ -14,16 +14,17 @@ from tests.conftest import EMPTY_MD5, booted, run, sh
 from torpor.codec import Codec
 from torpor.fsutil import read_json
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
-from torpor.instances import InstanceManager, InstanceState
-from torpor.instances.compression_jobs import (
+from torpor.instances import InstanceState
+from torpor.instances.context import Settings
+from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
+from torpor.jobs.compression import (
     CompressionState,
     instance_job_key,
     job_running,
     load_stats,
 )
-from torpor.instances.context import Settings
-from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
-from torpor.snapshot.manifest import Manifest
+from torpor.machinestate.manifest import Manifest
+from torpor.manager import InstanceManager
 
 pytestmark = pytest.mark.qemu
 

@@ -31,9 +31,11 @@ from torpor.codec import Codec
 from torpor.errors import WrongState
 from torpor.fsutil import owned_name
 from torpor.hypervisor.qmp import Monitor
-from torpor.instances import InstanceManager, InstanceState, compression_jobs
+from torpor.instances import InstanceState
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.runtime import load_runtime
+from torpor.jobs import compression as compression_jobs
+from torpor.manager import InstanceManager
 
 pytestmark = pytest.mark.qemu
 ACTIONS = ("error", "kill")

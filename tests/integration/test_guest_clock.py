@@ -14,9 +14,10 @@ from collections.abc import Iterator
 import pytest
 
 from tests.conftest import run, sh
-from torpor.instances import InstanceManager, InstanceState
+from torpor.instances import InstanceState
 from torpor.instances.metadata import InstanceMetadata
-from torpor.snapshot.manifest import Manifest
+from torpor.machinestate.manifest import Manifest
+from torpor.manager import InstanceManager
 
 pytestmark = pytest.mark.qemu
 ASLEEP_S = 20

@@ -16,9 +16,10 @@ from torpor.errors import OperationFailed
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.accel import probe_kvm, resolve_accel
 from torpor.images.builtin import GuestImage
-from torpor.instances import InstanceManager, InstanceState
+from torpor.instances import InstanceState
 from torpor.instances.context import Settings
 from torpor.instances.runtime import load_runtime
+from torpor.manager import InstanceManager
 
 pytestmark = pytest.mark.qemu
 

@@ -15,12 +15,14 @@ import pytest
 from tests.conftest import EMPTY_MD5, run, sh
 from torpor.codec import Codec
 from torpor.errors import IntegrityError
-from torpor.instances import InstanceManager, InstanceState, compression_jobs
-from torpor.instances import snapshots as snapshots_module
-from torpor.instances.legs import LegFailed
+from torpor.instances import InstanceState
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.runtime import load_runtime
-from torpor.snapshot.manifest import Manifest
+from torpor.jobs import compression as compression_jobs
+from torpor.machinestate.manifest import Manifest
+from torpor.manager import InstanceManager
+from torpor.operations import snapshots as snapshots_module
+from torpor.operations.legs import LegFailed
 
 pytestmark = pytest.mark.qemu
 MARKS = "md5sum /tmp/ram.bin /root/disk.bin"

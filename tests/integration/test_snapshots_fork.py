@@ -18,12 +18,13 @@ from torpor.errors import WrongState
 from torpor.hypervisor.blockfreeze import DiskFreeze, active_image
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import drive_id
-from torpor.instances import InstanceManager, InstanceState
-from torpor.instances import snapshots as snapshots_module
-from torpor.instances.legs import LegFailed
+from torpor.instances import InstanceState
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.runtime import load_runtime
-from torpor.snapshot.stream import MigrationFailed
+from torpor.machinestate.stream import MigrationFailed
+from torpor.manager import InstanceManager
+from torpor.operations import snapshots as snapshots_module
+from torpor.operations.legs import LegFailed
 
 pytestmark = pytest.mark.qemu
 

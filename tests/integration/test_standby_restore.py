@@ -21,13 +21,14 @@ from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import ProcessIdentity
 from torpor.hypervisor.qmp import Monitor
 from torpor.images.builtin import GuestImage
-from torpor.instances import InstanceManager, InstanceState
-from torpor.instances import standby as standby_module
+from torpor.instances import InstanceState
 from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
-from torpor.instances.observe import OperationObserver, Progress, observing
+from torpor.instances.observe import Progress, ProgressObserver, observing
 from torpor.instances.runtime import load_runtime
-from torpor.snapshot.manifest import Manifest
+from torpor.machinestate.manifest import Manifest
+from torpor.manager import InstanceManager
+from torpor.operations import standby as standby_module
 
 pytestmark = pytest.mark.qemu
 
@@ -71,7 +72,7 @@ def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: s
     assert info.last_operation is not None
     assert {"pause", "save", "stop", "persist", "paused_window"} <= set(
         info.last_operation.phases)
-    observer = OperationObserver()
+    observer = ProgressObserver()
     with observing(observer):
         restored = run(manager.restore(vm))
     assert restored.state is InstanceState.RUNNING
@@ -275,7 +276,7 @@ def test_qemu_killed_mid_save_leaves_crashed_vm_with_intact_disk(
            " dd if=/dev/urandom of=/tmp/fill bs=1M count=200 2>/dev/null")
         killed = []
 
-        class KillOnFirstBytes(OperationObserver):
+        class KillOnFirstBytes(ProgressObserver):
             """The save's first progress report kills QEMU: a crash mid-save."""
 
             def counter(self, stage: str, total: int | None = None) -> Progress:

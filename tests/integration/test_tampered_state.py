@@ -20,8 +20,9 @@ import pytest
 from tests.conftest import read_marks, run, sh, write_marks
 from torpor.codec import Codec
 from torpor.errors import OperationFailed
-from torpor.instances import InstanceManager, InstanceState
+from torpor.instances import InstanceState
 from torpor.instances.metadata import CompressionPolicy
+from torpor.manager import InstanceManager
 from torpor.paths import InstancePaths
 
 pytestmark = pytest.mark.qemu

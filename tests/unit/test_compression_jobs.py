@@ -11,17 +11,17 @@ import pytest
 
 from torpor.codec import Codec, checksum_file
 from torpor.hypervisor.vmconfig import VMConfig
-from torpor.instances.compression_jobs import (
+from torpor.instances.metadata import CompressionPlan, CompressionPolicy, ImageRef, InstanceMetadata
+from torpor.jobs.compression import (
     CompressionState,
     load_stats,
     make_plan,
     remaining_delay,
     status,
 )
-from torpor.instances.compression_worker import Job
-from torpor.instances.metadata import CompressionPlan, CompressionPolicy, ImageRef, InstanceMetadata
+from torpor.jobs.worker import Job
+from torpor.machinestate.manifest import Manifest, StateFile
 from torpor.paths import DataRoot
-from torpor.snapshot.manifest import Manifest, StateFile
 
 NOW = 1_800_000_000.0
 

@@ -17,10 +17,9 @@ from torpor import faults
 from torpor.codec import Codec
 from torpor.errors import IntegrityError, InvalidArgument
 from torpor.fsutil import owned_name, parse_owner, remove_tree
-from torpor.instances import compression_jobs
-from torpor.instances.compression_worker import Job
-from torpor.paths import DataRoot
-from torpor.snapshot.manifest import (
+from torpor.jobs import compression as compression_jobs
+from torpor.jobs.worker import Job
+from torpor.machinestate.manifest import (
     FileIdentity,
     Manifest,
     MemoryFileRecord,
@@ -28,6 +27,7 @@ from torpor.snapshot.manifest import (
     sample_pages,
     verify_memory_file,
 )
+from torpor.paths import DataRoot
 
 
 def test_fault_points_do_nothing_unless_enabled(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -219,7 +219,7 @@ def test_check_leaves_a_busy_instance_alone_and_never_takes_its_lock(tmp_path: P
     import asyncio
     import fcntl
 
-    from torpor.instances import health
+    from torpor.operations import health
 
     root, instance_id, _ = standby_instance(tmp_path, Codec.ZSTD, delay=0)
     partial = root.instance(instance_id).standby_partial_dir

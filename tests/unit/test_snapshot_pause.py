@@ -17,10 +17,10 @@ from typing import Any
 import pytest
 
 from torpor.copy import CopyCancelled, CopyReport
-from torpor.instances import snapshots
-from torpor.instances.legs import LegFailed
 from torpor.instances.metadata import CompressionPolicy
-from torpor.instances.operation import OperationRecorder
+from torpor.instances.record import PhaseRecorder
+from torpor.operations import snapshots
+from torpor.operations.legs import LegFailed
 from torpor.paths import InstancePaths, SnapshotPaths
 
 
@@ -122,12 +122,12 @@ def scenario(monkeypatch: pytest.MonkeyPatch) -> Iterator[Scenario]:
     yield s
 
 
-def pause_once(tmp_path: Path) -> tuple[Any, OperationRecorder]:
+def pause_once(tmp_path: Path) -> tuple[Any, PhaseRecorder]:
     root = tmp_path / "instance"
     root.mkdir()
     ctx = SimpleNamespace(paths=InstancePaths(root))
     record = SimpleNamespace(vm_config=SimpleNamespace(memory_file=None))
-    op = OperationRecorder("snapshot", "fake")
+    op = PhaseRecorder("snapshot", "fake")
     staging = SnapshotPaths(tmp_path / ".creating-x")
     result = asyncio.run(snapshots._overlapped_pause(
         ctx, record, staging, False, CompressionPolicy(), op))  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from torpor.hypervisor.zeropages import PAGE_SIZE, StreamAbandoned, ZeroPageFilter, pump
+from torpor.machinestate.zeropages import PAGE_SIZE, StreamAbandoned, ZeroPageFilter, pump
 
 MAIN, OTHER = "pc.ram", "pc.bios"
 DEVICE_STATE = b"\x04\x00\x00\x00\x09\x03cpu\x00\x00\x00\x00\x00\x00\x00\x01" + bytes(

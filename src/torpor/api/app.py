@@ -56,10 +56,12 @@ from torpor.api.models import (
     StopRequest,
     to_policy,
 )
-from torpor.api.operations import OperationRegistry, check_operation_id
+from torpor.api.tracker import OperationTracker, check_operation_id
 from torpor.errors import InvalidArgument, TorporError
-from torpor.instances import InstanceInfo, InstanceManager, InstanceState
-from torpor.instances.snapshots import SnapshotRecord
+from torpor.instances.info import InstanceInfo
+from torpor.instances.metadata import InstanceState
+from torpor.manager import InstanceManager
+from torpor.operations.snapshots import SnapshotRecord
 from torpor.units import format_seconds
 
 log = logging.getLogger("torpor.api")
@@ -166,7 +168,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 def create_app(manager: InstanceManager, token: str) -> FastAPI:
     metrics = Metrics(manager.data_root, manager.compression_states)
-    operations = OperationRegistry(metrics)
+    operations = OperationTracker(metrics)
     bearer = HTTPBearer(auto_error=False, description="the token in <data-root>/api-token")
 
     def authorized(credentials: Annotated[HTTPAuthorizationCredentials | None,

@@ -19,10 +19,10 @@ from torpor.api.models import OPERATION_HEADER, ExecResponse, Operation
 from torpor.codec import Codec
 from torpor.config import ListenAddress
 from torpor.guest.agent import ExecResult
-from torpor.instances import InstanceInfo
-from torpor.instances.fork import TargetState
+from torpor.instances.info import InstanceInfo
 from torpor.instances.metadata import CompressionPolicy, MemoryBacking
-from torpor.instances.snapshots import SnapshotRecord
+from torpor.operations.fork import TargetState
+from torpor.operations.snapshots import SnapshotRecord
 
 M = TypeVar("M", bound=BaseModel)
 _ERRORS: dict[str, type[errors.TorporError]] = {

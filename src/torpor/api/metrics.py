@@ -17,8 +17,9 @@ from prometheus_client.core import (
 )
 from prometheus_client.registry import Collector
 
-from torpor.instances.compression_jobs import CompressionState, load_stats
-from torpor.instances.observe import OperationObserver
+from torpor.instances.info import CompressionState
+from torpor.instances.observe import ProgressObserver
+from torpor.jobs.compression import load_stats
 from torpor.paths import DataRoot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
@@ -78,7 +79,7 @@ class Metrics:
         self.registry.register(_CompressionJobs(data_root, compression_states))
 
     def operation_ended(self, kind: str, result: str, seconds: float,
-                        observer: OperationObserver) -> None:
+                        observer: ProgressObserver) -> None:
         self.operations.labels(kind, result).inc()
         self.durations.labels(kind).observe(seconds)
         paused = observer.phases.get("paused_window")

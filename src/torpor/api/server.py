@@ -19,7 +19,7 @@ from torpor.api.app import create_app
 from torpor.api.listen import address_family, daemon_listening
 from torpor.config import Config, ListenAddress
 from torpor.errors import Busy, InvalidArgument
-from torpor.instances import InstanceManager
+from torpor.manager import InstanceManager
 from torpor.paths import UNIX_PATH_MAX
 
 log = logging.getLogger("torpor.api")

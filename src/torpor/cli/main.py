@@ -29,10 +29,11 @@ from torpor.cli.progress import with_progress
 from torpor.codec import parse_codec
 from torpor.config import Config, load_config, parse_listen
 from torpor.errors import InvalidArgument, TorporError, Unsupported
-from torpor.instances import InstanceInfo, InstanceManager
-from torpor.instances.fork import TargetState
+from torpor.instances.info import InstanceInfo
 from torpor.instances.metadata import CompressionPolicy
-from torpor.instances.snapshots import SnapshotRecord, parse_tags
+from torpor.manager import InstanceManager
+from torpor.operations.fork import TargetState
+from torpor.operations.snapshots import SnapshotRecord, parse_tags
 from torpor.units import parse_duration, parse_size
 
 T = TypeVar("T")

@@ -21,8 +21,8 @@ from rich.progress import (
 from torpor.api.client import RemoteManager
 from torpor.cli.output import err_console
 from torpor.errors import TorporError
-from torpor.instances import InstanceManager
-from torpor.instances.observe import OperationObserver, StageProgress, observing
+from torpor.instances.observe import ProgressObserver, StageProgress, observing
+from torpor.manager import InstanceManager
 
 T = TypeVar("T")
 REFRESH = 0.2
@@ -45,7 +45,7 @@ async def with_progress(backend: InstanceManager | RemoteManager, label: str,
                 return []
 
         return await _render(label, asyncio.ensure_future(work()), remote_stages)
-    observer = OperationObserver()
+    observer = ProgressObserver()
     with observing(observer):  # the task copies the context: it reports to `observer`
         task = asyncio.ensure_future(work())
 

@@ -1,7 +1,8 @@
-"""Instances: orchestration of VMs on a data root (the only layer that combines the
-hypervisor, guest agent, copy engine and snapshot formats)."""
+"""Instances: what an instance is (its stored metadata, its derived state and which
+operation that state allows, its running QEMU's record, the context an operation is
+handed). The operations themselves are in `torpor.operations`; `torpor.manager` is the
+entry point."""
 
-from torpor.instances.manager import InstanceInfo, InstanceManager
 from torpor.instances.metadata import InstanceMetadata, InstanceState
 
-__all__ = ["InstanceInfo", "InstanceManager", "InstanceMetadata", "InstanceState"]
+__all__ = ["InstanceMetadata", "InstanceState"]

@@ -1,7 +1,7 @@
 """Watching an operation while it runs: byte progress per stage, phase timings, copies.
 
 Whoever runs an operation and wants to watch it (the CLI's progress bar, the daemon's
-operation resources and metrics) installs an `OperationObserver` with `observing()`; the
+operation resources and metrics) installs an `ProgressObserver` with `observing()`; the
 operation reports into whatever observer is current. The observer travels with the
 context: into the tasks the operation starts and into `asyncio.to_thread` workers.
 Nothing is reported when no observer is installed.
@@ -29,7 +29,7 @@ class StageProgress(BaseModel):
     total_bytes: int | None = None
 
 
-class OperationObserver:
+class ProgressObserver:
     """Thread-safe: copy legs report from worker threads."""
 
     def __init__(self) -> None:
@@ -64,11 +64,11 @@ class OperationObserver:
             return [s.model_copy() for s in self._stages.values()]
 
 
-_current: ContextVar[OperationObserver | None] = ContextVar("torpor_observer", default=None)
+_current: ContextVar[ProgressObserver | None] = ContextVar("torpor_observer", default=None)
 
 
 @contextlib.contextmanager
-def observing(observer: OperationObserver) -> Iterator[OperationObserver]:
+def observing(observer: ProgressObserver) -> Iterator[ProgressObserver]:
     token = _current.set(observer)
     try:
         yield observer
@@ -94,5 +94,5 @@ def copied(report: CopyReport) -> CopyReport:
     return report
 
 
-def current() -> OperationObserver | None:
+def current() -> ProgressObserver | None:
     return _current.get()

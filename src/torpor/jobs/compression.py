@@ -24,7 +24,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from enum import StrEnum
 from pathlib import Path
 
 from pydantic import BaseModel
@@ -34,9 +33,10 @@ from torpor.errors import IntegrityError, OperationFailed, TorporError
 from torpor.fsutil import atomic_write_json, fsync_dir, read_json
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.instances.context import InstanceContext
+from torpor.instances.info import CompressionState, CompressionStatus
 from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
+from torpor.machinestate.manifest import MACHINE_STATE, FileIdentity, Manifest
 from torpor.paths import DataRoot, InstancePaths
-from torpor.snapshot.manifest import MACHINE_STATE, FileIdentity, Manifest
 
 CANCEL_TIMEOUT = 30.0
 CANCEL_POLL = 0.01
@@ -56,29 +56,6 @@ def make_plan(policy: CompressionPolicy, now: float) -> CompressionPlan:
 def remaining_delay(plan: CompressionPlan, now: float) -> float:
     """Seconds the job must still wait (0 once due): what a restarted manager re-queues."""
     return max(0.0, plan.not_before - now)
-
-
-class CompressionState(StrEnum):
-    NONE = "none"
-    PENDING = "pending"
-    COMPRESSING = "compressing"
-    COMPRESSED = "compressed"
-    ERROR = "error"
-
-
-class CompressionStatus(BaseModel):
-    state: CompressionState
-    algorithm: str | None = None
-    raw_bytes: int | None = None
-    compressed_bytes: int | None = None
-    not_before: float | None = None
-    error: str | None = None
-
-    @property
-    def ratio(self) -> float | None:
-        if self.raw_bytes and self.compressed_bytes:
-            return self.raw_bytes / self.compressed_bytes
-        return None
 
 
 # --- workers ----------------------------------------------------------------------------
@@ -105,7 +82,7 @@ def launch_worker(data_root: DataRoot, instance_id: str, *, slots: int,
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             return  # a worker has this job
-        argv = [sys.executable, "-m", "torpor.instances.compression_worker",
+        argv = [sys.executable, "-m", "torpor.jobs.worker",
                 "--data-root", str(data_root.root), "--instance", instance_id,
                 "--slots", str(slots), "--lock-fd", str(lock_fd)]
         if rate_limit:

@@ -1,6 +1,6 @@
 """The background compression worker: one detached process per job.
 
-    python -m torpor.instances.compression_worker --data-root R --instance ID [--slots N]
+    python -m torpor.jobs.worker --data-root R --instance ID [--slots N]
                                                   [--rate-limit BYTES_PER_S]
 
 Steps: wait out the plan's delay; take one of N slots; compress the raw state into
@@ -32,16 +32,16 @@ from torpor.codec import SUFFIXES, checksum_file, compressor_argv
 from torpor.errors import TorporError
 from torpor.fsutil import atomic_write_json, fsync_dir
 from torpor.hypervisor.process import ProcessIdentity
-from torpor.instances.compression_jobs import (
+from torpor.instances.metadata import CompressionPlan, InstanceMetadata
+from torpor.jobs.compression import (
     TMP_SUFFIX,
     compression_target,
     instance_job_key,
     record_outcome,
     remaining_delay,
 )
-from torpor.instances.metadata import CompressionPlan, InstanceMetadata
+from torpor.machinestate.manifest import Manifest
 from torpor.paths import DataRoot
-from torpor.snapshot.manifest import Manifest
 
 log = logging.getLogger("torpor.compression")
 POLL = 0.02

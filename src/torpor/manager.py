@@ -9,11 +9,8 @@ import os
 import shutil
 import subprocess
 from collections.abc import AsyncIterator, Callable
-from datetime import datetime
 from pathlib import Path
 from typing import Literal
-
-from pydantic import BaseModel
 
 from torpor import faults
 from torpor.copy import copy_file
@@ -23,20 +20,14 @@ from torpor.guest.agent import AgentError, ExecResult, GuestAgent
 from torpor.hypervisor.accel import AccelChoice
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
-from torpor.instances import compression_jobs, health, lifecycle, snapshots
-from torpor.instances import fork as fork_op
-from torpor.instances import restore as restore_op
-from torpor.instances import standby as standby_op
-from torpor.instances.compression_jobs import CompressionState, CompressionStatus
 from torpor.instances.context import InstanceContext, Settings
-from torpor.instances.fork import TargetState
+from torpor.instances.info import CompressionState, InstanceInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
     CompressionPolicy,
     ImageRef,
     InstanceMetadata,
     InstanceState,
-    LastOperation,
     MemoryBacking,
     new_instance_id,
     new_mac,
@@ -44,34 +35,21 @@ from torpor.instances.metadata import (
     utc_now,
     validate_name,
 )
-from torpor.instances.recover import recover
 from torpor.instances.runtime import derive_state
-from torpor.instances.snapshots import SnapshotRecord
+from torpor.jobs import compression as compression_jobs
+from torpor.operations import fork as fork_op
+from torpor.operations import health, lifecycle, snapshots
+from torpor.operations import restore as restore_op
+from torpor.operations import standby as standby_op
+from torpor.operations.fork import TargetState
+from torpor.operations.recover import recover
+from torpor.operations.snapshots import SnapshotRecord
 from torpor.paths import DataRoot, InstancePaths
 
 StateCheck = Callable[[str, InstanceState], None]
 DEFAULT_MEMORY = 512 << 20
 DEFAULT_DISK = 2 << 30
 MAX_CPUS = 64
-
-
-class InstanceInfo(BaseModel):
-    """What `show` and `list` report."""
-
-    name: str
-    id: str
-    state: InstanceState
-    cpus: int
-    memory_mib: int
-    disk_bytes: int
-    mac: str
-    memory_backing: MemoryBacking = "anonymous"
-    created_at: datetime
-    pid: int | None = None
-    accel: str | None = None
-    path: Path
-    last_operation: LastOperation | None = None
-    compression: CompressionStatus
 
 
 class InstanceManager:

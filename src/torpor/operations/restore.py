@@ -29,14 +29,16 @@ from torpor.guest.agent import AgentError, GuestAgent
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
-from torpor.instances import compression_jobs, lifecycle, observe
+from torpor.instances import observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import InstanceState
-from torpor.instances.operation import OperationRecorder
+from torpor.instances.record import PhaseRecorder
 from torpor.instances.runtime import derive_state
 from torpor.instances.vmspec import vm_config_for
-from torpor.snapshot.manifest import Manifest, locate_state_file, verify_memory_file
-from torpor.snapshot.stream import exec_feed, load_state, reads_at_exec
+from torpor.jobs import compression as compression_jobs
+from torpor.machinestate.manifest import Manifest, locate_state_file, verify_memory_file
+from torpor.machinestate.stream import exec_feed, load_state, reads_at_exec
+from torpor.operations import lifecycle
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +88,7 @@ class _Incoming:
     agent: GuestAgent | None = None
 
 
-async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> OperationRecorder:
+async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> PhaseRecorder:
     """`then` runs on the agent connection restore waited on (a fork sets its identity
     there); it is part of the operation: if it fails, the restore fails (the VM runs)."""
     started = time.monotonic()
@@ -98,7 +100,7 @@ async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> Operat
     path, codec = locate_state_file(ctx.paths.standby_dir, manifest.state)
     lifecycle.check_boot_files(ctx)
     check_memory_file(ctx, config, manifest)
-    op = OperationRecorder("restore", ctx.name)
+    op = PhaseRecorder("restore", ctx.name)
     vm = _Incoming()  # killed and closed on every failure before the guest runs
     try:
         async with contextlib.AsyncExitStack() as stack:
@@ -168,7 +170,7 @@ async def _resume_or_give_back(ctx: InstanceContext, mon: Monitor) -> None:
         raise
 
 
-async def set_guest_clock(agent: GuestAgent, op: OperationRecorder) -> None:
+async def set_guest_clock(agent: GuestAgent, op: PhaseRecorder) -> None:
     """The guest's wall clock continued from the moment it was paused: set it from the
     host's (qemu-ga `guest-set-time`). How far behind it was goes into the record. A guest
     whose agent cannot set the time keeps running, with a warning in the log."""
@@ -183,7 +185,7 @@ async def set_guest_clock(agent: GuestAgent, op: OperationRecorder) -> None:
 
 
 async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
-                        vm: _Incoming, op: OperationRecorder, config: VMConfig,
+                        vm: _Incoming, op: PhaseRecorder, config: VMConfig,
                         manifest: Manifest, path: Path, codec: Codec) -> Monitor:
     """QEMU started with the state file on its command line: it loads as soon as it has
     initialised. `spawn` ends when it begins to read, `load` when the state is in and its
@@ -216,7 +218,7 @@ async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
 
 
 async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
-                         vm: _Incoming, op: OperationRecorder, config: VMConfig,
+                         vm: _Incoming, op: PhaseRecorder, config: VMConfig,
                          manifest: Manifest, path: Path, codec: Codec) -> Monitor:
     """QEMU started with `-incoming defer`; the state (through a decompressor, or after
     setting x-ignore-shared) is handed to it through the monitor."""

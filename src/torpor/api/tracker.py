@@ -18,7 +18,7 @@ from torpor.api.metrics import Metrics
 from torpor.api.models import ErrorBody, Operation, OperationState
 from torpor.errors import AlreadyExists, InvalidArgument, NotFound, TorporError
 from torpor.instances.metadata import utc_now
-from torpor.instances.observe import OperationObserver, observing
+from torpor.instances.observe import ProgressObserver, observing
 
 OPERATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 KEEP_ENDED = 256
@@ -38,10 +38,10 @@ def check_operation_id(value: str | None) -> str:
     return value
 
 
-class OperationRegistry:
+class OperationTracker:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
-        self._ops: OrderedDict[str, tuple[Operation, OperationObserver]] = OrderedDict()
+        self._ops: OrderedDict[str, tuple[Operation, ProgressObserver]] = OrderedDict()
 
     @contextlib.asynccontextmanager
     async def track(self, op_id: str, kind: str, instance: str | None) -> AsyncIterator[None]:
@@ -50,7 +50,7 @@ class OperationRegistry:
             raise AlreadyExists(f"operation {op_id} exists already")
         op = Operation(id=op_id, kind=kind, instance=instance, state=OperationState.RUNNING,
                        started_at=utc_now())
-        observer = OperationObserver()
+        observer = ProgressObserver()
         self._ops[op_id] = (op, observer)
         self._forget_old()
         started = time.monotonic()

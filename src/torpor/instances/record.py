@@ -15,7 +15,7 @@ from torpor.paths import InstancePaths
 log = logging.getLogger("torpor.operations")
 
 
-class OperationRecorder:
+class PhaseRecorder:
     """Times named phases; `record()` persists them as the instance's last operation."""
 
     def __init__(self, kind: str, instance: str,

@@ -38,8 +38,8 @@ from torpor.errors import IntegrityError, OperationFailed
 from torpor.hypervisor.process import LAUNCH_TIMEOUT
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig
-from torpor.hypervisor.zeropages import StreamAbandoned, pump
-from torpor.snapshot.manifest import LeftOutZeroPages, StateFile
+from torpor.machinestate.manifest import LeftOutZeroPages, StateFile
+from torpor.machinestate.zeropages import StreamAbandoned, pump
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: lifts QEMU 7.2's 128 MiB/s default cap
 PIPE_SIZE = 1 << 20

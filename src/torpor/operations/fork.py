@@ -28,7 +28,7 @@ from torpor.errors import (
 )
 from torpor.fsutil import allocated_bytes, fsync_dir, owned_name, owner_tag, remove_tree
 from torpor.guest.agent import GuestAgent
-from torpor.instances import compression_jobs, observe, snapshots
+from torpor.instances import observe
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
     InstanceMetadata,
@@ -40,11 +40,14 @@ from torpor.instances.metadata import (
     validate_name,
 )
 from torpor.instances.runtime import derive_state
+from torpor.jobs import compression as compression_jobs
+from torpor.operations import snapshots
 from torpor.paths import DataRoot, InstancePaths
 
 if TYPE_CHECKING:  # the manager calls in here; only the type is needed back
-    from torpor.instances.manager import InstanceInfo, InstanceManager
-    from torpor.instances.snapshots import SnapshotRecord
+    from torpor.instances.info import InstanceInfo
+    from torpor.manager import InstanceManager
+    from torpor.operations.snapshots import SnapshotRecord
 
 TargetState = Literal["running", "standby", "stopped"]
 AUTO_TAG = "torpor.auto"  # a snapshot torpor made for forks, removed with the last of them

@@ -22,12 +22,13 @@ from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import VMConfig, zeroed_ram_block
-from torpor.instances import compression_jobs, observe
+from torpor.instances import observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_policy, utc_now
-from torpor.instances.operation import OperationRecorder
+from torpor.instances.record import PhaseRecorder
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, derive_state
-from torpor.snapshot.manifest import (
+from torpor.jobs import compression as compression_jobs
+from torpor.machinestate.manifest import (
     FileIdentity,
     Manifest,
     MemoryFileRecord,
@@ -35,7 +36,7 @@ from torpor.snapshot.manifest import (
     StateFile,
     sample_pages,
 )
-from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_state
+from torpor.machinestate.stream import finalize_checksum, prepare_outgoing, save_state
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
@@ -68,7 +69,7 @@ def build_manifest(vm_config: VMConfig, state: StateFile, qemu_version: str) -> 
                     kind="memory-file" if record else "stream", memory_file=record)
 
 
-def release_memory_file(path: Path, op: OperationRecorder) -> tuple[FileIdentity, list[PageSample]]:
+def release_memory_file(path: Path, op: PhaseRecorder) -> tuple[FileIdentity, list[PageSample]]:
     """After QEMU has quit: write the guest's RAM to disk and drop it from the page cache,
     so the host really gets the memory back (outside the paused window). Returns what
     restore checks the file against: its identity and sampled pages (read before the
@@ -86,7 +87,7 @@ def release_memory_file(path: Path, op: OperationRecorder) -> tuple[FileIdentity
 
 
 async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: CompressionPolicy,
-                         op: OperationRecorder) -> Manifest:
+                         op: PhaseRecorder) -> Manifest:
     """The paused window: everything between `stop` and QEMU having exited."""
     process = record.process()
     partial, latest = ctx.paths.standby_partial_dir, ctx.paths.standby_dir
@@ -138,7 +139,7 @@ def check_state(name: str, state: InstanceState) -> None:
 
 
 async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
-                  ) -> OperationRecorder:
+                  ) -> PhaseRecorder:
     state, record = await derive_state(ctx.paths)
     check_state(ctx.name, state)
     if record is None:
@@ -155,7 +156,7 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
     background = policy.mode == "background" and policy.codec is not Codec.NONE
     # Background: save raw inside the paused window; a worker compresses after.
     save_policy = CompressionPolicy() if background else policy
-    op = OperationRecorder("standby", ctx.name)
+    op = PhaseRecorder("standby", ctx.name)
     try:
         try:
             manifest = await _save_and_stop(ctx, record, save_policy, op)

@@ -32,7 +32,7 @@ from torpor.fsutil import remove_tree
 from torpor.hypervisor.qmp import PAUSED_STATES, Monitor, QmpError
 from torpor.instances.context import InstanceContext
 from torpor.instances.runtime import clear_runtime, has_standby_state, load_runtime
-from torpor.instances.snapshots import fold_back_frozen_disk
+from torpor.operations.snapshots import fold_back_frozen_disk
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0

@@ -13,10 +13,9 @@ from torpor.hypervisor.accel import resolve_accel
 from torpor.hypervisor.process import LAUNCH_TIMEOUT, ProcessIdentity, TrackedProcess, launch
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import Accel, VMConfig
-from torpor.instances import compression_jobs
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import InstanceState, utc_now
-from torpor.instances.operation import OperationRecorder
+from torpor.instances.record import PhaseRecorder
 from torpor.instances.runtime import (
     RuntimeRecord,
     clear_runtime,
@@ -24,6 +23,7 @@ from torpor.instances.runtime import (
     save_runtime,
 )
 from torpor.instances.vmspec import vm_config_for
+from torpor.jobs import compression as compression_jobs
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +111,7 @@ async def resume(ctx: InstanceContext) -> None:
         raise WrongState(f"instance {ctx.name} is {state}, not paused")
 
 
-async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRecorder:
+async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecorder:
     """stopped/crashed → running. The caller holds the instance lock."""
     state, record = await derive_state(ctx.paths)
     check_startable(ctx.name, state)
@@ -122,7 +122,7 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> OperationRe
     if ctx.meta.memory_origin is not None:  # a fork booting afresh needs no origin's RAM
         ctx.meta.memory_origin = None
         ctx.meta.save(ctx.paths.metadata)
-    op = OperationRecorder("start", ctx.name)
+    op = PhaseRecorder("start", ctx.name)
     process: TrackedProcess | None = None
     try:
         with op.phase("spawn"):
@@ -214,14 +214,14 @@ async def shutdown(ctx: InstanceContext, process: TrackedProcess, timeout: float
 
 
 async def stop(ctx: InstanceContext, *, timeout: float | None = None,
-               force: bool = False) -> OperationRecorder:
+               force: bool = False) -> PhaseRecorder:
     """running/paused/crashed → stopped. The caller holds the instance lock."""
     state, record = await derive_state(ctx.paths)
     check_stoppable(ctx.name, state)
     if state is InstanceState.STANDBY and not force:
         raise WrongState(f"instance {ctx.name} is in standby: restore it, or discard its saved"
                          " state with `stop --force`")
-    op = OperationRecorder("stop", ctx.name)
+    op = PhaseRecorder("stop", ctx.name)
     if state is InstanceState.STANDBY:
         await asyncio.to_thread(discard_standby_state, ctx)
         await op.persist(ctx.paths)

@@ -27,13 +27,13 @@ from torpor.errors import Busy, IntegrityError, NotFound, TorporError
 from torpor.fsutil import DELETING_PREFIX, parse_owner, remove_tree
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES
-from torpor.instances import compression_jobs
-from torpor.instances.fork import AUTO_TAG, OWNER_TAG
 from torpor.instances.metadata import InstanceMetadata
 from torpor.instances.runtime import load_runtime, query_vm_status
-from torpor.instances.snapshots import all_records
+from torpor.jobs import compression as compression_jobs
+from torpor.machinestate.manifest import Manifest, locate_state_file
+from torpor.operations.fork import AUTO_TAG, OWNER_TAG
+from torpor.operations.snapshots import all_records
 from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths
-from torpor.snapshot.manifest import Manifest, locate_state_file
 
 TMP_SUFFIX = ".tmp"
 

@@ -43,16 +43,17 @@ from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.blockfreeze import DiskFreeze, thaw, thaw_offline
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import drive_id
-from torpor.instances import compression_jobs, observe
+from torpor.instances import observe
 from torpor.instances.context import InstanceContext
-from torpor.instances.legs import in_thread, run_legs
 from torpor.instances.metadata import NAME_RE, CompressionPolicy, InstanceState, utc_now
-from torpor.instances.operation import OperationRecorder
+from torpor.instances.record import PhaseRecorder
 from torpor.instances.runtime import RuntimeRecord, derive_state
-from torpor.instances.standby import build_manifest
+from torpor.jobs import compression as compression_jobs
+from torpor.machinestate.manifest import Manifest, rebind_memory_file
+from torpor.machinestate.stream import finalize_checksum, prepare_outgoing, save_state
+from torpor.operations.legs import in_thread, run_legs
+from torpor.operations.standby import build_manifest
 from torpor.paths import DataRoot, InstancePaths, SnapshotPaths
-from torpor.snapshot.manifest import Manifest, rebind_memory_file
-from torpor.snapshot.stream import finalize_checksum, prepare_outgoing, save_state
 
 RECORD_VERSION = 1
 log = logging.getLogger(__name__)
@@ -197,7 +198,7 @@ class _PausedWindow:
     The guest agent is attached for the pause only (forks of the saved state find it
     answering at once); the agent takes one client, so it is let go at the end."""
 
-    def __init__(self, mon: Monitor, op: OperationRecorder, agent_socket: Path) -> None:
+    def __init__(self, mon: Monitor, op: PhaseRecorder, agent_socket: Path) -> None:
         self.mon, self.op = mon, op
         self.agent_socket = agent_socket
         self.agent = contextlib.AsyncExitStack()
@@ -222,7 +223,7 @@ class _PausedWindow:
 
 
 async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging: SnapshotPaths,
-                            serial: bool, policy: CompressionPolicy, op: OperationRecorder
+                            serial: bool, policy: CompressionPolicy, op: PhaseRecorder
                             ) -> tuple[Manifest, CopyReport]:
     """A running source's snapshot: pause, both legs, resume. Overlapped, the pause ends
     when the state is saved and the disk is frozen; the disk copy goes on meanwhile, and
@@ -332,7 +333,7 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
         raise WrongState(f"instance {ctx.name} is crashed: stop it (or start it) first")
     snapshot_id = secrets.token_hex(6)
     staging = data_root.snapshot_staging(owned_name(snapshot_id))
-    op = OperationRecorder("snapshot", ctx.name)
+    op = PhaseRecorder("snapshot", ctx.name)
     try:
         staging.root.mkdir(parents=True)
         if state in (InstanceState.RUNNING, InstanceState.PAUSED):
@@ -363,7 +364,7 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
 
 
 async def _copy_at_rest(ctx: InstanceContext, staging: SnapshotPaths, kind: SnapshotKind,
-                        op: OperationRecorder) -> CopyReport:
+                        op: PhaseRecorder) -> CopyReport:
     """A standby or stopped source: a plain copy. A standby source's state is read, so its
     background job stops first, and is queued again afterwards (the state stays)."""
     plan = None
@@ -384,7 +385,7 @@ async def _copy_at_rest(ctx: InstanceContext, staging: SnapshotPaths, kind: Snap
 
 def _record(ctx: InstanceContext, snapshot_id: str, name: str, kind: SnapshotKind,
             mode: Literal["overlapped", "serial", "copy"], tags: dict[str, str],
-            report: CopyReport, paths: SnapshotPaths, op: OperationRecorder) -> SnapshotRecord:
+            report: CopyReport, paths: SnapshotPaths, op: PhaseRecorder) -> SnapshotRecord:
     codec = state_bytes = None
     if kind != "stopped":
         manifest = Manifest.load(paths.payload_instance().standby_dir)

@@ -1,0 +1,54 @@
+"""What `show` and `list` report about an instance (the CLI, the API and its client
+share it)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+from pathlib import Path
+
+from pydantic import BaseModel
+
+from torpor.instances.metadata import InstanceState, LastOperation, MemoryBacking
+
+
+class CompressionState(StrEnum):
+    NONE = "none"
+    PENDING = "pending"
+    COMPRESSING = "compressing"
+    COMPRESSED = "compressed"
+    ERROR = "error"
+
+
+class CompressionStatus(BaseModel):
+    state: CompressionState
+    algorithm: str | None = None
+    raw_bytes: int | None = None
+    compressed_bytes: int | None = None
+    not_before: float | None = None
+    error: str | None = None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.raw_bytes and self.compressed_bytes:
+            return self.raw_bytes / self.compressed_bytes
+        return None
+
+
+class InstanceInfo(BaseModel):
+    """What `show` and `list` report."""
+
+    name: str
+    id: str
+    state: InstanceState
+    cpus: int
+    memory_mib: int
+    disk_bytes: int
+    mac: str
+    memory_backing: MemoryBacking = "anonymous"
+    created_at: datetime
+    pid: int | None = None
+    accel: str | None = None
+    path: Path
+    last_operation: LastOperation | None = None
+    compression: CompressionStatus

@@ -1,0 +1,92 @@
+"""Which operation an instance's state allows: one table, one guard.
+
+State is derived, never stored (instances/runtime.py). Every locked operation names its
+`Action`; the registry refuses a wrong state twice from this table: once before taking
+the lock (a request that is wrong anyway never waits for, or holds, the lock against one
+that is right) and once under it, after recovery (that check is the one that counts).
+Operations do not check again: they are handed the state the guard saw.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from torpor.errors import WrongState
+from torpor.instances.metadata import InstanceState
+
+S = InstanceState
+LIVE = frozenset({S.RUNNING, S.PAUSED})  # a QEMU process holds the guest
+EVERY = frozenset(S)
+
+
+class Action(StrEnum):
+    START = "start"
+    STOP = "stop"
+    STOP_FORCE = "stop --force"
+    STANDBY = "standby"
+    RESTORE = "restore"
+    RESUME = "resume"
+    DELETE = "delete"
+    DELETE_FORCE = "delete --force"
+    SNAPSHOT = "snapshot"
+    SNAPSHOT_RESTORE = "snapshot restore"
+    FORK = "fork"
+    EXEC = "exec"
+    CONFIGURE = "configure"  # settings only (the compression policy): any state
+
+
+@dataclass(frozen=True)
+class Rule:
+    allowed: frozenset[InstanceState]
+    refusal: str  # {name}, {state}
+    hints: Mapping[InstanceState, str] = field(default_factory=dict)  # a better refusal
+    # Under the lock only: states in which recovery has already done the work.
+    done_in: frozenset[InstanceState] = frozenset()
+
+
+RULES: dict[Action, Rule] = {
+    Action.START: Rule(
+        frozenset({S.STOPPED, S.CRASHED}), "instance {name} is already {state}",
+        {S.STANDBY: "instance {name} is in standby: use `torpor restore {name}`"}),
+    Action.STOP: Rule(
+        LIVE | {S.CRASHED}, "instance {name} is not running",
+        {S.STANDBY: "instance {name} is in standby: restore it, or discard its saved state"
+                    " with `stop --force`"}),
+    Action.STOP_FORCE: Rule(LIVE | {S.CRASHED, S.STANDBY}, "instance {name} is not running"),
+    Action.STANDBY: Rule(
+        LIVE, "instance {name} is {state}: only a running VM can go into standby",
+        {S.STANDBY: "instance {name} is already in standby"}),
+    Action.RESTORE: Rule(
+        frozenset({S.STANDBY}), "instance {name} has no standby state to restore (it is {state})"),
+    Action.RESUME: Rule(
+        frozenset({S.PAUSED}), "instance {name} is {state}, not paused",
+        done_in=frozenset({S.RUNNING})),
+    Action.DELETE: Rule(
+        EVERY - LIVE, "instance {name} is {state}: stop it first, or use --force"),
+    Action.DELETE_FORCE: Rule(EVERY, ""),
+    Action.SNAPSHOT: Rule(
+        EVERY - {S.CRASHED}, "instance {name} is crashed: stop it (or start it) first"),
+    Action.SNAPSHOT_RESTORE: Rule(
+        EVERY - LIVE, "instance {name} is {state}: stop it (or put it in standby) first"),
+    Action.FORK: Rule(
+        EVERY - {S.CRASHED}, "instance {name} is crashed: stop or start it first"),
+    Action.EXEC: Rule(frozenset({S.RUNNING}), "instance {name} is {state}, not running"),
+    Action.CONFIGURE: Rule(EVERY, ""),
+}
+
+
+def require(action: Action, name: str, state: InstanceState, *, locked: bool = True) -> None:
+    """WrongState (exit code 4) unless `action` may run on an instance in `state`.
+    `locked`: the check under the lock, where recovery may already have done the work."""
+    rule = RULES[action]
+    if state in rule.allowed or (locked and state in rule.done_in):
+        return
+    template = rule.hints.get(state, rule.refusal)
+    raise WrongState(template.format(name=name, state=state))
+
+
+def is_live(state: InstanceState) -> bool:
+    """A QEMU process holds the guest (running or paused)."""
+    return state in LIVE
