@@ -8,7 +8,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs
                 e2fsprogs kmod util-linux
 
 .PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
-        bench-snapshot bench-fork clean
+        bench-snapshot bench-fork bench-cli clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -61,6 +61,10 @@ bench-snapshot: guest
 
 bench-fork: guest
 	$(BIN)/python -m bench.fork_bench
+
+# What a script pays per `torpor` call, in-process and through the daemon.
+bench-cli: guest
+	$(BIN)/python -m bench.cli_bench
 
 bench-codec: guest
 	$(BIN)/pip install -q -e '.[bench]'

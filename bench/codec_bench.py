@@ -43,6 +43,7 @@ from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
 from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.runtime import load_runtime
+from torpor.instances.states import Action
 from torpor.machinestate.manifest import StateFile
 from torpor.machinestate.stream import (
     FD_NAME,
@@ -186,7 +187,7 @@ async def main() -> int:
                                              f"count={args.fill} 2>/dev/null"], timeout=900)
     rows: list[tuple[str, float, int]] = []
     files: dict[tuple[Codec, bool], Path] = {}
-    async with mgr.locked("codec") as ctx:
+    async with mgr.registry.locked("codec", Action.CONFIGURE) as ctx:
         for codec in (Codec.ZSTD, Codec.LZ4):
             for native in (False, True):
                 times = []

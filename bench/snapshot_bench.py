@@ -30,6 +30,7 @@ from torpor.hypervisor.qmp import Monitor
 from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.runtime import load_runtime
+from torpor.instances.states import Action
 from torpor.machinestate.stream import prepare_outgoing
 from torpor.manager import InstanceManager
 from torpor.operations.snapshots import copy_leg, save_leg
@@ -43,7 +44,8 @@ def drop_caches() -> None:
 async def leg_alone(mgr: InstanceManager, name: str, work: Path, leg: str) -> float:
     """One leg exactly as a snapshot runs it (same functions, same options), paused."""
     target = Path(tempfile.mkdtemp(dir=work)) / "out"
-    async with mgr.locked(name) as ctx, Monitor.connect(ctx.paths.qmp_socket) as mon:
+    async with mgr.registry.locked(name, Action.CONFIGURE) as ctx, \
+            Monitor.connect(ctx.paths.qmp_socket) as mon:
         record = load_runtime(ctx.paths)
         assert record is not None
         await prepare_outgoing(mon, record.vm_config)

@@ -63,6 +63,7 @@ from torpor.hypervisor.vmconfig import VMConfig, render_argv
 from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy, utc_now
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, load_runtime, save_runtime
+from torpor.instances.states import Action
 from torpor.instances.vmspec import vm_config_for
 from torpor.manager import InstanceManager
 from torpor.operations.lifecycle import effective_accel
@@ -152,7 +153,7 @@ async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path, prepare
                          ) -> dict[str, float]:
     """The baseline, driven through QMP on the same QEMU process torpor started."""
     state_file = workdir / f"{name}.state"
-    async with mgr.locked(name) as ctx:
+    async with mgr.registry.locked(name, Action.CONFIGURE) as ctx:
         record = load_runtime(ctx.paths)
         assert record is not None
         process = record.process()
@@ -190,7 +191,7 @@ async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path, prepare
 
 async def libvirt_twin(mgr: InstanceManager, name: str, workdir: Path) -> LibvirtGuest:
     """The same guest (kernel, initrd, cmdline, CPU, memory, a copy of the fresh disk)."""
-    async with mgr.locked(name) as ctx:
+    async with mgr.registry.locked(name, Action.CONFIGURE) as ctx:
         config = vm_config_for(ctx.meta, ctx.paths, effective_accel(ctx))
         return LibvirtGuest(f"torpor-bench-{name}", config, ctx.paths.disk, workdir)
 

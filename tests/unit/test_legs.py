@@ -11,7 +11,8 @@ import pytest
 
 from tests.copy.helpers import MiB, make_sparse
 from torpor.copy import copy_tree
-from torpor.operations.legs import LegFailed, in_thread, run_legs
+from torpor.operations.legs import LegFailed, run_legs
+from torpor.tasks import in_thread
 
 
 def test_both_legs_succeed() -> None:

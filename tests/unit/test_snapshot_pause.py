@@ -125,8 +125,9 @@ def scenario(monkeypatch: pytest.MonkeyPatch) -> Iterator[Scenario]:
 def pause_once(tmp_path: Path) -> tuple[Any, PhaseRecorder]:
     root = tmp_path / "instance"
     root.mkdir()
-    ctx = SimpleNamespace(paths=InstancePaths(root))
-    record = SimpleNamespace(vm_config=SimpleNamespace(memory_file=None))
+    ctx = SimpleNamespace(paths=InstancePaths(root), name="fake")
+    qemu = SimpleNamespace(is_alive=lambda: True)
+    record = SimpleNamespace(vm_config=SimpleNamespace(memory_file=None), process=lambda: qemu)
     op = PhaseRecorder("snapshot", "fake")
     staging = SnapshotPaths(tmp_path / ".creating-x")
     result = asyncio.run(snapshots._overlapped_pause(

@@ -60,8 +60,8 @@ from torpor.api.tracker import OperationTracker, check_operation_id
 from torpor.errors import InvalidArgument, TorporError
 from torpor.instances.info import InstanceInfo
 from torpor.instances.metadata import InstanceState
+from torpor.instances.snapshotrecord import SnapshotRecord
 from torpor.manager import InstanceManager
-from torpor.operations.snapshots import SnapshotRecord
 from torpor.units import format_seconds
 
 log = logging.getLogger("torpor.api")

@@ -21,8 +21,8 @@ from torpor.config import ListenAddress
 from torpor.guest.agent import ExecResult
 from torpor.instances.info import InstanceInfo
 from torpor.instances.metadata import CompressionPolicy, MemoryBacking
-from torpor.operations.fork import TargetState
-from torpor.operations.snapshots import SnapshotRecord
+from torpor.instances.snapshotrecord import SnapshotRecord
+from torpor.instances.states import TargetState
 
 M = TypeVar("M", bound=BaseModel)
 _ERRORS: dict[str, type[errors.TorporError]] = {
@@ -49,6 +49,8 @@ def _raise_for(response: httpx.Response) -> None:
 
 class RemoteManager:
     """What the CLI needs of an InstanceManager, served by torpord."""
+
+    remote = True  # the CLI asks this, not isinstance: it must not import httpx to ask
 
     def __init__(self, address: ListenAddress, token: str) -> None:
         self.address = address

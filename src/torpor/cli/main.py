@@ -8,11 +8,10 @@ import sys
 import time
 from collections.abc import Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 
-from torpor.api.client import RemoteManager
 from torpor.api.listen import daemon_listening
 from torpor.cli.output import (
     console,
@@ -31,10 +30,17 @@ from torpor.config import Config, load_config, parse_listen
 from torpor.errors import InvalidArgument, TorporError, Unsupported
 from torpor.instances.info import InstanceInfo
 from torpor.instances.metadata import CompressionPolicy
-from torpor.manager import InstanceManager
-from torpor.operations.fork import TargetState
-from torpor.operations.snapshots import SnapshotRecord, parse_tags
+from torpor.instances.snapshotrecord import SnapshotRecord, parse_tags
+from torpor.instances.states import TargetState
 from torpor.units import parse_duration, parse_size
+
+if TYPE_CHECKING:  # imported where used: a command loads only its own path (see manager())
+    from typing import TypeAlias
+
+    from torpor.api.client import RemoteManager
+    from torpor.manager import InstanceManager
+
+    Backend: TypeAlias = InstanceManager | RemoteManager
 
 T = TypeVar("T")
 
@@ -65,7 +71,6 @@ def config(ctx: typer.Context) -> Config:
     return result
 
 
-Backend = InstanceManager | RemoteManager
 
 
 def manager(ctx: typer.Context) -> Backend:
@@ -82,8 +87,12 @@ def manager(ctx: typer.Context) -> Backend:
                 raise InvalidArgument(f"a daemon listens on {cfg.listen_address} but its "
                                       f"token {cfg.token_path} is unreadable ({exc.strerror});"
                                       " use --local to work without it") from None
+            from torpor.api.client import RemoteManager
+
             backend = RemoteManager(cfg.listen_address, token)
         else:
+            from torpor.manager import InstanceManager
+
             mgr = InstanceManager(cfg.root.root, cfg.settings())
             # A manager starting up re-queues background jobs a restart or a kill orphaned.
             for line in mgr.recover_jobs():
@@ -141,9 +150,10 @@ def operations(ctx: typer.Context,
                json_out: JsonOpt = False) -> None:
     """List the daemon's recent operations, with their progress and phases."""
     backend = manager(ctx)
-    if not isinstance(backend, RemoteManager):
+    if not backend.remote:
         raise Unsupported("operations are tracked by the daemon: start `torpor serve` first")
-    print_listing(run(backend.operations(instance)), json_out, "operations", operations_table)
+    remote = cast("RemoteManager", backend)
+    print_listing(run(remote.operations(instance)), json_out, "operations", operations_table)
 
 
 @app.command("openapi")
@@ -276,6 +286,8 @@ def check(ctx: typer.Context,
     Runs in-process even when a daemon listens: it takes each instance's lock like any
     operation, and leaves alone an instance that is busy."""
     cfg = config(ctx)
+    from torpor.manager import InstanceManager
+
     mgr = InstanceManager(cfg.root.root, cfg.settings(), lock_wait=0)
     problems = run(mgr.check(repair=repair))
     remaining = [p for p in problems if not p.repaired]
@@ -498,15 +510,15 @@ def image_build() -> None:
 
 
 async def fetch_snapshots(backend: Backend, source: str | None) -> list[SnapshotRecord]:
-    if isinstance(backend, RemoteManager):
-        return await backend.snapshot_list_async(source)
-    return backend.snapshot_list(source)
+    if backend.remote:
+        return await cast("RemoteManager", backend).snapshot_list_async(source)
+    return cast("InstanceManager", backend).snapshot_list(source)
 
 
 async def fetch_snapshot(backend: Backend, snapshot: str, source: str | None) -> SnapshotRecord:
-    if isinstance(backend, RemoteManager):
-        return await backend.snapshot_get_async(snapshot, source)
-    return backend.snapshot_get(snapshot, source)
+    if backend.remote:
+        return await cast("RemoteManager", backend).snapshot_get_async(snapshot, source)
+    return cast("InstanceManager", backend).snapshot_get(snapshot, source)
 
 
 def main() -> None:

@@ -6,23 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TransferSpeedColumn,
-)
-
-from torpor.api.client import RemoteManager
 from torpor.cli.output import err_console
 from torpor.errors import TorporError
 from torpor.instances.observe import ProgressObserver, StageProgress, observing
-from torpor.manager import InstanceManager
+
+if TYPE_CHECKING:
+    from torpor.api.client import RemoteManager
+    from torpor.manager import InstanceManager
 
 T = TypeVar("T")
 REFRESH = 0.2
@@ -34,13 +26,14 @@ async def with_progress(backend: InstanceManager | RemoteManager, label: str,
                         work: Callable[[], Coroutine[Any, Any, T]]) -> T:
     if not err_console.is_terminal:
         return await work()
-    if isinstance(backend, RemoteManager):
-        op_id = backend.new_operation_id()
-        backend.next_operation = op_id
+    if backend.remote:
+        remote = cast("RemoteManager", backend)
+        op_id = remote.new_operation_id()
+        remote.next_operation = op_id
 
         async def remote_stages() -> list[StageProgress]:
             try:
-                return (await backend.operation(op_id)).progress
+                return (await remote.operation(op_id)).progress
             except TorporError:  # not registered yet, or already forgotten
                 return []
 
@@ -56,6 +49,17 @@ async def with_progress(backend: InstanceManager | RemoteManager, label: str,
 
 
 async def _render(label: str, task: asyncio.Future[T], stages: Stages) -> T:
+    # Imported here: only a terminal shows a bar, and rich.progress takes a while to load.
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TaskID,
+        TextColumn,
+        TimeElapsedColumn,
+        TransferSpeedColumn,
+    )
+
     columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
                TransferSpeedColumn(), TimeElapsedColumn())
     try:

@@ -1,11 +1,7 @@
-"""The hypervisor layer: QEMU processes, their argument lists and QMP.
+"""The hypervisor layer: QEMU processes (process.py), their argument lists (vmconfig.py),
+QMP (qmp.py), the accelerator probe (accel.py) and disk freezing (blockfreeze.py).
 
 Knows nothing of instances, snapshots or the data root: callers hand it a VMConfig
-and paths.
+and paths. Import the modules themselves: this package imports none of them, so that
+what only needs a VMConfig's types does not load asyncio and QMP.
 """
-
-from torpor.hypervisor.process import TrackedProcess, launch
-from torpor.hypervisor.qmp import Monitor
-from torpor.hypervisor.vmconfig import Disk, PortForward, VMConfig, render_argv
-
-__all__ = ["Disk", "Monitor", "PortForward", "TrackedProcess", "VMConfig", "launch", "render_argv"]

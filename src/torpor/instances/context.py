@@ -1,5 +1,5 @@
-"""What every operation on one instance is handed: its metadata, its paths and the
-manager's settings."""
+"""What every operation on one instance is handed: its metadata, its paths, the
+manager's settings, and the state the guard saw under the instance's lock."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 from dataclasses import dataclass, field
 
 from torpor.hypervisor.accel import AccelChoice
-from torpor.instances.metadata import CompressionPolicy, InstanceMetadata
+from torpor.instances.metadata import CompressionPolicy, InstanceMetadata, InstanceState
+from torpor.instances.runtime import RuntimeRecord
 from torpor.paths import DataRoot, InstancePaths
 
 
@@ -30,6 +31,10 @@ class InstanceContext:
     settings: Settings
     meta: InstanceMetadata
     paths: InstancePaths
+    # Derived under the lock after recovery (operations/registry.py): operations act on
+    # these, they do not derive or check the state again.
+    state: InstanceState = InstanceState.STOPPED
+    record: RuntimeRecord | None = None
 
     @property
     def name(self) -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
+from typing import Literal
 
 from torpor.errors import WrongState
 from torpor.instances.metadata import InstanceState
@@ -19,6 +20,8 @@ from torpor.instances.metadata import InstanceState
 S = InstanceState
 LIVE = frozenset({S.RUNNING, S.PAUSED})  # a QEMU process holds the guest
 EVERY = frozenset(S)
+# What a fork is brought to once copied.
+TargetState = Literal["running", "standby", "stopped"]
 
 
 class Action(StrEnum):

@@ -32,7 +32,7 @@ from torpor.codec import SUFFIXES, Codec, sparse_decompressor_argv
 from torpor.errors import IntegrityError, OperationFailed, TorporError
 from torpor.fsutil import atomic_write_json, fsync_dir, read_json
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
-from torpor.instances.context import InstanceContext
+from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.info import CompressionState, CompressionStatus
 from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
 from torpor.machinestate.manifest import MACHINE_STATE, FileIdentity, Manifest
@@ -325,3 +325,19 @@ def load_stats(data_root: DataRoot) -> JobStats:
     with contextlib.suppress(FileNotFoundError, ValueError):
         return JobStats.model_validate(read_json(data_root.job_stats))
     return JobStats()
+
+
+def requeue(data_root: DataRoot, meta: InstanceMetadata, settings: Settings) -> str | None:
+    """Queue an instance's plan again if its worker is gone (a restart, a killed worker);
+    clear a plan whose instance left standby. What it did, or None."""
+    plan = meta.compression_plan
+    key = instance_job_key(meta.id)
+    if plan is None or plan.error or job_running(data_root, key):
+        return None
+    if (data_root.instance(meta.id).standby_dir / "manifest.json").exists():
+        # The worker itself decides whether there is anything left to compress.
+        launch_worker(data_root, meta.id, slots=settings.compression_jobs,
+                      rate_limit=settings.compression_rate_limit)
+        return "re-queued"
+    clear_stale_plan(data_root, meta.id)
+    return "plan cleared"

@@ -40,6 +40,7 @@ from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig
 from torpor.machinestate.manifest import LeftOutZeroPages, StateFile
 from torpor.machinestate.zeropages import StreamAbandoned, pump
+from torpor.tasks import in_thread
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: lifts QEMU 7.2's 128 MiB/s default cap
 PIPE_SIZE = 1 << 20
@@ -177,8 +178,8 @@ async def _migrate_into(mon: Monitor, sink: int, fresh_block: str | None,
         return 0
     read_end, write_end = _pipe()
     stop = threading.Event()
-    pumping = asyncio.ensure_future(asyncio.to_thread(
-        _pump, read_end, sink, fresh_block, stop, hasher))
+    pumping = asyncio.ensure_future(in_thread(  # awaited on every path below
+        lambda stop: _pump(read_end, sink, fresh_block, stop, hasher), stop=stop))
     try:
         await mon.hand_over_fd(FD_NAME, write_end)
         await mon.execute("migrate", {"uri": f"fd:{FD_NAME}"})

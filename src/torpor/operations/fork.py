@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
 
 from torpor import faults
 from torpor.copy import copy_tree
@@ -24,11 +23,11 @@ from torpor.errors import (
     InvalidArgument,
     NotFound,
     OperationFailed,
-    WrongState,
 )
-from torpor.fsutil import allocated_bytes, fsync_dir, owned_name, owner_tag, remove_tree
+from torpor.fsutil import allocated_bytes, fsync_dir, owned_name, remove_tree
 from torpor.guest.agent import GuestAgent
 from torpor.instances import observe
+from torpor.instances.info import InstanceInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
     InstanceMetadata,
@@ -39,21 +38,15 @@ from torpor.instances.metadata import (
     utc_now,
     validate_name,
 )
-from torpor.instances.runtime import derive_state
+from torpor.instances.snapshotrecord import SnapshotRecord
+from torpor.instances.states import Action, TargetState, is_live
 from torpor.jobs import compression as compression_jobs
-from torpor.operations import snapshots
+from torpor.operations import delete as delete_op
+from torpor.operations import lifecycle, snapshots
+from torpor.operations import restore as restore_op
+from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
 
-if TYPE_CHECKING:  # the manager calls in here; only the type is needed back
-    from torpor.instances.info import InstanceInfo
-    from torpor.manager import InstanceManager
-    from torpor.operations.snapshots import SnapshotRecord
-
-TargetState = Literal["running", "standby", "stopped"]
-AUTO_TAG = "torpor.auto"  # a snapshot torpor made for forks, removed with the last of them
-AUTO_BASE = "fork"  # memory-file mode: the forks map its RAM file; kept while they exist
-AUTO_TEMPORARY = "fork-temporary"  # a running source's state for the forks' copies
-OWNER_TAG = "torpor.owner"  # the process that made an automatic snapshot (fsutil.owner_tag)
 # Copied from a payload or source: everything but the runtime and the source's logs.
 FORK_SKIP = ("run", "logs")
 
@@ -132,113 +125,97 @@ async def apply_guest_identity(agent: GuestAgent, meta: InstanceMetadata) -> Non
 
 # --- orchestration --------------------------------------------------------------------------
 
-async def from_snapshot(mgr: InstanceManager, record: SnapshotRecord, new_name: str, *,
+async def from_snapshot(registry: Registry, record: SnapshotRecord, new_name: str, *,
                         count: int, target_state: TargetState) -> list[InstanceInfo]:
     has_state = record.kind != "stopped"
-    names = _check(mgr, new_name, count, target_state, has_state)
-    payload = mgr.data_root.snapshot(record.id).payload
-    created = await _materialise_all(mgr, payload, names, record.id, has_state)
-    return await _bring_up(mgr, created, has_state, target_state)
+    names = await _check(registry, new_name, count, target_state, has_state)
+    payload = registry.data_root.snapshot(record.id).payload
+    created = await _materialise_all(registry, payload, names, record.id, has_state)
+    return await _bring_up(registry, created, has_state, target_state)
 
 
-async def from_instance(mgr: InstanceManager, source: str, new_name: str, *, count: int,
+async def from_instance(registry: Registry, source: str, new_name: str, *, count: int,
                         target_state: TargetState) -> list[InstanceInfo]:
-    async with mgr.locked(source) as ctx:
-        state, _ = await derive_state(ctx.paths)
-        if state is InstanceState.CRASHED:
-            raise WrongState(f"instance {source} is crashed: stop or start it first")
-        has_state = state is not InstanceState.STOPPED
-        names = _check(mgr, new_name, count, target_state, has_state)
+    async with registry.locked(source, Action.FORK) as ctx:
+        has_state = ctx.state is not InstanceState.STOPPED
+        names = await _check(registry, new_name, count, target_state, has_state)
         if has_state and ctx.meta.memory_backing == "file":
             # Memory-file mode: one snapshot (RAM copied once, outside any fork), kept
             # while forks map its memory file privately; removed with the last of them.
             base = await snapshots.create(ctx, f"fork-base-{secrets.token_hex(4)}",
-                                          auto_tags(AUTO_BASE))
+                                          snapshots.auto_tags(snapshots.AUTO_BASE))
             try:
                 faults.point("fork.based")
                 created = await _materialise_all(
-                    mgr, mgr.data_root.snapshot(base.id).payload, names, base.id, True)
+                    registry, registry.data_root.snapshot(base.id).payload, names, base.id,
+                    True)
             except BaseException:
-                await mgr.drop_auto_snapshot(base.id)
+                await delete_op.drop_auto_snapshot(registry, base.id)
                 raise
-        elif state in (InstanceState.RUNNING, InstanceState.PAUSED):
+        elif is_live(ctx.state):
             # A temporary overlapped snapshot: the source pauses only for it.
             temp = await snapshots.create(ctx, f"fork-{secrets.token_hex(4)}",
-                                          auto_tags(AUTO_TEMPORARY))
+                                          snapshots.auto_tags(snapshots.AUTO_TEMPORARY))
             try:
                 faults.point("fork.based")
                 created = await _materialise_all(
-                    mgr, mgr.data_root.snapshot(temp.id).payload, names, None, True)
+                    registry, registry.data_root.snapshot(temp.id).payload, names, None, True)
             finally:
-                remove_tree(mgr.data_root.snapshot(temp.id).root)
+                await asyncio.to_thread(remove_tree, registry.data_root.snapshot(temp.id).root)
         else:
             # A standby source's state is read: its job stops, and is queued again after.
             plan = (await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
                     if has_state else None)
             try:
-                created = await _materialise_all(mgr, ctx.paths.root, names, None, has_state)
+                created = await _materialise_all(registry, ctx.paths.root, names, None,
+                                                 has_state)
             finally:
                 compression_jobs.resume_plan(ctx, plan, slots=ctx.settings.compression_jobs,
                                              rate_limit=ctx.settings.compression_rate_limit)
-    return await _bring_up(mgr, created, has_state, target_state)
+    return await _bring_up(registry, created, has_state, target_state)
 
 
-def auto_tags(purpose: str) -> dict[str, str]:
-    """A snapshot torpor makes for a fork says so, and which process made it: if that
-    process dies before the snapshot has dependents, `torpor check` removes it."""
-    return {AUTO_TAG: purpose, OWNER_TAG: owner_tag()}
-
-
-def _check(mgr: InstanceManager, new_name: str, count: int, target_state: TargetState,
-           has_state: bool) -> list[str]:
+async def _check(registry: Registry, new_name: str, count: int, target_state: TargetState,
+                 has_state: bool) -> list[str]:
     names = fork_names(new_name, count)
     if target_state == "standby" and not has_state:
         raise InvalidArgument("a stopped source has no machine state: fork it to "
                               "--target-state running or stopped")
-    taken = mgr.instance_names() & set(names)
+    taken = await asyncio.to_thread(registry.instance_names) & set(names)
     if taken:
         raise AlreadyExists(f"instance names already taken: {', '.join(sorted(taken))}")
     return names
 
 
-async def _materialise_all(mgr: InstanceManager, source_dir: Path, names: list[str],
+async def _materialise_all(registry: Registry, source_dir: Path, names: list[str],
                            origin: str | None, keep_state: bool) -> list[InstanceMetadata]:
-    async with file_lock(mgr.data_root.registry_lock, what="the instance registry"):
-        existing = mgr.instance_names()
-        # In parallel: each copy is mostly waiting on I/O (and its fsync).
+    data_root = registry.data_root
+    async with file_lock(data_root.registry_lock, what="the instance registry"):
+        existing = await asyncio.to_thread(registry.instance_names)
+        # Each copy is mostly waiting on I/O (and its fsync): all at once. A failing
+        # copy does not stop the others; each ends, and then all are removed.
         results = await asyncio.gather(
-            *(asyncio.to_thread(materialise, mgr.data_root, source_dir, name, existing,
+            *(asyncio.to_thread(materialise, data_root, source_dir, name, existing,
                                 origin, keep_state) for name in names),
             return_exceptions=True)
     created = [r for r in results if isinstance(r, InstanceMetadata)]
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:
         for meta in created:  # all or nothing
-            remove_tree(mgr.data_root.instance(meta.id).root)
+            await asyncio.to_thread(remove_tree, data_root.instance(meta.id).root)
         raise failures[0]
     return created
 
 
-async def _bring_up(mgr: InstanceManager, forks: list[InstanceMetadata], has_state: bool,
+async def _bring_up(registry: Registry, forks: list[InstanceMetadata], has_state: bool,
                     target_state: TargetState) -> list[InstanceInfo]:
     """Each fork to its target state, in parallel. All or nothing: if one fails, every
     fork of the operation is deleted."""
-    async def one(meta: InstanceMetadata) -> InstanceInfo:
-        paths = mgr.data_root.instance(meta.id)
-        if target_state == "stopped" and has_state:
-            remove_tree(paths.standby_dir)
-        elif target_state == "running":
-            if has_state:  # the identity on the connection the restore waited on
-                await mgr.restore(meta.name, then=lambda agent: apply_guest_identity(agent, meta))
-            else:
-                await mgr.start(meta.name)
-                async with GuestAgent.connect(paths.agent_socket) as agent:
-                    await apply_guest_identity(agent, meta)
-        return await mgr.get(meta.name)
-
     try:
         faults.point("fork.copied")
-        results = await asyncio.gather(*(one(m) for m in forks), return_exceptions=True)
+        results = await asyncio.gather(
+            *(_to_target(registry, m, has_state, target_state) for m in forks),
+            return_exceptions=True)
         failures = [r for r in results if isinstance(r, BaseException)]
         if failures:
             raise failures[0]
@@ -246,6 +223,26 @@ async def _bring_up(mgr: InstanceManager, forks: list[InstanceMetadata], has_sta
     except BaseException:
         for meta in forks:  # no half-made fork left
             with contextlib.suppress(NotFound):
-                await mgr.delete(meta.name, force=True)
+                await delete_op.delete(registry, meta.id, force=True)
         raise
     return [r for r in results if not isinstance(r, BaseException)]
+
+
+async def _to_target(registry: Registry, meta: InstanceMetadata, has_state: bool,
+                     target_state: TargetState) -> InstanceInfo:
+    """One new fork (in standby, or stopped) to `target_state`, with its own identity
+    inside the guest once it runs."""
+    action = Action.CONFIGURE
+    if target_state == "running":
+        action = Action.RESTORE if has_state else Action.START
+    async with registry.locked(meta.id, action) as ctx:
+        if target_state == "stopped" and has_state:
+            await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)
+        elif target_state == "running" and has_state:
+            async with restore_op.restored(ctx) as (agent, _):  # on the restore's connection
+                await apply_guest_identity(agent, ctx.meta)
+        elif target_state == "running":
+            await lifecycle.start(ctx)
+            async with GuestAgent.connect(ctx.paths.agent_socket) as agent:
+                await apply_guest_identity(agent, ctx.meta)
+        return await registry.current_info(ctx)

@@ -18,7 +18,6 @@ import os
 from collections.abc import Iterator
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
 
 from pydantic import BaseModel
 
@@ -27,12 +26,14 @@ from torpor.errors import Busy, IntegrityError, NotFound, TorporError
 from torpor.fsutil import DELETING_PREFIX, parse_owner, remove_tree
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES
-from torpor.instances.metadata import InstanceMetadata
+from torpor.instances.metadata import InstanceMetadata, InstanceState
 from torpor.instances.runtime import load_runtime, query_vm_status
+from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest, locate_state_file
-from torpor.operations.fork import AUTO_TAG, OWNER_TAG
-from torpor.operations.snapshots import all_records
+from torpor.operations import lifecycle
+from torpor.operations.registry import Registry
+from torpor.operations.snapshots import AUTO_TAG, OWNER_TAG, all_records
 from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths
 
 TMP_SUFFIX = ".tmp"
@@ -276,25 +277,20 @@ def _snapshots_used(root: DataRoot, meta: InstanceMetadata) -> Iterator[str]:
 
 # --- repair ----------------------------------------------------------------------------
 
-class InstanceRepairer(Protocol):
-    """What repair needs of the manager: an instance's problem fixed under its lock."""
-
-    async def repair_instance(self, instance_id: str, kind: Kind, path: Path) -> None: ...
-
-
-async def repair(manager: InstanceRepairer, root: DataRoot) -> list[Problem]:
+async def repair(registry: Registry) -> list[Problem]:
     """Fix what is safe to fix, then scan again: each problem found first is reported
     with `repaired` telling whether it is gone."""
+    root = registry.data_root
     before = await scan(root)
     for problem in before:
-        await _fix(manager, root, problem)
+        await _fix(registry, root, problem)
     after = {(p.kind, p.path) for p in await scan(root)}
     for problem in before:
         problem.repaired = (problem.kind, problem.path) not in after
     return before
 
 
-async def _fix(manager: InstanceRepairer, root: DataRoot, problem: Problem) -> None:
+async def _fix(registry: Registry, root: DataRoot, problem: Problem) -> None:
     path = Path(problem.path)
     if problem.kind in DEBRIS:
         await asyncio.to_thread(_remove, path)
@@ -305,7 +301,22 @@ async def _fix(manager: InstanceRepairer, root: DataRoot, problem: Problem) -> N
     elif problem.kind in PER_INSTANCE:
         instance_id = path.relative_to(root.instances_dir).parts[0]
         with contextlib.suppress(Busy, NotFound):  # busy: an operation puts it right itself
-            await manager.repair_instance(instance_id, problem.kind, path)
+            await _repair_instance(registry, instance_id, problem.kind, path)
+
+
+async def _repair_instance(registry: Registry, instance_id: str, kind: Kind,
+                           path: Path) -> None:
+    """One instance's problem, under its lock (never waited for: a busy instance is being
+    put right by the operation that holds it). Recovery runs as the lock is taken; what
+    it does not cover is done here."""
+    async with registry.locked(instance_id, Action.CONFIGURE, wait=0) as ctx:
+        if kind is Kind.CRASHED and ctx.state is InstanceState.CRASHED and ctx.record:
+            await lifecycle.terminate(ctx, ctx.record.process())
+            lifecycle.discard_memory_file(ctx)
+        elif kind is Kind.STALE_TEMP:
+            path.unlink(missing_ok=True)
+        elif kind is Kind.ORPHANED_PLAN:
+            compression_jobs.requeue(ctx.data_root, ctx.meta, ctx.settings)
 
 
 def _remove(path: Path) -> None:

@@ -1,20 +1,20 @@
 """Running the save leg and the copy leg of a snapshot at the same time.
 
-TaskGroup semantics are wrong here: a failing copy must NOT cancel the save, because QEMU
-is still writing into the snapshot directory; the operation waits for the save to end
-before anyone cleans up. A failing save does cancel the copy (it observes cancellation
-promptly). Either way both legs have ended when `run_legs` returns or raises.
+A plain task group's rule is wrong for the copy: a failing copy must NOT cancel the save,
+because QEMU is still writing into the snapshot directory; the operation waits for the
+save to end before anyone cleans up. So the copy leg's failure is kept, not raised, in
+the group, and reported once both legs have ended. A failing save does cancel the copy
+(it observes cancellation promptly). Either way both legs have ended when `run_legs`
+returns or raises (tasks.task_group).
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import threading
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 from torpor.errors import OperationFailed
+from torpor.tasks import task_group
 
 T = TypeVar("T")
 U = TypeVar("U")
@@ -33,44 +33,23 @@ class LegFailed(OperationFailed):
 
 
 async def run_legs(save: Coroutine[Any, Any, T], copy: Coroutine[Any, Any, U]) -> tuple[T, U]:
-    save_task = asyncio.create_task(save, name="save-leg")
-    copy_task = asyncio.create_task(copy, name="copy-leg")
+    copied: list[U] = []
+    copy_failure: list[Exception] = []
+
+    async def copy_leg() -> None:
+        try:
+            copied.append(await copy)
+        except Exception as exc:  # kept: raised in the group, it would cancel the save
+            copy_failure.append(exc)
+
     try:
-        await asyncio.wait({save_task, copy_task}, return_when=asyncio.FIRST_EXCEPTION)
-        save_error = save_task.exception() if save_task.done() else None
-        if save_error is not None:
-            copy_task.cancel()
-            (copy_outcome,) = await asyncio.gather(copy_task, return_exceptions=True)
-            raise LegFailed("save", save_error, _error_of(copy_outcome))
-        copy_error = copy_task.exception() if copy_task.done() else None
-        if copy_error is not None:
-            # Never cancel the save: wait for it to end, whatever it does.
-            (save_outcome,) = await asyncio.gather(save_task, return_exceptions=True)
-            raise LegFailed("copy", copy_error, _error_of(save_outcome))
-        return save_task.result(), copy_task.result()
-    finally:
-        # Only reached with a leg still running if we ourselves were cancelled.
-        for task in (save_task, copy_task):
-            if not task.done():
-                task.cancel()
-        await asyncio.gather(save_task, copy_task, return_exceptions=True)
-
-
-def _error_of(outcome: object) -> BaseException | None:
-    if isinstance(outcome, BaseException) and not isinstance(outcome, asyncio.CancelledError):
-        return outcome
-    return None
-
-
-async def in_thread(work: Callable[[threading.Event], T]) -> T:
-    """Run blocking `work(cancel_event)` in a thread; if this coroutine is cancelled, set the
-    event and wait until the thread has really returned, so no thread outlives its leg."""
-    stop = threading.Event()
-    future = asyncio.ensure_future(asyncio.to_thread(work, stop))
-    try:
-        return await asyncio.shield(future)
-    except asyncio.CancelledError:
-        stop.set()
-        with contextlib.suppress(BaseException):
-            await future
-        raise
+        async with task_group() as group:
+            save_task = group.create_task(save, name="save-leg")
+            group.create_task(copy_leg(), name="copy-leg")
+    except Exception as save_error:  # only the save leg raises in the group
+        if copy_failure:  # the copy failed first; the save, awaited, then failed too
+            raise LegFailed("copy", copy_failure[0], save_error) from copy_failure[0]
+        raise LegFailed("save", save_error) from save_error
+    if copy_failure:
+        raise LegFailed("copy", copy_failure[0]) from copy_failure[0]
+    return save_task.result(), copied[0]

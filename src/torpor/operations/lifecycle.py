@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 
-from torpor.errors import OperationFailed, TorporError, WrongState
+from torpor.errors import OperationFailed, TorporError
 from torpor.fsutil import remove_tree
 from torpor.guest.agent import AgentError, GuestAgent
 from torpor.hypervisor.accel import resolve_accel
@@ -19,11 +19,11 @@ from torpor.instances.record import PhaseRecorder
 from torpor.instances.runtime import (
     RuntimeRecord,
     clear_runtime,
-    derive_state,
     save_runtime,
 )
 from torpor.instances.vmspec import vm_config_for
 from torpor.jobs import compression as compression_jobs
+from torpor.tasks import in_thread
 
 log = logging.getLogger(__name__)
 
@@ -67,15 +67,13 @@ async def spawn(ctx: InstanceContext, config: VMConfig, *, incoming: str | None 
     """spawn_qemu off the event loop: QEMU takes ~30 ms to initialise, and parallel
     restores (forks) must not queue behind each other. If we are cancelled meanwhile, the
     QEMU that did start is killed: no process outlives the operation."""
-    launching = asyncio.ensure_future(asyncio.to_thread(
-        spawn_qemu, ctx, config, incoming=incoming, pass_fds=pass_fds,
-        ready_timeout=ready_timeout))
-    try:
-        return await asyncio.shield(launching)
-    except asyncio.CancelledError:
-        with contextlib.suppress(Exception):
-            await terminate(ctx, await launching)
-        raise
+    def undo(process: TrackedProcess) -> None:
+        process.kill()
+        clear_runtime(ctx.paths)
+
+    return await in_thread(
+        lambda _: spawn_qemu(ctx, config, incoming=incoming, pass_fds=pass_fds,
+                             ready_timeout=ready_timeout), undo=undo)
 
 
 async def agent_ready(ctx: InstanceContext, early: GuestAgent | None = None) -> GuestAgent:
@@ -83,38 +81,17 @@ async def agent_ready(ctx: InstanceContext, early: GuestAgent | None = None) -> 
     return await GuestAgent.ready(ctx.paths.agent_socket, ctx.settings.agent_timeout, early)
 
 
-def check_startable(name: str, state: InstanceState) -> None:
-    if state in (InstanceState.RUNNING, InstanceState.PAUSED):
-        raise WrongState(f"instance {name} is already {state}")
-    if state is InstanceState.STANDBY:
-        raise WrongState(f"instance {name} is in standby: use `torpor restore {name}`")
-
-
-def check_stoppable(name: str, state: InstanceState) -> None:
-    if state is InstanceState.STOPPED:
-        raise WrongState(f"instance {name} is not running")
-
-
-def check_resumable(name: str, state: InstanceState) -> None:
-    if state is not InstanceState.PAUSED:
-        raise WrongState(f"instance {name} is {state}, not paused")
-
-
 async def resume(ctx: InstanceContext) -> None:
-    """paused → running. Recovery (instances/recover.py) has usually done it already when
+    """paused → running. Recovery (operations/recover.py) has usually done it already when
     the lock was taken; a VM paused for another reason is resumed here."""
-    state, _ = await derive_state(ctx.paths)
-    if state is InstanceState.PAUSED:
+    if ctx.state is InstanceState.PAUSED:
         async with Monitor.connect(ctx.paths.qmp_socket) as mon:
             await mon.resume()
-    elif state is not InstanceState.RUNNING:
-        raise WrongState(f"instance {ctx.name} is {state}, not paused")
 
 
 async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecorder:
     """stopped/crashed → running. The caller holds the instance lock."""
-    state, record = await derive_state(ctx.paths)
-    check_startable(ctx.name, state)
+    record = ctx.record
     if record is not None:  # crashed: make sure nothing of the old process remains
         await terminate(ctx, record.process())
     check_boot_files(ctx)
@@ -215,12 +192,9 @@ async def shutdown(ctx: InstanceContext, process: TrackedProcess, timeout: float
 
 async def stop(ctx: InstanceContext, *, timeout: float | None = None,
                force: bool = False) -> PhaseRecorder:
-    """running/paused/crashed → stopped. The caller holds the instance lock."""
-    state, record = await derive_state(ctx.paths)
-    check_stoppable(ctx.name, state)
-    if state is InstanceState.STANDBY and not force:
-        raise WrongState(f"instance {ctx.name} is in standby: restore it, or discard its saved"
-                         " state with `stop --force`")
+    """running/paused/crashed → stopped; with `force`, standby → stopped too (the saved
+    state discarded). The caller holds the instance lock."""
+    state, record = ctx.state, ctx.record
     op = PhaseRecorder("stop", ctx.name)
     if state is InstanceState.STANDBY:
         await asyncio.to_thread(discard_standby_state, ctx)

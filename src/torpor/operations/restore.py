@@ -17,13 +17,13 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from torpor import faults
 from torpor.codec import Codec
-from torpor.errors import IntegrityError, OperationFailed, WrongState
+from torpor.errors import IntegrityError, OperationFailed
 from torpor.fsutil import fsync_dir, remove_tree
 from torpor.guest.agent import AgentError, GuestAgent
 from torpor.hypervisor.process import TrackedProcess
@@ -31,14 +31,13 @@ from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
 from torpor.instances import observe
 from torpor.instances.context import InstanceContext
-from torpor.instances.metadata import InstanceState
 from torpor.instances.record import PhaseRecorder
-from torpor.instances.runtime import derive_state
 from torpor.instances.vmspec import vm_config_for
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest, locate_state_file, verify_memory_file
 from torpor.machinestate.stream import exec_feed, load_state, reads_at_exec
 from torpor.operations import lifecycle
+from torpor.tasks import task_group
 
 log = logging.getLogger(__name__)
 
@@ -72,14 +71,6 @@ def check_memory_file(ctx: InstanceContext, config: VMConfig, manifest: Manifest
                              f" the saved state needs {config.memory_mib << 20}")
 
 
-def check_state(name: str, state: InstanceState) -> None:
-    if state is not InstanceState.STANDBY:
-        raise WrongState(f"instance {name} has no standby state to restore (it is {state})")
-
-
-AgentStep = Callable[[GuestAgent], Awaitable[None]]
-
-
 @dataclass
 class _Incoming:
     """What a restore has started so far: its QEMU and its agent connection."""
@@ -88,12 +79,17 @@ class _Incoming:
     agent: GuestAgent | None = None
 
 
-async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> PhaseRecorder:
-    """`then` runs on the agent connection restore waited on (a fork sets its identity
-    there); it is part of the operation: if it fails, the restore fails (the VM runs)."""
+async def restore(ctx: InstanceContext) -> PhaseRecorder:
+    async with restored(ctx) as (_, op):
+        return op
+
+
+@contextlib.asynccontextmanager
+async def restored(ctx: InstanceContext) -> AsyncIterator[tuple[GuestAgent, PhaseRecorder]]:
+    """The instance restored and running, and the agent connection the restore waited on
+    for the block (a fork sets its identity there). The block is part of the operation:
+    if it fails, the restore fails (the VM runs). The caller holds the lock (standby)."""
     started = time.monotonic()
-    state, _ = await derive_state(ctx.paths)
-    check_state(ctx.name, state)
     await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
     manifest = Manifest.load(ctx.paths.standby_dir)
     config = check_compatible(ctx, manifest)
@@ -127,8 +123,7 @@ async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> PhaseR
             vm.agent = await lifecycle.agent_ready(ctx, vm.agent)
             await set_guest_clock(vm.agent, op)
         op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
-        if then is not None:
-            await then(vm.agent)
+        yield vm.agent, op
         await vm.agent.close()
         faults.point("restore.agent")
         with op.phase("cleanup"):
@@ -141,7 +136,6 @@ async def restore(ctx: InstanceContext, then: AgentStep | None = None) -> PhaseR
         await op.persist(ctx.paths, failure)
         raise failure from exc
     await op.persist(ctx.paths)
-    return op
 
 
 def consume_state(ctx: InstanceContext) -> None:
@@ -192,28 +186,35 @@ async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
     checksum verified. Returns the monitor of the paused, loaded QEMU."""
     feed = await stack.enter_async_context(exec_feed(path, manifest.state))
     progress = observe.counter("load", manifest.state.stored_bytes)
-    launching = asyncio.ensure_future(lifecycle.spawn(
-        ctx, config, incoming=feed.uri, pass_fds=(feed.fd,), ready_timeout=feed.ready_timeout))
-    try:
+    # The launch's outcome, not its task: a task failing in the group would cancel us
+    # before `feed` has said what the failure means (a state failing its checksum).
+    launching: asyncio.Future[TrackedProcess] = asyncio.get_running_loop().create_future()
+
+    async def launch() -> None:
+        try:  # started, then we fail: the caller kills vm.process
+            vm.process = await lifecycle.spawn(ctx, config, incoming=feed.uri,
+                                               pass_fds=(feed.fd,),
+                                               ready_timeout=feed.ready_timeout)
+            launching.set_result(vm.process)
+        except Exception as exc:
+            launching.set_exception(exc)
+            launching.exception()  # marked as seen: `feed` reads it if it still waits
+
+    async with task_group() as group:  # we fail meanwhile: spawn kills what it started
+        group.create_task(launch())
         with op.phase("spawn"):
             await feed.until_read_from(launching)
         faults.point("restore.spawned")
         # Attached while QEMU loads, before the guest runs (see _load_deferred).
         vm.agent = await GuestAgent.attach_early(ctx.paths.agent_socket)
         with op.phase("load"):
-            vm.process = await feed.followed(launching, progress)
+            await feed.followed(launching, progress)
             try:
                 mon = await stack.enter_async_context(Monitor.connect(ctx.paths.qmp_socket))
                 await _check_version(ctx, mon, manifest)
                 await feed.completed(mon, progress)
             except QmpError as exc:  # QEMU exited on a state it could not load
                 raise await feed.lost(exc, _last_line(ctx.paths.qemu_log)) from exc
-    finally:
-        if not launching.done():  # we failed meanwhile: spawn kills what it started
-            launching.cancel()
-            await asyncio.wait({launching})
-        elif vm.process is None and not launching.cancelled() and not launching.exception():
-            vm.process = launching.result()  # started, then we failed: the caller kills it
     return mon
 
 

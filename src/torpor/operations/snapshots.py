@@ -14,20 +14,13 @@ names the leg that failed.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import re
 import secrets
 import shutil
-import time
-from datetime import datetime
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, Field
-
 from torpor import faults
-from torpor.codec import Codec
 from torpor.copy import CopyReport, copy_file, copy_tree
 from torpor.errors import AlreadyExists, InvalidArgument, NotFound, WrongState
 from torpor.fsutil import (
@@ -36,73 +29,60 @@ from torpor.fsutil import (
     fsync_dir,
     fsync_tree,
     owned_name,
+    owner_tag,
     read_json,
     remove_tree,
 )
-from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.blockfreeze import DiskFreeze, thaw, thaw_offline
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import drive_id
 from torpor.instances import observe
 from torpor.instances.context import InstanceContext
-from torpor.instances.metadata import NAME_RE, CompressionPolicy, InstanceState, utc_now
+from torpor.instances.metadata import (
+    CompressionPolicy,
+    InstanceMetadata,
+    InstanceState,
+    utc_now,
+)
 from torpor.instances.record import PhaseRecorder
 from torpor.instances.runtime import RuntimeRecord, derive_state
+from torpor.instances.snapshotrecord import (
+    SnapshotKind,
+    SnapshotRecord,
+    validate_snapshot_name,
+    validate_tags,
+)
+from torpor.instances.states import is_live
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest, rebind_memory_file
 from torpor.machinestate.stream import finalize_checksum, prepare_outgoing, save_state
-from torpor.operations.legs import in_thread, run_legs
+from torpor.operations.legs import run_legs
+from torpor.operations.paused import paused_window
 from torpor.operations.standby import build_manifest
 from torpor.paths import DataRoot, InstancePaths, SnapshotPaths
+from torpor.tasks import in_thread
 
-RECORD_VERSION = 1
 log = logging.getLogger(__name__)
-TAG_RE = re.compile(r"[A-Za-z0-9_.-]{1,63}")
 
-SnapshotKind = Literal["running", "standby", "stopped"]
-
-
-class SnapshotRecord(BaseModel):
-    version: int = RECORD_VERSION
-    id: str
-    name: str
-    source_id: str
-    source_name: str
-    kind: SnapshotKind
-    mode: Literal["overlapped", "serial", "copy"]
-    created_at: datetime
-    tags: dict[str, str] = Field(default_factory=dict)
-    logical_bytes: int = 0
-    bytes_written: int = 0
-    copy_method: str = ""
-    state_codec: Codec | None = None
-    state_bytes: int | None = None
-    phases: dict[str, float] = Field(default_factory=dict)
+AUTO_TAG = "torpor.auto"  # a snapshot torpor made for forks, removed with the last of them
+AUTO_BASE = "fork"  # memory-file mode: the forks map its RAM file; kept while they exist
+AUTO_TEMPORARY = "fork-temporary"  # a running source's state for the forks' copies
+OWNER_TAG = "torpor.owner"  # the process that made an automatic snapshot (fsutil.owner_tag)
 
 
-def parse_tags(items: list[str]) -> dict[str, str]:
-    tags = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise InvalidArgument(f"tags look like key=value: {item!r}")
-        tags[key] = value
-    return validate_tags(tags)
+def auto_tags(purpose: str) -> dict[str, str]:
+    """A snapshot torpor makes for a fork says so, and which process made it: if that
+    process dies before the snapshot has dependents, `torpor check` removes it."""
+    return {AUTO_TAG: purpose, OWNER_TAG: owner_tag()}
 
 
-def validate_tags(tags: dict[str, str]) -> dict[str, str]:
-    for key, value in tags.items():
-        if not TAG_RE.fullmatch(key) or len(value) > 256 or "\x00" in value:
-            raise InvalidArgument(f"bad tag {key!r}: keys are letters, digits and _.-, "
-                                  "values at most 256 characters")
-    return tags
-
-
-def validate_snapshot_name(name: str) -> str:
-    if len(name) > 63 or not NAME_RE.fullmatch(name):
-        raise InvalidArgument(f"invalid snapshot name {name!r}: use 1-63 lowercase letters,"
-                              " digits and '-'")
-    return name
+def dependents(data_root: DataRoot, snapshot_id: str,
+               instances: list[InstanceMetadata]) -> list[str]:
+    """Those of `instances` forked from the snapshot, or mapping its memory file."""
+    snapshot_dir = data_root.snapshot(snapshot_id).root
+    return [m.name for m in instances
+            if m.origin_snapshot == snapshot_id
+            or (m.memory_origin is not None and m.memory_origin.is_relative_to(snapshot_dir))]
 
 
 def load_record(paths: SnapshotPaths) -> SnapshotRecord:
@@ -193,35 +173,6 @@ async def save_leg(mon: Monitor, record: RuntimeRecord, directory: Path,
     return build_manifest(record.vm_config, state, await mon.version())
 
 
-class _PausedWindow:
-    """The source's pause: ended once, on every path; its length goes to the record.
-    The guest agent is attached for the pause only (forks of the saved state find it
-    answering at once); the agent takes one client, so it is let go at the end."""
-
-    def __init__(self, mon: Monitor, op: PhaseRecorder, agent_socket: Path) -> None:
-        self.mon, self.op = mon, op
-        self.agent_socket = agent_socket
-        self.agent = contextlib.AsyncExitStack()
-        self.paused_at: float | None = None
-        self.was_running = False
-
-    async def pause(self) -> None:
-        await self.agent.enter_async_context(GuestAgent.attached(self.agent_socket))
-        self.was_running = await self.mon.status() == "running"
-        self.paused_at = time.monotonic()
-        await self.mon.pause()
-
-    async def end(self) -> None:
-        try:
-            if self.paused_at is not None:
-                self.op.add("paused_window", time.monotonic() - self.paused_at)
-                self.paused_at = None
-                if self.was_running:
-                    await self.mon.resume()
-        finally:
-            await self.agent.aclose()
-
-
 async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging: SnapshotPaths,
                             serial: bool, policy: CompressionPolicy, op: PhaseRecorder
                             ) -> tuple[Manifest, CopyReport]:
@@ -232,40 +183,33 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging
     async with Monitor.connect(ctx.paths.qmp_socket) as mon:
         # Memory-file mode: the save leg is device state only; RAM goes with the copy leg.
         await prepare_outgoing(mon, record.vm_config)
-        window = _PausedWindow(mon, op, ctx.paths.agent_socket)
         freeze = DiskFreeze(mon, drive_id(0), ctx.paths.disk_overlay)
         try:
-            await window.pause()
-            faults.point("snapshot.paused")
-            if serial:
-                with op.phase("save+copy"):
-                    manifest = await save_leg(mon, record, state_dir, policy)
-                    report = await copy_leg(ctx, staging.payload)
-            else:
-                released = asyncio.Event()
+            async with paused_window(ctx, mon, record.process(), op,
+                                     f"snapshot of {ctx.name}") as window:
+                faults.point("snapshot.paused")
+                if serial:
+                    with op.phase("save+copy"):
+                        manifest = await save_leg(mon, record, state_dir, policy)
+                        report = await copy_leg(ctx, staging.payload)
+                else:
+                    released = asyncio.Event()
 
-                async def save_then_resume() -> Manifest:
-                    saved = await save_leg(mon, record, state_dir, policy)
-                    faults.point("snapshot.saved")
-                    await released.wait()
-                    await window.end()
-                    faults.point("snapshot.resumed")
-                    return saved
+                    async def save_then_resume() -> Manifest:
+                        saved = await save_leg(mon, record, state_dir, policy)
+                        faults.point("snapshot.saved")
+                        await released.wait()  # the disk is frozen (or its leg failed)
+                        await window.release()
+                        faults.point("snapshot.resumed")
+                        return saved
 
-                with op.phase("legs"):
-                    manifest, report = await run_legs(
-                        save_then_resume(),
-                        frozen_copy_leg(ctx, staging.payload, freeze, released))
-            await window.end()
+                    with op.phase("legs"):
+                        manifest, report = await run_legs(
+                            save_then_resume(),
+                            frozen_copy_leg(ctx, staging.payload, freeze, released))
             faults.point("snapshot.copied")
         except BaseException as exc:
-            try:
-                await window.end()  # resumed on every path; the leg's error is reported
-            except QmpError as resume_error:
-                log.error("snapshot of %s failed (%s) and the VM could not be resumed: %s"
-                          " (the next operation on it resumes it)", ctx.name, exc,
-                          resume_error)
-            await _thaw_after_failure(freeze, exc)
+            await _thaw_after_failure(freeze, exc)  # after the resume: the guest runs again
             raise
         with op.phase("thaw"):
             await freeze.thaw()
@@ -289,8 +233,8 @@ async def fold_back_frozen_disk(ctx: InstanceContext) -> None:
         return
     log.warning("instance %s: folding back the disk overlay of an interrupted snapshot",
                 ctx.name)
-    state, _ = await derive_state(ctx.paths)
-    if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+    state, _ = await derive_state(ctx.paths)  # recovery runs before the guard: derived here
+    if is_live(state):
         async with Monitor.connect(ctx.paths.qmp_socket) as mon:
             await thaw(mon, drive_id(0), overlay)
     else:
@@ -328,15 +272,13 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
     data_root = ctx.data_root
     if any(r.name == name and r.source_id == ctx.meta.id for r in all_records(data_root)):
         raise AlreadyExists(f"instance {ctx.name} already has a snapshot named {name!r}")
-    state, record = await derive_state(ctx.paths)
-    if state is InstanceState.CRASHED:
-        raise WrongState(f"instance {ctx.name} is crashed: stop it (or start it) first")
+    state, record = ctx.state, ctx.record
     snapshot_id = secrets.token_hex(6)
     staging = data_root.snapshot_staging(owned_name(snapshot_id))
     op = PhaseRecorder("snapshot", ctx.name)
     try:
         staging.root.mkdir(parents=True)
-        if state in (InstanceState.RUNNING, InstanceState.PAUSED):
+        if is_live(state):
             assert record is not None
             kind: SnapshotKind = "running"
             mode: Literal["overlapped", "serial", "copy"] = "serial" if serial else "overlapped"
@@ -406,10 +348,8 @@ def remove(data_root: DataRoot, snap: SnapshotRecord, dependents: list[str]) -> 
 
 
 async def restore_into(ctx: InstanceContext, snap: SnapshotRecord) -> None:
-    """Replace the instance's disk and standby state with the snapshot's (not running)."""
-    state, _ = await derive_state(ctx.paths)
-    if state in (InstanceState.RUNNING, InstanceState.PAUSED):
-        raise WrongState(f"instance {ctx.name} is {state}: stop it (or put it in standby) first")
+    """Replace the instance's disk and standby state with the snapshot's (not running:
+    the state guard saw to that)."""
     payload = ctx.data_root.snapshot(snap.id).payload_instance()
     await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
     await asyncio.to_thread(_replace_from_payload, ctx, payload)

@@ -1,9 +1,9 @@
 """Standby: pause, save the machine state, stop QEMU, give the host its memory back.
 
-The paused window is pause → QEMU stopped. Failure rules: anything failing before QEMU
-has stopped resumes the VM and removes the partial snapshot directory; QEMU refusing to
-stop is resumed and reported; QEMU dying mid-save leaves the instance `crashed` with its
-disk intact and no snapshot directory.
+The paused window (operations/paused.py) is pause → QEMU stopped. Failure rules:
+anything failing before QEMU has stopped removes what was saved and resumes the VM; QEMU
+refusing to stop is resumed and reported; QEMU dying mid-save leaves the instance
+`crashed` with its disk intact and no saved state.
 """
 
 from __future__ import annotations
@@ -18,15 +18,13 @@ from torpor import faults
 from torpor.codec import Codec
 from torpor.errors import OperationFailed, WrongState
 from torpor.fsutil import fsync_dir, remove_tree
-from torpor.guest.agent import GuestAgent
-from torpor.hypervisor.process import TrackedProcess
-from torpor.hypervisor.qmp import Monitor, QmpError
+from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig, zeroed_ram_block
 from torpor.instances import observe
 from torpor.instances.context import InstanceContext
-from torpor.instances.metadata import CompressionPolicy, InstanceState, resolve_policy, utc_now
+from torpor.instances.metadata import CompressionPolicy, resolve_policy, utc_now
 from torpor.instances.record import PhaseRecorder
-from torpor.instances.runtime import RuntimeRecord, clear_runtime, derive_state
+from torpor.instances.runtime import RuntimeRecord, clear_runtime
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import (
     FileIdentity,
@@ -37,25 +35,10 @@ from torpor.machinestate.manifest import (
     sample_pages,
 )
 from torpor.machinestate.stream import finalize_checksum, prepare_outgoing, save_state
+from torpor.operations.paused import paused_window
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
-
-
-async def _resume_after_failure(ctx: InstanceContext, process: TrackedProcess,
-                                error: BaseException) -> OperationFailed:
-    """Put the VM back to running; say what state the failure left behind."""
-    if not process.is_alive():
-        return OperationFailed(
-            f"standby of {ctx.name} failed: QEMU died during the save ({error}); the instance"
-            " is crashed with its disk intact: start it again")
-    try:
-        async with Monitor.connect(ctx.paths.qmp_socket, timeout=5) as mon:
-            await mon.resume()
-    except QmpError as exc:
-        return OperationFailed(f"standby of {ctx.name} failed ({error}) and the VM could not"
-                               f" be resumed ({exc})")
-    return OperationFailed(f"standby of {ctx.name} failed: {error}; the VM was resumed")
 
 
 def build_manifest(vm_config: VMConfig, state: StateFile, qemu_version: str) -> Manifest:
@@ -88,60 +71,48 @@ def release_memory_file(path: Path, op: PhaseRecorder) -> tuple[FileIdentity, li
 
 async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: CompressionPolicy,
                          op: PhaseRecorder) -> Manifest:
-    """The paused window: everything between `stop` and QEMU having exited."""
+    """The paused window: everything between `stop` and QEMU having exited. A failure
+    before QEMU has stopped removes what was saved; then the window resumes the VM."""
     process = record.process()
     partial, latest = ctx.paths.standby_partial_dir, ctx.paths.standby_dir
-    # The agent attached while the state is saved: the restore finds it answering at once.
-    async with GuestAgent.attached(ctx.paths.agent_socket), \
-            Monitor.connect(ctx.paths.qmp_socket) as mon:
+    async with Monitor.connect(ctx.paths.qmp_socket) as mon:
         qemu_version = await mon.version()
         await prepare_outgoing(mon, record.vm_config)
-        paused_at = time.monotonic()
-        with op.phase("pause"):
-            await mon.pause()
-        faults.point("standby.paused")
-        with op.phase("save"):
-            partial.mkdir(parents=True)
-            progress = observe.counter("save", ctx.meta.memory_mib << 20)
-            state = await save_state(mon, partial, policy.codec, policy.effective_level(),
-                                     progress, fresh_block=zeroed_ram_block(record.vm_config))
-            manifest = build_manifest(record.vm_config, state, qemu_version)
-            manifest.guest_clock_source = ctx.meta.guest_clock_source
-            manifest.save(partial)
-            faults.point("standby.saved")
-            partial.rename(latest)
-            fsync_dir(latest.parent)
-        faults.point("standby.published")
-        with op.phase("stop"):
-            await mon.quit()
-            stopped = await asyncio.to_thread(process.wait_exit, QUIT_TIMEOUT)
-    if not stopped:
-        raise _QemuWouldNotStop()
-    op.add("paused_window", time.monotonic() - paused_at)
+        async with paused_window(ctx, mon, process, op, f"standby of {ctx.name}") as window:
+            try:
+                faults.point("standby.paused")
+                with op.phase("save"):
+                    partial.mkdir(parents=True)
+                    progress = observe.counter("save", ctx.meta.memory_mib << 20)
+                    state = await save_state(mon, partial, policy.codec,
+                                             policy.effective_level(), progress,
+                                             fresh_block=zeroed_ram_block(record.vm_config))
+                    manifest = build_manifest(record.vm_config, state, qemu_version)
+                    manifest.guest_clock_source = ctx.meta.guest_clock_source
+                    manifest.save(partial)
+                    faults.point("standby.saved")
+                    partial.rename(latest)
+                    fsync_dir(latest.parent)
+                faults.point("standby.published")
+                with op.phase("stop"):
+                    await mon.quit()
+                    if not await asyncio.to_thread(process.wait_exit, QUIT_TIMEOUT):
+                        raise OperationFailed("QEMU did not stop")
+                window.exited()
+            except BaseException:
+                _discard_saved(ctx)  # the VM is resumed next (or crashed): this is stale
+                raise
     return manifest
 
 
-class _QemuWouldNotStop(Exception):
-    pass
-
-
 def _discard_saved(ctx: InstanceContext) -> None:
-    """A standby that failed before QEMU stopped resumes the VM: what it saved is stale."""
     remove_tree(ctx.paths.standby_partial_dir)
     remove_tree(ctx.paths.standby_dir)
 
 
-def check_state(name: str, state: InstanceState) -> None:
-    if state is InstanceState.STANDBY:
-        raise WrongState(f"instance {name} is already in standby")
-    if state not in (InstanceState.RUNNING, InstanceState.PAUSED):
-        raise WrongState(f"instance {name} is {state}: only a running VM can go into standby")
-
-
 async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
                   ) -> PhaseRecorder:
-    state, record = await derive_state(ctx.paths)
-    check_state(ctx.name, state)
+    record = ctx.record
     if record is None:
         raise WrongState(f"instance {ctx.name} has no QEMU process record")
     policy = resolve_policy(request, ctx.meta.snapshot_policy, ctx.settings.default_compression)
@@ -158,15 +129,7 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
     save_policy = CompressionPolicy() if background else policy
     op = PhaseRecorder("standby", ctx.name)
     try:
-        try:
-            manifest = await _save_and_stop(ctx, record, save_policy, op)
-        except _QemuWouldNotStop:
-            _discard_saved(ctx)
-            raise await _resume_after_failure(
-                ctx, record.process(), OperationFailed("QEMU did not stop")) from None
-        except BaseException as exc:
-            _discard_saved(ctx)
-            raise await _resume_after_failure(ctx, record.process(), exc) from exc
+        manifest = await _save_and_stop(ctx, record, save_policy, op)
         clear_runtime(ctx.paths)
         faults.point("standby.stopped")
         if manifest.kind == "memory-file" and manifest.memory_file is not None:

@@ -1,0 +1,128 @@
+"""Create: a new instance from a guest image, published whole or not at all."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+from torpor.copy import copy_file
+from torpor.errors import AlreadyExists, InvalidArgument, OperationFailed
+from torpor.fsutil import fsync_dir, owned_name
+from torpor.hypervisor.accel import AccelChoice
+from torpor.hypervisor.vmconfig import PortForward
+from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
+from torpor.instances.locking import file_lock
+from torpor.instances.metadata import (
+    CompressionPolicy,
+    ImageRef,
+    InstanceMetadata,
+    MemoryBacking,
+    new_instance_id,
+    new_mac,
+    new_vmgenid,
+    utc_now,
+    validate_name,
+)
+from torpor.operations.registry import Registry
+from torpor.paths import DataRoot, InstancePaths
+
+DEFAULT_MEMORY = 512 << 20
+DEFAULT_DISK = 2 << 30
+MAX_CPUS = 64
+
+
+async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_MEMORY,
+                 cpus: int = 1, disk_bytes: int = DEFAULT_DISK, image: GuestImage | None = None,
+                 accel: AccelChoice = "auto", port_forwards: list[PortForward] | None = None,
+                 snapshot_policy: CompressionPolicy | None = None,
+                 memory_backing: MemoryBacking = "anonymous") -> InstanceMetadata:
+    validate_name(name)
+    if memory_backing not in ("anonymous", "file"):
+        raise InvalidArgument("--memory-backing must be anonymous or file")
+    if not 1 <= cpus <= MAX_CPUS:
+        raise InvalidArgument(f"--cpus must be between 1 and {MAX_CPUS}")
+    if memory_bytes < 64 << 20 or memory_bytes % (1 << 20):
+        raise InvalidArgument("--memory must be a whole number of MiB, at least 64M")
+    if snapshot_policy is not None:
+        snapshot_policy.effective_level()
+    # Blocking work goes to threads: in the daemon, other requests keep being served.
+    if image is None:
+        image = await asyncio.to_thread(lambda: ensure_builtin_image(quiet=True))
+    base_size = image.rootfs.stat().st_size
+    if disk_bytes < base_size:
+        raise InvalidArgument(f"--disk-size must be at least the image's {base_size} bytes")
+    data_root = registry.data_root
+    data_root.ensure()
+    async with file_lock(data_root.registry_lock, what="the instance registry"):
+        if name in await asyncio.to_thread(registry.instance_names):
+            raise AlreadyExists(f"an instance named {name!r} already exists")
+        instance_id = new_instance_id()
+        staging = data_root.staging(owned_name(f"create-{instance_id}"))
+        try:
+            staging.mkdir(parents=True)
+            paths = InstancePaths(staging)
+            for d in (paths.logs_dir, paths.run_dir, paths.snapshots_dir):
+                d.mkdir()
+            await asyncio.to_thread(_make_disk, image.rootfs, paths.disk, disk_bytes)
+            image_ref = await asyncio.to_thread(_import_image, data_root, image)
+            meta = InstanceMetadata(
+                id=instance_id, name=name, created_at=utc_now(), cpus=cpus,
+                memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
+                image=image_ref, accel=accel,
+                port_forwards=port_forwards or [], snapshot_policy=snapshot_policy,
+                vmgenid=new_vmgenid(), memory_backing=memory_backing)
+            final = data_root.instance(instance_id).root
+            await asyncio.to_thread(_publish, meta, staging, final)
+        except BaseException:
+            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+            raise
+    return meta
+
+
+def _import_image(data_root: DataRoot, image: GuestImage) -> ImageRef:
+    """Copy the image's boot files into the data root once, so instances do not depend on
+    a cache that a recipe change replaces."""
+    target = data_root.image_dir(f"{image.name}-{recipe_hash()}")
+    if not target.exists():
+        staging = data_root.staging(owned_name(f"image-{target.name}"))
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir(parents=True)
+        for f in (image.kernel, image.initrd):
+            if f is not None:
+                copy_file(f, staging / f.name, fsync=True)
+        try:
+            os.rename(staging, target)
+        except OSError:
+            if not target.exists():  # only losing a race to another creator is fine
+                raise
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return ImageRef(name=image.name, kernel=target / image.kernel.name,
+                    initrd=target / image.initrd.name if image.initrd else None,
+                    cmdline=image.cmdline)
+
+
+def _publish(meta: InstanceMetadata, staging: Path, final: Path) -> None:
+    """The metadata written (fsync), then the instance renamed into place: it appears
+    whole or not at all."""
+    meta.save(InstancePaths(staging).metadata)
+    os.rename(staging, final)
+    fsync_dir(final.parent)
+
+
+def _make_disk(rootfs: Path, disk: Path, size: int) -> None:
+    copy_file(rootfs, disk)
+    if size > disk.stat().st_size:
+        try:
+            os.truncate(disk, size)
+        except OSError as exc:  # e.g. EFBIG: past the filesystem's largest file
+            raise InvalidArgument(f"--disk-size {size} bytes: {exc.strerror}") from None
+        result = subprocess.run(["resize2fs", "-f", str(disk)], capture_output=True,
+                                check=False)
+        if result.returncode != 0:
+            raise OperationFailed("resize2fs failed: " + result.stderr.decode()[-500:])
+    with open(disk, "rb+") as f:
+        os.fsync(f.fileno())

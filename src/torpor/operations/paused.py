@@ -1,0 +1,115 @@
+"""The paused window: the one stretch of an operation in which the guest does not run.
+
+Standby, a running VM's stored snapshot and (through it) fork pause the VM the same way:
+the guest agent attached for the pause (a state saved with the agent's port connected is
+answered at once after a restore), `stop` (the `pause` phase), the window timed (the
+`paused_window` phase), and the VM resumed on every failure. It ends once, one of three ways:
+
+- `release()`: resumed early, on purpose (a snapshot resumes once its state is saved and
+  its disk frozen, while the disk copy goes on);
+- `exited()`: QEMU quit with the state saved (standby): nothing to resume;
+- the block ends: resumed if it was running when paused; on a failure, the error says what
+  the failure left behind (resumed, could not be resumed, or QEMU died: crashed).
+
+The caller's own clean-up for a failure (a partial state removed) runs inside the block,
+before the VM is resumed; what must wait for the resume (a disk thaw) runs after it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator
+
+from torpor.errors import OperationFailed, TorporError
+from torpor.guest.agent import GuestAgent
+from torpor.hypervisor.process import TrackedProcess
+from torpor.hypervisor.qmp import Monitor, QmpError
+from torpor.instances.context import InstanceContext
+from torpor.instances.record import PhaseRecorder
+
+log = logging.getLogger(__name__)
+
+
+class PausedWindow:
+    def __init__(self, mon: Monitor, op: PhaseRecorder) -> None:
+        self.mon, self.op = mon, op
+        self.was_running = False
+        self._paused_at: float | None = None
+
+    @property
+    def open(self) -> bool:
+        return self._paused_at is not None
+
+    async def _pause(self) -> None:
+        self.was_running = await self.mon.status() == "running"
+        self._paused_at = time.monotonic()
+        with self.op.phase("pause"):
+            await self.mon.pause()
+
+    def _close(self) -> None:
+        if self._paused_at is not None:
+            self.op.add("paused_window", time.monotonic() - self._paused_at)
+            self._paused_at = None
+
+    async def release(self) -> None:
+        """End the pause now: the guest runs again (if it ran before)."""
+        if self.open:
+            if self.was_running:
+                await self.mon.resume()  # failing, the window stays open: the block's
+            self._close()                # end reports it
+
+    def exited(self) -> None:
+        """QEMU has quit (its state saved): the window ends with nothing to resume."""
+        self._close()
+
+
+@contextlib.asynccontextmanager
+async def paused_window(ctx: InstanceContext, mon: Monitor, process: TrackedProcess,
+                        op: PhaseRecorder, what: str) -> AsyncIterator[PausedWindow]:
+    """Pause the VM for the block (see the module's docstring). `what` names the
+    operation in the error a failure raises ("standby of web")."""
+    window = PausedWindow(mon, op)
+    async with GuestAgent.attached(ctx.paths.agent_socket):
+        await window._pause()
+        try:
+            yield window
+        except BaseException as exc:
+            if not window.open:
+                raise
+            said = await _resume_after(window, process, what, exc)
+            if said is exc:
+                raise
+            raise said from exc
+        await window.release()
+
+
+async def _resume_after(window: PausedWindow, process: TrackedProcess, what: str,
+                        error: BaseException) -> BaseException:
+    """The VM back to how it was before the pause; the error to raise, saying so."""
+    try:
+        await window.release()
+    except QmpError as resume_error:
+        if not process.is_alive():
+            return OperationFailed(f"{what} failed: QEMU died ({error}); the instance is"
+                                   " crashed with its disk intact: start it again")
+        log.error("%s failed (%s) and the VM could not be resumed: %s", what, error,
+                  resume_error)
+        return _said(error, what, f"the VM could not be resumed ({resume_error}): the next"
+                                  " operation on it resumes it")
+    return _said(error, what, "the VM was resumed" if window.was_running
+                 else "the VM stays paused, as it was")
+
+
+def _said(error: BaseException, what: str, outcome: str) -> BaseException:
+    """`error` with what it left behind added to its message. A torpor error keeps its
+    type (a snapshot's LegFailed still names its leg); anything else becomes an
+    OperationFailed; a cancellation stays a cancellation."""
+    if isinstance(error, TorporError):
+        error.message = f"{error.message}; {outcome}"
+        error.args = (error.message,)
+        return error
+    if not isinstance(error, Exception):
+        return error
+    return OperationFailed(f"{what} failed: {error}; {outcome}")

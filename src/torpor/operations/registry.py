@@ -1,0 +1,121 @@
+"""The instances of one data root: finding them, and holding one for an operation.
+
+`locked(name, action)` is the only way an operation gets an instance: the state guard
+(instances/states.py) refuses a wrong state before the lock and again under it, the
+instance's metadata is re-read under the lock, and whatever a killed operation left is
+put right first (operations/recover.py). The operation is handed the state the guard saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Literal
+
+from torpor.errors import NotFound
+from torpor.instances.context import InstanceContext, Settings
+from torpor.instances.info import InstanceInfo
+from torpor.instances.locking import file_lock
+from torpor.instances.metadata import InstanceMetadata, InstanceState
+from torpor.instances.runtime import derive_state
+from torpor.instances.states import Action, require
+from torpor.jobs import compression as compression_jobs
+from torpor.operations.recover import recover
+from torpor.paths import DataRoot
+
+Wait = float | Literal["default"] | None
+
+
+class MetadataCache:
+    """metadata.json parsed once per version: it is only ever replaced by a rename, so a
+    file whose (inode, size, mtime) is unchanged has not changed. Listing a data root
+    costs a stat per instance, not a parse (the daemon lists on most requests)."""
+
+    def __init__(self) -> None:
+        self._parsed: dict[Path, tuple[tuple[int, int, int], InstanceMetadata]] = {}
+
+    def load(self, path: Path) -> InstanceMetadata:
+        st = os.stat(path)
+        key = (st.st_ino, st.st_size, st.st_mtime_ns)
+        cached = self._parsed.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1].model_copy(deep=True)  # callers may change and save theirs
+        meta = InstanceMetadata.load(path)
+        self._parsed[path] = (key, meta.model_copy(deep=True))
+        return meta
+
+
+class Registry:
+    def __init__(self, data_root: DataRoot, settings: Settings,
+                 lock_wait: float | None = None) -> None:
+        self.data_root = data_root
+        self.settings = settings
+        self.lock_wait = lock_wait  # None: wait for a busy instance; 0: fail at once
+        self._cache = MetadataCache()
+
+    def all_metadata(self) -> list[InstanceMetadata]:
+        found = []
+        if not self.data_root.instances_dir.exists():
+            return []
+        for entry in sorted(self.data_root.instances_dir.iterdir()):
+            if entry.name.startswith("."):
+                continue
+            with contextlib.suppress(FileNotFoundError, ValueError):
+                found.append(self._cache.load(self.data_root.instance(entry.name).metadata))
+        return found
+
+    def instance_names(self) -> set[str]:
+        return {m.name for m in self.all_metadata()}
+
+    def find(self, name_or_id: str) -> InstanceMetadata:
+        for meta in self.all_metadata():
+            if name_or_id in (meta.name, meta.id):
+                return meta
+        raise NotFound(f"no instance named {name_or_id!r}")
+
+    @contextlib.asynccontextmanager
+    async def locked(self, name: str, action: Action, *, wait: Wait = "default"
+                     ) -> AsyncIterator[InstanceContext]:
+        """The instance held for `action`: its lock, fresh metadata, recovery done, the
+        state checked. A wrong state is refused before the lock is taken too, so a request
+        that is wrong anyway never holds the lock against one that is right."""
+        meta = await asyncio.to_thread(self.find, name)
+        state, _ = await derive_state(self.data_root.instance(meta.id))
+        require(action, meta.name, state, locked=False)
+        async with file_lock(self.data_root.instance_lock(meta.id), what=f"instance {name}",
+                             wait=self.lock_wait if wait == "default" else wait):
+            paths = self.data_root.instance(meta.id)
+            try:
+                fresh = await asyncio.to_thread(self._cache.load, paths.metadata)
+            except FileNotFoundError:
+                raise NotFound(f"no instance named {name!r}") from None
+            ctx = InstanceContext(self.data_root, self.settings, fresh, paths)
+            await recover(ctx)  # whatever a killed operation left, put right first
+            ctx.state, ctx.record = await derive_state(paths)
+            require(action, ctx.name, ctx.state)
+            yield ctx
+
+    async def info(self, meta: InstanceMetadata) -> InstanceInfo:
+        paths = self.data_root.instance(meta.id)
+        state, record = await derive_state(paths)
+        return InstanceInfo(
+            name=meta.name, id=meta.id, state=state, cpus=meta.cpus,
+            memory_mib=meta.memory_mib, disk_bytes=meta.disk_bytes, mac=meta.mac,
+            memory_backing=meta.memory_backing,
+            created_at=meta.created_at, path=paths.root,
+            pid=record.identity.pid if record and state is not InstanceState.CRASHED else None,
+            accel=record.vm_config.accel if record else None,
+            last_operation=meta.last_operation,
+            compression=compression_jobs.status(self.data_root, paths, meta.compression_plan,
+                                                meta.id),
+        )
+
+    async def current_info(self, ctx: InstanceContext) -> InstanceInfo:
+        """What an operation's caller is handed back: the instance as it is now."""
+        return await self.info(await asyncio.to_thread(self._cache.load, ctx.paths.metadata))
+
+    async def get(self, name: str) -> InstanceInfo:
+        return await self.info(await asyncio.to_thread(self.find, name))

@@ -1,0 +1,71 @@
+"""Structured concurrency, in one shape: no task or thread outlives the block that
+started it.
+
+- `task_group()`: asyncio.TaskGroup (a failing task cancels the others; leaving the
+  block waits for all), with its error raised as itself rather than in an
+  ExceptionGroup: torpor's errors carry the CLI's exit code and the API's error code,
+  and callers catch them by type. The block's own error wins over a task's (it is the
+  one that says what happened; the task's is usually its consequence); any other is
+  logged.
+- `in_thread(work)`: blocking work in a thread, cancellable and always joined. `work`
+  takes a threading.Event that asks it to stop; if the caller is cancelled, the event is
+  set and the thread waited for (a thread cannot be killed: it must look at the event),
+  and a result that arrived meanwhile is handed to `undo` (a QEMU that did start is
+  killed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+from typing import TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+
+@contextlib.asynccontextmanager
+async def task_group() -> AsyncIterator[asyncio.TaskGroup]:
+    body_error: BaseException | None = None
+    try:
+        async with asyncio.TaskGroup() as group:
+            try:
+                yield group
+            except BaseException as exc:
+                body_error = exc
+                raise
+    except BaseExceptionGroup as errors:
+        leaves = list(_leaves(errors))
+        first = body_error if body_error in leaves else leaves[0]
+        for other in leaves:
+            if other is not first:
+                log.warning("also failed, alongside %r: %r", first, other)
+        raise first from None
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    found: list[BaseException] = []
+    for exc in group.exceptions:
+        found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
+    return found
+
+
+async def in_thread(work: Callable[[threading.Event], T], *,
+                    stop: threading.Event | None = None,
+                    undo: Callable[[T], None] | None = None) -> T:
+    """`work(stop)` in a thread (see the module's docstring). `stop` may be the caller's,
+    to ask the thread to stop while still awaiting its outcome."""
+    stop = stop or threading.Event()
+    future = asyncio.ensure_future(asyncio.to_thread(work, stop))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        stop.set()
+        with contextlib.suppress(BaseException):
+            result = await future
+            if undo is not None:
+                await asyncio.to_thread(undo, result)
+        raise
