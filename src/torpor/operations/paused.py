@@ -33,36 +33,40 @@ log = logging.getLogger(__name__)
 
 
 class PausedWindow:
-    def __init__(self, mon: Monitor, op: PhaseRecorder) -> None:
-        self.mon, self.op = mon, op
+    def __init__(self, ctx: InstanceContext, mon: Monitor, op: PhaseRecorder) -> None:
+        self.ctx, self.mon, self.op = ctx, mon, op
         self.was_running = False
         self._paused_at: float | None = None
+        self._agent = contextlib.AsyncExitStack()  # held for the pause only: qemu-ga
+                                                   # takes one client at a time
 
     @property
     def open(self) -> bool:
         return self._paused_at is not None
 
     async def _pause(self) -> None:
+        await self._agent.enter_async_context(GuestAgent.attached(self.ctx.paths.agent_socket))
         self.was_running = await self.mon.status() == "running"
         self._paused_at = time.monotonic()
         with self.op.phase("pause"):
             await self.mon.pause()
 
-    def _close(self) -> None:
+    async def _close(self) -> None:
         if self._paused_at is not None:
             self.op.add("paused_window", time.monotonic() - self._paused_at)
             self._paused_at = None
+        await self._agent.aclose()
 
     async def release(self) -> None:
         """End the pause now: the guest runs again (if it ran before)."""
         if self.open:
             if self.was_running:
                 await self.mon.resume()  # failing, the window stays open: the block's
-            self._close()                # end reports it
+            await self._close()          # end reports it
 
-    def exited(self) -> None:
+    async def exited(self) -> None:
         """QEMU has quit (its state saved): the window ends with nothing to resume."""
-        self._close()
+        await self._close()
 
 
 @contextlib.asynccontextmanager
@@ -70,19 +74,21 @@ async def paused_window(ctx: InstanceContext, mon: Monitor, process: TrackedProc
                         op: PhaseRecorder, what: str) -> AsyncIterator[PausedWindow]:
     """Pause the VM for the block (see the module's docstring). `what` names the
     operation in the error a failure raises ("standby of web")."""
-    window = PausedWindow(mon, op)
-    async with GuestAgent.attached(ctx.paths.agent_socket):
+    window = PausedWindow(ctx, mon, op)
+    try:
         await window._pause()
-        try:
-            yield window
-        except BaseException as exc:
-            if not window.open:
-                raise
-            said = await _resume_after(window, process, what, exc)
-            if said is exc:
-                raise
-            raise said from exc
+        yield window
+    except BaseException as exc:
+        if not window.open:
+            raise
+        said = await _resume_after(window, process, what, exc)
+        if said is exc:
+            raise
+        raise said from exc
+    else:
         await window.release()
+    finally:
+        await window._agent.aclose()
 
 
 async def _resume_after(window: PausedWindow, process: TrackedProcess, what: str,
@@ -92,8 +98,9 @@ async def _resume_after(window: PausedWindow, process: TrackedProcess, what: str
         await window.release()
     except QmpError as resume_error:
         if not process.is_alive():
-            return OperationFailed(f"{what} failed: QEMU died ({error}); the instance is"
-                                   " crashed with its disk intact: start it again")
+            return OperationFailed(f"{what} failed: QEMU died during the save ({error}) and"
+                                   " the VM could not be resumed: the instance is crashed"
+                                   " with its disk intact: start it again")
         log.error("%s failed (%s) and the VM could not be resumed: %s", what, error,
                   resume_error)
         return _said(error, what, f"the VM could not be resumed ({resume_error}): the next"

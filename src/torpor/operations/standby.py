@@ -98,7 +98,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
                     await mon.quit()
                     if not await asyncio.to_thread(process.wait_exit, QUIT_TIMEOUT):
                         raise OperationFailed("QEMU did not stop")
-                window.exited()
+                await window.exited()
             except BaseException:
                 _discard_saved(ctx)  # the VM is resumed next (or crashed): this is stale
                 raise
