@@ -1,0 +1,93 @@
+"""Stored snapshots: create, list, get, delete, restore into the source, fork."""
+
+# No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
+import asyncio
+import time
+
+from fastapi import APIRouter, Response
+
+from torpor.api.deps import (
+    ERROR_RESPONSES,
+    GUARDED,
+    InstanceName,
+    Manager,
+    OpId,
+    SnapshotName,
+    SourceFilter,
+    Tracker,
+)
+from torpor.api.models import ForkRequest, SnapshotRequest, to_policy
+from torpor.instances.info import InstanceInfo
+from torpor.instances.snapshotrecord import SnapshotRecord
+
+router = APIRouter(dependencies=GUARDED, responses=ERROR_RESPONSES)
+
+
+@router.post("/instances/{name}/snapshots", tags=["snapshots"], status_code=201)
+async def create_snapshot(
+    manager: Manager, name: InstanceName, body: SnapshotRequest, op: OpId, operations: Tracker
+) -> SnapshotRecord:
+    snap_name = body.name or time.strftime("snap-%Y%m%d-%H%M%S")
+    async with operations.track(op, "snapshot", name):
+        return await manager.snapshot_create(
+            name, snap_name, body.tags, serial=body.serial, compression=to_policy(body.compression)
+        )
+
+
+@router.post("/instances/{name}/snapshots/{snapshot}/restore", tags=["snapshots"])
+async def restore_snapshot(
+    manager: Manager, name: InstanceName, snapshot: SnapshotName, op: OpId, operations: Tracker
+) -> InstanceInfo:
+    """Replace a (not running) instance's disk and state with one of its snapshots."""
+    async with operations.track(op, "snapshot-restore", name):
+        return await manager.snapshot_restore(name, snapshot)
+
+
+@router.get("/snapshots", tags=["snapshots"])
+async def list_snapshots(manager: Manager, instance: SourceFilter = None) -> list[SnapshotRecord]:
+    return await asyncio.to_thread(manager.snapshot_list, instance)
+
+
+@router.get("/snapshots/{snapshot}", tags=["snapshots"])
+async def get_snapshot(
+    manager: Manager, snapshot: SnapshotName, instance: SourceFilter = None
+) -> SnapshotRecord:
+    return await asyncio.to_thread(manager.snapshot_get, snapshot, instance)
+
+
+@router.delete(
+    "/snapshots/{snapshot}", tags=["snapshots"], status_code=204, response_class=Response
+)
+async def delete_snapshot(
+    manager: Manager,
+    snapshot: SnapshotName,
+    op: OpId,
+    operations: Tracker,
+    instance: SourceFilter = None,
+) -> Response:
+    source = (
+        await asyncio.to_thread(manager.snapshot_get, snapshot, instance)
+    ).source_name  # 404 before tracking
+    async with operations.track(op, "snapshot-delete", source):
+        await manager.snapshot_delete(snapshot, instance)
+    return Response(status_code=204)
+
+
+@router.post("/snapshots/{snapshot}/fork", tags=["snapshots"], status_code=201)
+async def fork_snapshot(
+    manager: Manager,
+    snapshot: SnapshotName,
+    body: ForkRequest,
+    op: OpId,
+    operations: Tracker,
+    instance: SourceFilter = None,
+) -> list[InstanceInfo]:
+    source = (await asyncio.to_thread(manager.snapshot_get, snapshot, instance)).source_name
+    async with operations.track(op, "snapshot-fork", source):
+        return await manager.snapshot_fork(
+            snapshot,
+            body.new_name,
+            count=body.count,
+            target_state=body.target_state,
+            source=instance,
+        )
