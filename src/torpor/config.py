@@ -1,23 +1,13 @@
 """torpor's configuration: one TOML file, environment variables over it, flags over both.
 
-    data_root = "/var/lib/torpor"
-    listen = "unix:/var/lib/torpor/torpord.sock"   # or "127.0.0.1:7300"
-    accel = "auto"                                 # auto | kvm | tcg
-    token_file = "/var/lib/torpor/api-token"
-
-    [compression]
-    default = "none"          # standby compression when neither request nor instance says
-    level = 1
-    mode = "sync"             # or "background"
-    delay = "30s"             # background only: wait this long first
-    jobs = 2                  # background jobs at once (default: cores)
-    rate_limit = "200M"       # bytes/s a background job reads (default: no cap)
-    memory_file_delay = "5m"  # memory-file mode: compress the RAM file after this idle
-
-The file is $TORPOR_CONFIG, else /etc/torpor/torpor.toml if it exists. Environment:
-TORPOR_DATA_ROOT, TORPOR_LISTEN, TORPOR_ACCEL, TORPOR_DEFAULT_COMPRESSION (codec[:level]),
-TORPOR_COMPRESSION_JOBS, TORPOR_COMPRESSION_RATE_LIMIT. Everything is validated at start;
-a bad value is an InvalidArgument naming where it came from.
+Every setting is declared once, as a field of `Config` (or `CompressionConfig`): its type,
+its default and its description. From that declaration come the TOML key (the field's
+path: `compression.jobs`), the environment variable (`TORPOR_` + the path in capitals:
+`TORPOR_COMPRESSION_JOBS`, or the one named in the field's `env`), the help of the
+command-line flag that sets it (`help_for`), and the reference `torpor config --list`
+prints. The file is $TORPOR_CONFIG, else /etc/torpor/torpor.toml if it exists.
+Everything is validated at start; a bad value is an InvalidArgument naming where it came
+from.
 """
 
 from __future__ import annotations
@@ -38,16 +28,6 @@ from torpor.paths import DEFAULT_DATA_ROOT, DataRoot
 from torpor.units import parse_duration, parse_size
 
 SYSTEM_CONFIG = Path("/etc/torpor/torpor.toml")
-_ENV = {
-    "TORPOR_DATA_ROOT": ("data_root",),
-    "TORPOR_LISTEN": ("listen",),
-    "TORPOR_ACCEL": ("accel",),
-    "TORPOR_DEFAULT_COMPRESSION": ("compression", "default"),
-    "TORPOR_COMPRESSION_JOBS": ("compression", "jobs"),
-    "TORPOR_COMPRESSION_RATE_LIMIT": ("compression", "rate_limit"),
-}
-
-
 def seconds(value: str | float) -> float:
     """A TOML number of seconds, or a duration string ("30s", "5m")."""
     return float(value) if isinstance(value, float | int) else parse_duration(value)
@@ -56,13 +36,21 @@ def seconds(value: str | float) -> float:
 class CompressionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    default: str = "none"  # codec, or codec:level
-    level: int | None = None
-    mode: Literal["sync", "background"] = "sync"
-    delay: str | float = 0.0
-    jobs: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256)
-    rate_limit: str | int | None = None
-    memory_file_delay: str | float = 300.0  # memory-file mode: idle time before compressing
+    default: str = Field("none", description=(
+        "standby compression when neither the request nor the instance says: a codec"
+        " (zstd, lz4, none), or codec:level"),
+        json_schema_extra={"env": "TORPOR_DEFAULT_COMPRESSION"})
+    level: int | None = Field(None, description="the default codec's level")
+    mode: Literal["sync", "background"] = Field("sync", description=(
+        "sync: compress while saving; background: save raw, compress later"))
+    delay: str | float = Field(0.0, description="background: wait this long first (30s, 5m)")
+    jobs: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
+                      description="background jobs at once (default: cores)")
+    rate_limit: str | int | None = Field(None, description=(
+        "bytes/s a background job reads (200M; default: no cap)"))
+    memory_file_delay: str | float = Field(300.0, description=(
+        "memory-file mode: compress the RAM file after this idle time"),
+        json_schema_extra={"env": "TORPOR_MEMORY_COMPRESSION_DELAY"})
 
     def policy(self) -> CompressionPolicy | None:
         """The server default policy; None when compression is off by default."""
@@ -92,10 +80,14 @@ class CompressionConfig(BaseModel):
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data_root: Path = DEFAULT_DATA_ROOT
-    listen: str | None = None  # default: unix:<data_root>/torpord.sock
-    accel: Literal["auto", "kvm", "tcg"] = "auto"
-    token_file: Path | None = None  # default: <data_root>/api-token
+    data_root: Path = Field(DEFAULT_DATA_ROOT, description="where instances, snapshots and"
+                            " the daemon's socket live")
+    listen: str | None = Field(None, description=(
+        "the daemon's address: unix:PATH or HOST:PORT (default: unix:<data_root>/torpord.sock)"))
+    accel: Literal["auto", "kvm", "tcg"] = Field("auto", description=(
+        "accelerator: auto (probe KVM, fall back to TCG), kvm or tcg"))
+    token_file: Path | None = Field(None, description=(
+        "the daemon's bearer token (default: <data_root>/api-token)"))
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
     @field_validator("listen")
@@ -147,6 +139,47 @@ def parse_listen(value: str) -> ListenAddress:
     return ListenAddress(host=host.strip("[]"), port=int(port))
 
 
+@dataclass(frozen=True)
+class Setting:
+    """One leaf of Config, as the file, the environment and the flags see it."""
+
+    key: tuple[str, ...]  # the TOML path
+    env: str
+    description: str
+    default: Any
+
+
+def _settings(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[Setting]:
+    found = []
+    for name, field in model.model_fields.items():
+        key = (*prefix, name)
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found += _settings(field.annotation, key)
+            continue
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        env = str(extra.get("env") or "TORPOR_" + "_".join(key).upper())
+        default = "(derived)" if field.default_factory is not None else field.default
+        found.append(Setting(key, env, field.description or "", default))
+    return found
+
+
+SETTINGS: list[Setting] = _settings(Config)
+
+
+def setting(key: str) -> Setting:
+    """The declaration of `key` ("compression.jobs")."""
+    for s in SETTINGS:
+        if ".".join(s.key) == key:
+            return s
+    raise KeyError(key)
+
+
+def help_for(key: str) -> str:
+    """A flag's help: the setting's description, and where else it can be set."""
+    s = setting(key)
+    return f"{s.description[:1].upper()}{s.description[1:]} (config {key}, ${s.env})."
+
+
 def _set(tree: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
     for key in keys[:-1]:
         tree = tree.setdefault(key, {})
@@ -155,7 +188,8 @@ def _set(tree: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
 
 def load_config(path: Path | None = None, *, overrides: dict[str, Any] | None = None,
                 environ: dict[str, str] | None = None) -> Config:
-    """File, then environment, then `overrides` (command-line flags; None values ignored)."""
+    """File, then environment, then `overrides` (command-line flags, by setting key such
+    as "data_root"; None values ignored)."""
     environ = dict(os.environ) if environ is None else environ
     path = path or (Path(environ["TORPOR_CONFIG"]) if environ.get("TORPOR_CONFIG") else None)
     if path is None and SYSTEM_CONFIG.exists():
@@ -170,13 +204,13 @@ def load_config(path: Path | None = None, *, overrides: dict[str, Any] | None = 
             raise InvalidArgument(f"config file {path} does not exist") from None
         except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise InvalidArgument(f"config {path}: {exc}") from None
-    for name, keys in _ENV.items():
-        if environ.get(name):
-            _set(tree, keys, environ[name])
-            source += f" + ${name}"
+    for s in SETTINGS:
+        if environ.get(s.env):
+            _set(tree, s.key, environ[s.env])
+            source += f" + ${s.env}"
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set(tree, (key,), value)
+            _set(tree, setting(key).key, value)
     try:
         config = Config.model_validate(tree)
         config.settings()  # codec names, levels, sizes: all checked now, not at first use

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from torpor.codec import Codec
-from torpor.config import load_config, parse_listen
+from torpor.config import SETTINGS, load_config, parse_listen, setting
 from torpor.errors import InvalidArgument
 
 
@@ -109,3 +109,36 @@ def test_the_cli_does_not_import_the_server_stack() -> None:
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
+
+
+# A value each setting accepts from the environment, and what it becomes.
+ENV_VALUES = {
+    "data_root": ("/srv/torpor", Path("/srv/torpor")),
+    "listen": ("127.0.0.1:7300", "127.0.0.1:7300"),
+    "accel": ("tcg", "tcg"),
+    "token_file": ("/srv/token", Path("/srv/token")),
+    "compression.default": ("zstd", "zstd"),
+    "compression.level": ("7", 7),
+    "compression.mode": ("background", "background"),
+    "compression.delay": ("30s", "30s"),
+    "compression.jobs": ("3", 3),
+    "compression.rate_limit": ("50M", "50M"),
+    "compression.memory_file_delay": ("1m", "1m"),
+}
+
+
+def test_every_setting_is_set_by_its_environment_variable() -> None:
+    keys = {".".join(s.key) for s in SETTINGS}
+    assert keys == set(ENV_VALUES)  # a new setting gets a row here
+    environ = {setting(key).env: text for key, (text, _) in ENV_VALUES.items()}
+    config = load_config(environ=environ).model_dump()
+    for key, (_, expected) in ENV_VALUES.items():
+        value = config
+        for part in key.split("."):
+            value = value[part]
+        assert value == expected, key
+
+
+def test_every_environment_variable_is_documented() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert [s.env for s in SETTINGS if s.env not in readme] == []

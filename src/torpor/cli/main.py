@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import sys
 import time
@@ -26,7 +27,7 @@ from torpor.cli.output import (
 )
 from torpor.cli.progress import with_progress
 from torpor.codec import parse_codec
-from torpor.config import Config, load_config, parse_listen
+from torpor.config import SETTINGS, Config, help_for, load_config, parse_listen
 from torpor.errors import InvalidArgument, TorporError, Unsupported
 from torpor.instances.info import InstanceInfo
 from torpor.instances.metadata import CompressionPolicy
@@ -107,11 +108,9 @@ def manager(ctx: typer.Context) -> Backend:
 def main_options(
     ctx: typer.Context,
     data_root: Annotated[Path | None, typer.Option(
-        "--data-root", help="Data root (default: config, $TORPOR_DATA_ROOT, /var/lib/torpor).",
-        show_default=False)] = None,
+        "--data-root", help=help_for("data_root"), show_default=False)] = None,
     accel: Annotated[str | None, typer.Option(
-        help="Accelerator: auto (probe KVM, fall back to TCG), kvm or tcg.",
-        show_default=False)] = None,
+        help=help_for("accel"), show_default=False)] = None,
     config_file: Annotated[Path | None, typer.Option(
         "--config", help="Config file (TOML; default $TORPOR_CONFIG or "
         "/etc/torpor/torpor.toml).", show_default=False)] = None,
@@ -130,8 +129,7 @@ def main_options(
 @app.command()
 def serve(ctx: typer.Context,
           listen: Annotated[str | None, typer.Option(
-              help="unix:PATH or HOST:PORT (default: unix:<data-root>/torpord.sock).",
-              show_default=False)] = None) -> None:
+              help=help_for("listen"), show_default=False)] = None) -> None:
     """Run torpord, the daemon serving the REST API for the data root."""
     from torpor.api.server import serve as run_server
 
@@ -162,6 +160,26 @@ def openapi_cmd() -> None:
     from torpor.api.app import openapi_document
 
     sys.stdout.write(openapi_document() + "\n")
+
+
+@app.command("config")
+def config_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """Every setting's value in effect, config key and environment variable."""
+    effective = config(ctx).model_dump(mode="json")
+    rows = []
+    for s in SETTINGS:
+        value: Any = effective
+        for part in s.key:
+            value = value[part]
+        rows.append({"key": ".".join(s.key), "value": value, "env": s.env,
+                     "description": s.description})
+    if json_out:
+        print_json(rows)
+        return
+    for row in rows:
+        console.print(f"{row['key']} = {json.dumps(row['value'])}  (${row['env']})",
+                      highlight=False, soft_wrap=True)
+        console.print(f"    {row['description']}", highlight=False, style="dim")
 
 
 @app.command()
