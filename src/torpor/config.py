@@ -1,56 +1,55 @@
 """torpor's configuration: one TOML file, environment variables over it, flags over both.
 
-Every setting is declared once, as a field of `Config` (or `CompressionConfig`): its type,
-its default and its description. From that declaration come the TOML key (the field's
-path: `compression.jobs`), the environment variable (`TORPOR_` + the path in capitals:
-`TORPOR_COMPRESSION_JOBS`, or the one named in the field's `env`), the help of the
-command-line flag that sets it (`help_for`), and the reference `torpor config --list`
-prints. The file is $TORPOR_CONFIG, else /etc/torpor/torpor.toml if it exists.
-Everything is validated at start; a bad value is an InvalidArgument naming where it came
-from.
+Which settings there are, their defaults, descriptions and environment variables are
+declared in torpor/settings.py; here they are validated (`Config`, whose fields take
+their defaults and descriptions from there). The file is the flag's, else
+$TORPOR_CONFIG, else /etc/torpor/torpor.toml if it exists. Everything is validated at
+start; a bad value is an InvalidArgument naming where it came from.
 """
 
 from __future__ import annotations
 
 import os
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from torpor.api.listen import ListenAddress, config_file, parse_listen
 from torpor.codec import Codec, parse_codec
 from torpor.errors import InvalidArgument
 from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
-from torpor.paths import DEFAULT_DATA_ROOT, DataRoot
+from torpor.paths import DataRoot
+from torpor.settings import SETTINGS, setting
 from torpor.units import parse_duration, parse_size
 
-SYSTEM_CONFIG = Path("/etc/torpor/torpor.toml")
+
 def seconds(value: str | float) -> float:
     """A TOML number of seconds, or a duration string ("30s", "5m")."""
     return float(value) if isinstance(value, float | int) else parse_duration(value)
 
 
+def declared(key: str, **constraints: Any) -> Any:
+    """The field of setting `key`: its default and description from torpor.settings."""
+    s = setting(key)
+    if s.default_factory is not None:
+        return Field(default_factory=s.default_factory, description=s.description,
+                     **constraints)
+    return Field(s.default, description=s.description, **constraints)
+
+
 class CompressionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    default: str = Field("none", description=(
-        "standby compression when neither the request nor the instance says: a codec"
-        " (zstd, lz4, none), or codec:level"),
-        json_schema_extra={"env": "TORPOR_DEFAULT_COMPRESSION"})
-    level: int | None = Field(None, description="the default codec's level")
-    mode: Literal["sync", "background"] = Field("sync", description=(
-        "sync: compress while saving; background: save raw, compress later"))
-    delay: str | float = Field(0.0, description="background: wait this long first (30s, 5m)")
-    jobs: int = Field(default_factory=lambda: os.cpu_count() or 1, ge=1, le=256,
-                      description="background jobs at once (default: cores)")
-    rate_limit: str | int | None = Field(None, description=(
-        "bytes/s a background job reads (200M; default: no cap)"))
-    memory_file_delay: str | float = Field(300.0, description=(
-        "memory-file mode: compress the RAM file after this idle time"),
-        json_schema_extra={"env": "TORPOR_MEMORY_COMPRESSION_DELAY"})
+    default: str = declared("compression.default")
+    level: int | None = declared("compression.level")
+    mode: Literal["sync", "background"] = declared("compression.mode")
+    delay: str | float = declared("compression.delay")
+    jobs: int = declared("compression.jobs", ge=1, le=256)
+    rate_limit: str | int | None = declared("compression.rate_limit")
+    memory_file_delay: str | float = declared("compression.memory_file_delay")
 
     def policy(self) -> CompressionPolicy | None:
         """The server default policy; None when compression is off by default."""
@@ -80,14 +79,10 @@ class CompressionConfig(BaseModel):
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    data_root: Path = Field(DEFAULT_DATA_ROOT, description="where instances, snapshots and"
-                            " the daemon's socket live")
-    listen: str | None = Field(None, description=(
-        "the daemon's address: unix:PATH or HOST:PORT (default: unix:<data_root>/torpord.sock)"))
-    accel: Literal["auto", "kvm", "tcg"] = Field("auto", description=(
-        "accelerator: auto (probe KVM, fall back to TCG), kvm or tcg"))
-    token_file: Path | None = Field(None, description=(
-        "the daemon's bearer token (default: <data_root>/api-token)"))
+    data_root: Path = declared("data_root")
+    listen: str | None = declared("listen")
+    accel: Literal["auto", "kvm", "tcg"] = declared("accel")
+    token_file: Path | None = declared("token_file")
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
 
     @field_validator("listen")
@@ -116,70 +111,6 @@ class Config(BaseModel):
                         memory_compression_delay=seconds(self.compression.memory_file_delay))
 
 
-@dataclass(frozen=True)
-class ListenAddress:
-    unix_path: Path | None = None
-    host: str | None = None
-    port: int | None = None
-
-    def __str__(self) -> str:
-        return f"unix:{self.unix_path}" if self.unix_path else f"{self.host}:{self.port}"
-
-
-def parse_listen(value: str) -> ListenAddress:
-    """'unix:/path/to.sock' or 'HOST:PORT' (an IPv6 host in brackets)."""
-    if value.startswith("unix:"):
-        path = value[len("unix:"):]
-        if not path:
-            raise InvalidArgument("listen: 'unix:' needs a socket path")
-        return ListenAddress(unix_path=Path(path).absolute())
-    host, sep, port = value.rpartition(":")
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise InvalidArgument(f"listen: {value!r} is neither unix:PATH nor HOST:PORT")
-    return ListenAddress(host=host.strip("[]"), port=int(port))
-
-
-@dataclass(frozen=True)
-class Setting:
-    """One leaf of Config, as the file, the environment and the flags see it."""
-
-    key: tuple[str, ...]  # the TOML path
-    env: str
-    description: str
-    default: Any
-
-
-def _settings(model: type[BaseModel], prefix: tuple[str, ...] = ()) -> list[Setting]:
-    found = []
-    for name, field in model.model_fields.items():
-        key = (*prefix, name)
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            found += _settings(field.annotation, key)
-            continue
-        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
-        env = str(extra.get("env") or "TORPOR_" + "_".join(key).upper())
-        default = "(derived)" if field.default_factory is not None else field.default
-        found.append(Setting(key, env, field.description or "", default))
-    return found
-
-
-SETTINGS: list[Setting] = _settings(Config)
-
-
-def setting(key: str) -> Setting:
-    """The declaration of `key` ("compression.jobs")."""
-    for s in SETTINGS:
-        if ".".join(s.key) == key:
-            return s
-    raise KeyError(key)
-
-
-def help_for(key: str) -> str:
-    """A flag's help: the setting's description, and where else it can be set."""
-    s = setting(key)
-    return f"{s.description[:1].upper()}{s.description[1:]} (config {key}, ${s.env})."
-
-
 def _set(tree: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:
     for key in keys[:-1]:
         tree = tree.setdefault(key, {})
@@ -191,9 +122,7 @@ def load_config(path: Path | None = None, *, overrides: dict[str, Any] | None = 
     """File, then environment, then `overrides` (command-line flags, by setting key such
     as "data_root"; None values ignored)."""
     environ = dict(os.environ) if environ is None else environ
-    path = path or (Path(environ["TORPOR_CONFIG"]) if environ.get("TORPOR_CONFIG") else None)
-    if path is None and SYSTEM_CONFIG.exists():
-        path = SYSTEM_CONFIG
+    path = config_file(path, environ)
     tree: dict[str, Any] = {}
     source = "defaults"
     if path is not None:
@@ -206,11 +135,11 @@ def load_config(path: Path | None = None, *, overrides: dict[str, Any] | None = 
             raise InvalidArgument(f"config {path}: {exc}") from None
     for s in SETTINGS:
         if environ.get(s.env):
-            _set(tree, s.key, environ[s.env])
+            _set(tree, s.path, environ[s.env])
             source += f" + ${s.env}"
     for key, value in (overrides or {}).items():
         if value is not None:
-            _set(tree, setting(key).key, value)
+            _set(tree, setting(key).path, value)
     try:
         config = Config.model_validate(tree)
         config.settings()  # codec names, levels, sizes: all checked now, not at first use

@@ -2,35 +2,34 @@
 root (the CLI and the API call only this). Each operation is one module in
 `torpor.operations`; the manager holds the instance for it (`Registry.locked`, which
 checks the state against instances/states.py), calls it and says what became of the
-instance."""
+instance.
+
+Each method imports its operation's module where it runs it: a CLI call loads only the
+operation it makes (`torpor list` needs none of them; see bench/cli_bench.py)."""
 
 from __future__ import annotations
 
 import asyncio
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from torpor.errors import WrongState
-from torpor.guest.agent import AgentError, ExecResult, GuestAgent
-from torpor.hypervisor.accel import AccelChoice
-from torpor.hypervisor.vmconfig import PortForward
-from torpor.images.builtin import GuestImage
 from torpor.instances.context import Settings
 from torpor.instances.info import CompressionState, InstanceInfo
-from torpor.instances.locking import file_lock
-from torpor.instances.metadata import CompressionPolicy, MemoryBacking
-from torpor.instances.runtime import derive_state
-from torpor.instances.snapshotrecord import SnapshotRecord
-from torpor.instances.states import Action, TargetState, require
+from torpor.instances.metadata import DEFAULT_DISK, DEFAULT_MEMORY
+from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
-from torpor.operations import create as create_op
-from torpor.operations import delete as delete_op
-from torpor.operations import fork as fork_op
-from torpor.operations import health, lifecycle, snapshots
-from torpor.operations import restore as restore_op
-from torpor.operations import standby as standby_op
-from torpor.operations.create import DEFAULT_DISK, DEFAULT_MEMORY
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
+
+if TYPE_CHECKING:
+    from torpor.guest.result import ExecResult
+    from torpor.hypervisor.accel import AccelChoice
+    from torpor.hypervisor.vmconfig import PortForward
+    from torpor.images.builtin import GuestImage
+    from torpor.instances.metadata import CompressionPolicy, MemoryBacking
+    from torpor.instances.snapshotrecord import SnapshotRecord
+    from torpor.instances.states import TargetState
+    from torpor.operations.health import Problem
 
 __all__ = ["DEFAULT_DISK", "DEFAULT_MEMORY", "InstanceInfo", "InstanceManager"]
 
@@ -82,9 +81,11 @@ class InstanceManager:
 
     # --- health -------------------------------------------------------------------------
 
-    async def check(self, *, repair: bool = False) -> list[health.Problem]:
+    async def check(self, *, repair: bool = False) -> list[Problem]:
         """Every inconsistency `torpor check` knows in this data root; with `repair`, fix
         what is safe to fix and say, per problem, whether it is gone."""
+        from torpor.operations import health
+
         if repair:
             return await health.repair(self.registry)
         return await health.scan(self.data_root)
@@ -97,6 +98,8 @@ class InstanceManager:
                      port_forwards: list[PortForward] | None = None,
                      snapshot_policy: CompressionPolicy | None = None,
                      memory_backing: MemoryBacking = "anonymous") -> InstanceInfo:
+        from torpor.operations import create as create_op
+
         meta = await create_op.create(
             self.registry, name, memory_bytes=memory_bytes, cpus=cpus, disk_bytes=disk_bytes,
             image=image, accel=accel, port_forwards=port_forwards,
@@ -104,17 +107,23 @@ class InstanceManager:
         return await self.registry.info(meta)
 
     async def delete(self, name: str, *, force: bool = False) -> None:
+        from torpor.operations import delete as delete_op
+
         await delete_op.delete(self.registry, name, force=force)
 
     # --- lifecycle --------------------------------------------------------------------
 
     async def start(self, name: str, *, wait_agent: bool = True) -> InstanceInfo:
+        from torpor.operations import lifecycle
+
         async with self.registry.locked(name, Action.START) as ctx:
             await lifecycle.start(ctx, wait_agent=wait_agent)
             return await self.registry.current_info(ctx)
 
     async def stop(self, name: str, *, timeout: float | None = None,
                    force: bool = False) -> InstanceInfo:
+        from torpor.operations import lifecycle
+
         action = Action.STOP_FORCE if force else Action.STOP
         async with self.registry.locked(name, action) as ctx:
             await lifecycle.stop(ctx, timeout=timeout, force=force)
@@ -123,6 +132,8 @@ class InstanceManager:
     async def standby(self, name: str, policy: CompressionPolicy | None = None
                       ) -> InstanceInfo:
         """Save the machine state and stop QEMU. `policy` overrides the instance's."""
+        from torpor.operations import standby as standby_op
+
         if policy is not None:
             policy.effective_level()
         async with self.registry.locked(name, Action.STANDBY) as ctx:
@@ -130,12 +141,16 @@ class InstanceManager:
             return await self.registry.current_info(ctx)
 
     async def restore(self, name: str) -> InstanceInfo:
+        from torpor.operations import restore as restore_op
+
         async with self.registry.locked(name, Action.RESTORE) as ctx:
             await restore_op.restore(ctx)
             return await self.registry.current_info(ctx)
 
     async def resume(self, name: str) -> InstanceInfo:
         """A VM left paused (by an operation that was killed, or by hand) runs again."""
+        from torpor.operations import lifecycle
+
         async with self.registry.locked(name, Action.RESUME) as ctx:
             await lifecycle.resume(ctx)
             return await self.registry.current_info(ctx)
@@ -153,24 +168,35 @@ class InstanceManager:
                               tags: dict[str, str] | None = None, *,
                               serial: bool = False,
                               compression: CompressionPolicy | None = None) -> SnapshotRecord:
+        from torpor.operations import snapshots
+
         async with self.registry.locked(name, Action.SNAPSHOT) as ctx:
             return await snapshots.create(ctx, snapshot_name, tags or {}, serial=serial,
                                           compression=compression)
 
     def snapshot_list(self, source: str | None = None) -> list[SnapshotRecord]:
+        from torpor.operations import snapshots
+
         source_id = self.registry.find(source).id if source else None
         return [r for r in snapshots.all_records(self.data_root)
                 if source_id in (None, r.source_id)]
 
     def snapshot_get(self, snapshot: str, source: str | None = None) -> SnapshotRecord:
+        from torpor.operations import snapshots
+
         source_id = self.registry.find(source).id if source else None
         return snapshots.find_record(self.data_root, snapshot, source_id)
 
     def snapshot_dependents(self, snapshot_id: str) -> list[str]:
         """Instances forked from the snapshot, or mapping its memory file."""
+        from torpor.operations import snapshots
+
         return snapshots.dependents(self.data_root, snapshot_id, self.registry.all_metadata())
 
     async def snapshot_delete(self, snapshot: str, source: str | None = None) -> None:
+        from torpor.instances.locking import file_lock
+        from torpor.operations import snapshots
+
         async with file_lock(self.data_root.registry_lock, what="the instance registry"):
             record = await asyncio.to_thread(self.snapshot_get, snapshot, source)
             users = await asyncio.to_thread(self.snapshot_dependents, record.id)
@@ -178,6 +204,8 @@ class InstanceManager:
 
     async def snapshot_restore(self, name: str, snapshot: str) -> InstanceInfo:
         """Replace the instance's disk and machine state with a snapshot of it."""
+        from torpor.operations import snapshots
+
         async with self.registry.locked(name, Action.SNAPSHOT_RESTORE) as ctx:
             record = snapshots.find_record(self.data_root, snapshot, ctx.meta.id)
             await snapshots.restore_into(ctx, record)
@@ -186,6 +214,8 @@ class InstanceManager:
     async def snapshot_fork(self, snapshot: str, new_name: str, *, count: int = 1,
                             target_state: TargetState = "running",
                             source: str | None = None) -> list[InstanceInfo]:
+        from torpor.operations import fork as fork_op
+
         record = await asyncio.to_thread(self.snapshot_get, snapshot, source)
         return await fork_op.from_snapshot(self.registry, record, new_name, count=count,
                                            target_state=target_state)
@@ -194,6 +224,8 @@ class InstanceManager:
                    target_state: TargetState = "running") -> list[InstanceInfo]:
         """Fork a running, standby or stopped instance into `count` copies. A running
         source is snapshotted (overlapped) and keeps running."""
+        from torpor.operations import fork as fork_op
+
         return await fork_op.from_instance(self.registry, source, new_name, count=count,
                                            target_state=target_state)
 
@@ -201,6 +233,11 @@ class InstanceManager:
 
     async def exec(self, name: str, argv: list[str], *, input: bytes | None = None,
                    timeout: float = 60.0) -> ExecResult:
+        from torpor.errors import WrongState
+        from torpor.guest.agent import AgentError, GuestAgent
+        from torpor.instances.runtime import derive_state
+        from torpor.instances.states import require
+
         meta = await asyncio.to_thread(self.registry.find, name)
         paths = self.data_root.instance(meta.id)
         state, _ = await derive_state(paths)

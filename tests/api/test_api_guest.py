@@ -212,6 +212,23 @@ def test_cli_talks_to_the_daemon_unless_local(api: httpx.Client, daemon: Daemon)
     call(api, "GET", "/instances/clivm", 404)
 
 
+def test_cli_prints_the_same_through_the_daemon_as_in_process(api: httpx.Client,
+                                                            daemon: Daemon) -> None:
+    """Through the daemon the CLI reads the API's JSON without the models (start-up
+    time); what it prints must not differ from what it prints in-process."""
+    assert torpor_cli(daemon.data_root, "create", "outvm", "--memory", "128M").returncode == 0
+    try:
+        for argv in (["list"], ["list", "--json"], ["show", "outvm"],
+                     ["show", "outvm", "--json"], ["snapshot", "list"]):
+            remote = torpor_cli(daemon.data_root, *argv)
+            local = torpor_cli(daemon.data_root, "--local", *argv)
+            assert (remote.returncode, local.returncode) == (0, 0), remote.stderr + local.stderr
+            assert remote.stdout == local.stdout, argv
+            assert "outvm" in remote.stdout or argv == ["snapshot", "list"]
+    finally:
+        torpor_cli(daemon.data_root, "--local", "delete", "outvm")
+
+
 def test_console_through_the_api_and_the_cli(api: httpx.Client, daemon: Daemon, vm: str) -> None:
     whole = api.get(f"/instances/{vm}/console")
     # The boot's output survived the standby/restore cycles (the log is appended to).

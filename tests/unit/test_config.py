@@ -6,10 +6,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import BaseModel
 
+from torpor.api.listen import find_daemon, parse_listen
 from torpor.codec import Codec
-from torpor.config import SETTINGS, load_config, parse_listen, setting
+from torpor.config import Config, load_config
 from torpor.errors import InvalidArgument
+from torpor.settings import SETTINGS, setting
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -100,12 +103,14 @@ def test_listen_addresses() -> None:
 
 def test_the_cli_does_not_import_the_server_stack() -> None:
     """Every CLI command asks whether a daemon listens; that must not cost the import of
-    uvicorn and FastAPI (~0.2 s), which only `torpor serve` needs."""
+    uvicorn and FastAPI (~0.2 s), which only `torpor serve` needs, nor of pydantic,
+    asyncio or httpx (~0.15 s), which a call through the daemon does without."""
     import subprocess
     import sys
 
+    heavy = ("fastapi", "uvicorn", "starlette", "pydantic", "asyncio", "httpx")
     code = ("import sys, torpor.cli.main; "
-            "print(sorted(m for m in ('fastapi', 'uvicorn', 'starlette') if m in sys.modules))")
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert result.stdout.strip() == "[]"
@@ -128,7 +133,7 @@ ENV_VALUES = {
 
 
 def test_every_setting_is_set_by_its_environment_variable() -> None:
-    keys = {".".join(s.key) for s in SETTINGS}
+    keys = {s.key for s in SETTINGS}
     assert keys == set(ENV_VALUES)  # a new setting gets a row here
     environ = {setting(key).env: text for key, (text, _) in ENV_VALUES.items()}
     config = load_config(environ=environ).model_dump()
@@ -142,3 +147,43 @@ def test_every_setting_is_set_by_its_environment_variable() -> None:
 def test_every_environment_variable_is_documented() -> None:
     readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
     assert [s.env for s in SETTINGS if s.env not in readme] == []
+
+
+def leaves(model: type[BaseModel], prefix: str = "") -> set[str]:
+    found = set()
+    for name, field in model.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            found |= leaves(field.annotation, f"{prefix}{name}.")
+        else:
+            found.add(prefix + name)
+    return found
+
+
+def test_the_model_validates_exactly_the_declared_settings() -> None:
+    assert leaves(Config) == {s.key for s in SETTINGS}
+
+
+@pytest.mark.parametrize("where", ["defaults", "file", "environment", "flag"])
+def test_the_client_finds_the_daemon_where_the_config_says(tmp_path: Path, where: str) -> None:
+    """find_daemon (no pydantic) and load_config agree on the address and the token."""
+    path, environ, flag = None, {}, None
+    if where == "file":
+        path = tmp_path / "t.toml"
+        path.write_text(f'data_root = "{tmp_path}/a"\nlisten = "127.0.0.1:7301"\n'
+                        f'token_file = "{tmp_path}/tok"\n')
+    elif where == "environment":
+        environ = {"TORPOR_DATA_ROOT": str(tmp_path / "b"), "TORPOR_TOKEN_FILE": "/x/tok"}
+    elif where == "flag":
+        flag = tmp_path / "c"
+    config = load_config(path, overrides={"data_root": flag}, environ=environ)
+    found = find_daemon(path, flag, environ)
+    assert found is not None
+    assert (found.listen, found.token_file) == (config.listen_address, config.token_path)
+
+
+def test_a_malformed_config_leaves_the_finding_to_the_full_config(tmp_path: Path) -> None:
+    path = tmp_path / "bad.toml"
+    path.write_text('listen = "nowhere"\n')
+    assert find_daemon(path, None, {}) is None
+    with pytest.raises(InvalidArgument, match="listen"):
+        load_config(path, environ={})

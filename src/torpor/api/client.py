@@ -2,49 +2,119 @@
 
 The CLI uses it when a daemon listens for the data root. Errors come back as the same
 TorporError types (by their `code`), so the CLI reports them the same way either way.
+
+Its calls are synchronous, on the standard library's http.client: a CLI call through the
+daemon loads neither asyncio nor httpx (together ~0.15 s of import here, more than the
+call itself; see bench/cli_bench.py). One connection per call: the progress display polls
+from the main thread while a long call waits in another.
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
+import json as jsonlib
 import secrets
-from typing import Any, TypeVar
-
-import httpx
-from pydantic import BaseModel, TypeAdapter
+import socket
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, cast
+from urllib.parse import quote, urlencode
 
 from torpor import errors
 from torpor.api.errors import Timeout, Unauthorized
-from torpor.api.models import OPERATION_HEADER, ExecResponse, Operation
-from torpor.codec import Codec
-from torpor.config import ListenAddress
-from torpor.guest.agent import ExecResult
-from torpor.instances.info import InstanceInfo
-from torpor.instances.metadata import CompressionPolicy, MemoryBacking
-from torpor.instances.snapshotrecord import SnapshotRecord
-from torpor.instances.states import TargetState
+from torpor.api.listen import ListenAddress
+from torpor.guest.result import ExecResult
 
-M = TypeVar("M", bound=BaseModel)
+if TYPE_CHECKING:  # the answers are read through JsonView: see its docstring
+    from torpor.api.models import Operation
+    from torpor.instances.info import InstanceInfo
+    from torpor.instances.metadata import CompressionPolicy, MemoryBacking
+    from torpor.instances.snapshotrecord import SnapshotRecord
+    from torpor.instances.states import TargetState
+
+OPERATION_HEADER = "X-Torpor-Operation"  # api/models.py names it for the server side
 _ERRORS: dict[str, type[errors.TorporError]] = {
-    cls.code: cls for cls in (
-        errors.InvalidArgument, errors.NotFound, errors.WrongState, errors.Busy,
-        errors.AlreadyExists, errors.Unsupported, errors.OperationFailed,
-        errors.IntegrityError, Unauthorized, Timeout)
+    cls.code: cls
+    for cls in (
+        errors.InvalidArgument,
+        errors.NotFound,
+        errors.WrongState,
+        errors.Busy,
+        errors.AlreadyExists,
+        errors.Unsupported,
+        errors.OperationFailed,
+        errors.IntegrityError,
+        Unauthorized,
+        Timeout,
+    )
 }
+
+
+class JsonView:
+    """A daemon's JSON answer, read by attribute like the model it was dumped from
+    (`info.last_operation.phases`); timestamps come back as datetimes. The CLI only reads
+    answers, and validating them with the models would load pydantic (~0.1 s) on every
+    call: the daemon validated them on the way out, and `openapi.json` is their schema."""
+
+    def __init__(self, data: dict[str, Any]) -> None:
+        self._data = data
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return _view(self._data[name], name)
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def as_json(self) -> dict[str, Any]:
+        return self._data
+
+
+def _view(value: Any, name: str = "") -> Any:
+    if isinstance(value, dict):
+        return JsonView(value)
+    if isinstance(value, list):
+        return [_view(v) for v in value]
+    if isinstance(value, str) and name.endswith("_at"):
+        return datetime.fromisoformat(value)
+    return value
 
 
 class DaemonError(errors.OperationFailed):
     code = "daemon_error"
 
 
-def _raise_for(response: httpx.Response) -> None:
+def _raise_for(status: int, body: bytes) -> None:
     try:
-        body = response.json()
-        code, message = str(body["code"]), str(body["message"])
+        parsed = jsonlib.loads(body)
+        code, message = str(parsed["code"]), str(parsed["message"])
     except (ValueError, KeyError, TypeError):
-        raise DaemonError(f"daemon answered {response.status_code}: "
-                          f"{response.text[:200]}") from None
+        raise DaemonError(
+            f"daemon answered {status}: {body[:200].decode(errors='replace')}"
+        ) from None
     raise _ERRORS.get(code, DaemonError)(message)
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str) -> None:
+        super().__init__("torpord")
+        self.unix_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.unix_path)
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def _query(params: dict[str, Any] | None) -> str:
+    if not params:
+        return ""
+    return "?" + urlencode(
+        {k: str(v).lower() if isinstance(v, bool) else v for k, v in params.items()}
+    )
 
 
 class RemoteManager:
@@ -57,162 +127,233 @@ class RemoteManager:
         self._token = token
         self.next_operation: str | None = None  # names the next long request (progress)
 
-    def _client(self) -> httpx.AsyncClient:
+    def _connection(self) -> http.client.HTTPConnection:
         if self.address.unix_path is not None:
-            transport = httpx.AsyncHTTPTransport(uds=str(self.address.unix_path))
-            base = "http://torpord"
-        else:
-            transport = httpx.AsyncHTTPTransport()
-            host = self.address.host or ""
-            base = f"http://{f'[{host}]' if ':' in host else host}:{self.address.port}"
-        return httpx.AsyncClient(transport=transport, base_url=base,
-                                 headers={"Authorization": f"Bearer {self._token}"},
-                                 timeout=httpx.Timeout(None, connect=10))
+            return _UnixConnection(str(self.address.unix_path))
+        return http.client.HTTPConnection(self.address.host or "", self.address.port)
 
-    async def _send(self, method: str, path: str, *, json: Any = None,
-                    params: dict[str, Any] | None = None) -> httpx.Response:
-        headers = {}
-        if self.next_operation is not None:
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        named: bool = True,
+    ) -> bytes:
+        """`named`: this request takes the operation id set in `next_operation` (not a
+        progress poll, which runs beside the request it polls)."""
+        headers = {"Authorization": f"Bearer {self._token}"}
+        if named and self.next_operation is not None:
             headers[OPERATION_HEADER] = self.next_operation
             self.next_operation = None
-        async with self._client() as client:
-            try:
-                response = await client.request(method, path, json=json, params=params,
-                                                headers=headers)
-            except httpx.TransportError as exc:
-                raise DaemonError(f"cannot reach the daemon at {self.address}: {exc}") from None
-        if response.status_code >= 400:
-            _raise_for(response)
-        return response
+        body = None
+        if json is not None:
+            body = jsonlib.dumps(json).encode()
+            headers["Content-Type"] = "application/json"
+        connection = self._connection()
+        try:
+            connection.request(method, quote(path) + _query(params), body=body, headers=headers)
+            response = connection.getresponse()
+            data = response.read()
+        except (OSError, http.client.HTTPException) as exc:
+            raise DaemonError(f"cannot reach the daemon at {self.address}: {exc}") from None
+        finally:
+            connection.close()
+        if response.status >= 400:
+            _raise_for(response.status, data)
+        return data
 
-    async def call(self, method: str, path: str, *, json: Any = None,
-                   params: dict[str, Any] | None = None) -> Any:
-        response = await self._send(method, path, json=json, params=params)
-        return response.json() if response.content else None
+    def call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: Any = None,
+        params: dict[str, Any] | None = None,
+        named: bool = True,
+    ) -> Any:
+        data = self._send(method, path, json=json, params=params, named=named)
+        return jsonlib.loads(data) if data else None
 
-    async def _model(self, model: type[M], method: str, path: str, **kw: Any) -> M:
-        return model.model_validate(await self.call(method, path, **kw))
+    def _one(self, method: str, path: str, **kw: Any) -> Any:
+        return JsonView(self.call(method, path, **kw))
 
-    async def _list(self, model: type[M], method: str, path: str, **kw: Any) -> list[M]:
-        return TypeAdapter(list[model]).validate_python(  # type: ignore[valid-type]
-            await self.call(method, path, **kw))
+    def _list(self, method: str, path: str, **kw: Any) -> Any:
+        return [JsonView(item) for item in self.call(method, path, **kw)]
 
     @staticmethod
     def new_operation_id() -> str:
         return secrets.token_hex(8)
 
-    async def operations(self, instance: str | None = None) -> list[Operation]:
-        return await self._list(Operation, "GET", "/operations",
-                                params=_params(instance=instance))
+    def operations(self, instance: str | None = None) -> list[Operation]:
+        return cast(
+            "list[Operation]",
+            self._list("GET", "/operations", params=_params(instance=instance), named=False),
+        )
 
-    async def operation(self, op_id: str) -> Operation:
-        return await self._model(Operation, "GET", f"/operations/{op_id}")
+    def operation(self, op_id: str) -> Operation:
+        return cast("Operation", self._one("GET", f"/operations/{op_id}", named=False))
 
     # --- the InstanceManager calls the CLI makes ------------------------------------
 
-    async def create(self, name: str, *, memory_bytes: int, cpus: int, disk_bytes: int,
-                     snapshot_policy: CompressionPolicy | None = None,
-                     memory_backing: MemoryBacking = "anonymous") -> InstanceInfo:
-        body = {"name": name, "memory_mib": memory_bytes >> 20, "cpus": cpus,
-                "disk_mib": -(-disk_bytes // (1 << 20)), "memory_backing": memory_backing,
-                "snapshot_policy": _dump(snapshot_policy)}
-        return await self._model(InstanceInfo, "POST", "/instances", json=body)
+    def create(
+        self,
+        name: str,
+        *,
+        memory_bytes: int,
+        cpus: int,
+        disk_bytes: int,
+        snapshot_policy: CompressionPolicy | None = None,
+        memory_backing: MemoryBacking = "anonymous",
+    ) -> InstanceInfo:
+        body = {
+            "name": name,
+            "memory_mib": memory_bytes >> 20,
+            "cpus": cpus,
+            "disk_mib": -(-disk_bytes // (1 << 20)),
+            "memory_backing": memory_backing,
+            "snapshot_policy": _dump(snapshot_policy),
+        }
+        return cast("InstanceInfo", self._one("POST", "/instances", json=body))
 
-    async def delete(self, name: str, *, force: bool = False) -> None:
-        await self.call("DELETE", f"/instances/{name}", params={"force": force})
+    def delete(self, name: str, *, force: bool = False) -> None:
+        self.call("DELETE", f"/instances/{name}", params={"force": force})
 
-    async def start(self, name: str, *, wait_agent: bool = True) -> InstanceInfo:
-        return await self._model(InstanceInfo, "POST", f"/instances/{name}/start",
-                                  json={"wait_agent": wait_agent})
+    def start(self, name: str, *, wait_agent: bool = True) -> InstanceInfo:
+        return cast(
+            "InstanceInfo",
+            self._one("POST", f"/instances/{name}/start", json={"wait_agent": wait_agent}),
+        )
 
-    async def stop(self, name: str, *, timeout: float | None = None,
-                   force: bool = False) -> InstanceInfo:
+    def stop(self, name: str, *, timeout: float | None = None, force: bool = False) -> InstanceInfo:
         body: dict[str, Any] = {"force": force}
         if timeout is not None:
             body["timeout"] = timeout
-        return await self._model(InstanceInfo, "POST", f"/instances/{name}/stop", json=body)
+        return cast("InstanceInfo", self._one("POST", f"/instances/{name}/stop", json=body))
 
-    async def standby(self, name: str, policy: CompressionPolicy | None = None
-                      ) -> InstanceInfo:
-        return await self._model(InstanceInfo, "POST", f"/instances/{name}/standby",
-                                  json={"compression": _dump(policy)})
+    def standby(self, name: str, policy: CompressionPolicy | None = None) -> InstanceInfo:
+        return cast(
+            "InstanceInfo",
+            self._one("POST", f"/instances/{name}/standby", json={"compression": _dump(policy)}),
+        )
 
-    async def restore(self, name: str) -> InstanceInfo:
-        return await self._model(InstanceInfo, "POST", f"/instances/{name}/restore")
+    def restore(self, name: str) -> InstanceInfo:
+        return cast("InstanceInfo", self._one("POST", f"/instances/{name}/restore"))
 
-    async def resume(self, name: str) -> InstanceInfo:
-        return await self._model(InstanceInfo, "POST", f"/instances/{name}/resume")
+    def resume(self, name: str) -> InstanceInfo:
+        return cast("InstanceInfo", self._one("POST", f"/instances/{name}/resume"))
 
-    async def set_policy(self, name: str, policy: CompressionPolicy | None) -> None:
-        await self.call("PUT", f"/instances/{name}/policy", json={"policy": _dump(policy)})
+    def set_policy(self, name: str, policy: CompressionPolicy | None) -> None:
+        self.call("PUT", f"/instances/{name}/policy", json={"policy": _dump(policy)})
 
-    async def get(self, name: str) -> InstanceInfo:
-        return await self._model(InstanceInfo, "GET", f"/instances/{name}")
+    def get(self, name: str) -> InstanceInfo:
+        return cast("InstanceInfo", self._one("GET", f"/instances/{name}"))
 
-    async def list_all(self) -> list[InstanceInfo]:
-        return await self._list(InstanceInfo, "GET", "/instances")
+    def list_all(self) -> list[InstanceInfo]:
+        return cast("list[InstanceInfo]", self._list("GET", "/instances"))
 
-    async def exec(self, name: str, argv: list[str], *, input: bytes | None = None,
-                   timeout: float = 60.0) -> ExecResult:
-        body = {"argv": argv, "timeout": timeout,
-                "stdin_b64": base64.b64encode(input).decode() if input else None}
-        result = await self._model(ExecResponse, "POST", f"/instances/{name}/exec", json=body)
-        return ExecResult(exit_code=result.exit_code, signal=result.signal,
-                          stdout=base64.b64decode(result.stdout_b64),
-                          stderr=base64.b64decode(result.stderr_b64))
+    def exec(
+        self, name: str, argv: list[str], *, input: bytes | None = None, timeout: float = 60.0
+    ) -> ExecResult:
+        body = {
+            "argv": argv,
+            "timeout": timeout,
+            "stdin_b64": base64.b64encode(input).decode() if input else None,
+        }
+        result = self.call("POST", f"/instances/{name}/exec", json=body)
+        return ExecResult(
+            exit_code=result["exit_code"],
+            signal=result["signal"],
+            stdout=base64.b64decode(result["stdout_b64"]),
+            stderr=base64.b64decode(result["stderr_b64"]),
+        )
 
-    async def fork(self, source: str, new_name: str, *, count: int = 1,
-                   target_state: TargetState = "running") -> list[InstanceInfo]:
-        return await self._list(InstanceInfo, "POST", f"/instances/{source}/fork",
-                                json={"new_name": new_name, "count": count,
-                                      "target_state": target_state})
+    def fork(
+        self, source: str, new_name: str, *, count: int = 1, target_state: TargetState = "running"
+    ) -> list[InstanceInfo]:
+        return cast(
+            "list[InstanceInfo]",
+            self._list(
+                "POST",
+                f"/instances/{source}/fork",
+                json={"new_name": new_name, "count": count, "target_state": target_state},
+            ),
+        )
 
-    async def snapshot_create(self, name: str, snapshot_name: str,
-                              tags: dict[str, str] | None = None, *, serial: bool = False,
-                              compression: CompressionPolicy | None = None) -> SnapshotRecord:
-        body = {"name": snapshot_name, "tags": tags or {}, "serial": serial,
-                "compression": _dump(compression)}
-        return await self._model(SnapshotRecord, "POST", f"/instances/{name}/snapshots",
-                                  json=body)
+    def snapshot_create(
+        self,
+        name: str,
+        snapshot_name: str,
+        tags: dict[str, str] | None = None,
+        *,
+        serial: bool = False,
+        compression: CompressionPolicy | None = None,
+    ) -> SnapshotRecord:
+        body = {
+            "name": snapshot_name,
+            "tags": tags or {},
+            "serial": serial,
+            "compression": _dump(compression),
+        }
+        return cast("SnapshotRecord", self._one("POST", f"/instances/{name}/snapshots", json=body))
 
-    async def snapshot_list_async(self, source: str | None = None) -> list[SnapshotRecord]:
-        return await self._list(SnapshotRecord, "GET", "/snapshots",
-                                params=_params(instance=source))
+    def snapshot_list(self, source: str | None = None) -> list[SnapshotRecord]:
+        return cast(
+            "list[SnapshotRecord]", self._list("GET", "/snapshots", params=_params(instance=source))
+        )
 
-    async def snapshot_get_async(self, snapshot: str, source: str | None = None
-                                 ) -> SnapshotRecord:
-        return await self._model(SnapshotRecord, "GET", f"/snapshots/{snapshot}",
-                                 params=_params(instance=source))
+    def snapshot_get(self, snapshot: str, source: str | None = None) -> SnapshotRecord:
+        return cast(
+            "SnapshotRecord",
+            self._one("GET", f"/snapshots/{snapshot}", params=_params(instance=source)),
+        )
 
-    async def snapshot_delete(self, snapshot: str, source: str | None = None) -> None:
-        await self.call("DELETE", f"/snapshots/{snapshot}", params=_params(instance=source))
+    def snapshot_delete(self, snapshot: str, source: str | None = None) -> None:
+        self.call("DELETE", f"/snapshots/{snapshot}", params=_params(instance=source))
 
-    async def snapshot_restore(self, name: str, snapshot: str) -> InstanceInfo:
-        return await self._model(InstanceInfo, "POST",
-                                 f"/instances/{name}/snapshots/{snapshot}/restore")
+    def snapshot_restore(self, name: str, snapshot: str) -> InstanceInfo:
+        return cast(
+            "InstanceInfo", self._one("POST", f"/instances/{name}/snapshots/{snapshot}/restore")
+        )
 
-    async def snapshot_fork(self, snapshot: str, new_name: str, *, count: int = 1,
-                            target_state: TargetState = "running",
-                            source: str | None = None) -> list[InstanceInfo]:
-        return await self._list(InstanceInfo, "POST", f"/snapshots/{snapshot}/fork",
-                                json={"new_name": new_name, "count": count,
-                                      "target_state": target_state},
-                                params=_params(instance=source))
+    def snapshot_fork(
+        self,
+        snapshot: str,
+        new_name: str,
+        *,
+        count: int = 1,
+        target_state: TargetState = "running",
+        source: str | None = None,
+    ) -> list[InstanceInfo]:
+        return cast(
+            "list[InstanceInfo]",
+            self._list(
+                "POST",
+                f"/snapshots/{snapshot}/fork",
+                json={"new_name": new_name, "count": count, "target_state": target_state},
+                params=_params(instance=source),
+            ),
+        )
 
-    async def console(self, name: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
-        response = await self._send("GET", f"/instances/{name}/console",
-                                    params={"offset": offset, "limit": limit})
-        return response.content
+    def console(self, name: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        return self._send(
+            "GET", f"/instances/{name}/console", params={"offset": offset, "limit": limit}
+        )
 
 
 def _dump(policy: CompressionPolicy | None) -> dict[str, Any] | None:
     """The library's policy in the API's per-codec shape."""
     if policy is None:
         return None
-    if policy.codec is Codec.NONE:
+    if str(policy.codec) == "none":
         return {"codec": "none"}
-    return {"codec": str(policy.codec), "level": policy.level, "mode": policy.mode,
-            "delay_s": policy.delay_s}
+    return {
+        "codec": str(policy.codec),
+        "level": policy.level,
+        "mode": policy.mode,
+        "delay_s": policy.delay_s,
+    }
 
 
 def _params(**values: str | None) -> dict[str, str]:

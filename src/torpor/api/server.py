@@ -16,8 +16,8 @@ from pathlib import Path
 import uvicorn
 
 from torpor.api.app import create_app
-from torpor.api.listen import address_family, daemon_listening
-from torpor.config import Config, ListenAddress
+from torpor.api.listen import ListenAddress, address_family, daemon_listening
+from torpor.config import Config
 from torpor.errors import Busy, InvalidArgument
 from torpor.manager import InstanceManager
 from torpor.paths import UNIX_PATH_MAX

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import sys
 import time
-from collections.abc import Coroutine
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar, cast
 
 import typer
 
-from torpor.api.listen import daemon_listening
+from torpor.api.listen import daemon_listening, find_daemon, parse_listen
 from torpor.cli.output import (
     console,
     err_console,
@@ -25,20 +23,19 @@ from torpor.cli.output import (
     print_listing,
     snapshots_table,
 )
-from torpor.cli.progress import with_progress
-from torpor.codec import parse_codec
-from torpor.config import SETTINGS, Config, help_for, load_config, parse_listen
+from torpor.cli.progress import run, with_progress
 from torpor.errors import InvalidArgument, TorporError, Unsupported
-from torpor.instances.info import InstanceInfo
-from torpor.instances.metadata import CompressionPolicy
-from torpor.instances.snapshotrecord import SnapshotRecord, parse_tags
-from torpor.instances.states import TargetState
+from torpor.settings import SETTINGS, help_for
 from torpor.units import parse_duration, parse_size
 
 if TYPE_CHECKING:  # imported where used: a command loads only its own path (see manager())
     from typing import TypeAlias
 
     from torpor.api.client import RemoteManager
+    from torpor.config import Config
+    from torpor.instances.info import InstanceInfo
+    from torpor.instances.metadata import CompressionPolicy
+    from torpor.instances.states import TargetState
     from torpor.manager import InstanceManager
 
     Backend: TypeAlias = InstanceManager | RemoteManager
@@ -59,11 +56,10 @@ JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output."
 NameArg = Annotated[str, typer.Argument(help="Instance name.")]
 
 
-def run(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
-
-
 def config(ctx: typer.Context) -> Config:
+    """The whole configuration, validated (loaded only by commands that need it)."""
+    from torpor.config import load_config
+
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "config" not in obj:
         obj["config"] = load_config(obj["config_file"], overrides={
@@ -72,28 +68,28 @@ def config(ctx: typer.Context) -> Config:
     return result
 
 
-
-
 def manager(ctx: typer.Context) -> Backend:
     """The daemon's client when one listens for this data root (unless --local); else
-    the library in-process."""
+    the library in-process. Finding the daemon loads only what the client needs: the
+    whole config (and the library) only in-process."""
     obj: dict[str, Any] = ctx.ensure_object(dict)
     if "manager" not in obj:
-        cfg = config(ctx)
+        daemon = None if obj["local"] else find_daemon(obj["config_file"], obj["data_root"])
         backend: Backend
-        if not obj["local"] and daemon_listening(cfg.listen_address):
+        if daemon is not None and daemon_listening(daemon.listen):
             try:
-                token = cfg.token_path.read_text().strip()
+                token = daemon.token_file.read_text().strip()
             except OSError as exc:
-                raise InvalidArgument(f"a daemon listens on {cfg.listen_address} but its "
-                                      f"token {cfg.token_path} is unreadable ({exc.strerror});"
+                raise InvalidArgument(f"a daemon listens on {daemon.listen} but its token"
+                                      f" {daemon.token_file} is unreadable ({exc.strerror});"
                                       " use --local to work without it") from None
             from torpor.api.client import RemoteManager
 
-            backend = RemoteManager(cfg.listen_address, token)
+            backend = RemoteManager(daemon.listen, token)
         else:
             from torpor.manager import InstanceManager
 
+            cfg = config(ctx)
             mgr = InstanceManager(cfg.root.root, cfg.settings())
             # A manager starting up re-queues background jobs a restart or a kill orphaned.
             for line in mgr.recover_jobs():
@@ -169,9 +165,9 @@ def config_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
     rows = []
     for s in SETTINGS:
         value: Any = effective
-        for part in s.key:
+        for part in s.path:
             value = value[part]
-        rows.append({"key": ".".join(s.key), "value": value, "env": s.env,
+        rows.append({"key": s.key, "value": value, "env": s.env,
                      "description": s.description})
     if json_out:
         print_json(rows)
@@ -254,6 +250,9 @@ def compression_policy(compress: str | None, level: int | None, background: bool
         return None
     if delay is not None and not background:
         raise typer.BadParameter("--delay only applies with --background", param_hint="--delay")
+    from torpor.codec import parse_codec
+    from torpor.instances.metadata import CompressionPolicy
+
     policy = CompressionPolicy(codec=parse_codec(compress), level=level,
                                mode="background" if background else "sync",
                                delay_s=parse_duration(delay) if delay else 0.0)
@@ -275,7 +274,7 @@ def standby(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
     """Save the VM's machine state and stop QEMU: its host memory is released."""
     policy = compression_policy(compress, level, background, delay)
     backend = manager(ctx)
-    info = run(with_progress(backend, "standby", lambda: backend.standby(name, policy)))
+    info = with_progress(backend, "standby", lambda: backend.standby(name, policy))
     report_operation(info, json_out)
 
 
@@ -283,7 +282,7 @@ def standby(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
 def restore(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
     """Bring a VM in standby back, exactly where it was."""
     backend = manager(ctx)
-    info = run(with_progress(backend, "restore", lambda: backend.restore(name)))
+    info = with_progress(backend, "restore", lambda: backend.restore(name))
     report_operation(info, json_out)
 
 
@@ -441,8 +440,8 @@ def fork(ctx: typer.Context,
     """Fork an instance (running, standby or stopped) into new instances."""
     started = time.monotonic()
     backend, state = manager(ctx), target_state(target)
-    infos = run(with_progress(backend, "fork", lambda: backend.fork(
-        source, new_name, count=count, target_state=state)))
+    infos = with_progress(backend, "fork", lambda: backend.fork(
+        source, new_name, count=count, target_state=state))
     print_forks(infos, json_out, started)
 
 
@@ -459,10 +458,12 @@ def snapshot_create(
 ) -> None:
     """Snapshot an instance; a running one is paused only while state and disk are taken."""
     snap_name = snapshot_name or time.strftime("snap-%Y%m%d-%H%M%S")
+    from torpor.instances.snapshotrecord import parse_tags
+
     backend, tags = manager(ctx), parse_tags(tag or [])
     policy = compression_policy(compress, level)
-    record = run(with_progress(backend, "snapshot", lambda: backend.snapshot_create(
-        name, snap_name, tags, serial=serial, compression=policy)))
+    record = with_progress(backend, "snapshot", lambda: backend.snapshot_create(
+        name, snap_name, tags, serial=serial, compression=policy))
     if json_out:
         print_json(record)
     else:
@@ -477,7 +478,7 @@ def snapshot_list(ctx: typer.Context,
                       help="Only this instance's snapshots.")] = None,
                   json_out: JsonOpt = False) -> None:
     """List stored snapshots."""
-    print_listing(run(fetch_snapshots(manager(ctx), instance)), json_out, "snapshots",
+    print_listing(manager(ctx).snapshot_list(instance), json_out, "snapshots",
                   snapshots_table)
 
 
@@ -485,7 +486,7 @@ def snapshot_list(ctx: typer.Context,
 def snapshot_show(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
                   instance: SourceOpt = None) -> None:
     """Show one snapshot's record (JSON either way: it is a record)."""
-    print_json(run(fetch_snapshot(manager(ctx), snapshot, instance)))
+    print_json(manager(ctx).snapshot_get(snapshot, instance))
 
 
 @snapshot_app.command("delete")
@@ -513,8 +514,8 @@ def snapshot_fork(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()]
     """Create new instances from a snapshot."""
     started = time.monotonic()
     backend, state = manager(ctx), target_state(target)
-    infos = run(with_progress(backend, "fork", lambda: backend.snapshot_fork(
-        snapshot, new_name, count=count, target_state=state, source=instance)))
+    infos = with_progress(backend, "fork", lambda: backend.snapshot_fork(
+        snapshot, new_name, count=count, target_state=state, source=instance))
     print_forks(infos, json_out, started)
 
 
@@ -525,18 +526,6 @@ def image_build() -> None:
 
     image = ensure_builtin_image()
     console.print(f"default guest ready in {builtin_image_dir()} (kernel {image.kernel.name})")
-
-
-async def fetch_snapshots(backend: Backend, source: str | None) -> list[SnapshotRecord]:
-    if backend.remote:
-        return await cast("RemoteManager", backend).snapshot_list_async(source)
-    return cast("InstanceManager", backend).snapshot_list(source)
-
-
-async def fetch_snapshot(backend: Backend, snapshot: str, source: str | None) -> SnapshotRecord:
-    if backend.remote:
-        return await cast("RemoteManager", backend).snapshot_get_async(snapshot, source)
-    return cast("InstanceManager", backend).snapshot_get(snapshot, source)
 
 
 def main() -> None:

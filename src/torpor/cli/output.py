@@ -7,7 +7,6 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from pydantic import BaseModel
 from rich.console import Console
 from rich.table import Table
 
@@ -18,12 +17,19 @@ console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 200)
 err_console = Console(stderr=True)
 
 
+def _plain(obj: Any) -> Any:
+    """What --json prints of a result: a model dumped, or a daemon's answer as it came."""
+    if hasattr(obj, "model_dump"):  # a pydantic model (in-process)
+        return obj.model_dump(mode="json")
+    if hasattr(obj, "as_json"):  # api/client.py's JsonView (through the daemon)
+        return obj.as_json()
+    if isinstance(obj, list):
+        return [_plain(o) for o in obj]
+    return obj
+
+
 def print_json(obj: Any) -> None:
-    if isinstance(obj, BaseModel):
-        obj = obj.model_dump(mode="json")
-    elif isinstance(obj, list):
-        obj = [o.model_dump(mode="json") if isinstance(o, BaseModel) else o for o in obj]
-    sys.stdout.write(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    sys.stdout.write(json.dumps(_plain(obj), indent=2, sort_keys=True) + "\n")
 
 
 def print_listing(items: list[Any], json_out: bool, what: str,

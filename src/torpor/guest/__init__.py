@@ -1,5 +1,2 @@
-"""Client for the QEMU guest agent (qemu-ga) over its virtio-serial socket."""
-
-from torpor.guest.agent import AgentError, ExecResult, GuestAgent
-
-__all__ = ["AgentError", "ExecResult", "GuestAgent"]
+"""Client for the QEMU guest agent (qemu-ga) over its virtio-serial socket (agent.py),
+and what a command run through it returns (result.py). Import the modules themselves."""

@@ -15,11 +15,11 @@ import json
 import random
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from torpor.errors import OperationFailed
+from torpor.guest.result import ExecResult
 
 DELIMITER = b"\xff"
 # What the channel can throw at a reader or writer: a reset socket, a closed stream,
@@ -30,14 +30,6 @@ _TRANSPORT_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.Lim
 
 class AgentError(OperationFailed):
     pass
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    exit_code: int
-    stdout: bytes
-    stderr: bytes
-    signal: int | None = None
 
 
 class GuestAgent:

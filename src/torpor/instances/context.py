@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from torpor.hypervisor.accel import AccelChoice
 from torpor.instances.metadata import CompressionPolicy, InstanceMetadata, InstanceState
-from torpor.instances.runtime import RuntimeRecord
 from torpor.paths import DataRoot, InstancePaths
+
+if TYPE_CHECKING:  # the model of settings and context stays free of QMP and asyncio
+    from torpor.instances.runtime import RuntimeRecord
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ from torpor.hypervisor.vmconfig import PortForward
 
 NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 METADATA_VERSION = 1
+DEFAULT_MEMORY = 512 << 20  # what `create` gives an instance unless told
+DEFAULT_DISK = 2 << 30
 
 
 class InstanceState(StrEnum):

@@ -16,6 +16,8 @@ from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
+    DEFAULT_DISK,
+    DEFAULT_MEMORY,
     CompressionPolicy,
     ImageRef,
     InstanceMetadata,
@@ -29,8 +31,6 @@ from torpor.instances.metadata import (
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
 
-DEFAULT_MEMORY = 512 << 20
-DEFAULT_DISK = 2 << 30
 MAX_CPUS = 64
 
 

@@ -32,7 +32,6 @@ from torpor.fsutil import remove_tree
 from torpor.hypervisor.qmp import PAUSED_STATES, Monitor, QmpError
 from torpor.instances.context import InstanceContext
 from torpor.instances.runtime import clear_runtime, has_standby_state, load_runtime
-from torpor.operations.snapshots import fold_back_frozen_disk
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
@@ -54,6 +53,8 @@ async def recover(ctx: InstanceContext) -> list[str]:
             await asyncio.to_thread(remove_tree, leftover)
             done.append(f"removed {what} ({leftover.name})")
     if ctx.paths.disk_overlay.exists():
+        from torpor.operations.snapshots import fold_back_frozen_disk  # rare: loaded if needed
+
         await fold_back_frozen_disk(ctx)
         done.append("folded back the disk overlay of an interrupted snapshot")
     for line in done:
