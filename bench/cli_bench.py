@@ -29,7 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-TORPOR = [sys.executable, "-m", "torpor.cli.main"]
+# The console script users run (what `pip install` made), else the module.
+_SCRIPT = Path(sys.executable).parent / "torpor"
+TORPOR = [str(_SCRIPT)] if _SCRIPT.exists() else [sys.executable, "-m", "torpor.cli.main"]
 NAME = "clib"
 
 

@@ -170,8 +170,9 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
                 created = await _materialise_all(registry, ctx.paths.root, names, None,
                                                  has_state)
             finally:
-                compression_jobs.resume_plan(ctx, plan, slots=ctx.settings.compression_jobs,
-                                             rate_limit=ctx.settings.compression_rate_limit)
+                await asyncio.to_thread(
+                    compression_jobs.resume_plan, ctx, plan, slots=ctx.settings.compression_jobs,
+                    rate_limit=ctx.settings.compression_rate_limit)
     return await _bring_up(registry, created, has_state, target_state)
 
 

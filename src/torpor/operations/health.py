@@ -316,7 +316,8 @@ async def _repair_instance(registry: Registry, instance_id: str, kind: Kind,
         elif kind is Kind.STALE_TEMP:
             path.unlink(missing_ok=True)
         elif kind is Kind.ORPHANED_PLAN:
-            compression_jobs.requeue(ctx.data_root, ctx.meta, ctx.settings)
+            await asyncio.to_thread(compression_jobs.requeue, ctx.data_root, ctx.meta,
+                                    ctx.settings)
 
 
 def _remove(path: Path) -> None:

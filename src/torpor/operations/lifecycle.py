@@ -98,7 +98,7 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecord
     discard_memory_file(ctx)  # a fresh boot starts from empty (sparse) RAM
     if ctx.meta.memory_origin is not None:  # a fork booting afresh needs no origin's RAM
         ctx.meta.memory_origin = None
-        ctx.meta.save(ctx.paths.metadata)
+        await asyncio.to_thread(ctx.meta.save, ctx.paths.metadata)
     op = PhaseRecorder("start", ctx.name)
     process: TrackedProcess | None = None
     try:
@@ -137,7 +137,7 @@ async def _record_clock_source(ctx: InstanceContext, agent: GuestAgent) -> None:
         return
     if source != ctx.meta.guest_clock_source:
         ctx.meta.guest_clock_source = source
-        ctx.meta.save(ctx.paths.metadata)
+        await asyncio.to_thread(ctx.meta.save, ctx.paths.metadata)
 
 
 def discard_standby_state(ctx: InstanceContext) -> None:

@@ -290,19 +290,26 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             mode = "copy"
             report = await _copy_at_rest(ctx, staging, kind, op)
         snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging, op)
-        atomic_write_json(staging.record, snap.model_dump(mode="json"))
+        await asyncio.to_thread(atomic_write_json, staging.record, snap.model_dump(mode="json"))
         faults.point("snapshot.flushed")
-        final = data_root.snapshot(snapshot_id).root
-        staging.root.rename(final)  # the snapshot appears whole or not at all
-        fsync_dir(final.parent)
+        await asyncio.to_thread(_publish, staging, data_root.snapshot(snapshot_id).root)
         faults.point("snapshot.published")
     except BaseException as exc:
-        shutil.rmtree(staging.root, ignore_errors=True)
-        remove_tree(data_root.snapshot(snapshot_id).root)  # all or nothing, even once published
+        await asyncio.to_thread(_discard, staging, data_root.snapshot(snapshot_id).root)
         await op.persist(ctx.paths, exc)
         raise
     await op.persist(ctx.paths)
     return snap
+
+
+def _publish(staging: SnapshotPaths, final: Path) -> None:
+    staging.root.rename(final)  # the snapshot appears whole or not at all
+    fsync_dir(final.parent)
+
+
+def _discard(staging: SnapshotPaths, final: Path) -> None:
+    shutil.rmtree(staging.root, ignore_errors=True)
+    remove_tree(final)  # all or nothing, even once published
 
 
 async def _copy_at_rest(ctx: InstanceContext, staging: SnapshotPaths, kind: SnapshotKind,
@@ -320,8 +327,9 @@ async def _copy_at_rest(ctx: InstanceContext, staging: SnapshotPaths, kind: Snap
         if kind == "standby":
             await asyncio.to_thread(rebind_memory_file, payload.standby_dir, payload.memory_file)
     finally:
-        compression_jobs.resume_plan(ctx, plan, slots=ctx.settings.compression_jobs,
-                                     rate_limit=ctx.settings.compression_rate_limit)
+        await asyncio.to_thread(
+            compression_jobs.resume_plan, ctx, plan, slots=ctx.settings.compression_jobs,
+            rate_limit=ctx.settings.compression_rate_limit)
     return report
 
 

@@ -89,10 +89,9 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
                                              fresh_block=zeroed_ram_block(record.vm_config))
                     manifest = build_manifest(record.vm_config, state, qemu_version)
                     manifest.guest_clock_source = ctx.meta.guest_clock_source
-                    manifest.save(partial)
+                    await asyncio.to_thread(manifest.save, partial)
                     faults.point("standby.saved")
-                    partial.rename(latest)
-                    fsync_dir(latest.parent)
+                    await asyncio.to_thread(_publish, partial, latest)
                 faults.point("standby.published")
                 with op.phase("stop"):
                     await mon.quit()
@@ -103,6 +102,20 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
                 _discard_saved(ctx)  # the VM is resumed next (or crashed): this is stale
                 raise
     return manifest
+
+
+def _queue_compression(ctx: InstanceContext, policy: CompressionPolicy) -> None:
+    """The plan recorded, then its detached worker started (a fork and exec: a thread)."""
+    ctx.meta.compression_plan = compression_jobs.make_plan(policy, time.time())
+    ctx.meta.save(ctx.paths.metadata)
+    compression_jobs.launch_worker(ctx.data_root, ctx.meta.id,
+                                   slots=ctx.settings.compression_jobs,
+                                   rate_limit=ctx.settings.compression_rate_limit)
+
+
+def _publish(partial: Path, latest: Path) -> None:
+    partial.rename(latest)
+    fsync_dir(latest.parent)
 
 
 def _discard_saved(ctx: InstanceContext) -> None:
@@ -141,13 +154,9 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
             manifest.state = await asyncio.to_thread(  # a no-op if hashed while written
                 finalize_checksum, ctx.paths.standby_dir, manifest.state)
             manifest.phases = dict(op.phases)
-            manifest.save(ctx.paths.standby_dir)
+            await asyncio.to_thread(manifest.save, ctx.paths.standby_dir)
         if background:
-            ctx.meta.compression_plan = compression_jobs.make_plan(policy, time.time())
-            ctx.meta.save(ctx.paths.metadata)
-            compression_jobs.launch_worker(ctx.data_root, ctx.meta.id,
-                                           slots=ctx.settings.compression_jobs,
-                                           rate_limit=ctx.settings.compression_rate_limit)
+            await asyncio.to_thread(_queue_compression, ctx, policy)
     except BaseException as exc:
         await op.persist(ctx.paths, exc)
         raise
