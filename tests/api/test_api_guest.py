@@ -213,19 +213,31 @@ def test_cli_talks_to_the_daemon_unless_local(api: httpx.Client, daemon: Daemon)
 
 
 def test_cli_prints_the_same_through_the_daemon_as_in_process(api: httpx.Client,
-                                                            daemon: Daemon) -> None:
+                                                            daemon: Daemon, vm: str) -> None:
     """Through the daemon the CLI reads the API's JSON without the models (start-up
-    time); what it prints must not differ from what it prints in-process."""
+    time); what it prints must not differ from what it prints in-process: a running VM
+    with its last operation's phases, a stored snapshot with tags and timestamps."""
     assert torpor_cli(daemon.data_root, "create", "outvm", "--memory", "128M").returncode == 0
+    made = torpor_cli(daemon.data_root, "snapshot", "create", "outvm", "--name", "s1",
+                      "--tag", "k=v")
+    assert made.returncode == 0, made.stderr
     try:
-        for argv in (["list"], ["list", "--json"], ["show", "outvm"],
-                     ["show", "outvm", "--json"], ["snapshot", "list"]):
+        for argv in (["list"], ["list", "--json"], ["show", vm], ["show", vm, "--json"],
+                     ["show", "outvm"], ["snapshot", "list"], ["snapshot", "list", "--json"],
+                     ["snapshot", "show", "s1"], ["operations", "--json"]):
+            if argv[0] == "operations":  # the daemon's alone: its JSON is printed as is
+                remote = torpor_cli(daemon.data_root, *argv)
+                assert remote.returncode == 0 and json.loads(remote.stdout), remote.stderr
+                continue
             remote = torpor_cli(daemon.data_root, *argv)
             local = torpor_cli(daemon.data_root, "--local", *argv)
             assert (remote.returncode, local.returncode) == (0, 0), remote.stderr + local.stderr
             assert remote.stdout == local.stdout, argv
-            assert "outvm" in remote.stdout or argv == ["snapshot", "list"]
+        shown = torpor_cli(daemon.data_root, "show", vm).stdout
+        assert "phases" in shown and "k=v" in torpor_cli(daemon.data_root, "snapshot",
+                                                         "list").stdout
     finally:
+        torpor_cli(daemon.data_root, "snapshot", "delete", "s1")
         torpor_cli(daemon.data_root, "--local", "delete", "outvm")
 
 

@@ -50,23 +50,21 @@ _ERRORS: dict[str, type[errors.TorporError]] = {
 }
 
 
-class JsonView:
+class JsonView(dict[str, Any]):
     """A daemon's JSON answer, read by attribute like the model it was dumped from
-    (`info.last_operation.phases`); timestamps come back as datetimes. The CLI only reads
-    answers, and validating them with the models would load pydantic (~0.1 s) on every
-    call: the daemon validated them on the way out, and `openapi.json` is their schema."""
-
-    def __init__(self, data: dict[str, Any]) -> None:
-        self._data = data
+    (`info.last_operation.phases`), and still the mapping it came as (`phases.items()`,
+    --json); timestamps (`*_at`) come back as datetimes. The CLI only reads answers, and
+    validating them with the models would load pydantic (~0.1 s) on every call: the daemon
+    validated them on the way out, and `openapi.json` is their schema."""
 
     def __getattr__(self, name: str) -> Any:
         try:
-            return _view(self._data[name], name)
+            return _view(self[name], name)
         except KeyError:
             raise AttributeError(name) from None
 
     def as_json(self) -> dict[str, Any]:
-        return self._data
+        return dict(self)
 
 
 def _view(value: Any, name: str = "") -> Any:
