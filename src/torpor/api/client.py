@@ -162,16 +162,9 @@ class RemoteManager:
             _raise_for(response.status, data)
         return data
 
-    def call(
-        self,
-        method: str,
-        path: str,
-        *,
-        json: Any = None,
-        params: dict[str, Any] | None = None,
-        named: bool = True,
-    ) -> Any:
-        data = self._send(method, path, json=json, params=params, named=named)
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        """The decoded JSON answer (`kw` as `_send` takes them)."""
+        data = self._send(method, path, **kw)
         return jsonlib.loads(data) if data else None
 
     def _one(self, method: str, path: str, **kw: Any) -> Any:
@@ -270,14 +263,7 @@ class RemoteManager:
     def fork(
         self, source: str, new_name: str, *, count: int = 1, target_state: TargetState = "running"
     ) -> list[InstanceInfo]:
-        return cast(
-            "list[InstanceInfo]",
-            self._list(
-                "POST",
-                f"/instances/{source}/fork",
-                json={"new_name": new_name, "count": count, "target_state": target_state},
-            ),
-        )
+        return self._forks(f"/instances/{source}/fork", new_name, count, target_state)
 
     def snapshot_create(
         self,
@@ -324,15 +310,13 @@ class RemoteManager:
         target_state: TargetState = "running",
         source: str | None = None,
     ) -> list[InstanceInfo]:
-        return cast(
-            "list[InstanceInfo]",
-            self._list(
-                "POST",
-                f"/snapshots/{snapshot}/fork",
-                json={"new_name": new_name, "count": count, "target_state": target_state},
-                params=_params(instance=source),
-            ),
-        )
+        return self._forks(f"/snapshots/{snapshot}/fork", new_name, count, target_state,
+                           params=_params(instance=source))
+
+    def _forks(self, path: str, new_name: str, count: int, target_state: TargetState,
+               **kw: Any) -> list[InstanceInfo]:
+        body = {"new_name": new_name, "count": count, "target_state": target_state}
+        return cast("list[InstanceInfo]", self._list("POST", path, json=body, **kw))
 
     def console(self, name: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
         return self._send(
