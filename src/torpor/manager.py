@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from torpor.instances.context import Settings
 from torpor.instances.info import CompressionState, InstanceInfo
 from torpor.instances.metadata import DEFAULT_DISK, DEFAULT_MEMORY
+from torpor.instances.snapshotrecord import SnapshotInfo, all_records, find_record
 from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
 from torpor.operations.registry import Registry
@@ -63,20 +64,28 @@ class InstanceManager:
     # --- background compression ----------------------------------------------------------
 
     def compression_states(self) -> list[CompressionState]:
-        """Each instance's background compression state (for metrics)."""
-        return [compression_jobs.status(self.data_root, self.data_root.instance(m.id),
-                                        m.compression_plan, m.id).state
-                for m in self.registry.all_metadata()]
+        """Each instance's and stored snapshot's background compression state (metrics)."""
+        subjects = [(compression_jobs.Subject.instance(m.id), m.compression_plan)
+                    for m in self.registry.all_metadata()]
+        subjects += [(compression_jobs.Subject.snapshot(r.id), r.compression_plan)
+                     for r in all_records(self.data_root)]
+        return [compression_jobs.status(self.data_root, subject, plan).state
+                for subject, plan in subjects]
 
     def recover_jobs(self) -> list[str]:
         """Re-queue background compression plans whose worker is gone (a restart, a killed
         worker); clear plans whose instance left standby or whose raw file is gone.
-        Returns what it did, one line per instance."""
+        Stored snapshots' plans likewise. Returns what it did, one line per plan."""
         done = []
         for meta in self.registry.all_metadata():
             line = compression_jobs.requeue(self.data_root, meta, self.settings)
             if line:
                 done.append(f"{meta.name}: {line}")
+        for record in all_records(self.data_root):
+            line = compression_jobs.requeue_snapshot(self.data_root, record.id,
+                                                     record.compression_plan, self.settings)
+            if line:
+                done.append(f"snapshot {record.name} of {record.source_name}: {line}")
         return done
 
     # --- health -------------------------------------------------------------------------
@@ -167,25 +176,32 @@ class InstanceManager:
     async def snapshot_create(self, name: str, snapshot_name: str,
                               tags: dict[str, str] | None = None, *,
                               serial: bool = False,
-                              compression: CompressionPolicy | None = None) -> SnapshotRecord:
+                              compression: CompressionPolicy | None = None) -> SnapshotInfo:
         from torpor.operations import snapshots
 
         async with self.registry.locked(name, Action.SNAPSHOT) as ctx:
-            return await snapshots.create(ctx, snapshot_name, tags or {}, serial=serial,
-                                          compression=compression)
+            record = await snapshots.create(ctx, snapshot_name, tags or {}, serial=serial,
+                                            compression=compression)
+        return self._snapshot_info(record)
 
-    def snapshot_list(self, source: str | None = None) -> list[SnapshotRecord]:
-        from torpor.operations import snapshots
-
+    def snapshot_list(self, source: str | None = None) -> list[SnapshotInfo]:
         source_id = self.registry.find(source).id if source else None
-        return [r for r in snapshots.all_records(self.data_root)
+        return [self._snapshot_info(r) for r in all_records(self.data_root)
                 if source_id in (None, r.source_id)]
 
-    def snapshot_get(self, snapshot: str, source: str | None = None) -> SnapshotRecord:
-        from torpor.operations import snapshots
+    def snapshot_get(self, snapshot: str, source: str | None = None) -> SnapshotInfo:
+        return self._snapshot_info(self._snapshot_record(snapshot, source))
 
+    def _snapshot_record(self, snapshot: str, source: str | None) -> SnapshotRecord:
         source_id = self.registry.find(source).id if source else None
-        return snapshots.find_record(self.data_root, snapshot, source_id)
+        return find_record(self.data_root, snapshot, source_id)
+
+    def _snapshot_info(self, record: SnapshotRecord) -> SnapshotInfo:
+        status = compression_jobs.status(self.data_root,
+                                         compression_jobs.Subject.snapshot(record.id),
+                                         record.compression_plan)
+        return SnapshotInfo(**record.model_dump(exclude={"compression_plan"}),
+                            compression=status)
 
     def snapshot_dependents(self, snapshot_id: str) -> list[str]:
         """Instances forked from the snapshot, or mapping its memory file."""
@@ -198,7 +214,7 @@ class InstanceManager:
         from torpor.operations import snapshots
 
         async with file_lock(self.data_root.registry_lock, what="the instance registry"):
-            record = await asyncio.to_thread(self.snapshot_get, snapshot, source)
+            record = await asyncio.to_thread(self._snapshot_record, snapshot, source)
             users = await asyncio.to_thread(self.snapshot_dependents, record.id)
             await asyncio.to_thread(snapshots.remove, self.data_root, record, users)
 
@@ -207,7 +223,7 @@ class InstanceManager:
         from torpor.operations import snapshots
 
         async with self.registry.locked(name, Action.SNAPSHOT_RESTORE) as ctx:
-            record = snapshots.find_record(self.data_root, snapshot, ctx.meta.id)
+            record = find_record(self.data_root, snapshot, ctx.meta.id)
             await snapshots.restore_into(ctx, record)
             return await self.registry.current_info(ctx)
 
@@ -216,7 +232,7 @@ class InstanceManager:
                             source: str | None = None) -> list[InstanceInfo]:
         from torpor.operations import fork as fork_op
 
-        record = await asyncio.to_thread(self.snapshot_get, snapshot, source)
+        record = await asyncio.to_thread(self._snapshot_record, snapshot, source)
         return await fork_op.from_snapshot(self.registry, record, new_name, count=count,
                                            target_state=target_state)
 

@@ -14,6 +14,7 @@
                                  restore has loaded (never loaded again)
       snapshots/<id>/            stored snapshots: record.json + payload/
       locks/<id>.lock            per-instance operation locks; registry.lock for names;
+                                 snapshot-<id>.lock: a stored snapshot's readers and job;
                                  compress-slot-<n>.lock: N background compressions at once
       jobs/<key>.lock|.json|.log a background job's lock, worker identity and log;
       jobs/stats.json            job counters (completed, preempted, skipped, bytes saved)
@@ -231,9 +232,9 @@ class DataRoot:
     def snapshot(self, snapshot_id: str) -> SnapshotPaths:
         return SnapshotPaths(self.snapshots_dir / snapshot_id)
 
-    @property
-    def snapshots_lock(self) -> Path:
-        return self.locks_dir / "snapshots.lock"
+    def snapshot_lock(self, snapshot_id: str) -> Path:
+        """Held by a stored snapshot's reader, and by its compression job to publish."""
+        return self.locks_dir / f"snapshot-{snapshot_id}.lock"
 
     def instance_lock(self, instance_id: str) -> Path:
         return self.locks_dir / f"{instance_id}.lock"

@@ -270,3 +270,30 @@ def test_background_compression_shows_in_metrics(api: httpx.Client, vm: str) -> 
     assert metric(api, "torpor_compression_jobs_active") == 0
     assert call(api, "POST", f"/instances/{vm}/restore")["state"] == "running"
     sh(api, vm, "rm /tmp/zeros")
+
+
+def test_a_snapshot_compressed_in_the_background_through_the_api(api: httpx.Client,
+                                                                  vm: str) -> None:
+    """`mode: background` on a snapshot request: saved raw, compressed by a job on the
+    stored snapshot, shown by GET /snapshots, and a fork of it is intact."""
+    mark = sh(api, vm, "dd if=/dev/urandom of=/tmp/bgapi bs=1M count=4 2>/dev/null;"
+                       " md5sum /tmp/bgapi | cut -c1-32").strip()
+    snap = call(api, "POST", f"/instances/{vm}/snapshots", 201, json={
+        "name": "bgapi", "compression": {"codec": "zstd", "mode": "background"}})
+    try:
+        assert snap["compression"]["state"] in ("pending", "compressing", "compressed")
+        deadline = time.monotonic() + 120
+        while (shown := call(api, "GET", "/snapshots/bgapi"))["compression"]["state"] \
+                != "compressed":
+            assert shown["compression"]["state"] in ("pending", "compressing"), shown
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert shown["state_codec"] == "zstd"
+        assert shown["compression"]["compressed_bytes"] < shown["compression"]["raw_bytes"]
+        call(api, "POST", "/snapshots/bgapi/fork", 201, json={"new_name": "bgapi-fork"})
+        try:
+            assert sh(api, "bgapi-fork", "md5sum /tmp/bgapi | cut -c1-32").strip() == mark
+        finally:
+            call(api, "DELETE", "/instances/bgapi-fork", 204, params={"force": True})
+    finally:
+        call(api, "DELETE", "/snapshots/bgapi", 204)

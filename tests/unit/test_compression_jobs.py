@@ -14,6 +14,7 @@ from torpor.hypervisor.vmconfig import VMConfig
 from torpor.instances.metadata import CompressionPlan, CompressionPolicy, ImageRef, InstanceMetadata
 from torpor.jobs.compression import (
     CompressionState,
+    Subject,
     load_stats,
     make_plan,
     remaining_delay,
@@ -64,7 +65,8 @@ def test_due_job_compresses_and_publishes(tmp_path: Path, codec: Codec, suffix: 
                                           tool: str) -> None:
     root, iid, raw = standby_instance(tmp_path, codec, delay=30)
     paths = root.instance(iid)
-    job = Job(root, iid, slots=1, rate_limit=None, clock=lambda: NOW + 31)  # delay elapsed
+    job = Job(root, Subject.instance(iid), slots=1, rate_limit=None,
+              clock=lambda: NOW + 31)  # delay elapsed
     assert asyncio.run(job.run()) == "completed"
     d = paths.standby_dir
     assert not (d / "machine-state").exists() and (d / f"machine-state{suffix}").exists()
@@ -78,7 +80,7 @@ def test_due_job_compresses_and_publishes(tmp_path: Path, codec: Codec, suffix: 
                           capture_output=True, check=True).stdout == raw
     meta = InstanceMetadata.load(paths.metadata)
     assert meta.compression_plan is None
-    assert status(root, paths, None, iid).state is CompressionState.COMPRESSED
+    assert status(root, Subject.instance(iid), None).state is CompressionState.COMPRESSED
     stats = load_stats(root)
     assert stats.completed == 1 and stats.bytes_saved == len(raw) - state.stored_bytes
 
@@ -88,7 +90,7 @@ def test_job_waits_out_its_delay_and_cancel_means_skipped(tmp_path: Path) -> Non
     paths = root.instance(iid)
     plan = InstanceMetadata.load(paths.metadata).compression_plan
     assert plan is not None
-    assert status(root, paths, plan, iid).state is CompressionState.PENDING
+    assert status(root, Subject.instance(iid), plan).state is CompressionState.PENDING
     async def scenario() -> tuple[str, str]:
         waiting = asyncio.Event()
 
@@ -98,7 +100,8 @@ def test_job_waits_out_its_delay_and_cancel_means_skipped(tmp_path: Path) -> Non
                 waiting.set()
                 await super().sleep(seconds)
 
-        job = Observed(root, iid, slots=1, rate_limit=None, clock=lambda: NOW + 10)
+        job = Observed(root, Subject.instance(iid), slots=1, rate_limit=None,
+                       clock=lambda: NOW + 10)
         first = asyncio.create_task(job.run())
         await waiting.wait()  # inside its delay
         job.cancel.set()
@@ -123,7 +126,8 @@ def test_cancel_during_compression_is_preempted_and_leaves_no_tmp(tmp_path: Path
                 compressing.set()  # the compressor runs, writing the .tmp
                 return await super()._feed(proc, src)
 
-        job = Observed(root, iid, slots=1, rate_limit=256 << 10, clock=lambda: NOW)  # ~16 s
+        job = Observed(root, Subject.instance(iid), slots=1, rate_limit=256 << 10,
+                       clock=lambda: NOW)  # ~16 s
         task = asyncio.create_task(job.run())
         await compressing.wait()
         assert list(paths.standby_dir.glob("*.tmp"))

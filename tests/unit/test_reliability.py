@@ -18,6 +18,7 @@ from torpor.codec import Codec
 from torpor.errors import IntegrityError, InvalidArgument
 from torpor.fsutil import owned_name, parse_owner, remove_tree
 from torpor.jobs import compression as compression_jobs
+from torpor.jobs.compression import Subject
 from torpor.jobs.worker import Job
 from torpor.machinestate.manifest import (
     FileIdentity,
@@ -75,7 +76,7 @@ def test_a_job_killed_in_its_commit_leaves_a_readable_state(
     """Defect 3 of the sweep: killed between publishing the .zst and dropping the raw
     file, the next reader deleted the named .zst and then refused the state for good."""
     root, raw, zst = _commit_steps(tmp_path)
-    job = Job(root, "abc123abc123", slots=1, rate_limit=None, clock=lambda: NOW)
+    job = Job(root, Subject.instance("abc123abc123"), slots=1, rate_limit=None, clock=lambda: NOW)
     monkeypatch.setenv(faults.ENV, f"{stopped_at}=error")
     import asyncio
 
@@ -106,7 +107,7 @@ def test_the_job_refuses_to_guess_on_a_corrupt_manifest(tmp_path: Path) -> None:
     (raw.parent / "manifest.json").write_text("{not json")
     import asyncio
 
-    job = Job(root, "abc123abc123", slots=1, rate_limit=None, clock=lambda: NOW)
+    job = Job(root, Subject.instance("abc123abc123"), slots=1, rate_limit=None, clock=lambda: NOW)
     outcome = asyncio.run(job.run())
     assert outcome.startswith("failed") and raw.exists()
     assert not (raw.parent / "machine-state.zst").exists()
@@ -205,7 +206,7 @@ def test_cancel_reaches_a_worker_that_names_itself_after_the_reader_looked(
 def test_a_launched_job_counts_as_running_at_once(tmp_path: Path) -> None:
     root, instance_id, _ = standby_instance(tmp_path, Codec.ZSTD, delay=3600)
     key = compression_jobs.instance_job_key(instance_id)
-    compression_jobs.launch_worker(root, instance_id, slots=1, rate_limit=None)
+    compression_jobs.launch_worker(root, Subject.instance(instance_id), slots=1, rate_limit=None)
     try:
         assert compression_jobs.job_running(root, key)  # no window for a sweep to misread
     finally:

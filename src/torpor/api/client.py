@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # the answers are read through JsonView: see its docstring
     from torpor.api.models import Operation
     from torpor.instances.info import InstanceInfo
     from torpor.instances.metadata import CompressionPolicy, MemoryBacking
-    from torpor.instances.snapshotrecord import SnapshotRecord
+    from torpor.instances.snapshotrecord import SnapshotInfo
     from torpor.instances.states import TargetState
 
 OPERATION_HEADER = "X-Torpor-Operation"  # api/models.py names it for the server side
@@ -273,23 +273,23 @@ class RemoteManager:
         *,
         serial: bool = False,
         compression: CompressionPolicy | None = None,
-    ) -> SnapshotRecord:
+    ) -> SnapshotInfo:
         body = {
             "name": snapshot_name,
             "tags": tags or {},
             "serial": serial,
             "compression": _dump(compression),
         }
-        return cast("SnapshotRecord", self._one("POST", f"/instances/{name}/snapshots", json=body))
+        return cast("SnapshotInfo", self._one("POST", f"/instances/{name}/snapshots", json=body))
 
-    def snapshot_list(self, source: str | None = None) -> list[SnapshotRecord]:
+    def snapshot_list(self, source: str | None = None) -> list[SnapshotInfo]:
         return cast(
-            "list[SnapshotRecord]", self._list("GET", "/snapshots", params=_params(instance=source))
+            "list[SnapshotInfo]", self._list("GET", "/snapshots", params=_params(instance=source))
         )
 
-    def snapshot_get(self, snapshot: str, source: str | None = None) -> SnapshotRecord:
+    def snapshot_get(self, snapshot: str, source: str | None = None) -> SnapshotInfo:
         return cast(
-            "SnapshotRecord",
+            "SnapshotInfo",
             self._one("GET", f"/snapshots/{snapshot}", params=_params(instance=source)),
         )
 

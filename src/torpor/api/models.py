@@ -130,7 +130,9 @@ class SnapshotRequest(Body):
         default_factory=dict, json_schema_extra={"additionalProperties": False})
     serial: bool = Field(False, description="save, then copy (default: both while paused)")
     compression: Compression | None = Field(
-        None, description="sync only: background jobs for stored snapshots are not built")
+        None, description="default: the instance's policy, then the server's; `sync`"
+        " compresses as the state is saved, `background` leaves it to a job on the stored"
+        " snapshot")
 
 
 class ExecRequest(Body):

@@ -22,6 +22,7 @@ from torpor.cli.output import (
     print_json,
     print_listing,
     snapshots_table,
+    stored_state,
 )
 from torpor.cli.progress import run, with_progress
 from torpor.errors import InvalidArgument, TorporError, Unsupported
@@ -453,23 +454,25 @@ def snapshot_create(
     tag: Annotated[list[str] | None, typer.Option(help="key=value; repeatable.")] = None,
     serial: Annotated[bool, typer.Option(
         "--serial", help="Save, then copy (instead of both at once while paused).")] = False,
-    compress: CompressOpt = None, level: LevelOpt = None,
-    json_out: JsonOpt = False,
+    compress: CompressOpt = None, level: LevelOpt = None, background: BackgroundOpt = False,
+    delay: DelayOpt = None, json_out: JsonOpt = False,
 ) -> None:
-    """Snapshot an instance; a running one is paused only while state and disk are taken."""
+    """Snapshot an instance; a running one is paused only while state and disk are taken.
+    Its machine state is compressed by the same rules as standby (this request, then the
+    instance's policy, then the configured default)."""
     snap_name = snapshot_name or time.strftime("snap-%Y%m%d-%H%M%S")
     from torpor.instances.snapshotrecord import parse_tags
 
     backend, tags = manager(ctx), parse_tags(tag or [])
-    policy = compression_policy(compress, level)
+    policy = compression_policy(compress, level, background, delay)
     record = with_progress(backend, "snapshot", lambda: backend.snapshot_create(
         name, snap_name, tags, serial=serial, compression=policy))
     if json_out:
         print_json(record)
     else:
         console.print(f"snapshot {record.name} ({record.id}) of {record.source_name}: "
-                      f"{record.kind}, {record.mode}, copy {record.copy_method}; "
-                      f"{phases_line(record.phases)}")
+                      f"{record.kind}, {record.mode}, copy {record.copy_method}, state "
+                      f"{stored_state(record)}; {phases_line(record.phases)}")
 
 
 @snapshot_app.command("list")

@@ -58,12 +58,25 @@ def snapshots_table(records: list[Any]) -> Table:
     for col in ("NAME", "SOURCE", "KIND", "MODE", "STATE", "SIZE", "CREATED", "TAGS", "ID"):
         table.add_column(col)
     for r in records:
-        state = f"{r.state_codec}" if r.state_codec else "-"
         tags = ",".join(f"{k}={v}" for k, v in r.tags.items()) or "-"
-        table.add_row(r.name, r.source_name, r.kind, r.mode, state,
+        table.add_row(r.name, r.source_name, r.kind, r.mode, stored_state(r),
                       format_size(r.logical_bytes), r.created_at.isoformat(timespec="seconds"),
                       tags, r.id)
     return table
+
+
+def stored_state(record: Any) -> str:
+    """How a snapshot's machine state is stored, and what its compression job is doing."""
+    comp = record.compression
+    if record.kind == "stopped" or comp is None:
+        return "-"
+    if comp.state in ("pending", "compressing"):
+        return f"raw, {comp.algorithm} {comp.state}"
+    if comp.state == "error":
+        return f"raw ({comp.algorithm} failed)"
+    if comp.state == "compressed":
+        return f"{comp.algorithm} {format_size(comp.compressed_bytes or 0)}"
+    return "raw"
 
 
 def operations_table(ops: list[Any]) -> Table:

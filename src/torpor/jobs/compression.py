@@ -1,16 +1,19 @@
-"""Background compression of standby state: plans, workers, readers' preparation.
+"""Background compression of saved machine state: plans, workers, readers' preparation.
 
-After a standby whose policy says `background`, the raw state stays on disk and a plan
-(codec, level, not-before time) goes into the instance's metadata. A detached worker
-process (compression_worker.py) carries it out, so the job never dies with the CLI that
+A job's subject is an instance's standby state or a stored snapshot's (its payload is
+laid out like an instance, so the same files and manifest). After a standby or snapshot
+whose policy says `background`, the raw state stays on disk and a plan (codec, level,
+not-before time) goes into the instance's metadata or the snapshot's record. A detached
+worker process (jobs/worker.py) carries it out, so the job never dies with the CLI that
 asked for it. The worker holds jobs/<key>.lock while it lives and records its identity
 in jobs/<key>.json; at most N workers compress at once (slot locks), at nice 19 and idle
 I/O priority.
 
-Every reader of the state (restore, delete; later fork and snapshot) calls
-`prepare_for_read` under the instance lock: it cancels the worker and waits until it has
-really exited, so no half-written file is renamed after the reader started; then a raw
-file wins over any compressed sibling. A worker cancelled during its delay counts as
+Every reader of the state (restore, delete, fork, snapshot; of a stored snapshot:
+restore-into, fork, delete) stops the job first under the subject's lock
+(`prepare_for_read`, `prepare_snapshot_for_read`): it cancels the worker and waits until
+it has really exited, so no half-written file is renamed after the reader started; then a
+raw file wins over any compressed sibling. A worker cancelled during its delay counts as
 `skipped`, during its work as `preempted`.
 """
 
@@ -24,7 +27,9 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel
 
@@ -35,6 +40,7 @@ from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.info import CompressionState, CompressionStatus
 from torpor.instances.metadata import CompressionPlan, CompressionPolicy, InstanceMetadata
+from torpor.instances.snapshotrecord import load_record, save_record
 from torpor.machinestate.manifest import MACHINE_STATE, FileIdentity, Manifest
 from torpor.paths import DataRoot, InstancePaths
 
@@ -44,8 +50,64 @@ TMP_SUFFIX = ".tmp"
 Clock = Callable[[], float]
 
 
+@dataclass(frozen=True)
+class Subject:
+    """What a job compresses: an instance's standby state or a stored snapshot's."""
+
+    kind: Literal["instance", "snapshot"]
+    id: str
+
+    @classmethod
+    def instance(cls, instance_id: str) -> Subject:
+        return cls("instance", instance_id)
+
+    @classmethod
+    def snapshot(cls, snapshot_id: str) -> Subject:
+        return cls("snapshot", snapshot_id)
+
+    @property
+    def key(self) -> str:
+        return f"{self.kind}-{self.id}"
+
+    def paths(self, data_root: DataRoot) -> InstancePaths:
+        """The state's directory layout (a snapshot's payload is laid out like an instance)."""
+        if self.kind == "instance":
+            return data_root.instance(self.id)
+        return data_root.snapshot(self.id).payload_instance()
+
+    def lock(self, data_root: DataRoot) -> Path:
+        """Held by the subject's readers, and by the job while it publishes."""
+        if self.kind == "instance":
+            return data_root.instance_lock(self.id)
+        return data_root.snapshot_lock(self.id)
+
+    def load_plan(self, data_root: DataRoot) -> tuple[bool, CompressionPlan | None]:
+        """(whether the subject still exists, its plan)."""
+        try:
+            if self.kind == "instance":
+                return True, InstanceMetadata.load(data_root.instance(self.id).metadata
+                                                   ).compression_plan
+            return True, load_record(data_root.snapshot(self.id)).compression_plan
+        except FileNotFoundError:
+            return False, None
+
+    def save_plan(self, data_root: DataRoot, plan: CompressionPlan | None) -> None:
+        """Record `plan` (None: done); nothing if the subject is gone."""
+        with contextlib.suppress(FileNotFoundError):
+            if self.kind == "instance":
+                paths = data_root.instance(self.id)
+                meta = InstanceMetadata.load(paths.metadata)
+                meta.compression_plan = plan
+                meta.save(paths.metadata)
+            else:
+                snapshot = data_root.snapshot(self.id)
+                record = load_record(snapshot)
+                record.compression_plan = plan
+                save_record(snapshot, record)
+
+
 def instance_job_key(instance_id: str) -> str:
-    return f"instance-{instance_id}"
+    return Subject.instance(instance_id).key
 
 
 def make_plan(policy: CompressionPolicy, now: float) -> CompressionPlan:
@@ -69,13 +131,13 @@ def worker_identity(data_root: DataRoot, key: str) -> ProcessIdentity | None:
     return identity if identity.is_alive() else None
 
 
-def launch_worker(data_root: DataRoot, instance_id: str, *, slots: int,
+def launch_worker(data_root: DataRoot, subject: Subject, *, slots: int,
                   rate_limit: int | None) -> None:
-    """Start a detached worker for the instance's plan, unless one runs. The job lock is
+    """Start a detached worker for the subject's plan, unless one runs. The job lock is
     taken here and handed to the worker (an inherited descriptor: the same lock), so the
     job counts as running from the moment this returns."""
     data_root.jobs_dir.mkdir(parents=True, exist_ok=True)
-    key = instance_job_key(instance_id)
+    key = subject.key
     lock_fd = os.open(data_root.job_lock(key), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
@@ -83,7 +145,7 @@ def launch_worker(data_root: DataRoot, instance_id: str, *, slots: int,
         except BlockingIOError:
             return  # a worker has this job
         argv = [sys.executable, "-m", "torpor.jobs.worker",
-                "--data-root", str(data_root.root), "--instance", instance_id,
+                "--data-root", str(data_root.root), f"--{subject.kind}", subject.id,
                 "--slots", str(slots), "--lock-fd", str(lock_fd)]
         if rate_limit:
             argv += ["--rate-limit", str(rate_limit)]
@@ -245,7 +307,50 @@ def resume_plan(ctx: InstanceContext, plan: CompressionPlan | None, *, slots: in
         return
     ctx.meta.compression_plan = plan
     ctx.meta.save(ctx.paths.metadata)
-    launch_worker(ctx.data_root, ctx.meta.id, slots=slots, rate_limit=rate_limit)
+    launch_worker(ctx.data_root, Subject.instance(ctx.meta.id), slots=slots,
+                  rate_limit=rate_limit)
+
+
+def prepare_snapshot_for_read(data_root: DataRoot, snapshot_id: str
+                              ) -> CompressionPlan | None:
+    """`prepare_for_read` for a stored snapshot's state (the caller holds the snapshot's
+    lock): its job stopped, only the files its manifest names kept, a RAM file
+    decompressed (forks map it). Returns the plan it took over (`resume_snapshot_plan`)."""
+    subject = Subject.snapshot(snapshot_id)
+    cancel_and_wait(data_root, subject.key)
+    paths = subject.paths(data_root)
+    if paths.standby_dir.exists():
+        tidy_standby(paths)
+        decompress_memory_file(paths)
+    plan = subject.load_plan(data_root)[1]
+    if plan is not None:
+        subject.save_plan(data_root, None)
+    return plan
+
+
+def resume_snapshot_plan(data_root: DataRoot, snapshot_id: str, plan: CompressionPlan | None,
+                         *, mapped: bool, slots: int, rate_limit: int | None) -> None:
+    """Give a stored snapshot its plan back after a reader. Not when instances now map its
+    RAM file (`mapped`: memory-file forks): compressing it would take the file they map."""
+    paths = Subject.snapshot(snapshot_id).paths(data_root)
+    if plan is None or plan.error or not paths.standby_dir.exists():
+        return
+    if mapped and compression_target(paths) == paths.memory_file:
+        return
+    Subject.snapshot(snapshot_id).save_plan(data_root, plan)
+    launch_worker(data_root, Subject.snapshot(snapshot_id), slots=slots, rate_limit=rate_limit)
+
+
+def record_snapshot_state(data_root: DataRoot, snapshot_id: str) -> None:
+    """After a job published a snapshot's compressed state: its record says what is
+    stored now, as its manifest does."""
+    snapshot = data_root.snapshot(snapshot_id)
+    manifest = Manifest.load(snapshot.payload_instance().standby_dir)
+    record = load_record(snapshot)
+    record.state_codec, record.state_bytes = manifest.state.codec, manifest.state.stored_bytes
+    if manifest.memory_file is not None and manifest.memory_file.codec is not Codec.NONE:
+        record.state_codec = manifest.memory_file.codec
+    save_record(snapshot, record)
 
 
 def clear_stale_plan(data_root: DataRoot, instance_id: str) -> None:
@@ -266,8 +371,10 @@ def clear_stale_plan(data_root: DataRoot, instance_id: str) -> None:
         os.close(fd)
 
 
-def status(data_root: DataRoot, paths: InstancePaths,
-           plan: CompressionPlan | None, instance_id: str) -> CompressionStatus:
+def status(data_root: DataRoot, subject: Subject,
+           plan: CompressionPlan | None) -> CompressionStatus:
+    """Where the subject's compression stands (as `show` and `snapshot list` report it)."""
+    paths = subject.paths(data_root)
     try:
         manifest = Manifest.load(paths.standby_dir)
     except Exception:
@@ -282,7 +389,7 @@ def status(data_root: DataRoot, paths: InstancePaths,
         return CompressionStatus(state=CompressionState.ERROR, algorithm=str(plan.codec),
                                  raw_bytes=state.raw_bytes, error=plan.error)
     if plan is not None:
-        running = job_running(data_root, instance_job_key(instance_id))
+        running = job_running(data_root, subject.key)
         return CompressionStatus(
             state=CompressionState.COMPRESSING if running and time.time() >= plan.not_before
             else CompressionState.PENDING,
@@ -327,6 +434,20 @@ def load_stats(data_root: DataRoot) -> JobStats:
     return JobStats()
 
 
+def requeue_snapshot(data_root: DataRoot, snapshot_id: str, plan: CompressionPlan | None,
+                     settings: Settings) -> str | None:
+    """`requeue` for a stored snapshot's plan."""
+    subject = Subject.snapshot(snapshot_id)
+    if plan is None or plan.error or job_running(data_root, subject.key):
+        return None
+    if (subject.paths(data_root).standby_dir / "manifest.json").exists():
+        launch_worker(data_root, subject, slots=settings.compression_jobs,
+                      rate_limit=settings.compression_rate_limit)
+        return "re-queued"
+    subject.save_plan(data_root, None)
+    return "plan cleared"
+
+
 def requeue(data_root: DataRoot, meta: InstanceMetadata, settings: Settings) -> str | None:
     """Queue an instance's plan again if its worker is gone (a restart, a killed worker);
     clear a plan whose instance left standby. What it did, or None."""
@@ -336,7 +457,7 @@ def requeue(data_root: DataRoot, meta: InstanceMetadata, settings: Settings) -> 
         return None
     if (data_root.instance(meta.id).standby_dir / "manifest.json").exists():
         # The worker itself decides whether there is anything left to compress.
-        launch_worker(data_root, meta.id, slots=settings.compression_jobs,
+        launch_worker(data_root, Subject.instance(meta.id), slots=settings.compression_jobs,
                       rate_limit=settings.compression_rate_limit)
         return "re-queued"
     clear_stale_plan(data_root, meta.id)

@@ -1,14 +1,16 @@
 """The background compression worker: one detached process per job.
 
-    python -m torpor.jobs.worker --data-root R --instance ID [--slots N]
-                                                  [--rate-limit BYTES_PER_S]
+    python -m torpor.jobs.worker --data-root R (--instance ID | --snapshot ID)
+                                 [--slots N] [--rate-limit BYTES_PER_S]
 
 Steps: wait out the plan's delay; take one of N slots; compress the raw state into
-`<raw>.<ext>.tmp` (fsync); then, under the instance lock, rename it to `<raw>.<ext>`,
-record the codec, sizes and checksum in the manifest, remove the raw file and clear the
-plan. SIGTERM cancels at any step (the .tmp is removed): during the delay or slot wait the
-job counts as skipped, after that as preempted. Waiting for the instance lock is itself
-cancellable, so a reader that holds the lock and cancels the worker never deadlocks.
+`<raw>.<ext>.tmp` (fsync); then, under the subject's lock (the instance's, or the stored
+snapshot's), rename it to `<raw>.<ext>`, record the codec, sizes and checksum in the
+manifest, remove the raw file and clear the plan (in the instance's metadata or the
+snapshot's record). SIGTERM cancels at any step (the .tmp is removed): during the delay or
+slot wait the job counts as skipped, after that as preempted. Waiting for the lock is
+itself cancellable, so a reader that holds the lock and cancels the worker never
+deadlocks.
 """
 
 from __future__ import annotations
@@ -32,12 +34,13 @@ from torpor.codec import SUFFIXES, checksum_file, compressor_argv
 from torpor.errors import TorporError
 from torpor.fsutil import atomic_write_json, fsync_dir
 from torpor.hypervisor.process import ProcessIdentity
-from torpor.instances.metadata import CompressionPlan, InstanceMetadata
+from torpor.instances.metadata import CompressionPlan
 from torpor.jobs.compression import (
     TMP_SUFFIX,
+    Subject,
     compression_target,
-    instance_job_key,
     record_outcome,
+    record_snapshot_state,
     remaining_delay,
 )
 from torpor.machinestate.manifest import Manifest
@@ -53,11 +56,11 @@ class Cancelled(Exception):
 
 
 class Job:
-    def __init__(self, data_root: DataRoot, instance_id: str, slots: int,
+    def __init__(self, data_root: DataRoot, subject: Subject, slots: int,
                  rate_limit: int | None, clock: Callable[[], float] = time.time) -> None:
         self.data_root = data_root
-        self.instance_id = instance_id
-        self.paths = data_root.instance(instance_id)
+        self.subject = subject
+        self.paths = subject.paths(data_root)
         self.slots = max(1, slots)
         self.rate_limit = rate_limit
         self.cancel = asyncio.Event()
@@ -133,28 +136,24 @@ class Job:
         return await proc.wait()
 
     @contextlib.asynccontextmanager
-    async def instance_lock(self) -> AsyncIterator[None]:
-        async with self.flock_any([self.data_root.instance_lock(self.instance_id)]):
+    async def subject_lock(self) -> AsyncIterator[None]:
+        """The instance's (or snapshot's) lock: no reader is at work while it is held."""
+        async with self.flock_any([self.subject.lock(self.data_root)]):
             yield
 
-    def load_meta(self) -> InstanceMetadata | None:
-        try:
-            return InstanceMetadata.load(self.paths.metadata)
-        except FileNotFoundError:
-            return None
+    def load_plan(self) -> CompressionPlan | None:
+        return self.subject.load_plan(self.data_root)[1]
 
     async def clear_plan(self, error: str | None = None) -> None:
-        async with self.instance_lock():
-            meta = self.load_meta()
-            if meta is None or meta.compression_plan is None:
+        async with self.subject_lock():
+            plan = self.load_plan()
+            if plan is None:
                 return
-            meta.compression_plan = (meta.compression_plan.model_copy(update={"error": error})
-                                     if error else None)
-            meta.save(self.paths.metadata)
+            self.subject.save_plan(self.data_root, plan.model_copy(update={"error": error})
+                                   if error else None)
 
     async def run(self) -> str:
-        meta = self.load_meta()
-        plan = meta.compression_plan if meta else None
+        plan = self.load_plan()
         if plan is None or plan.error:
             return "nothing to do"
         directory = self.paths.standby_dir
@@ -186,7 +185,7 @@ class Job:
                 # a compressed RAM file is checked by the codec's own frame checksum.
                 checksum = (None if raw == self.paths.memory_file
                             else checksum_file(tmp).checksum)
-            async with self.instance_lock():
+            async with self.subject_lock():
                 self.check()
                 saved = self.commit(plan, raw, tmp, final, checksum)
         except Cancelled:
@@ -205,11 +204,10 @@ class Job:
 
     def commit(self, plan: CompressionPlan, raw: Path, tmp: Path, final: Path,
                checksum: str | None) -> int:
-        """Under the instance lock: publish the compressed file, then the manifest naming
+        """Under the subject's lock: publish the compressed file, then the manifest naming
         it, then drop the raw one. Readers keep the file the manifest names, so a kill
         between any two steps leaves a whole, named file (compression_jobs.tidy)."""
-        meta = self.load_meta()
-        if meta is None or meta.compression_plan is None or not raw.exists():
+        if self.load_plan() is None or not raw.exists():
             tmp.unlink(missing_ok=True)  # a reader took over: nothing to publish
             raise Cancelled()
         os.replace(tmp, final)
@@ -230,8 +228,9 @@ class Job:
         faults.point("compress.recorded")
         raw.unlink()
         fsync_dir(raw.parent)
-        meta.compression_plan = None
-        meta.save(self.paths.metadata)
+        self.subject.save_plan(self.data_root, None)
+        if self.subject.kind == "snapshot":
+            record_snapshot_state(self.data_root, self.subject.id)
         return raw_bytes - final.stat().st_size
 
 
@@ -245,7 +244,9 @@ def lower_priority() -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description="torpor background compression worker")
     parser.add_argument("--data-root", required=True, type=Path)
-    parser.add_argument("--instance", required=True)
+    whose = parser.add_mutually_exclusive_group(required=True)
+    whose.add_argument("--instance", help="compress this instance's standby state")
+    whose.add_argument("--snapshot", help="compress this stored snapshot's state")
     parser.add_argument("--slots", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--rate-limit", type=int, default=None)
     parser.add_argument("--lock-fd", type=int, default=None,
@@ -253,7 +254,9 @@ def main() -> int:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     data_root = DataRoot(args.data_root)
-    key = instance_job_key(args.instance)
+    subject = (Subject.instance(args.instance) if args.instance
+               else Subject.snapshot(args.snapshot))
+    key = subject.key
     data_root.jobs_dir.mkdir(parents=True, exist_ok=True)
     if args.lock_fd is not None:  # taken for us by the launcher (compression_jobs)
         lock_fd = args.lock_fd
@@ -273,7 +276,7 @@ def main() -> int:
     assert identity is not None
     atomic_write_json(data_root.job_worker(key), identity.model_dump())
     lower_priority()
-    job = Job(data_root, args.instance, args.slots, args.rate_limit)
+    job = Job(data_root, subject, args.slots, args.rate_limit)
 
     async def run() -> str:
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, job.cancel.set)
@@ -283,7 +286,7 @@ def main() -> int:
 
     try:
         outcome = asyncio.run(run())
-        log.info("instance %s: %s", args.instance, outcome)
+        log.info("%s %s: %s", subject.kind, subject.id, outcome)
         return 0
     finally:
         data_root.job_worker(key).unlink(missing_ok=True)

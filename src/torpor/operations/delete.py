@@ -10,6 +10,7 @@ from torpor import faults
 from torpor.errors import NotFound
 from torpor.fsutil import remove_tree
 from torpor.instances.locking import file_lock
+from torpor.instances.snapshotrecord import find_record
 from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
 from torpor.operations import lifecycle, snapshots
@@ -42,7 +43,7 @@ async def drop_auto_snapshot(registry: Registry, snapshot_id: str | None) -> Non
     data_root = registry.data_root
     async with file_lock(data_root.registry_lock, what="the instance registry"):
         try:
-            record = snapshots.find_record(data_root, snapshot_id)
+            record = find_record(data_root, snapshot_id)
         except NotFound:
             return
         users = snapshots.dependents(data_root, record.id,

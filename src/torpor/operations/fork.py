@@ -30,6 +30,7 @@ from torpor.instances import observe
 from torpor.instances.info import InstanceInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
+    CompressionPolicy,
     InstanceMetadata,
     InstanceState,
     new_instance_id,
@@ -47,6 +48,9 @@ from torpor.operations import restore as restore_op
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
 
+# A fork's own snapshots are never compressed: a temporary one is read at once, and forks
+# map a base's RAM file, which must stay raw.
+NO_COMPRESSION = CompressionPolicy()
 # Copied from a payload or source: everything but the runtime and the source's logs.
 FORK_SKIP = ("run", "logs")
 
@@ -129,8 +133,14 @@ async def from_snapshot(registry: Registry, record: SnapshotRecord, new_name: st
                         count: int, target_state: TargetState) -> list[InstanceInfo]:
     has_state = record.kind != "stopped"
     names = await _check(registry, new_name, count, target_state, has_state)
-    payload = registry.data_root.snapshot(record.id).payload
-    created = await _materialise_all(registry, payload, names, record.id, has_state)
+    data_root = registry.data_root
+
+    def mapped() -> bool:  # memory-file forks map its RAM file: it stays raw from now on
+        return bool(snapshots.dependents(data_root, record.id, registry.all_metadata()))
+
+    async with snapshots.reading(registry.settings, data_root, record.id, mapped):
+        created = await _materialise_all(registry, data_root.snapshot(record.id).payload,
+                                         names, record.id, has_state)
     return await _bring_up(registry, created, has_state, target_state)
 
 
@@ -143,7 +153,8 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
             # Memory-file mode: one snapshot (RAM copied once, outside any fork), kept
             # while forks map its memory file privately; removed with the last of them.
             base = await snapshots.create(ctx, f"fork-base-{secrets.token_hex(4)}",
-                                          snapshots.auto_tags(snapshots.AUTO_BASE))
+                                          snapshots.auto_tags(snapshots.AUTO_BASE),
+                                          compression=NO_COMPRESSION)
             try:
                 faults.point("fork.based")
                 created = await _materialise_all(
@@ -155,7 +166,8 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
         elif is_live(ctx.state):
             # A temporary overlapped snapshot: the source pauses only for it.
             temp = await snapshots.create(ctx, f"fork-{secrets.token_hex(4)}",
-                                          snapshots.auto_tags(snapshots.AUTO_TEMPORARY))
+                                          snapshots.auto_tags(snapshots.AUTO_TEMPORARY),
+                                          compression=NO_COMPRESSION)
             try:
                 faults.point("fork.based")
                 created = await _materialise_all(

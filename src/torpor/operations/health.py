@@ -28,12 +28,13 @@ from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES
 from torpor.instances.metadata import InstanceMetadata, InstanceState
 from torpor.instances.runtime import load_runtime, query_vm_status
+from torpor.instances.snapshotrecord import all_records
 from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest, locate_state_file
 from torpor.operations import lifecycle
 from torpor.operations.registry import Registry
-from torpor.operations.snapshots import AUTO_TAG, OWNER_TAG, all_records
+from torpor.operations.snapshots import AUTO_TAG, OWNER_TAG
 from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths
 
 TMP_SUFFIX = ".tmp"
@@ -208,23 +209,35 @@ def _snapshot_problems(root: DataRoot, dependents: dict[str, list[str]]) -> Iter
                           detail=f"{record.name}: made for forks that never came to be")
 
 
-def _job_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
+def _job_problems(root: DataRoot, ids: set[str], snapshot_ids: set[str]
+                  ) -> Iterator[Problem]:
     if not root.jobs_dir.is_dir():
         return
-    prefix = compression_jobs.instance_job_key("")
-    for path in sorted(root.jobs_dir.glob(f"{prefix}*")):
-        key = path.name.split(".")[0]
-        if key.removeprefix(prefix) not in ids and not compression_jobs.job_running(root, key):
-            yield Problem(kind=Kind.ORPHANED_JOB, path=str(path), detail="of a deleted instance")
+    Subject = compression_jobs.Subject
+    for kind, owners, prefix in (("instance", ids, Subject.instance("").key),
+                                 ("snapshot", snapshot_ids, Subject.snapshot("").key)):
+        for path in sorted(root.jobs_dir.glob(f"{prefix}*")):
+            key = path.name.split(".")[0]
+            if key.removeprefix(prefix) not in owners and \
+                    not compression_jobs.job_running(root, key):
+                yield Problem(kind=Kind.ORPHANED_JOB, path=str(path),
+                              detail=f"of a deleted {kind}")
 
 
-def _lock_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
+def _lock_problems(root: DataRoot, ids: set[str], snapshot_ids: set[str]) -> Iterator[Problem]:
     if not root.locks_dir.is_dir():
         return
     for path in sorted(root.locks_dir.glob("*.lock")):
         stem = path.name.removesuffix(".lock")
-        if len(stem) == 12 and all(c in "0123456789abcdef" for c in stem) and stem not in ids:
+        snapshot_id = stem.removeprefix("snapshot-")
+        if _is_id(stem) and stem not in ids:
             yield Problem(kind=Kind.ORPHANED_LOCK, path=str(path), detail="of a deleted instance")
+        elif stem != snapshot_id and _is_id(snapshot_id) and snapshot_id not in snapshot_ids:
+            yield Problem(kind=Kind.ORPHANED_LOCK, path=str(path), detail="of a deleted snapshot")
+
+
+def _is_id(text: str) -> bool:
+    return len(text) == 12 and all(c in "0123456789abcdef" for c in text)
 
 
 def stray_qemus(root: DataRoot) -> Iterator[tuple[ProcessIdentity, str]]:
@@ -260,8 +273,9 @@ async def scan(root: DataRoot) -> list[Problem]:
         for snapshot_id in _snapshots_used(root, meta):
             dependents.setdefault(snapshot_id, []).append(meta.name)
     problems += _snapshot_problems(root, dependents)
-    problems += _job_problems(root, {m.id for m in metas})
-    problems += _lock_problems(root, {m.id for m in metas})
+    snapshot_ids = {r.id for r in all_records(root)}
+    problems += _job_problems(root, {m.id for m in metas}, snapshot_ids)
+    problems += _lock_problems(root, {m.id for m in metas}, snapshot_ids)
     problems += [Problem(kind=Kind.STRAY_QEMU, path=str(root.instance(instance_id).root),
                          detail=f"QEMU pid {identity.pid} is no instance's")
                  for identity, instance_id in stray_qemus(root)]

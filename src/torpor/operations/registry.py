@@ -109,8 +109,9 @@ class Registry:
             pid=record.identity.pid if record and state is not InstanceState.CRASHED else None,
             accel=record.vm_config.accel if record else None,
             last_operation=meta.last_operation,
-            compression=compression_jobs.status(self.data_root, paths, meta.compression_plan,
-                                                meta.id),
+            compression=compression_jobs.status(
+                self.data_root, compression_jobs.Subject.instance(meta.id),
+                meta.compression_plan),
         )
 
     async def current_info(self, ctx: InstanceContext) -> InstanceInfo:

@@ -14,34 +14,45 @@ names the leg that failed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import shutil
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Literal
 
 from torpor import faults
+from torpor.codec import Codec
 from torpor.copy import CopyReport, copy_file, copy_tree
-from torpor.errors import AlreadyExists, InvalidArgument, NotFound, WrongState
+from torpor.errors import (
+    AlreadyExists,
+    InvalidArgument,
+    TorporError,
+    Unsupported,
+    WrongState,
+)
 from torpor.fsutil import (
     allocated_bytes,
-    atomic_write_json,
     fsync_dir,
     fsync_tree,
     owned_name,
     owner_tag,
-    read_json,
     remove_tree,
 )
 from torpor.hypervisor.blockfreeze import DiskFreeze, thaw, thaw_offline
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import drive_id
 from torpor.instances import observe
-from torpor.instances.context import InstanceContext
+from torpor.instances.context import InstanceContext, Settings
+from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
+    CompressionPlan,
     CompressionPolicy,
     InstanceMetadata,
     InstanceState,
+    resolve_policy,
     utc_now,
 )
 from torpor.instances.record import PhaseRecorder
@@ -49,6 +60,8 @@ from torpor.instances.runtime import RuntimeRecord, derive_state
 from torpor.instances.snapshotrecord import (
     SnapshotKind,
     SnapshotRecord,
+    all_records,
+    save_record,
     validate_snapshot_name,
     validate_tags,
 )
@@ -83,34 +96,6 @@ def dependents(data_root: DataRoot, snapshot_id: str,
     return [m.name for m in instances
             if m.origin_snapshot == snapshot_id
             or (m.memory_origin is not None and m.memory_origin.is_relative_to(snapshot_dir))]
-
-
-def load_record(paths: SnapshotPaths) -> SnapshotRecord:
-    return SnapshotRecord.model_validate(read_json(paths.record))
-
-
-def all_records(data_root: DataRoot) -> list[SnapshotRecord]:
-    records = []
-    if data_root.snapshots_dir.exists():
-        for entry in sorted(data_root.snapshots_dir.iterdir()):
-            if not entry.name.startswith("."):
-                try:
-                    records.append(load_record(data_root.snapshot(entry.name)))
-                except (FileNotFoundError, ValueError):
-                    continue
-    return sorted(records, key=lambda r: r.created_at)
-
-
-def find_record(data_root: DataRoot, name_or_id: str, source_id: str | None = None
-                ) -> SnapshotRecord:
-    matches = [r for r in all_records(data_root)
-               if name_or_id in (r.id, r.name) and source_id in (None, r.source_id)]
-    if not matches:
-        raise NotFound(f"no snapshot named {name_or_id!r}")
-    if len(matches) > 1:
-        raise InvalidArgument(f"snapshot name {name_or_id!r} exists for several instances:"
-                              " name the instance too, or use the snapshot id")
-    return matches[0]
 
 
 # --- create ---------------------------------------------------------------------------------
@@ -263,12 +248,12 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
                  serial: bool = False, compression: CompressionPolicy | None = None
                  ) -> SnapshotRecord:
     """Snapshot the instance (running, paused, standby or stopped); caller holds its lock.
-    A running source's state is compressed as it is saved when `compression` says so
-    (synchronously: background jobs for stored snapshots are not built yet)."""
+    Compression follows standby's rules (`snapshot_compression`): a running source's
+    state is compressed as it is saved (`sync`), or saved raw and compressed by a
+    background job on the stored payload (`background`)."""
     validate_snapshot_name(name)
     validate_tags(tags)
-    policy = compression or CompressionPolicy()
-    policy.effective_level()
+    save_policy, plan = snapshot_compression(ctx, compression)
     data_root = ctx.data_root
     if any(r.name == name and r.source_id == ctx.meta.id for r in all_records(data_root)):
         raise AlreadyExists(f"instance {ctx.name} already has a snapshot named {name!r}")
@@ -282,7 +267,8 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             assert record is not None
             kind: SnapshotKind = "running"
             mode: Literal["overlapped", "serial", "copy"] = "serial" if serial else "overlapped"
-            manifest, report = await _overlapped_pause(ctx, record, staging, serial, policy, op)
+            manifest, report = await _overlapped_pause(ctx, record, staging, serial,
+                                                       save_policy, op)
             with op.phase("flush"):  # outside the pause: durability before publishing
                 await asyncio.to_thread(_finish_running_snapshot, staging, manifest)
         else:
@@ -290,7 +276,9 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             mode = "copy"
             report = await _copy_at_rest(ctx, staging, kind, op)
         snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging, op)
-        await asyncio.to_thread(atomic_write_json, staging.record, snap.model_dump(mode="json"))
+        if plan is not None and _raw_state(staging.payload_instance()):
+            snap.compression_plan = plan  # recorded before it is published: a restart
+        await asyncio.to_thread(save_record, staging, snap)  # re-queues it
         faults.point("snapshot.flushed")
         await asyncio.to_thread(_publish, staging, data_root.snapshot(snapshot_id).root)
         faults.point("snapshot.published")
@@ -298,8 +286,53 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
         await asyncio.to_thread(_discard, staging, data_root.snapshot(snapshot_id).root)
         await op.persist(ctx.paths, exc)
         raise
+    if snap.compression_plan is not None:
+        await asyncio.to_thread(
+            compression_jobs.launch_worker, data_root,
+            compression_jobs.Subject.snapshot(snapshot_id),
+            slots=ctx.settings.compression_jobs, rate_limit=ctx.settings.compression_rate_limit)
     await op.persist(ctx.paths)
     return snap
+
+
+def snapshot_compression(ctx: InstanceContext, request: CompressionPolicy | None
+                         ) -> tuple[CompressionPolicy, CompressionPlan | None]:
+    """What a snapshot of this instance does with its machine state, by standby's rules:
+    the request, then the instance's policy, then the configured default; `sync`
+    compresses as the state is saved, `background` saves it raw for a job on the stored
+    payload (memory-file mode: always a job, on the RAM file, after the idle delay).
+    Returns (the policy the save uses, the job's plan or None). What cannot be honoured
+    is refused before anything happens, never ignored."""
+    if request is not None:
+        request.effective_level()
+    asked = request is not None and request.codec is not Codec.NONE
+    if ctx.state is InstanceState.STOPPED and asked:
+        raise InvalidArgument(f"instance {ctx.name} is stopped: it has no machine state to"
+                              " compress (snapshot it without --compress)")
+    policy = resolve_policy(request, ctx.meta.snapshot_policy, ctx.settings.default_compression)
+    if policy.codec is Codec.NONE or ctx.state is InstanceState.STOPPED:
+        return CompressionPolicy(), None
+    if ctx.state is InstanceState.STANDBY and policy.mode == "sync":
+        if asked:
+            raise Unsupported(f"instance {ctx.name} is in standby: its saved state is copied"
+                              " as it is; compress the snapshot's copy with --background")
+        return CompressionPolicy(), None  # the standby's own policy already applied
+    memory = ctx.meta.memory_backing == "file"
+    if policy.mode == "sync" and not memory:
+        return policy, None
+    delay = policy.delay_s if policy.mode == "background" else \
+        ctx.settings.memory_compression_delay
+    return CompressionPolicy(), compression_jobs.make_plan(
+        policy.model_copy(update={"mode": "background", "delay_s": delay}), time.time())
+
+
+def _raw_state(payload: InstancePaths) -> bool:
+    """Whether the payload holds machine state its job can compress (not already so)."""
+    try:
+        target = compression_jobs.compression_target(payload)
+    except TorporError:
+        return False
+    return target.exists()
 
 
 def _publish(staging: SnapshotPaths, final: Path) -> None:
@@ -352,7 +385,29 @@ def remove(data_root: DataRoot, snap: SnapshotRecord, dependents: list[str]) -> 
     if dependents:
         raise WrongState(f"snapshot {snap.name} cannot be deleted: forks depend on it "
                          f"({', '.join(sorted(dependents))})")
+    key = compression_jobs.Subject.snapshot(snap.id).key
+    compression_jobs.cancel_and_wait(data_root, key)  # its job reads the payload
     remove_tree(data_root.snapshot(snap.id).root)
+    compression_jobs.remove_job_files(data_root, key)
+    data_root.snapshot_lock(snap.id).unlink(missing_ok=True)
+
+
+@contextlib.asynccontextmanager
+async def reading(ctx_settings: Settings, data_root: DataRoot, snapshot_id: str,
+                  mapped: Callable[[], bool]) -> AsyncIterator[None]:
+    """Hold a stored snapshot to read its payload: its lock, its job stopped (and the
+    plan handed back afterwards, unless `mapped()` says forks now map its RAM file)."""
+    async with file_lock(data_root.snapshot_lock(snapshot_id),
+                         what=f"snapshot {snapshot_id}"):
+        plan = await asyncio.to_thread(compression_jobs.prepare_snapshot_for_read, data_root,
+                                       snapshot_id)
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(
+                compression_jobs.resume_snapshot_plan, data_root, snapshot_id, plan,
+                mapped=await asyncio.to_thread(mapped), slots=ctx_settings.compression_jobs,
+                rate_limit=ctx_settings.compression_rate_limit)
 
 
 async def restore_into(ctx: InstanceContext, snap: SnapshotRecord) -> None:
@@ -360,7 +415,8 @@ async def restore_into(ctx: InstanceContext, snap: SnapshotRecord) -> None:
     the state guard saw to that)."""
     payload = ctx.data_root.snapshot(snap.id).payload_instance()
     await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
-    await asyncio.to_thread(_replace_from_payload, ctx, payload)
+    async with reading(ctx.settings, ctx.data_root, snap.id, mapped=lambda: False):
+        await asyncio.to_thread(_replace_from_payload, ctx, payload)
 
 
 def _replace_from_payload(ctx: InstanceContext, payload: InstancePaths) -> None:

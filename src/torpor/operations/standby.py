@@ -108,7 +108,7 @@ def _queue_compression(ctx: InstanceContext, policy: CompressionPolicy) -> None:
     """The plan recorded, then its detached worker started (a fork and exec: a thread)."""
     ctx.meta.compression_plan = compression_jobs.make_plan(policy, time.time())
     ctx.meta.save(ctx.paths.metadata)
-    compression_jobs.launch_worker(ctx.data_root, ctx.meta.id,
+    compression_jobs.launch_worker(ctx.data_root, compression_jobs.Subject.instance(ctx.meta.id),
                                    slots=ctx.settings.compression_jobs,
                                    rate_limit=ctx.settings.compression_rate_limit)
 

@@ -18,7 +18,7 @@ from torpor.api.deps import (
 )
 from torpor.api.models import ForkRequest, SnapshotRequest, to_policy
 from torpor.instances.info import InstanceInfo
-from torpor.instances.snapshotrecord import SnapshotRecord
+from torpor.instances.snapshotrecord import SnapshotInfo
 
 router = APIRouter(dependencies=GUARDED, responses=ERROR_RESPONSES)
 
@@ -26,7 +26,7 @@ router = APIRouter(dependencies=GUARDED, responses=ERROR_RESPONSES)
 @router.post("/instances/{name}/snapshots", tags=["snapshots"], status_code=201)
 async def create_snapshot(
     manager: Manager, name: InstanceName, body: SnapshotRequest, op: OpId, operations: Tracker
-) -> SnapshotRecord:
+) -> SnapshotInfo:
     snap_name = body.name or time.strftime("snap-%Y%m%d-%H%M%S")
     async with operations.track(op, "snapshot", name):
         return await manager.snapshot_create(
@@ -44,14 +44,14 @@ async def restore_snapshot(
 
 
 @router.get("/snapshots", tags=["snapshots"])
-async def list_snapshots(manager: Manager, instance: SourceFilter = None) -> list[SnapshotRecord]:
+async def list_snapshots(manager: Manager, instance: SourceFilter = None) -> list[SnapshotInfo]:
     return await asyncio.to_thread(manager.snapshot_list, instance)
 
 
 @router.get("/snapshots/{snapshot}", tags=["snapshots"])
 async def get_snapshot(
     manager: Manager, snapshot: SnapshotName, instance: SourceFilter = None
-) -> SnapshotRecord:
+) -> SnapshotInfo:
     return await asyncio.to_thread(manager.snapshot_get, snapshot, instance)
 
 
