@@ -8,7 +8,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs
                 e2fsprogs kmod util-linux
 
 .PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
-        bench-snapshot bench-fork bench-cli clean
+        bench-snapshot bench-fork bench-cli bench-snapshot-compression clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -61,6 +61,10 @@ bench-snapshot: guest
 
 bench-fork: guest
 	$(BIN)/python -m bench.fork_bench
+
+# A compressed stored snapshot against a raw one: size, and fork time.
+bench-snapshot-compression: guest
+	$(BIN)/python -m bench.snapshot_compression_bench
 
 # What a script pays per `torpor` call, in-process and through the daemon.
 bench-cli: guest

@@ -176,3 +176,32 @@ def test_what_cannot_be_honoured_is_refused_and_leaves_nothing(
         run(manager.delete("snapz-stopped"))
     assert manager.snapshot_list() == snapshots_before
     assert not [p for p in manager.data_root.snapshots_dir.iterdir() if p.name.startswith(".")]
+
+
+def test_a_memory_file_snapshot_keeps_its_ram_compressed_until_a_fork_maps_it(
+        manager: InstanceManager) -> None:
+    """Memory-file mode: the job compresses the payload's RAM file (holes kept); a fork
+    needs it raw to map it, so the fork decompresses it and the plan is not handed back:
+    compressing it again would take the file the fork maps."""
+    name = "snapzf"
+    run(manager.create(name, memory_bytes=256 << 20, memory_backing="file"))
+    try:
+        run(manager.start(name))
+        marks = write_marks(manager, name)
+        snap = run(manager.snapshot_create(name, "mf", compression=CompressionPolicy(
+            codec=Codec.ZSTD, mode="background")))
+        payload = manager.data_root.snapshot(snap.id).payload_instance()
+        wait_for(manager, snap.id, CompressionState.COMPRESSED)
+        assert not payload.memory_file.exists()
+        assert payload.memory_file.with_name("memory.zst").exists()
+        run(manager.snapshot_fork(snap.id, "snapzf-fork"))
+        try:
+            assert read_marks(manager, "snapzf-fork") == marks
+            assert payload.memory_file.exists()  # raw again: the fork maps it
+            assert state_of(manager, snap.id) is CompressionState.NONE
+            assert not job_running(manager.data_root, Subject.snapshot(snap.id).key)
+        finally:
+            run(manager.delete("snapzf-fork", force=True))
+        run(manager.snapshot_delete(snap.id))
+    finally:
+        run(manager.delete(name, force=True))
