@@ -27,6 +27,7 @@ from torpor.errors import (
 from torpor.fsutil import allocated_bytes, fsync_dir, owned_name, remove_tree
 from torpor.guest.agent import GuestAgent
 from torpor.instances import observe
+from torpor.instances.context import InstanceContext
 from torpor.instances.info import InstanceInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
@@ -152,9 +153,7 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
         if has_state and ctx.meta.memory_backing == "file":
             # Memory-file mode: one snapshot (RAM copied once, outside any fork), kept
             # while forks map its memory file privately; removed with the last of them.
-            base = await snapshots.create(ctx, f"fork-base-{secrets.token_hex(4)}",
-                                          snapshots.auto_tags(snapshots.AUTO_BASE),
-                                          compression=NO_COMPRESSION)
+            base = await _auto_snapshot(ctx, "fork-base", snapshots.AUTO_BASE)
             try:
                 faults.point("fork.based")
                 created = await _materialise_all(
@@ -165,9 +164,7 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
                 raise
         elif is_live(ctx.state):
             # A temporary overlapped snapshot: the source pauses only for it.
-            temp = await snapshots.create(ctx, f"fork-{secrets.token_hex(4)}",
-                                          snapshots.auto_tags(snapshots.AUTO_TEMPORARY),
-                                          compression=NO_COMPRESSION)
+            temp = await _auto_snapshot(ctx, "fork", snapshots.AUTO_TEMPORARY)
             try:
                 faults.point("fork.based")
                 created = await _materialise_all(
@@ -186,6 +183,12 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
                     compression_jobs.resume_plan, ctx, plan, slots=ctx.settings.compression_jobs,
                     rate_limit=ctx.settings.compression_rate_limit)
     return await _bring_up(registry, created, has_state, target_state)
+
+
+async def _auto_snapshot(ctx: InstanceContext, prefix: str, purpose: str) -> SnapshotRecord:
+    """A snapshot torpor makes for forks (never compressed: see NO_COMPRESSION)."""
+    return await snapshots.create(ctx, f"{prefix}-{secrets.token_hex(4)}",
+                                  snapshots.auto_tags(purpose), compression=NO_COMPRESSION)
 
 
 async def _check(registry: Registry, new_name: str, count: int, target_state: TargetState,
