@@ -236,3 +236,28 @@ def test_check_leaves_a_busy_instance_alone_and_never_takes_its_lock(tmp_path: P
         os.close(fd)
     kinds = {p.kind for p in asyncio.run(health.scan(root))}
     assert "partial-standby" in kinds
+
+
+def test_check_finds_the_job_and_lock_of_a_deleted_snapshot(tmp_path: Path) -> None:
+    import asyncio
+
+    from torpor.instances.metadata import utc_now
+    from torpor.instances.snapshotrecord import SnapshotRecord, save_record
+    from torpor.operations import health
+
+    root = DataRoot(tmp_path / "data")
+    root.ensure()
+    kept, gone = "a1b2c3d4e5f6", "0f0f0f0f0f0f"
+    root.snapshot(kept).root.mkdir(parents=True)
+    save_record(root.snapshot(kept), SnapshotRecord(
+        id=kept, name="kept", source_id="ffffffffffff", source_name="vm", kind="stopped",
+        mode="copy", created_at=utc_now()))
+    for snapshot_id in (kept, gone):
+        root.job_log(Subject.snapshot(snapshot_id).key).write_text("")
+        root.snapshot_lock(snapshot_id).write_text("")
+    problems = asyncio.run(health.scan(root))
+    found = sorted((p.kind, Path(p.path).name, p.detail) for p in problems)
+    assert found == [
+        ("orphaned-job", f"snapshot-{gone}.log", "of a deleted snapshot"),
+        ("orphaned-lock", f"snapshot-{gone}.lock", "of a deleted snapshot"),
+    ]
