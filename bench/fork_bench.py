@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
-from torpor.instances.context import Settings
+from bench.common import scratch_manager
 from torpor.manager import InstanceManager
 from torpor.units import format_size
 
@@ -50,9 +48,7 @@ async def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--count", type=int, default=4)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="tp-forkbench-", dir="/var/tmp"))
-    mgr = InstanceManager(workdir / "data", Settings(accel=os.environ.get(  # type: ignore[arg-type]
-        "TORPOR_ACCEL", "auto")))
+    workdir, mgr = scratch_manager("tp-forkbench-")
     try:
         await mgr.create("src", memory_backing="file")
         await mgr.create("anon")

@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import shutil
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
+from bench.common import scratch_manager
 from torpor.codec import Codec
-from torpor.instances.context import Settings
 from torpor.instances.info import CompressionState
 from torpor.instances.metadata import CompressionPolicy
 from torpor.manager import InstanceManager
@@ -55,9 +52,7 @@ async def main() -> int:
     parser.add_argument("--memory", default="512M")
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    workdir = Path(tempfile.mkdtemp(prefix="tp-snapzbench-", dir="/var/tmp"))
-    mgr = InstanceManager(workdir / "data", Settings(accel=os.environ.get(  # type: ignore[arg-type]
-        "TORPOR_ACCEL", "auto")))
+    workdir, mgr = scratch_manager("tp-snapzbench-")
     try:
         await mgr.create("src", memory_bytes=parse_size(args.memory, "M"))
         await mgr.start("src")

@@ -41,17 +41,16 @@ import argparse
 import asyncio
 import contextlib
 import functools
-import os
 import random
 import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+from bench.common import scratch_manager
 from bench.hostmem import reports_free_pages, warm_up
 from bench.libvirt_baseline import LibvirtGuest, ensure_libvirt
 from torpor.codec import Codec
@@ -60,7 +59,6 @@ from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import Monitor
 from torpor.hypervisor.vmconfig import VMConfig, render_argv
-from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy, utc_now
 from torpor.instances.runtime import RuntimeRecord, clear_runtime, load_runtime, save_runtime
 from torpor.instances.states import Action
@@ -337,9 +335,7 @@ async def main() -> int:
           " hypervisor (virtio-balloon free page reporting)", flush=True)
     if not args.no_libvirt:
         ensure_libvirt()
-    workdir = Path(tempfile.mkdtemp(prefix="tp-bench-", dir="/var/tmp"))
-    mgr = InstanceManager(workdir / "data", Settings(accel=os.environ.get(  # type: ignore[arg-type]
-        "TORPOR_ACCEL", "auto")))
+    workdir, mgr = scratch_manager("tp-bench-")
     print(HEAD)
     print("-" * len(HEAD), flush=True)
     for size in args.sizes.split(","):

@@ -78,12 +78,15 @@ class InstanceManager:
         Stored snapshots' plans likewise. Returns what it did, one line per plan."""
         done = []
         for meta in self.registry.all_metadata():
-            line = compression_jobs.requeue(self.data_root, meta, self.settings)
+            line = compression_jobs.requeue(self.data_root,
+                                            compression_jobs.Subject.instance(meta.id),
+                                            meta.compression_plan, self.settings)
             if line:
                 done.append(f"{meta.name}: {line}")
         for record in all_records(self.data_root):
-            line = compression_jobs.requeue_snapshot(self.data_root, record.id,
-                                                     record.compression_plan, self.settings)
+            line = compression_jobs.requeue(self.data_root,
+                                            compression_jobs.Subject.snapshot(record.id),
+                                            record.compression_plan, self.settings)
             if line:
                 done.append(f"snapshot {record.name} of {record.source_name}: {line}")
         return done

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from urllib.parse import quote, urlencode
 
 from torpor import errors
+from torpor.api import OPERATION_HEADER
 from torpor.api.errors import Timeout, Unauthorized
 from torpor.api.listen import ListenAddress
 from torpor.guest.result import ExecResult
@@ -32,7 +33,6 @@ if TYPE_CHECKING:  # the answers are read through JsonView: see its docstring
     from torpor.instances.snapshotrecord import SnapshotInfo
     from torpor.instances.states import TargetState
 
-OPERATION_HEADER = "X-Torpor-Operation"  # api/models.py names it for the server side
 _ERRORS: dict[str, type[errors.TorporError]] = {
     cls.code: cls
     for cls in (

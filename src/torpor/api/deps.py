@@ -11,11 +11,11 @@ from fastapi.dependencies.models import Dependant
 from fastapi.routing import APIRoute
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
+from torpor.api import OPERATION_HEADER
 from torpor.api.errors import Unauthorized
 from torpor.api.metrics import Metrics
 from torpor.api.models import (
     NAME_PATTERN,
-    OPERATION_HEADER,
     OPERATION_ID_PATTERN,
     ErrorBody,
 )

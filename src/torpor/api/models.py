@@ -13,7 +13,6 @@ from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.observe import StageProgress
 
 MAX_TIMEOUT = 3600.0
-OPERATION_HEADER = "X-Torpor-Operation"  # names a request's operation, to poll its progress
 # The same rules the library enforces, stated in the schema so clients can see them.
 NAME_PATTERN = r"^[a-z0-9]([a-z0-9-]*[a-z0-9])?$"
 OPERATION_ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"

@@ -90,6 +90,11 @@ def require(action: Action, name: str, state: InstanceState, *, locked: bool = T
     raise WrongState(template.format(name=name, state=state))
 
 
+def refuses_any(action: Action) -> bool:
+    """Whether some state refuses `action` (if not, its state need not be asked first)."""
+    return RULES[action].allowed != EVERY
+
+
 def is_live(state: InstanceState) -> bool:
     """A QEMU process holds the guest (running or paused)."""
     return state in LIVE

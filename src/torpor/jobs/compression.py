@@ -81,15 +81,15 @@ class Subject:
             return data_root.instance_lock(self.id)
         return data_root.snapshot_lock(self.id)
 
-    def load_plan(self, data_root: DataRoot) -> tuple[bool, CompressionPlan | None]:
-        """(whether the subject still exists, its plan)."""
+    def load_plan(self, data_root: DataRoot) -> CompressionPlan | None:
+        """Its plan (None also when the subject is gone)."""
         try:
             if self.kind == "instance":
-                return True, InstanceMetadata.load(data_root.instance(self.id).metadata
-                                                   ).compression_plan
-            return True, load_record(data_root.snapshot(self.id)).compression_plan
+                return InstanceMetadata.load(data_root.instance(self.id).metadata
+                                             ).compression_plan
+            return load_record(data_root.snapshot(self.id)).compression_plan
         except FileNotFoundError:
-            return False, None
+            return None
 
     def save_plan(self, data_root: DataRoot, plan: CompressionPlan | None) -> None:
         """Record `plan` (None: done); nothing if the subject is gone."""
@@ -113,6 +113,15 @@ def instance_job_key(instance_id: str) -> str:
 def make_plan(policy: CompressionPolicy, now: float) -> CompressionPlan:
     return CompressionPlan(codec=policy.codec, level=policy.effective_level(),
                            not_before=now + max(0.0, policy.delay_s))
+
+
+def for_memory_file(policy: CompressionPolicy, idle_delay: float) -> CompressionPolicy:
+    """Memory-file mode: what is worth compressing is the RAM file, and only a background
+    job does that (the save stays milliseconds): a `sync` policy becomes a background one
+    that waits `idle_delay` first; a background one keeps its own delay."""
+    if policy.codec is Codec.NONE or policy.mode == "background":
+        return policy
+    return policy.model_copy(update={"mode": "background", "delay_s": idle_delay})
 
 
 def remaining_delay(plan: CompressionPlan, now: float) -> float:
@@ -322,7 +331,7 @@ def prepare_snapshot_for_read(data_root: DataRoot, snapshot_id: str
     if paths.standby_dir.exists():
         tidy_standby(paths)
         decompress_memory_file(paths)
-    plan = subject.load_plan(data_root)[1]
+    plan = subject.load_plan(data_root)
     if plan is not None:
         subject.save_plan(data_root, None)
     return plan
@@ -353,20 +362,15 @@ def record_snapshot_state(data_root: DataRoot, snapshot_id: str) -> None:
     save_record(snapshot, record)
 
 
-def clear_stale_plan(data_root: DataRoot, instance_id: str) -> None:
-    """Drop a plan that no longer applies, if the instance is not busy right now."""
-    fd = os.open(data_root.instance_lock(instance_id), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC,
-                 0o600)
+def clear_stale_plan(data_root: DataRoot, subject: Subject) -> None:
+    """Drop a plan that no longer applies, if the subject is not busy right now."""
+    fd = os.open(subject.lock(data_root), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return  # an operation holds it; it prepares the state itself
-        paths = data_root.instance(instance_id)
-        with contextlib.suppress(FileNotFoundError):
-            meta = InstanceMetadata.load(paths.metadata)
-            meta.compression_plan = None
-            meta.save(paths.metadata)
+            return  # an operation (a reader) holds it; it prepares the state itself
+        subject.save_plan(data_root, None)
     finally:
         os.close(fd)
 
@@ -434,31 +438,16 @@ def load_stats(data_root: DataRoot) -> JobStats:
     return JobStats()
 
 
-def requeue_snapshot(data_root: DataRoot, snapshot_id: str, plan: CompressionPlan | None,
-                     settings: Settings) -> str | None:
-    """`requeue` for a stored snapshot's plan."""
-    subject = Subject.snapshot(snapshot_id)
+def requeue(data_root: DataRoot, subject: Subject, plan: CompressionPlan | None,
+            settings: Settings) -> str | None:
+    """Queue a plan again if its worker is gone (a restart, a killed worker); clear a plan
+    whose state is gone (an instance that left standby). What it did, or None."""
     if plan is None or plan.error or job_running(data_root, subject.key):
         return None
     if (subject.paths(data_root).standby_dir / "manifest.json").exists():
+        # The worker itself decides whether there is anything left to compress.
         launch_worker(data_root, subject, slots=settings.compression_jobs,
                       rate_limit=settings.compression_rate_limit)
         return "re-queued"
-    subject.save_plan(data_root, None)
-    return "plan cleared"
-
-
-def requeue(data_root: DataRoot, meta: InstanceMetadata, settings: Settings) -> str | None:
-    """Queue an instance's plan again if its worker is gone (a restart, a killed worker);
-    clear a plan whose instance left standby. What it did, or None."""
-    plan = meta.compression_plan
-    key = instance_job_key(meta.id)
-    if plan is None or plan.error or job_running(data_root, key):
-        return None
-    if (data_root.instance(meta.id).standby_dir / "manifest.json").exists():
-        # The worker itself decides whether there is anything left to compress.
-        launch_worker(data_root, Subject.instance(meta.id), slots=settings.compression_jobs,
-                      rate_limit=settings.compression_rate_limit)
-        return "re-queued"
-    clear_stale_plan(data_root, meta.id)
+    clear_stale_plan(data_root, subject)
     return "plan cleared"

@@ -142,7 +142,7 @@ class Job:
             yield
 
     def load_plan(self) -> CompressionPlan | None:
-        return self.subject.load_plan(self.data_root)[1]
+        return self.subject.load_plan(self.data_root)
 
     async def clear_plan(self, error: str | None = None) -> None:
         async with self.subject_lock():

@@ -330,8 +330,10 @@ async def _repair_instance(registry: Registry, instance_id: str, kind: Kind,
         elif kind is Kind.STALE_TEMP:
             path.unlink(missing_ok=True)
         elif kind is Kind.ORPHANED_PLAN:
-            await asyncio.to_thread(compression_jobs.requeue, ctx.data_root, ctx.meta,
-                                    ctx.settings)
+            await asyncio.to_thread(
+                compression_jobs.requeue, ctx.data_root,
+                compression_jobs.Subject.instance(ctx.meta.id), ctx.meta.compression_plan,
+                ctx.settings)
 
 
 def _remove(path: Path) -> None:

@@ -67,13 +67,10 @@ async def spawn(ctx: InstanceContext, config: VMConfig, *, incoming: str | None 
     """spawn_qemu off the event loop: QEMU takes ~30 ms to initialise, and parallel
     restores (forks) must not queue behind each other. If we are cancelled meanwhile, the
     QEMU that did start is killed: no process outlives the operation."""
-    def undo(process: TrackedProcess) -> None:
-        process.kill()
-        clear_runtime(ctx.paths)
-
     return await in_thread(
         lambda _: spawn_qemu(ctx, config, incoming=incoming, pass_fds=pass_fds,
-                             ready_timeout=ready_timeout), undo=undo)
+                             ready_timeout=ready_timeout),
+        undo=lambda process: kill_and_forget(ctx, process))
 
 
 async def agent_ready(ctx: InstanceContext, early: GuestAgent | None = None) -> GuestAgent:
@@ -161,7 +158,11 @@ def discard_memory_file(ctx: InstanceContext) -> None:
 
 async def terminate(ctx: InstanceContext, process: TrackedProcess) -> None:
     """Kill the process if it is still ours and forget it."""
-    await asyncio.to_thread(process.kill)
+    await asyncio.to_thread(kill_and_forget, ctx, process)
+
+
+def kill_and_forget(ctx: InstanceContext, process: TrackedProcess) -> None:
+    process.kill()
     clear_runtime(ctx.paths)
 
 

@@ -21,7 +21,7 @@ from torpor.instances.info import InstanceInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import InstanceMetadata, InstanceState
 from torpor.instances.runtime import derive_state
-from torpor.instances.states import Action, require
+from torpor.instances.states import Action, refuses_any, require
 from torpor.jobs import compression as compression_jobs
 from torpor.operations.recover import recover
 from torpor.paths import DataRoot
@@ -83,8 +83,9 @@ class Registry:
         state checked. A wrong state is refused before the lock is taken too, so a request
         that is wrong anyway never holds the lock against one that is right."""
         meta = await asyncio.to_thread(self.find, name)
-        state, _ = await derive_state(self.data_root.instance(meta.id))
-        require(action, meta.name, state, locked=False)
+        if refuses_any(action):  # one QMP query saved for what every state allows
+            state, _ = await derive_state(self.data_root.instance(meta.id))
+            require(action, meta.name, state, locked=False)
         async with file_lock(self.data_root.instance_lock(meta.id), what=f"instance {name}",
                              wait=self.lock_wait if wait == "default" else wait):
             paths = self.data_root.instance(meta.id)

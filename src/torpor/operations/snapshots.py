@@ -277,8 +277,9 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             report = await _copy_at_rest(ctx, staging, kind, op)
         snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging, op)
         if plan is not None and _raw_state(staging.payload_instance()):
-            snap.compression_plan = plan  # recorded before it is published: a restart
-        await asyncio.to_thread(save_record, staging, snap)  # re-queues it
+            # In the record before it is published: a restart then re-queues it.
+            snap.compression_plan = plan
+        await asyncio.to_thread(save_record, staging, snap)
         faults.point("snapshot.flushed")
         await asyncio.to_thread(_publish, staging, data_root.snapshot(snapshot_id).root)
         faults.point("snapshot.published")
@@ -317,13 +318,11 @@ def snapshot_compression(ctx: InstanceContext, request: CompressionPolicy | None
             raise Unsupported(f"instance {ctx.name} is in standby: its saved state is copied"
                               " as it is; compress the snapshot's copy with --background")
         return CompressionPolicy(), None  # the standby's own policy already applied
-    memory = ctx.meta.memory_backing == "file"
-    if policy.mode == "sync" and not memory:
+    if ctx.meta.memory_backing == "file":
+        policy = compression_jobs.for_memory_file(policy, ctx.settings.memory_compression_delay)
+    if policy.mode == "sync":
         return policy, None
-    delay = policy.delay_s if policy.mode == "background" else \
-        ctx.settings.memory_compression_delay
-    return CompressionPolicy(), compression_jobs.make_plan(
-        policy.model_copy(update={"mode": "background", "delay_s": delay}), time.time())
+    return CompressionPolicy(), compression_jobs.make_plan(policy, time.time())
 
 
 def _raw_state(payload: InstancePaths) -> bool:
@@ -393,7 +392,7 @@ def remove(data_root: DataRoot, snap: SnapshotRecord, dependents: list[str]) -> 
 
 
 @contextlib.asynccontextmanager
-async def reading(ctx_settings: Settings, data_root: DataRoot, snapshot_id: str,
+async def reading(settings: Settings, data_root: DataRoot, snapshot_id: str,
                   mapped: Callable[[], bool]) -> AsyncIterator[None]:
     """Hold a stored snapshot to read its payload: its lock, its job stopped (and the
     plan handed back afterwards, unless `mapped()` says forks now map its RAM file)."""
@@ -406,8 +405,8 @@ async def reading(ctx_settings: Settings, data_root: DataRoot, snapshot_id: str,
         finally:
             await asyncio.to_thread(
                 compression_jobs.resume_snapshot_plan, data_root, snapshot_id, plan,
-                mapped=await asyncio.to_thread(mapped), slots=ctx_settings.compression_jobs,
-                rate_limit=ctx_settings.compression_rate_limit)
+                mapped=await asyncio.to_thread(mapped), slots=settings.compression_jobs,
+                rate_limit=settings.compression_rate_limit)
 
 
 async def restore_into(ctx: InstanceContext, snap: SnapshotRecord) -> None:

@@ -131,12 +131,8 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
     policy = resolve_policy(request, ctx.meta.snapshot_policy, ctx.settings.default_compression)
     policy.effective_level()  # a bad level is an error before any side effect
     memory = record.vm_config.memory_file
-    if memory is not None and memory.shared and policy.codec is not Codec.NONE:
-        # Memory-file mode: what is worth compressing is the RAM file, and only a
-        # background job does that, after an idle delay; the standby stays milliseconds.
-        delay = (policy.delay_s if policy.mode == "background"
-                 else ctx.settings.memory_compression_delay)
-        policy = policy.model_copy(update={"mode": "background", "delay_s": delay})
+    if memory is not None and memory.shared:
+        policy = compression_jobs.for_memory_file(policy, ctx.settings.memory_compression_delay)
     background = policy.mode == "background" and policy.codec is not Codec.NONE
     # Background: save raw inside the paused window; a worker compresses after.
     save_policy = CompressionPolicy() if background else policy
