@@ -10,6 +10,7 @@ operation it makes (`torpor list` needs none of them; see bench/cli_bench.py).""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,10 +28,12 @@ if TYPE_CHECKING:
     from torpor.hypervisor.accel import AccelChoice
     from torpor.hypervisor.vmconfig import PortForward
     from torpor.images.builtin import GuestImage
+    from torpor.images.source import OciSource
     from torpor.instances.metadata import CompressionPolicy, MemoryBacking
     from torpor.instances.snapshotrecord import SnapshotRecord
     from torpor.instances.states import TargetState
     from torpor.operations.health import Problem
+    from torpor.operations.images import ImageInfo
 
 __all__ = ["DEFAULT_DISK", "DEFAULT_MEMORY", "InstanceInfo", "InstanceManager"]
 
@@ -106,6 +109,7 @@ class InstanceManager:
 
     async def create(self, name: str, *, memory_bytes: int = DEFAULT_MEMORY, cpus: int = 1,
                      disk_bytes: int = DEFAULT_DISK, image: GuestImage | None = None,
+                     oci: OciSource | None = None,
                      accel: AccelChoice = "auto",
                      port_forwards: list[PortForward] | None = None,
                      snapshot_policy: CompressionPolicy | None = None,
@@ -114,9 +118,32 @@ class InstanceManager:
 
         meta = await create_op.create(
             self.registry, name, memory_bytes=memory_bytes, cpus=cpus, disk_bytes=disk_bytes,
-            image=image, accel=accel, port_forwards=port_forwards,
+            image=image, oci=oci, accel=accel, port_forwards=port_forwards,
             snapshot_policy=snapshot_policy, memory_backing=memory_backing)
         return await self.registry.info(meta)
+
+    # --- images -------------------------------------------------------------------------
+
+    async def image_pull(self, ref: str, *, insecure: bool = False,
+                         progress: Callable[[int, int], None] | None = None) -> ImageInfo:
+        from torpor.operations import images
+
+        return await images.pull(self.registry, ref, insecure=insecure, progress=progress)
+
+    async def image_import(self, path: Path, reference: str | None = None) -> ImageInfo:
+        from torpor.operations import images
+
+        return await images.import_archive(self.registry, path, reference)
+
+    async def image_list(self) -> list[ImageInfo]:
+        from torpor.operations import images
+
+        return await images.list_images(self.registry)
+
+    async def image_remove(self, ref: str) -> None:
+        from torpor.operations import images
+
+        await images.remove(self.registry, ref)
 
     async def delete(self, name: str, *, force: bool = False) -> None:
         from torpor.operations import delete as delete_op
@@ -275,9 +302,24 @@ class InstanceManager:
     def console_path(self, name: str) -> Path:
         return self.data_root.instance(self.registry.find(name).id).serial_log
 
+    def logs_path(self, name: str) -> Path:
+        """An image instance's main process output; the built-in guest has no main
+        process, so its console."""
+        meta = self.registry.find(name)
+        paths = self.data_root.instance(meta.id)
+        return paths.app_log if meta.image.kind == "oci" else paths.serial_log
+
     async def console(self, name: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
         """Up to `limit` bytes of the serial console log from `offset` (b"" at its end)."""
-        path = await asyncio.to_thread(self.console_path, name)
+        return await self._read_log(self.console_path, name, offset, limit)
+
+    async def logs(self, name: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        """Up to `limit` bytes of the instance's logs (logs_path) from `offset`."""
+        return await self._read_log(self.logs_path, name, offset, limit)
+
+    async def _read_log(self, where: Callable[[str], Path], name: str, offset: int,
+                        limit: int) -> bytes:
+        path = await asyncio.to_thread(where, name)
 
         def read() -> bytes:
             try:

@@ -86,6 +86,16 @@ class InstancePaths:
         return self.logs_dir / "serial.log"
 
     @property
+    def app_log(self) -> Path:
+        """An image instance's main process: its stdout and stderr (`torpor logs`)."""
+        return self.logs_dir / "app.log"
+
+    @property
+    def exit_status(self) -> Path:
+        """What an image instance's init wrote when its main process exited: the code."""
+        return self.logs_dir / "exit-status"
+
+    @property
     def qemu_log(self) -> Path:
         return self.logs_dir / "qemu.log"
 
@@ -187,6 +197,31 @@ class DataRoot:
 
     def image_dir(self, name: str) -> Path:
         return self.images_dir / name
+
+    @property
+    def oci_layout(self) -> Path:
+        """One OCI image layout for every pulled or imported image: layers stored once."""
+        return self.images_dir / "oci"
+
+    @property
+    def image_records_dir(self) -> Path:
+        return self.images_dir / "records"
+
+    def image_record(self, digest_hex: str) -> Path:
+        return self.image_records_dir / f"{digest_hex}.json"
+
+    @property
+    def image_disks_dir(self) -> Path:
+        return self.images_dir / "disks"
+
+    def image_disk(self, digest_hex: str, carry_hash: str) -> Path:
+        """An image's root filesystem with torpor's /.torpor in it, per image digest and
+        carried-in recipe: instances copy it (reflink where the filesystem can)."""
+        return self.image_disks_dir / f"{digest_hex}-{carry_hash}.ext4"
+
+    @property
+    def images_lock(self) -> Path:
+        return self.locks_dir / "images.lock"
 
     @property
     def jobs_dir(self) -> Path:

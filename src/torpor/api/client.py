@@ -28,6 +28,7 @@ from torpor.guest.result import ExecResult
 
 if TYPE_CHECKING:  # the answers are read through JsonView: see its docstring
     from torpor.api.models import Operation
+    from torpor.images.source import OciSource
     from torpor.instances.info import InstanceInfo
     from torpor.instances.metadata import CompressionPolicy, MemoryBacking
     from torpor.instances.snapshotrecord import SnapshotInfo
@@ -197,8 +198,9 @@ class RemoteManager:
         disk_bytes: int,
         snapshot_policy: CompressionPolicy | None = None,
         memory_backing: MemoryBacking = "anonymous",
+        oci: OciSource | None = None,
     ) -> InstanceInfo:
-        body = {
+        body: dict[str, Any] = {
             "name": name,
             "memory_mib": memory_bytes >> 20,
             "cpus": cpus,
@@ -206,6 +208,9 @@ class RemoteManager:
             "memory_backing": memory_backing,
             "snapshot_policy": _dump(snapshot_policy),
         }
+        if oci is not None:
+            body.update(image=oci.reference, entrypoint=oci.entrypoint, cmd=oci.cmd,
+                        env=oci.env, workdir=oci.workdir, user=oci.user, insecure=oci.insecure)
         return cast("InstanceInfo", self._one("POST", "/instances", json=body))
 
     def delete(self, name: str, *, force: bool = False) -> None:
@@ -321,6 +326,11 @@ class RemoteManager:
     def console(self, name: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
         return self._send(
             "GET", f"/instances/{name}/console", params={"offset": offset, "limit": limit}
+        )
+
+    def logs(self, name: str, offset: int = 0, limit: int = 1 << 20) -> bytes:
+        return self._send(
+            "GET", f"/instances/{name}/logs", params={"offset": offset, "limit": limit}
         )
 
 

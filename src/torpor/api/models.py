@@ -32,6 +32,10 @@ Cpus = Annotated[int, Field(ge=1, le=64), Integral]
 DiskMib = Annotated[int, Field(ge=1024, le=1 << 24), Integral]
 ForkCount = Annotated[int, Field(ge=1, le=64), Integral]
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
+ImageReference = Annotated[str, StringConstraints(min_length=1, max_length=512,
+                                                  pattern=r"^[^\x00\s]+$")]
+Arg = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^\x00]*$")]
+EnvItem = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^=\x00]+=[^\x00]*$")]
 TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
 TagValue = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00]*$")]
 
@@ -96,6 +100,14 @@ class CreateRequest(Body):
         "snapshots, forks map the RAM copy-on-write)")
     snapshot_policy: Compression | None = Field(
         None, description="the instance's standby compression policy")
+    image: ImageReference | None = Field(
+        None, description="an OCI image (pulled if missing); none: the built-in guest")
+    entrypoint: list[Arg] | None = Field(None, description="replaces the image's Entrypoint")
+    cmd: list[Arg] | None = Field(None, description="replaces the image's Cmd")
+    env: list[EnvItem] = Field(default_factory=list, description="KEY=VALUE, over the image's")
+    workdir: Arg | None = None
+    user: Arg | None = None
+    insecure: bool = Field(False, description="plain HTTP to a registry that is not loopback")
 
 
 class StartRequest(Body):

@@ -15,6 +15,7 @@ from torpor.api.listen import daemon_listening, find_daemon, parse_listen
 from torpor.cli.output import (
     console,
     err_console,
+    images_table,
     instance_details,
     instances_table,
     operations_table,
@@ -191,15 +192,53 @@ def create(
     memory_backing: Annotated[str, typer.Option(
         help="Guest RAM: anonymous, or file (memory-file mode: standby and restore in "
              "milliseconds, forks share RAM).")] = "anonymous",
+    image: Annotated[str | None, typer.Option(
+        help="An OCI image (pulled if missing), e.g. busybox or ghcr.io/o/app:1; "
+             "default: the built-in guest.", show_default=False)] = None,
+    env: Annotated[list[str] | None, typer.Option(
+        "--env", "-e", help="KEY=VALUE for the image's command (repeatable).",
+        show_default=False)] = None,
+    cmd: Annotated[str | None, typer.Option(
+        help="Replaces the image's Cmd (split like a shell would).",
+        show_default=False)] = None,
+    entrypoint: Annotated[str | None, typer.Option(
+        help="Replaces the image's Entrypoint (and drops its Cmd unless --cmd).",
+        show_default=False)] = None,
+    workdir: Annotated[str | None, typer.Option(
+        help="Replaces the image's WorkingDir.", show_default=False)] = None,
+    user: Annotated[str | None, typer.Option(
+        help="Replaces the image's User (name or uid[:gid]).", show_default=False)] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="Plain HTTP to a registry that is not on loopback.")] = False,
     json_out: JsonOpt = False,
 ) -> None:
-    """Create an instance of the built-in guest (stopped)."""
+    """Create an instance (stopped): of an OCI image, or of the built-in guest."""
+    import shlex
+
+    from torpor.images.source import OciSource
+
     if memory_backing not in ("anonymous", "file"):
         raise typer.BadParameter("must be anonymous or file", param_hint="--memory-backing")
-    info = run(manager(ctx).create(name, memory_bytes=parse_size(memory, "M"), cpus=cpus,
-                                   disk_bytes=parse_size(disk_size, "G"),
-                                   snapshot_policy=compression_policy(compress, level),
-                                   memory_backing=memory_backing))  # type: ignore[arg-type]
+    if image is None and (env or cmd or entrypoint or workdir or user):
+        raise typer.BadParameter("--env, --cmd, --entrypoint, --workdir and --user need "
+                                 "--image", param_hint="--image")
+    try:
+        oci = None if image is None else OciSource(
+            reference=image, env=env or [], workdir=workdir, user=user, insecure=insecure,
+            cmd=shlex.split(cmd) if cmd is not None else None,
+            entrypoint=shlex.split(entrypoint) if entrypoint is not None else None)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--cmd/--entrypoint") from None
+    from torpor.api.client import RemoteManager
+
+    backend = manager(ctx)
+    if oci is not None and not isinstance(backend, RemoteManager):
+        _pull_if_missing(backend, oci)
+    info = run(backend.create(name, memory_bytes=parse_size(memory, "M"), cpus=cpus,
+                              disk_bytes=parse_size(disk_size, "G"),
+                              snapshot_policy=compression_policy(compress, level),
+                              memory_backing=memory_backing,  # type: ignore[arg-type]
+                              oci=oci))
     if json_out:
         print_json(info)
     else:
@@ -217,7 +256,12 @@ def start(ctx: typer.Context, name: NameArg,
         print_json(info)
     else:
         phases = info.last_operation.phases if info.last_operation else {}
-        console.print(f"{info.name} is {info.state} (pid {info.pid}; {phases_line(phases)})")
+        if info.exit_code is not None:  # an image whose command ended during the boot
+            console.print(f"{info.name} ran and its command exited with code "
+                          f"{info.exit_code} ({phases_line(phases)})")
+        else:
+            console.print(f"{info.name} is {info.state} (pid {info.pid}; "
+                          f"{phases_line(phases)})")
 
 
 @app.command()
@@ -389,16 +433,28 @@ def exec_cmd(
     raise typer.Exit(result.exit_code if result.signal is None else 128 + result.signal)
 
 
+FollowOpt = Annotated[bool, typer.Option("--follow", "-f", help="Keep printing new output.")]
+
+
 @app.command()
-def console_cmd(ctx: typer.Context, name: NameArg,
-                follow: Annotated[bool, typer.Option("--follow", "-f",
-                                                     help="Keep printing new output.")] = False
-                ) -> None:
+def logs(ctx: typer.Context, name: NameArg, follow: FollowOpt = False) -> None:
+    """Print an image instance's main process output (stdout and stderr; the built-in
+    guest: its console)."""
+    backend = manager(ctx)
+    _print_log(lambda offset: run(backend.logs(name, offset)), follow)
+
+
+@app.command()
+def console_cmd(ctx: typer.Context, name: NameArg, follow: FollowOpt = False) -> None:
     """Print the guest's serial console log."""
     backend = manager(ctx)
+    _print_log(lambda offset: run(backend.console(name, offset)), follow)
+
+
+def _print_log(read: Any, follow: bool) -> None:
     offset = 0
     while True:
-        chunk = run(backend.console(name, offset))
+        chunk = read(offset)
         if chunk:
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
@@ -520,6 +576,83 @@ def snapshot_fork(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()]
     infos = with_progress(backend, "fork", lambda: backend.snapshot_fork(
         snapshot, new_name, count=count, target_state=state, source=instance))
     print_forks(infos, json_out, started)
+
+
+def _pull_if_missing(backend: InstanceManager, oci: Any) -> None:
+    """In-process, a missing image is pulled here, with the progress bar."""
+    from torpor.images.oci import ImageStore
+
+    if ImageStore(backend.data_root).find(oci.reference) is None:
+        _pull(backend, oci.reference, oci.insecure)
+
+
+def _pull(backend: InstanceManager, ref: str, insecure: bool) -> Any:
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress("[progress.description]{task.description}", BarColumn(), DownloadColumn(),
+                  TransferSpeedColumn(), console=err_console, transient=True,
+                  disable=not err_console.is_terminal) as bar:
+        task = bar.add_task(f"pulling {ref}", total=None)
+
+        def report(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total or None)
+        return run(backend.image_pull(ref, insecure=insecure, progress=report))
+
+
+def _local_manager(ctx: typer.Context) -> InstanceManager:
+    """Image commands work on the data root in-process (the image store has its own
+    lock), so pulls show their progress bar whether or not a daemon runs."""
+    from torpor.manager import InstanceManager
+
+    cfg = config(ctx)
+    return InstanceManager(cfg.root.root, cfg.settings())
+
+
+@image_app.command("pull")
+def image_pull(ctx: typer.Context,
+               reference: Annotated[str, typer.Argument(help="e.g. busybox, "
+                                                        "ghcr.io/owner/app:1.2")],
+               insecure: Annotated[bool, typer.Option(
+                   help="Plain HTTP to a registry that is not on loopback.")] = False,
+               json_out: JsonOpt = False) -> None:
+    """Pull an image from an OCI/Docker registry (linux/amd64; verified by digest)."""
+    started = time.monotonic()
+    info = _pull(_local_manager(ctx), reference, insecure)
+    if json_out:
+        print_json(info)
+    else:
+        console.print(f"pulled {', '.join(info.references)} ({info.digest}) in "
+                      f"{time.monotonic() - started:.1f} s")
+
+
+@image_app.command("import")
+def image_import(ctx: typer.Context,
+                 path: Annotated[Path, typer.Argument(
+                     help="A docker-archive or oci-archive tarball, or an OCI layout.")],
+                 reference: Annotated[str | None, typer.Option(
+                     "--as", help="The reference to know it by.", show_default=False)] = None,
+                 json_out: JsonOpt = False) -> None:
+    """Import an image from a file (for hosts without registry access)."""
+    info = run(_local_manager(ctx).image_import(path, reference))
+    if json_out:
+        print_json(info)
+    else:
+        console.print(f"imported {', '.join(info.references)} ({info.digest})")
+
+
+@image_app.command("list")
+def image_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
+    """List the images torpor has, and the instances that use them."""
+    print_listing(run(_local_manager(ctx).image_list()), json_out, "images", images_table)
+
+
+@image_app.command("rm")
+def image_rm(ctx: typer.Context,
+             reference: Annotated[str, typer.Argument(help="Reference or digest.")]) -> None:
+    """Forget an image reference; its data goes with its last one (refused while
+    instances use it)."""
+    run(_local_manager(ctx).image_remove(reference))
+    console.print(f"removed {reference}")
 
 
 @image_app.command("build")

@@ -43,6 +43,17 @@ def print_listing(items: list[Any], json_out: bool, what: str,
         console.print(table(items))
 
 
+def images_table(infos: list[Any]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("REFERENCE", "DIGEST", "SIZE", "DISK", "USED BY"):
+        table.add_column(col)
+    for i in infos:
+        table.add_row("\n".join(i.references), i.digest.removeprefix("sha256:")[:12],
+                      format_size(i.size), "built" if i.disk_built else "-",
+                      ", ".join(i.used_by) or "-")
+    return table
+
+
 def instances_table(infos: list[Any]) -> Table:
     table = Table(box=None, header_style="bold")
     for col in ("NAME", "STATE", "CPUS", "MEMORY", "DISK", "PID", "ID"):
@@ -107,7 +118,10 @@ def instance_details(info: Any) -> Table:
         ("disk", format_size(info.disk_bytes)), ("mac", info.mac),
         ("pid", str(info.pid or "-")), ("accel", info.accel or "-"),
         ("created", info.created_at.isoformat(timespec="seconds")), ("path", str(info.path)),
+        ("image", info.image + (f" ({info.image_digest})" if info.image_digest else "")),
     ]
+    if info.exit_code is not None:
+        rows.append(("exit code", str(info.exit_code)))
     comp = info.compression
     if comp.state != "none" or comp.raw_bytes:
         detail = str(comp.state) + (f" ({comp.algorithm})" if comp.algorithm else "")

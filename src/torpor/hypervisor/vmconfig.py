@@ -70,6 +70,9 @@ class VMConfig(BaseModel):
     qmp_query_socket: Path | None = None
     agent_socket: Path
     serial_log: Path
+    # An OCI image instance's main process output, and where its init writes the exit code.
+    app_log: Path | None = None
+    exit_status: Path | None = None
 
     def guest_visible(self) -> dict[str, object]:
         """The part of the config a saved machine state depends on."""
@@ -82,6 +85,7 @@ class VMConfig(BaseModel):
             "disks": len(self.disks),
             "memory_backing": "file" if self.memory_file else "anonymous",
             "vmgenid": self.vmgenid is not None,
+            "app_ports": self.app_log is not None,
         }
 
 
@@ -99,6 +103,19 @@ def _net_args(config: VMConfig) -> list[str]:
     return [
         "-netdev", f"user,id=net0{forwards}",
         "-device", f"virtio-net-pci,netdev=net0,mac={config.mac},romfile=",
+    ]
+
+
+def _app_port_args(config: VMConfig) -> list[str]:
+    """Two more ports for an image instance: its main process's output (appended across
+    restores, like the console) and its exit status."""
+    if config.app_log is None or config.exit_status is None:
+        return []
+    return [
+        "-chardev", f"file,id=applog,path={config.app_log},append=on",
+        "-device", "virtserialport,bus=vser0.0,chardev=applog,name=org.torpor.log",
+        "-chardev", f"file,id=appstatus,path={config.exit_status}",
+        "-device", "virtserialport,bus=vser0.0,chardev=appstatus,name=org.torpor.status",
     ]
 
 
@@ -171,6 +188,7 @@ def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
         "-chardev", f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
         "-device", "virtio-serial-pci,id=vser0",
         "-device", "virtserialport,bus=vser0.0,chardev=agent,name=org.qemu.guest_agent.0",
+        *_app_port_args(config),
         *_net_args(config),
         "-device", "virtio-rng-pci",
     ]

@@ -7,6 +7,8 @@
 #   vmlinux      PVH-bootable kernel (ELF), decompressed from Debian's cloud kernel
 #   initrd.img   busybox initramfs: loads the virtio modules, switch_roots onto /dev/vda
 #   rootfs.ext4  root filesystem image: busybox + qemu-guest-agent (+ its libraries)
+#   carry/       what torpor carries into an OCI image's root as /.torpor: static busybox
+#                (+ applet links), qemu-ga with its libraries and their loader, torpor-reseed
 #   recipe.json  what went in
 #
 # Changing this file changes the recipe hash, which is what triggers a rebuild.
@@ -74,8 +76,13 @@ i=0
 while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do /bin/busybox usleep 10000; i=$((i+1)); done
 /bin/busybox mount -t ext4 -o rw /dev/vda /newroot || { echo "torpor-initrd: cannot mount /dev/vda"; exec /bin/busybox sh; }
 /bin/busybox mount --move /dev /newroot/dev
+# An OCI image instance names torpor's init carried into its root (torpor.init=/.torpor/init).
+init=/sbin/torpor-init
+for arg in $(/bin/busybox cat /proc/cmdline); do
+  case "$arg" in torpor.init=*) init=${arg#torpor.init=} ;; esac
+done
 /bin/busybox umount /proc /sys
-exec /bin/busybox switch_root /newroot /sbin/torpor-init
+exec /bin/busybox switch_root /newroot "$init"
 INIT
 chmod 755 initrd/init
 (cd initrd && find . | cpio -o -H newc --quiet) > initrd.img
@@ -150,10 +157,28 @@ chmod 755 root/sbin/shutdown
 printf '\x7f\x45\x4c\x46\x02\x01\x01\x00\x00\x00\x00\x00\x00\x00\x00\x00\x02\x00\x3e\x00\x01\x00\x00\x00\x78\x00\x40\x00\x00\x00\x00\x00\x40\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x40\x00\x38\x00\x01\x00\x00\x00\x00\x00\x00\x00\x01\x00\x00\x00\x05\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x40\x00\x00\x00\x00\x00\x00\x00\x40\x00\x00\x00\x00\x00\xb7\x00\x00\x00\x00\x00\x00\x00\xb7\x00\x00\x00\x00\x00\x00\x00\x00\x10\x00\x00\x00\x00\x00\x00\xb8\x02\x00\x00\x00\x48\x8d\x3d\x26\x00\x00\x00\xbe\x01\x00\x00\x00\x0f\x05\x85\xc0\x78\x10\x89\xc7\xb8\x10\x00\x00\x00\xbe\x07\x52\x00\x00\x31\xd2\x0f\x05\x89\xc7\xf7\xdf\xb8\x3c\x00\x00\x00\x0f\x05\x2f\x64\x65\x76\x2f\x75\x72\x61\x6e\x64\x6f\x6d\x00' > root/sbin/torpor-reseed
 chmod 755 root/sbin/torpor-reseed
 /sbin/ldconfig -r root 2>/dev/null || true
+
+# --- what an OCI image instance gets as /.torpor ------------------------------
+# qemu-ga runs there through its own loader and libraries (--library-path), so it needs
+# nothing from the image; the commands it runs are the image's own.
+mkdir -p carry/bin carry/lib
+cp /bin/busybox carry/bin/busybox
+for app in $(/bin/busybox --list); do [ -e carry/bin/"$app" ] || ln -s busybox carry/bin/"$app"; done
+cp root/usr/sbin/qemu-ga root/sbin/torpor-reseed carry/bin/
+for dir in root/lib/x86_64-linux-gnu root/usr/lib/x86_64-linux-gnu; do
+  if [ -d "$dir" ]; then cp -a "$dir"/. carry/lib/; fi
+done
+[ -e carry/lib/ld-linux-x86-64.so.2 ] || { log "no loader for the carried-in agent"; exit 1; }
+# Keep only the libraries qemu-ga loads (its loader lists them: no gconv, no gio modules).
+needed=$(carry/lib/ld-linux-x86-64.so.2 --library-path carry/lib --list carry/bin/qemu-ga \
+         | awk '$2 == "=>" && $1 !~ /ld-linux/ {print $1}')
+mkdir carry/keep
+for lib in ld-linux-x86-64.so.2 $needed; do cp -L carry/lib/"$lib" carry/keep/; done
+rm -rf carry/lib && mv carry/keep carry/lib
 mkfs.ext4 -q -F -L torpor-root -d root rootfs.ext4 "$ROOTFS_SIZE"
 
 # --- publish ----------------------------------------------------------------
-mv vmlinux initrd.img rootfs.ext4 "$OUT"/
+mv vmlinux initrd.img rootfs.ext4 carry "$OUT"/
 printf '{"kernel_package": "%s", "kernel_version": "%s", "packages": "%s"}\n' \
   "$kpkg" "$kver" "$(echo $pkgs)" > "$OUT"/recipe.json
 log "done: $OUT"

@@ -51,4 +51,7 @@ class InstanceInfo(BaseModel):
     accel: str | None = None
     path: Path
     last_operation: LastOperation | None = None
+    image: str = "builtin"  # an OCI image's reference
+    image_digest: str | None = None
+    exit_code: int | None = None  # an image's main process, once it exited (stopped)
     compression: CompressionStatus

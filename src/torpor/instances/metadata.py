@@ -17,6 +17,7 @@ from torpor.errors import InvalidArgument
 from torpor.fsutil import atomic_write_json, read_json
 from torpor.hypervisor.accel import AccelChoice
 from torpor.hypervisor.vmconfig import PortForward
+from torpor.images.imagedisk import RunSpec
 
 NAME_RE = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")
 METADATA_VERSION = 1
@@ -58,10 +59,17 @@ def utc_now() -> datetime:
 
 
 class ImageRef(BaseModel):
+    """What the instance boots: the built-in guest, or an OCI image (its reference and
+    manifest digest, and the command this instance runs from it) on torpor's kernel."""
+
     name: str
     kernel: Path
     initrd: Path | None
     cmdline: str
+    kind: Literal["builtin", "oci"] = "builtin"
+    reference: str | None = None
+    digest: str | None = None
+    run: RunSpec | None = None
 
 
 class LastOperation(BaseModel):

@@ -68,6 +68,24 @@ async def query_vm_status(paths: InstancePaths, timeout: float = 2.0) -> str | N
     return None
 
 
+def exit_code(paths: InstancePaths) -> int | None:
+    """The code an image instance's main process exited with (its init wrote it)."""
+    try:
+        return int(paths.exit_status.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def main_process_exited(paths: InstancePaths, record: RuntimeRecord) -> bool:
+    """The QEMU gone, and an exit code written while it ran: the guest powered off
+    because its main process ended, which is a stop, not a crash."""
+    try:
+        written = paths.exit_status.stat().st_mtime
+    except OSError:
+        return False
+    return written >= record.launched_at.timestamp() and exit_code(paths) is not None
+
+
 async def derive_state(paths: InstancePaths) -> tuple[InstanceState, RuntimeRecord | None]:
     record = load_runtime(paths)
     if record is not None and record.identity.is_alive():
@@ -79,6 +97,8 @@ async def derive_state(paths: InstancePaths) -> tuple[InstanceState, RuntimeReco
         return InstanceState.RUNNING, record
     if has_standby_state(paths):
         return InstanceState.STANDBY, None
+    if record is not None and main_process_exited(paths, record):
+        return InstanceState.STOPPED, None  # an image's main process exited: it powered off
     if record is not None:
         return InstanceState.CRASHED, record
     return InstanceState.STOPPED, None

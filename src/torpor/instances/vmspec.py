@@ -17,6 +17,7 @@ def memory_file_for(meta: InstanceMetadata, paths: InstancePaths) -> MemoryFile 
 
 
 def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) -> VMConfig:
+    oci = meta.image.kind == "oci"
     return VMConfig(
         name=meta.name,
         cpus=meta.cpus,
@@ -34,4 +35,6 @@ def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) ->
         serial_log=paths.serial_log,
         vmgenid=meta.vmgenid,
         memory_file=memory_file_for(meta, paths),
+        app_log=paths.app_log if oci else None,
+        exit_status=paths.exit_status if oci else None,
     )

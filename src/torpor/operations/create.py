@@ -8,12 +8,24 @@ import shutil
 import subprocess
 from pathlib import Path
 
+from pydantic import BaseModel
+
 from torpor.copy import copy_file
 from torpor.errors import AlreadyExists, InvalidArgument, OperationFailed
 from torpor.fsutil import fsync_dir, owned_name
 from torpor.hypervisor.accel import AccelChoice
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
+from torpor.images.imagedisk import (
+    IMAGE_CMDLINE,
+    RunSpec,
+    ensure_image_disk,
+    render_run_config,
+    resolve_run,
+    write_run_config,
+)
+from torpor.images.oci import ImageRecord, ImageStore, normalize_reference
+from torpor.images.source import OciSource
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
     DEFAULT_DISK,
@@ -36,6 +48,7 @@ MAX_CPUS = 64
 
 async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_MEMORY,
                  cpus: int = 1, disk_bytes: int = DEFAULT_DISK, image: GuestImage | None = None,
+                 oci: OciSource | None = None,
                  accel: AccelChoice = "auto", port_forwards: list[PortForward] | None = None,
                  snapshot_policy: CompressionPolicy | None = None,
                  memory_backing: MemoryBacking = "anonymous") -> InstanceMetadata:
@@ -51,6 +64,9 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
     # Blocking work goes to threads: in the daemon, other requests keep being served.
     if image is None:
         image = await asyncio.to_thread(lambda: ensure_builtin_image(quiet=True))
+    prepared = await asyncio.to_thread(_prepare_oci, registry, oci) if oci else None
+    if prepared is not None:
+        image = image.model_copy(update={"rootfs": prepared.disk, "cmdline": IMAGE_CMDLINE})
     base_size = image.rootfs.stat().st_size
     if disk_bytes < base_size:
         raise InvalidArgument(f"--disk-size must be at least the image's {base_size} bytes")
@@ -68,6 +84,12 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
                 d.mkdir()
             await asyncio.to_thread(_make_disk, image.rootfs, paths.disk, disk_bytes)
             image_ref = await asyncio.to_thread(_import_image, data_root, image)
+            if prepared is not None:
+                await asyncio.to_thread(write_run_config, paths.disk,
+                                        render_run_config(prepared.run, name))
+                image_ref = image_ref.model_copy(update={
+                    "kind": "oci", "reference": prepared.reference,
+                    "digest": prepared.record.digest, "run": prepared.run})
             meta = InstanceMetadata(
                 id=instance_id, name=name, created_at=utc_now(), cpus=cpus,
                 memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
@@ -80,6 +102,31 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
             await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
             raise
     return meta
+
+
+class _PreparedImage(BaseModel):
+    reference: str
+    record: ImageRecord
+    disk: Path
+    run: RunSpec
+
+
+def _prepare_oci(registry: Registry, oci: OciSource) -> _PreparedImage:
+    """The image (pulled if torpor does not have it), its disk built, its command."""
+    store = image_store(registry)
+    record = store.find(oci.reference)
+    if record is None:
+        record = store.pull(oci.reference, insecure=oci.insecure)
+    run = resolve_run(record, entrypoint=oci.entrypoint, cmd=oci.cmd, env=oci.env,
+                      workdir=oci.workdir, user=oci.user)
+    disk = ensure_image_disk(store, record)
+    reference = oci.reference if oci.reference.startswith("sha256:") else \
+        normalize_reference(oci.reference)
+    return _PreparedImage(reference=reference, record=record, disk=disk, run=run)
+
+
+def image_store(registry: Registry) -> ImageStore:
+    return ImageStore(registry.data_root)
 
 
 def _import_image(data_root: DataRoot, image: GuestImage) -> ImageRef:

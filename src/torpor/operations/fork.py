@@ -26,6 +26,13 @@ from torpor.errors import (
 )
 from torpor.fsutil import allocated_bytes, fsync_dir, owned_name, remove_tree
 from torpor.guest.agent import GuestAgent
+from torpor.images.imagedisk import (
+    CONFIG_PATH,
+    GUEST_SHELL,
+    GUEST_TOOLS_PATH,
+    render_run_config,
+    write_run_config,
+)
 from torpor.instances import observe
 from torpor.instances.context import InstanceContext
 from torpor.instances.info import InstanceInfo
@@ -97,6 +104,8 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
             "vmgenid": new_vmgenid() if source.vmgenid else None,
             "origin_snapshot": origin_snapshot, "last_operation": None,
             "compression_plan": None, "memory_origin": memory_origin})
+        if not keep_state and meta.image.run is not None:  # a clean disk: safe to write
+            write_run_config(paths.disk, render_run_config(meta.image.run, name))
         meta.save(paths.metadata)
         final = data_root.instance(instance_id).root
         os.rename(staging, final)
@@ -118,11 +127,17 @@ async def apply_guest_identity(agent: GuestAgent, meta: InstanceMetadata) -> Non
     # Its own randomness: the loaded kernel's RNG state is the source's, and the default
     # guest's kernel has no VM generation ID driver to reseed it. Host random bytes go into
     # its pool, then the crng is rekeyed from it (the default guest's torpor-reseed).
+    oci = meta.image.kind == "oci"
+    reseeder = f"{GUEST_TOOLS_PATH}/torpor-reseed" if oci else "/sbin/torpor-reseed"
     reseed = (f"echo {secrets.token_hex(32)} > /dev/urandom && "
-              "if [ -x /sbin/torpor-reseed ]; then /sbin/torpor-reseed; fi")
+              f"if [ -x {reseeder} ]; then {reseeder}; fi")
     script = (f"({set_mac}) && ({reseed}) && hostname {meta.name} && "
-              f"echo {meta.name} > /etc/hostname")
-    result = await agent.exec(["/bin/sh", "-c", script], timeout=30)
+              f"{{ (echo {meta.name} > /etc/hostname) 2>/dev/null || true; }}")
+    if oci:  # torpor's tools, not the image's (it may have none); the next boot's name too
+        script = (f"export PATH={GUEST_TOOLS_PATH}; {script} && sed -i "
+                  f"\"s/^TORPOR_HOSTNAME=.*/TORPOR_HOSTNAME={meta.name}/\" {CONFIG_PATH}")
+    shell = list(GUEST_SHELL) if oci else ["/bin/sh", "-c"]
+    result = await agent.exec([*shell, script], timeout=30)
     if result.exit_code != 0:
         raise OperationFailed(f"setting the identity of fork {meta.name} failed: "
                               f"{result.stderr.decode(errors='replace').strip()}")

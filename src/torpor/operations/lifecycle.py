@@ -19,11 +19,13 @@ from torpor.instances.record import PhaseRecorder
 from torpor.instances.runtime import (
     RuntimeRecord,
     clear_runtime,
+    load_runtime,
+    main_process_exited,
     save_runtime,
 )
 from torpor.instances.vmspec import vm_config_for
 from torpor.jobs import compression as compression_jobs
-from torpor.tasks import in_thread
+from torpor.tasks import in_thread, task_group
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +95,7 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecord
         await terminate(ctx, record.process())
     check_boot_files(ctx)
     discard_memory_file(ctx)  # a fresh boot starts from empty (sparse) RAM
+    ctx.paths.exit_status.unlink(missing_ok=True)  # the last run's exit code is history
     if ctx.meta.memory_origin is not None:  # a fork booting afresh needs no origin's RAM
         ctx.meta.memory_origin = None
         await asyncio.to_thread(ctx.meta.save, ctx.paths.metadata)
@@ -107,11 +110,12 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecord
             process = await spawn(ctx, config)
         if wait_agent:
             with op.phase("agent-ready"):
-                agent = await agent_ready(ctx)
-            try:
-                await _record_clock_source(ctx, agent)
-            finally:
-                await agent.close()
+                agent = await _agent_unless_powered_off(ctx, process)
+            if agent is not None:
+                try:
+                    await _record_clock_source(ctx, agent)
+                finally:
+                    await agent.close()
     except BaseException as exc:
         if process is not None:
             await terminate(ctx, process)
@@ -119,6 +123,31 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecord
         raise
     await op.persist(ctx.paths)
     return op
+
+
+async def _agent_unless_powered_off(ctx: InstanceContext,
+                                    process: TrackedProcess) -> GuestAgent | None:
+    """The agent once it answers; None if the VM powered off first because an image's
+    main process ran to its end (that start did its job: the exit code is kept). A QEMU
+    gone for any other reason is a failed start, said at once, not after the timeout."""
+    async def powered_off() -> None:
+        while process.is_alive():
+            await asyncio.sleep(0.05)
+
+    async with task_group() as group:
+        answered = group.create_task(agent_ready(ctx))
+        exited = group.create_task(powered_off())
+        await asyncio.wait((answered, exited), return_when=asyncio.FIRST_COMPLETED)
+        if answered.done():
+            exited.cancel()
+            return answered.result()
+        answered.cancel()
+    record = load_runtime(ctx.paths)
+    if record is not None and main_process_exited(ctx.paths, record):
+        clear_runtime(ctx.paths)
+        return None
+    raise OperationFailed(f"QEMU exited while {ctx.name} booted (see {ctx.paths.qemu_log} "
+                          f"and {ctx.paths.serial_log})")
 
 
 CLOCK_SOURCE = "/sys/devices/system/clocksource/clocksource0/current_clocksource"

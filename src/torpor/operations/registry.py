@@ -20,7 +20,7 @@ from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.info import InstanceInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import InstanceMetadata, InstanceState
-from torpor.instances.runtime import derive_state
+from torpor.instances.runtime import derive_state, exit_code
 from torpor.instances.states import Action, refuses_any, require
 from torpor.jobs import compression as compression_jobs
 from torpor.operations.recover import recover
@@ -110,6 +110,10 @@ class Registry:
             pid=record.identity.pid if record and state is not InstanceState.CRASHED else None,
             accel=record.vm_config.accel if record else None,
             last_operation=meta.last_operation,
+            image=meta.image.reference if meta.image.kind == "oci" else "builtin",
+            image_digest=meta.image.digest,
+            exit_code=exit_code(paths) if meta.image.kind == "oci" and
+            state is InstanceState.STOPPED else None,
             compression=compression_jobs.status(
                 self.data_root, compression_jobs.Subject.instance(meta.id),
                 meta.compression_plan),

@@ -25,6 +25,7 @@ from torpor.api.models import (
     to_policy,
 )
 from torpor.errors import InvalidArgument
+from torpor.images.source import OciSource
 from torpor.instances.info import InstanceInfo
 from torpor.instances.metadata import InstanceState
 from torpor.units import format_seconds
@@ -53,6 +54,9 @@ async def create_instance(
             disk_bytes=body.disk_mib << 20,
             snapshot_policy=to_policy(body.snapshot_policy),
             memory_backing=body.memory_backing,
+            oci=None if body.image is None else OciSource(
+                reference=body.image, entrypoint=body.entrypoint, cmd=body.cmd,
+                env=body.env, workdir=body.workdir, user=body.user, insecure=body.insecure),
         )
 
 
@@ -177,6 +181,33 @@ async def console(
 ) -> Response:
     """The serial console log from `offset`; the next offset is in a header."""
     data = await manager.console(name, offset, limit)
+    return Response(
+        data, media_type="application/octet-stream", headers={CONSOLE_NEXT: str(offset + len(data))}
+    )
+
+
+@router.get(
+    "/instances/{name}/logs",
+    tags=["instances"],
+    response_class=Response,
+    responses={
+        200: {
+            "content": {
+                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
+            },
+            "headers": {CONSOLE_NEXT: {"schema": {"type": "integer"}}},
+        }
+    },
+)
+async def logs(
+    manager: Manager,
+    name: InstanceName,
+    offset: Annotated[int, Query(ge=0, le=1 << 50)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1 << 24)] = 1 << 20,
+) -> Response:
+    """An image instance's main process output (the built-in guest: its console) from
+    `offset`; the next offset is in a header."""
+    data = await manager.logs(name, offset, limit)
     return Response(
         data, media_type="application/octet-stream", headers={CONSOLE_NEXT: str(offset + len(data))}
     )
