@@ -105,3 +105,26 @@ def torpor_cli(data_root: Path, *args: str, timeout: float = 120, input: str | N
     return subprocess.run([sys.executable, "-m", "torpor.cli.main", *args], env=full_env,
                           input=input, capture_output=True, text=True, timeout=timeout,
                           check=False)
+
+
+# --- OCI images (tests/oci_helpers.py) --------------------------------------------------
+
+@pytest.fixture(scope="session")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """Debian's docker-registry on 127.0.0.1 for the session: its host:port."""
+    from tests.oci_helpers import docker_registry
+
+    with docker_registry(tmp_path_factory.mktemp("registry")) as address:
+        yield address
+
+
+@pytest.fixture(scope="session")
+def image_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An OCI layout with the busybox test image as `web`, and `web-more`: the same
+    image plus one layer."""
+    from tests.oci_helpers import add_layer, busybox_image
+
+    layout = tmp_path_factory.mktemp("images") / "layout"
+    busybox_image(layout, "web")
+    add_layer(layout, "web", "web-more", "extra.txt", "one more layer\n")
+    return layout

@@ -182,29 +182,39 @@ class ImageStore:
             return self._copy_in(source, reference, copy_args, progress, total)
 
     def import_archive(self, path: Path, reference: str | None = None) -> ImageRecord:
-        """A docker-archive or oci-archive tarball, or an OCI layout directory."""
-        if not path.exists():
-            raise NotFound(f"no such file or directory: {path}")
+        """A docker-archive or oci-archive tarball, or an OCI layout directory (with
+        several images in it: DIR:TAG)."""
         source = self._archive_source(path)
         ref = normalize_reference(reference) if reference else None
         with self.locked():
             return self._copy_in(source, ref, [], None, 0)
 
     def _archive_source(self, path: Path) -> str:
+        tag = ""
+        if not path.exists() and ":" in path.name:
+            name, _, tag = path.name.rpartition(":")
+            path = path.with_name(name)
+        if not path.exists():
+            raise NotFound(f"no such file or directory: {path}")
         if path.is_dir():
             if not (path / "oci-layout").exists():
                 raise InvalidArgument(f"{path} is not an OCI image layout (no oci-layout file)")
-            return f"oci:{path}"
+            tags = [m.get("annotations", {}).get(REF_NAME, "?") for m in
+                    read_json(path / "index.json").get("manifests", [])]
+            if not tag and len(tags) > 1:
+                raise InvalidArgument(f"{path} holds {len(tags)} images: name one as "
+                                      f"{path}:TAG (tags: {', '.join(tags)})")
+            return f"oci:{path}" + (f":{tag}" if tag else "")
         import tarfile
 
         try:
             with tarfile.open(path) as tar:
-                names = set(tar.getnames())
+                names = {name.removeprefix("./") for name in tar.getnames()}
         except (tarfile.TarError, OSError) as exc:
             raise InvalidArgument(f"{path} is not an image archive: {exc}") from None
-        if "manifest.json" in names or "./manifest.json" in names:
+        if "manifest.json" in names:
             return f"docker-archive:{path}"
-        if "index.json" in names or "./index.json" in names:
+        if "index.json" in names and "oci-layout" in names:
             return f"oci-archive:{path}"
         raise InvalidArgument(f"{path} is neither a docker-archive nor an oci-archive tarball")
 
@@ -219,7 +229,8 @@ class ImageStore:
                "--override-arch", PLATFORM[1], "--digestfile", str(digest_file), *args,
                source, f"oci:{layout}:{tag}"]
         try:
-            self._run_with_progress(cmd, f"fetching {reference or source}", progress, total)
+            what = f"pulling {reference}" if reference else f"importing {source.split(':', 1)[1]}"
+            self._run_with_progress(cmd, what, progress, total)
             digest = digest_file.read_text().strip()
         finally:
             digest_file.unlink(missing_ok=True)
@@ -381,4 +392,5 @@ def skopeo_error(stderr: bytes) -> str:
     text = stderr.decode(errors="replace")
     found = _MSG_RE.findall(text)
     message = found[-1].encode().decode("unicode_escape") if found else text.strip()
+    message = re.sub(r"^initializing source \S+: ", "", message)
     return " ".join(message.split())[-600:] or "skopeo failed"
