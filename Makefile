@@ -18,6 +18,11 @@ deps:
 	  echo "installing Debian packages:" $$missing; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; \
 	fi
+	@# The tests start their own registry on 127.0.0.1; the package's service (all addresses,
+	@# port 5000) must not run.
+	@if command -v systemctl >/dev/null && systemctl is-enabled docker-registry >/dev/null 2>&1; then \
+	  systemctl disable --now docker-registry >/dev/null 2>&1 || true; \
+	fi
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -25,7 +25,7 @@ BUSYBOX = "/bin/busybox"
 APPLETS = ("sh", "httpd", "cat", "ls", "env", "id", "echo", "test", "sleep", "wget")
 # The Debian image the tests boot: debootstrap minbase plus python3, built once per
 # recipe and cached (a minute; the suite's later runs reuse it).
-DEBIAN_RECIPE = "bookworm minbase +python3-minimal v1"
+DEBIAN_RECIPE = "bookworm minbase +python3 v2"
 
 
 def free_port() -> int:
@@ -127,7 +127,7 @@ def debian_image() -> Path:
     layout, bundle = staging / "layout", staging / "bundle"
     _new_bundle(layout, "python", bundle)
     root = bundle / "rootfs"
-    _run("debootstrap", "--variant=minbase", "--include=python3-minimal", "bookworm",
+    _run("debootstrap", "--variant=minbase", "--include=python3", "bookworm",
          str(root), "http://deb.debian.org/debian")
     shutil.rmtree(root / "var" / "cache" / "apt" / "archives", ignore_errors=True)
     (root / "srv" / "index.html").write_text("hello from debian\n")

@@ -128,7 +128,7 @@ def test_import_docker_archive_oci_archive_and_layout(tmp_path: Path,
         store.import_archive(tmp_path / "junk.tar")
     with pytest.raises(NotFound):
         store.import_archive(tmp_path / "missing.tar")
-    with pytest.raises(InvalidArgument, match="holds 2 images.*web, web-more"):
+    with pytest.raises(InvalidArgument, match=r"holds 2 images.*web, web-more"):
         store.import_archive(image_layout)
 
 
@@ -142,7 +142,7 @@ def test_rm_is_refused_while_an_instance_uses_the_image(
     assert info.image == f"{registry}/test/web:1" and info.image_digest
     listed = run(manager.image_list())
     assert [(i.used_by, i.disk_built) for i in listed] == [(["user1"], True)]
-    with pytest.raises(WrongState, match="used by instance.*user1"):
+    with pytest.raises(WrongState, match=r"used by instance.*user1"):
         run(manager.image_remove(f"{registry}/test/web:1"))
     run(manager.delete("user1"))
     run(manager.image_remove(f"{registry}/test/web:1"))

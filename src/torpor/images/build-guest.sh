@@ -8,7 +8,8 @@
 #   initrd.img   busybox initramfs: loads the virtio modules, switch_roots onto /dev/vda
 #   rootfs.ext4  root filesystem image: busybox + qemu-guest-agent (+ its libraries)
 #   carry/       what torpor carries into an OCI image's root as /.torpor: static busybox
-#                (+ applet links), qemu-ga with its libraries and their loader, torpor-reseed
+#                (+ applet links), qemu-ga and setpriv with their libraries and loader,
+#                torpor-reseed
 #   recipe.json  what went in
 #
 # Changing this file changes the recipe hash, which is what triggers a rebuild.
@@ -159,19 +160,26 @@ chmod 755 root/sbin/torpor-reseed
 /sbin/ldconfig -r root 2>/dev/null || true
 
 # --- what an OCI image instance gets as /.torpor ------------------------------
-# qemu-ga runs there through its own loader and libraries (--library-path), so it needs
-# nothing from the image; the commands it runs are the image's own.
-mkdir -p carry/bin carry/lib
+# qemu-ga (and setpriv, which runs the image's command as its User) run there through
+# their own loader and libraries (--library-path), so they need nothing from the image;
+# the commands they start are the image's own.
+mkdir -p carry/bin carry/lib tools
+(cd debs && apt-get download -q util-linux libcap-ng0 2>&1 \
+   | grep -v "^W: Download is performed unsandboxed" >&2 || true)
+for d in debs/util-linux_*.deb debs/libcap-ng0_*.deb; do dpkg-deb -x "$d" tools; done
 cp /bin/busybox carry/bin/busybox
 for app in $(/bin/busybox --list); do [ -e carry/bin/"$app" ] || ln -s busybox carry/bin/"$app"; done
-cp root/usr/sbin/qemu-ga root/sbin/torpor-reseed carry/bin/
-for dir in root/lib/x86_64-linux-gnu root/usr/lib/x86_64-linux-gnu; do
+rm carry/bin/setpriv  # busybox's cannot change uids
+cp root/usr/sbin/qemu-ga root/sbin/torpor-reseed tools/usr/bin/setpriv carry/bin/
+for dir in root/lib/x86_64-linux-gnu root/usr/lib/x86_64-linux-gnu tools/lib/x86_64-linux-gnu \
+           tools/usr/lib/x86_64-linux-gnu; do
   if [ -d "$dir" ]; then cp -a "$dir"/. carry/lib/; fi
 done
 [ -e carry/lib/ld-linux-x86-64.so.2 ] || { log "no loader for the carried-in agent"; exit 1; }
-# Keep only the libraries qemu-ga loads (its loader lists them: no gconv, no gio modules).
-needed=$(carry/lib/ld-linux-x86-64.so.2 --library-path carry/lib --list carry/bin/qemu-ga \
-         | awk '$2 == "=>" && $1 !~ /ld-linux/ {print $1}')
+# Keep only the libraries they load (the loader lists them: no gconv, no gio modules).
+needed=$(for bin in qemu-ga setpriv; do
+           carry/lib/ld-linux-x86-64.so.2 --library-path carry/lib --list carry/bin/$bin
+         done | awk '$2 == "=>" && $1 !~ /ld-linux/ {print $1}' | sort -u)
 mkdir carry/keep
 for lib in ld-linux-x86-64.so.2 $needed; do cp -L carry/lib/"$lib" carry/keep/; done
 rm -rf carry/lib && mv carry/keep carry/lib

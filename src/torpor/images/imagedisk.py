@@ -31,8 +31,9 @@ from torpor.images.oci import DEFAULT_PATH, ImageRecord, ImageStore
 
 TORPOR_DIR = ".torpor"  # in the image's root
 IMAGE_CMDLINE = f"{KERNEL_CMDLINE} torpor.init=/{TORPOR_DIR}/init"
-AGENT = (f"/{TORPOR_DIR}/lib/ld-linux-x86-64.so.2", "--library-path", f"/{TORPOR_DIR}/lib",
-         f"/{TORPOR_DIR}/bin/qemu-ga")
+# torpor's dynamically linked tools run through their own loader and libraries.
+LOADER = f"/{TORPOR_DIR}/lib/ld-linux-x86-64.so.2 --library-path /{TORPOR_DIR}/lib"
+AGENT = f"{LOADER} /{TORPOR_DIR}/bin/qemu-ga"
 # Tools torpor runs in an image instance (fork identity): its own, not the image's.
 GUEST_SHELL = (f"/{TORPOR_DIR}/bin/sh", "-c")
 GUEST_TOOLS_PATH = f"/{TORPOR_DIR}/bin"
@@ -125,17 +126,56 @@ def _run(cmd: list[str], what: str) -> None:
 
 class RunSpec(BaseModel):
     """The image's command as this instance runs it (the image's config with the
-    create request's overrides)."""
+    create request's overrides; its User resolved against the image's own accounts)."""
 
     argv: list[str]
     env: list[str] = Field(default_factory=list)
     workdir: str = "/"
-    user: str = ""
+    user: str = ""  # as given
+    uid: int = 0
+    gid: int = 0
+    groups: list[int] = Field(default_factory=list)  # supplementary
 
 
-def resolve_run(record: ImageRecord, *, entrypoint: list[str] | None = None,
-                cmd: list[str] | None = None, env: list[str] | None = None,
-                workdir: str | None = None, user: str | None = None) -> RunSpec:
+class Accounts(BaseModel):
+    """The image's /etc/passwd and /etc/group, read from its disk (debugfs, no mount)."""
+
+    passwd: list[list[str]] = Field(default_factory=list)
+    group: list[list[str]] = Field(default_factory=list)
+
+    @classmethod
+    def of_disk(cls, disk: Path) -> Accounts:
+        def table(path: str, fields: int) -> list[list[str]]:
+            result = subprocess.run(["debugfs", "-R", f"cat {path}", str(disk)],
+                                    capture_output=True, check=False)
+            rows = [line.split(":") for line in
+                    result.stdout.decode(errors="replace").splitlines()]
+            return [row for row in rows if len(row) >= fields]
+        return cls(passwd=table("/etc/passwd", 7), group=table("/etc/group", 4))
+
+    def user(self, spec: str) -> tuple[int, int, list[int], str | None]:
+        """uid, gid, supplementary gids and home for a User field (Docker's forms:
+        name, uid, name:group, uid:gid)."""
+        name, _, group = spec.partition(":")
+        entry = next((row for row in self.passwd if name in (row[0], row[2])), None)
+        if entry is None and not name.isdigit():
+            raise InvalidArgument(f"user {name!r} is not in the image's /etc/passwd")
+        uid = int(entry[2]) if entry else int(name)
+        gid = int(entry[3]) if entry else 0
+        if group:
+            found = next((row for row in self.group if group in (row[0], row[2])), None)
+            if found is None and not group.isdigit():
+                raise InvalidArgument(f"group {group!r} is not in the image's /etc/group")
+            gid = int(found[2]) if found else int(group)
+        member_of = [int(row[2]) for row in self.group
+                     if entry is not None and entry[0] in row[3].split(",")]
+        return uid, gid, member_of, entry[5] if entry else None
+
+
+def resolve_run(record: ImageRecord, accounts: Accounts, *,
+                entrypoint: list[str] | None = None, cmd: list[str] | None = None,
+                env: list[str] | None = None, workdir: str | None = None,
+                user: str | None = None) -> RunSpec:
     """Docker's rules: a new entrypoint drops the image's command unless one is given."""
     config = record.config
     if entrypoint is not None:
@@ -151,23 +191,28 @@ def resolve_run(record: ImageRecord, *, entrypoint: list[str] | None = None,
         if not sep or not key:
             raise InvalidArgument(f"--env {item!r}: use KEY=VALUE")
         merged[key] = value
-    merged.setdefault("PATH", DEFAULT_PATH)
-    merged.setdefault("HOME", "/root")
     run_user = user if user is not None else config.user
+    uid, gid, groups, home = accounts.user(run_user) if run_user else (0, 0, [], "/root")
+    merged.setdefault("PATH", DEFAULT_PATH)
+    merged.setdefault("HOME", home or "/")
     return RunSpec(argv=argv, env=[f"{k}={v}" for k, v in merged.items()],
-                   workdir=workdir or config.workdir or "/", user=run_user)
+                   workdir=workdir or config.workdir or "/", user=run_user, uid=uid, gid=gid,
+                   groups=groups)
 
 
 def render_run_config(spec: RunSpec, hostname: str) -> str:
     env = " ".join(shlex.quote(e) for e in [*spec.env, f"HOSTNAME={hostname}"])
-    as_user = (f"/{TORPOR_DIR}/bin/chpst -u {shlex.quote(spec.user)} "
-               if spec.user and spec.user not in ("0", "root", "0:0") else "")
+    as_user = ""
+    if (spec.uid, spec.gid) != (0, 0):
+        groups = (f"--groups={','.join(map(str, spec.groups))}" if spec.groups
+                  else "--clear-groups")
+        as_user = (f"{LOADER} /{TORPOR_DIR}/bin/setpriv --reuid={spec.uid} "
+                   f"--regid={spec.gid} {groups} -- ")
     argv = " ".join(shlex.quote(a) for a in spec.argv)
-    agent = " ".join(AGENT)
     return (
         "# Written by torpor for this instance (torpor create); read by /.torpor/init.\n"
         f"TORPOR_HOSTNAME={shlex.quote(hostname)}\n"
-        f"run_agent() {{ exec /{TORPOR_DIR}/bin/env -i {env} {agent} \"$@\"; }}\n"
+        f"run_agent() {{ exec /{TORPOR_DIR}/bin/env -i {env} {AGENT} \"$@\"; }}\n"
         f"run_main() {{\n"
         f"  cd {shlex.quote(spec.workdir)} || exit 126\n"
         f"  exec /{TORPOR_DIR}/bin/env -i {env} {as_user}{argv}\n"

@@ -18,6 +18,7 @@ from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.builtin import GuestImage, ensure_builtin_image, recipe_hash
 from torpor.images.imagedisk import (
     IMAGE_CMDLINE,
+    Accounts,
     RunSpec,
     ensure_image_disk,
     render_run_config,
@@ -117,9 +118,9 @@ def _prepare_oci(registry: Registry, oci: OciSource) -> _PreparedImage:
     record = store.find(oci.reference)
     if record is None:
         record = store.pull(oci.reference, insecure=oci.insecure)
-    run = resolve_run(record, entrypoint=oci.entrypoint, cmd=oci.cmd, env=oci.env,
-                      workdir=oci.workdir, user=oci.user)
     disk = ensure_image_disk(store, record)
+    run = resolve_run(record, Accounts.of_disk(disk), entrypoint=oci.entrypoint, cmd=oci.cmd,
+                      env=oci.env, workdir=oci.workdir, user=oci.user)
     reference = oci.reference if oci.reference.startswith("sha256:") else \
         normalize_reference(oci.reference)
     return _PreparedImage(reference=reference, record=record, disk=disk, run=run)
