@@ -47,10 +47,15 @@ def free_port() -> int:
         return port
 
 
+# The network rule: a daemon under test reaches registries on loopback only. Anything else
+# goes to this proxy, where nothing listens (Go, hence skopeo, never proxies loopback).
+NOWHERE_PROXY = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
+
+
 def start_daemon(listen: str | None = None, root: Path | None = None) -> Daemon:
     root = root or Path(tempfile.mkdtemp(prefix="tpa-", dir="/tmp"))
     listen = listen or f"unix:{root}/torpord.sock"
-    env = dict(os.environ, TORPOR_DATA_ROOT=str(root))
+    env = dict(os.environ, TORPOR_DATA_ROOT=str(root), **NOWHERE_PROXY)
     log = open(root / "torpord.log", "wb")  # noqa: SIM115 - the daemon's lifetime
     process = subprocess.Popen([sys.executable, "-m", "torpor.cli.main", "serve",
                                 "--listen", listen], env=env, stdout=log, stderr=log)

@@ -31,7 +31,7 @@ from torpor.api.bodylimit import BodyLimit
 from torpor.api.errors import http_status
 from torpor.api.metrics import Metrics
 from torpor.api.models import ErrorBody
-from torpor.api.routes import instances, service, snapshots
+from torpor.api.routes import images, instances, service, snapshots
 from torpor.api.tracker import OperationTracker
 from torpor.errors import InvalidArgument, TorporError
 from torpor.manager import InstanceManager
@@ -119,7 +119,8 @@ def create_app(manager: InstanceManager, token: str) -> FastAPI:
     app.state.tracker = OperationTracker(app.state.metrics)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)
-    for router in (service.public, service.router, instances.router, snapshots.router):
+    for router in (service.public, service.router, instances.router, snapshots.router,
+                   images.router):
         app.include_router(router)
     return app
 

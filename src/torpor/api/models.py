@@ -33,7 +33,7 @@ DiskMib = Annotated[int, Field(ge=1024, le=1 << 24), Integral]
 ForkCount = Annotated[int, Field(ge=1, le=64), Integral]
 Name = Annotated[str, StringConstraints(pattern=NAME_PATTERN, max_length=63)]
 ImageReference = Annotated[str, StringConstraints(min_length=1, max_length=512,
-                                                  pattern=r"^[^\x00\s]+$")]
+                                                  pattern=r"^[!-~]+$")]
 Arg = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^\x00]*$")]
 EnvItem = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^=\x00]+=[^\x00]*$")]
 TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
@@ -107,6 +107,11 @@ class CreateRequest(Body):
     env: list[EnvItem] = Field(default_factory=list, description="KEY=VALUE, over the image's")
     workdir: Arg | None = None
     user: Arg | None = None
+    insecure: bool = Field(False, description="plain HTTP to a registry that is not loopback")
+
+
+class PullRequest(Body):
+    reference: ImageReference = Field(description="e.g. busybox, ghcr.io/owner/app:1.2")
     insecure: bool = Field(False, description="plain HTTP to a registry that is not loopback")
 
 

@@ -152,7 +152,10 @@ class ImageStore:
             matches = [r for r in records if r.hex.startswith(wanted)]
             if len(matches) == 1:
                 return matches[0]
-        normalized = normalize_reference(ref)
+        try:
+            normalized = normalize_reference(ref)
+        except InvalidArgument:
+            return None  # what cannot name an image names none of ours
         for record in records:
             if normalized in record.references or normalized.endswith("@" + record.digest):
                 return record
