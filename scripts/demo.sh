@@ -1,5 +1,6 @@
 #!/bin/bash
-# `make demo`: the main job on the built-in default guest, step by step, with timings.
+# `make demo`: the main job on the built-in default guest, step by step, with timings, then
+# an OCI image pulled from a registry the demo starts on loopback.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 TORPOR=${TORPOR:-.venv/bin/torpor}
@@ -97,6 +98,53 @@ step "both snapshot formats side by side, as the daemon recorded them (standby, 
 step "its Prometheus metrics (curl on the socket, bearer token)" sh -c "curl -s \
   --unix-socket $SOCKET -H \"Authorization: Bearer \$(cat $TORPOR_DATA_ROOT/api-token)\" \
   http://torpord/metrics | grep -E '^torpor_(operations_total|paused_window_seconds_count)'"
+
+# --- your own image: an OCI image from a registry (Debian's docker-registry, on loopback) ---
+WORK=$(mktemp -d)
+REGISTRY_PID=
+cleanup_image_demo() {
+  if [ -n "$REGISTRY_PID" ]; then
+    kill "$REGISTRY_PID" 2>/dev/null || true
+    wait "$REGISTRY_PID" 2>/dev/null || true
+  fi
+  rm -rf "$WORK"
+  stop_daemon
+}
+trap cleanup_image_demo EXIT
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+printf 'version: 0.1\nstorage:\n  filesystem:\n    rootdirectory: %s/registry\nhttp:\n  addr: 127.0.0.1:%s\nlog:\n  level: warn\n' \
+  "$WORK" "$PORT" > "$WORK/registry.yml"
+printf '\n\033[1m== an OCI registry on loopback, and an image pushed to it (umoci builds, skopeo pushes)\033[0m\n'
+docker-registry serve "$WORK/registry.yml" >"$WORK/registry.log" 2>&1 &
+REGISTRY_PID=$!
+for _ in $(seq 100); do curl -sf "http://127.0.0.1:$PORT/v2/" >/dev/null && break; sleep 0.1; done
+(
+  cd "$WORK"
+  umoci init --layout layout && umoci new --image layout:web && umoci unpack --image layout:web bundle
+  mkdir -p bundle/rootfs/bin bundle/rootfs/www bundle/rootfs/etc
+  cp /bin/busybox bundle/rootfs/bin/ && for a in sh httpd cat env wget; do ln -s busybox bundle/rootfs/bin/$a; done
+  echo "hello from my own image" > bundle/rootfs/www/index.html
+  umoci repack --image layout:web bundle
+  umoci config --image layout:web --config.env=GREETING=hi --config.workingdir=/www \
+    --config.cmd=sh --config.cmd=-c --config.cmd='echo "$GREETING, serving /www on 8080"; exec httpd -f -p 8080 -h /www'
+  skopeo copy --quiet --dest-tls-verify=false oci:layout:web "docker://127.0.0.1:$PORT/demo/web:1"
+) >/dev/null
+echo "   127.0.0.1:$PORT/demo/web:1: static busybox, CMD serves /www over HTTP"
+IMAGE=127.0.0.1:$PORT/demo/web:1
+if $TORPOR show "$VM-web" >/dev/null 2>&1; then $TORPOR delete --force "$VM-web" >/dev/null; fi
+step "pull it (plain HTTP: the registry is on loopback)" $TORPOR image pull "$IMAGE"
+step "the images torpor has" $TORPOR image list
+step "create a VM of it, with one more variable" $TORPOR create "$VM-web" --image "$IMAGE" --env WHO=demo
+step "boot it: torpor's kernel and init, the image's command" $TORPOR start "$VM-web"
+step "its command serves (exec runs in the image's root, with its environment)" \
+  $TORPOR exec "$VM-web" -- sh -c 'echo "$GREETING $WHO from $(hostname)"; wget -qO- http://127.0.0.1:8080/'
+step "its output" $TORPOR logs "$VM-web"
+step "standby and restore it like any other VM" sh -c "$TORPOR standby $VM-web && $TORPOR restore $VM-web"
+step "still serving" $TORPOR exec "$VM-web" -- wget -qO- http://127.0.0.1:8080/
+step "it names its image and digest" sh -c "$TORPOR show $VM-web | grep -E '^ *image'"
+step "the built-in guest runs next to it" $TORPOR list
+step "delete it and the image" sh -c "$TORPOR delete --force $VM-web && $TORPOR image rm $IMAGE"
+
 step "stop it (graceful power-off)" $TORPOR stop "$VM"
 step "delete it" $TORPOR delete "$VM"
 echo; echo "demo done"
