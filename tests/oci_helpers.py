@@ -144,10 +144,14 @@ def debian_image() -> Path:
 
 # --- a registry front that misbehaves on request ------------------------------------------------
 
+MANIFEST_TYPE = "application/vnd.oci.image.manifest.v1+json"
+
+
 class Blobs:
     """An image's manifest and blobs, read from an OCI layout, as a registry serves them."""
 
     def __init__(self, layout: Path, tag: str) -> None:
+        self.extra: dict[str, bytes] = {}
         index = json.loads((layout / "index.json").read_text())
         entry = next(m for m in index["manifests"]
                      if m["annotations"]["org.opencontainers.image.ref.name"] == tag)
@@ -157,7 +161,29 @@ class Blobs:
         parsed = json.loads(self.manifest)
         self.layers = [layer["digest"] for layer in parsed["layers"]]
 
+        # The same image built for arm64 (its config says so), and an index of both.
+        config = json.loads(self.blob(parsed["config"]["digest"]))
+        config["architecture"] = "arm64"
+        arm_config = self.add(json.dumps(config).encode())
+        parsed["config"] = {**parsed["config"], "digest": arm_config,
+                            "size": len(self.extra[arm_config])}
+        self.arm64_manifest = self.add(json.dumps(parsed).encode())
+        index = {"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                 "manifests": [
+                     {"mediaType": MANIFEST_TYPE, "digest": digest, "size": len(self.blob(digest)),
+                      "platform": {"architecture": arch, "os": "linux"}}
+                     for digest, arch in ((self.arm64_manifest, "arm64"),
+                                          (self.manifest_digest, "amd64"))]}
+        self.index = json.dumps(index).encode()
+
+    def add(self, data: bytes) -> str:
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        self.extra[digest] = data
+        return digest
+
     def blob(self, digest: str) -> bytes:
+        if digest in self.extra:
+            return self.extra[digest]
         algo, hex_digest = digest.split(":")
         return (self.layout / "blobs" / algo / hex_digest).read_bytes()
 
@@ -165,7 +191,8 @@ class Blobs:
 class FaultyRegistry:
     """Serves one repository (`test/img`) from an OCI layout, with bearer-token auth when
     `credentials` are set, and the fault `mode` asks for: "ok", "manifest-404",
-    "manifest-500", "unauthorized", "truncated-blob", "wrong-blob"."""
+    "manifest-500", "unauthorized", "truncated-blob", "wrong-blob"; or what the tag names:
+    "index" (an index of arm64 and amd64), "arm64" (the arm64 image alone)."""
 
     TOKEN = "t0ken"
 
@@ -201,9 +228,18 @@ class FaultyRegistry:
                                            b'"message":"manifest unknown"}]}', head)
                     if registry.mode == "manifest-500":
                         return self.answer(500, b"internal error", head)
-                    return self.answer(200, blobs.manifest, head, {
-                        "Content-Type": "application/vnd.oci.image.manifest.v1+json",
-                        "Docker-Content-Digest": blobs.manifest_digest})
+                    wanted = self.path.rsplit("/", 1)[1]
+                    if wanted.startswith("sha256:"):
+                        body, media = blobs.blob(wanted), MANIFEST_TYPE
+                    elif registry.mode == "index":
+                        body, media = blobs.index, "application/vnd.oci.image.index.v1+json"
+                    elif registry.mode == "arm64":
+                        body, media = blobs.blob(blobs.arm64_manifest), MANIFEST_TYPE
+                    else:
+                        body, media = blobs.manifest, MANIFEST_TYPE
+                    digest = "sha256:" + hashlib.sha256(body).hexdigest()
+                    return self.answer(200, body, head, {
+                        "Content-Type": media, "Docker-Content-Digest": digest})
                 if "/blobs/" in self.path:
                     digest = self.path.rsplit("/", 1)[1]
                     data = blobs.blob(digest)

@@ -185,6 +185,44 @@ def test_bad_registry_answers_give_one_line_and_leave_no_partial_image(
         assert store.pull(f"{faulty.address}/test/img:1").digest != kept.digest
 
 
+def test_a_multi_arch_index_resolves_to_amd64_and_arm64_alone_is_refused(
+        tmp_path: Path, image_layout: Path) -> None:
+    root = tmp_path / "root"
+    store = ImageStore(DataRoot(root))
+    blobs = Blobs(image_layout, "web")
+    with FaultyRegistry(blobs) as faulty:
+        faulty.mode = "arm64"
+        with pytest.raises(OperationFailed, match="for linux/arm64; torpor runs linux/amd64"):
+            store.pull(f"{faulty.address}/test/img:arm")
+        assert store.records() == []
+        index = json.loads((root / "images" / "oci" / "index.json").read_text())
+        assert index["manifests"] == []  # not even a tag of it is left
+        faulty.mode = "index"
+        record = store.pull(f"{faulty.address}/test/img:multi")
+        assert record.digest == blobs.manifest_digest  # the amd64 entry of the index
+        assert record.config.workdir == "/www"
+
+
+def test_instances_of_a_cached_image_share_its_data_on_xfs(
+        xfs_dir: Path, registry: str, image_layout: Path, guest_image: GuestImage) -> None:
+    """Creating an instance from a cached image copies none of its data on a reflink
+    filesystem (the image's disk is reflinked, then grown)."""
+    push(image_layout, "web", f"{registry}/test/web:1")
+    root = xfs_dir / "image-root"
+    manager = InstanceManager(root, Settings(accel="tcg"))
+    run(manager.create("first", oci=OciSource(reference=f"{registry}/test/web:1")))
+    disk = next((root / "images" / "disks").iterdir())
+    image_bytes = disk.stat().st_blocks * 512
+    assert image_bytes > 16 << 20  # the ext4 journal and metadata: enough to see a copy
+    free = os.statvfs(root)
+    run(manager.create("second", oci=OciSource(reference=f"{registry}/test/web:1")))
+    after = os.statvfs(root)
+    used = (free.f_bavail - after.f_bavail) * after.f_frsize
+    assert used < image_bytes / 4, (used, image_bytes)
+    for name in ("first", "second"):
+        run(manager.delete(name))
+
+
 def test_bearer_token_auth_with_docker_config_credentials(
         tmp_path: Path, image_layout: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     store = ImageStore(DataRoot(tmp_path / "root"))

@@ -158,3 +158,22 @@ def test_debian_image_serves_as_its_user_in_memory_file_mode(
         assert http_get(port) == "hello from debian\n"
     finally:
         run(manager.delete(fresh_name, force=True))
+
+
+def test_stop_forwards_sigterm_to_the_command(manager: InstanceManager, web_image: str,
+                                              fresh_name: str) -> None:
+    script = ("trap 'echo got TERM; exit 0' TERM; echo waiting; "
+              "while :; do sleep 0.1; done")
+    run(manager.create(fresh_name, oci=OciSource(reference=web_image,
+                                                 cmd=["sh", "-c", script])))
+    try:
+        run(manager.start(fresh_name))
+        wait_for_log(manager, fresh_name, "waiting")
+        run(manager.stop(fresh_name, timeout=30))
+        info = run(manager.get(fresh_name))
+        assert (info.state, info.exit_code) == (InstanceState.STOPPED, 0)
+        assert run(manager.logs(fresh_name)) == b"waiting\ngot TERM\n"
+        last = info.last_operation
+        assert last is not None and last.kind == "stop"
+    finally:
+        run(manager.delete(fresh_name, force=True))

@@ -13,6 +13,7 @@ from torpor.hypervisor.accel import resolve_accel
 from torpor.hypervisor.process import LAUNCH_TIMEOUT, ProcessIdentity, TrackedProcess, launch
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import Accel, VMConfig
+from torpor.images.imagedisk import GUEST_TOOLS_PATH
 from torpor.instances.context import InstanceContext
 from torpor.instances.metadata import InstanceState, utc_now
 from torpor.instances.record import PhaseRecorder
@@ -196,8 +197,14 @@ def kill_and_forget(ctx: InstanceContext, process: TrackedProcess) -> None:
 
 
 async def _ask_guest_to_power_off(ctx: InstanceContext) -> bool:
+    """The built-in guest shuts down through the agent; an image's init is sent SIGTERM,
+    which it forwards to the image's command, and powers off once that has exited."""
     try:
         async with GuestAgent.connect(ctx.paths.agent_socket, timeout=2.0) as agent:
+            if ctx.meta.image.kind == "oci":
+                result = await agent.exec([f"{GUEST_TOOLS_PATH}/kill", "-TERM", "1"],
+                                          timeout=5)
+                return result.exit_code == 0
             await agent.shutdown()
             return True
     except AgentError as exc:
