@@ -5,7 +5,7 @@ import asyncio
 import base64
 import binascii
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
@@ -160,57 +160,37 @@ async def exec_in_instance(manager: Manager, name: InstanceName, body: ExecReque
     )
 
 
-@router.get(
-    "/instances/{name}/console",
-    tags=["instances"],
-    response_class=Response,
-    responses={
-        200: {
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
-            "headers": {CONSOLE_NEXT: {"schema": {"type": "integer"}}},
-        }
-    },
-)
-async def console(
-    manager: Manager,
-    name: InstanceName,
-    offset: Annotated[int, Query(ge=0, le=1 << 50)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1 << 24)] = 1 << 20,
-) -> Response:
+# A log read in chunks: the bytes from `offset`, the next offset in a header.
+LOG_CHUNK: dict[int | str, dict[str, Any]] = {
+    200: {
+        "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
+        "headers": {CONSOLE_NEXT: {"schema": {"type": "integer"}}},
+    }
+}
+Offset = Annotated[int, Query(ge=0, le=1 << 50)]
+Limit = Annotated[int, Query(ge=1, le=1 << 24)]
+
+
+def log_chunk(data: bytes, offset: int) -> Response:
+    return Response(data, media_type="application/octet-stream",
+                    headers={CONSOLE_NEXT: str(offset + len(data))})
+
+
+@router.get("/instances/{name}/console", tags=["instances"], response_class=Response,
+            responses=LOG_CHUNK)
+async def console(manager: Manager, name: InstanceName, offset: Offset = 0,
+                  limit: Limit = 1 << 20) -> Response:
     """The serial console log from `offset`; the next offset is in a header."""
-    data = await manager.console(name, offset, limit)
-    return Response(
-        data, media_type="application/octet-stream", headers={CONSOLE_NEXT: str(offset + len(data))}
-    )
+    return log_chunk(await manager.console(name, offset, limit), offset)
 
 
-@router.get(
-    "/instances/{name}/logs",
-    tags=["instances"],
-    response_class=Response,
-    responses={
-        200: {
-            "content": {
-                "application/octet-stream": {"schema": {"type": "string", "format": "binary"}}
-            },
-            "headers": {CONSOLE_NEXT: {"schema": {"type": "integer"}}},
-        }
-    },
-)
-async def logs(
-    manager: Manager,
-    name: InstanceName,
-    offset: Annotated[int, Query(ge=0, le=1 << 50)] = 0,
-    limit: Annotated[int, Query(ge=1, le=1 << 24)] = 1 << 20,
-) -> Response:
-    """An image instance's main process output (the built-in guest: its console) from
+@router.get("/instances/{name}/logs", tags=["instances"], response_class=Response,
+            responses=LOG_CHUNK)
+async def logs(manager: Manager, name: InstanceName, offset: Offset = 0,
+               limit: Limit = 1 << 20) -> Response:
+    """An image instance's command output (the built-in guest: its console) from
     `offset`; the next offset is in a header."""
-    data = await manager.logs(name, offset, limit)
-    return Response(
-        data, media_type="application/octet-stream", headers={CONSOLE_NEXT: str(offset + len(data))}
-    )
+    return log_chunk(await manager.logs(name, offset, limit), offset)
 
 
 @router.get("/instances/{name}/wait", tags=["instances"], responses={408: {"model": ErrorBody}})
