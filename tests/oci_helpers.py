@@ -114,6 +114,21 @@ def busybox_image(layout: Path, tag: str = "web", *, cmd: list[str] | None = Non
     shutil.rmtree(bundle)
 
 
+def distroless_image(layout: Path, tag: str = "distroless") -> None:
+    """An image with one static binary and nothing else: no shell, no libc, no /etc
+    (busybox stands in for a static Go server). Its ENTRYPOINT serves / over HTTP."""
+    bundle = layout.parent / f"bundle-{tag}"
+    shutil.rmtree(bundle, ignore_errors=True)
+    _new_bundle(layout, tag, bundle)
+    shutil.copy(BUSYBOX, bundle / "rootfs" / "busybox")  # runs applets by argv[1]
+    (bundle / "rootfs" / "index.html").write_text("hello from distroless\n")
+    _run("umoci", "repack", "--refresh-bundle", "--image", f"{layout}:{tag}", str(bundle))
+    _run("umoci", "config", "--image", f"{layout}:{tag}", "--config.entrypoint=/busybox",
+         "--config.cmd=httpd", "--config.cmd=-f", "--config.cmd=-v", "--config.cmd=-p",
+         "--config.cmd=8080", "--config.cmd=-h", "--config.cmd=/")
+    shutil.rmtree(bundle)
+
+
 def debian_image() -> Path:
     """The Debian image's OCI layout (tag `python`), built once and cached: debootstrap
     minbase with python3, whose CMD serves /srv over HTTP on port 8000 as `nobody`."""

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import run, torpor_cli
-from tests.oci_helpers import debian_image, free_port, push
+from tests.oci_helpers import debian_image, distroless_image, free_port, push
 from torpor.codec import Codec
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.source import OciSource
@@ -175,5 +175,30 @@ def test_stop_forwards_sigterm_to_the_command(manager: InstanceManager, web_imag
         assert run(manager.logs(fresh_name)) == b"waiting\ngot TERM\n"
         last = info.last_operation
         assert last is not None and last.kind == "stop"
+    finally:
+        run(manager.delete(fresh_name, force=True))
+
+
+def test_an_image_with_no_shell_or_libc_boots_serves_and_runs_exec(
+        manager: InstanceManager, registry: str, tmp_path: Path, fresh_name: str) -> None:
+    distroless_image(tmp_path / "layout")
+    ref = f"{registry}/test/distroless:1"
+    push(tmp_path / "layout", "distroless", ref)
+    port = free_port()
+    run(manager.create(fresh_name, oci=OciSource(reference=ref),
+                       port_forwards=[PortForward(host_port=port, guest_port=8080)]))
+    try:
+        run(manager.start(fresh_name))
+        assert http_get(port) == "hello from distroless\n"
+        assert guest(manager, fresh_name, "/busybox", "cat", "/index.html") == (
+            0, "hello from distroless\n")
+        # orphans of the image's processes are reaped by torpor's init (PID 1)
+        code, out = guest(manager, fresh_name, "/busybox", "sh", "-c",
+                          "(/busybox sleep 0.2 &) ; /busybox sleep 1; /busybox ps -o stat,comm")
+        assert code == 0 and not [line for line in out.splitlines()
+                                  if line.startswith("Z")], out
+        run(manager.standby(fresh_name))
+        run(manager.restore(fresh_name))
+        assert http_get(port) == "hello from distroless\n"
     finally:
         run(manager.delete(fresh_name, force=True))
