@@ -88,3 +88,28 @@ def test_attached_is_best_effort_and_early_connection_answers_first() -> None:
 
         asyncio.run(scenario())
         server.close()
+
+
+def test_a_cancelled_wait_for_the_agent_ends_even_when_the_cancel_is_swallowed(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Python 3.11's wait_for can turn a cancellation into its inner result (a failed
+    connect): ready() must still stop instead of retrying until its timeout."""
+    async def connect_that_swallows_cancel(cls: object, path: Path, timeout: float) -> None:
+        try:
+            await asyncio.sleep(timeout)
+        except asyncio.CancelledError:
+            raise AgentError("cannot connect: the socket is gone") from None
+        raise AgentError("cannot connect")
+
+    monkeypatch.setattr(GuestAgent, "_open", classmethod(connect_that_swallows_cancel))
+
+    async def scenario() -> None:
+        waiter = asyncio.ensure_future(GuestAgent.ready(tmp_path / "agent.sock", 30))
+        await asyncio.sleep(0.1)
+        waiter.cancel()
+        # it ends cancelled; had it swallowed the cancel, it would still be retrying
+        # (TimeoutError here) for the rest of its 30 s
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(waiter, 5)
+
+    asyncio.run(scenario())

@@ -24,6 +24,15 @@ from torpor.guest.result import ExecResult
 DELIMITER = b"\xff"
 # What the channel can throw at a reader or writer: a reset socket, a closed stream,
 # a line longer than the limit, bytes that are not JSON.
+def _raise_if_cancelled() -> None:
+    """Python 3.11's `asyncio.wait_for` returns its inner result (here: a failed connect
+    to a socket QEMU removed as it exited) when a cancellation arrives at that moment, and
+    the cancellation is lost; a retry loop that swallowed it would run to its timeout."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
 _TRANSPORT_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
                      ValueError)
 
@@ -122,6 +131,7 @@ class GuestAgent:
                 except AgentError as exc:
                     last = exc
                     await agent.close()
+            _raise_if_cancelled()
             await asyncio.sleep(0.05)
         raise AgentError(f"guest agent did not answer within {timeout:.0f} s ({last})")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from torpor.errors import OperationFailed, TorporError
 from torpor.fsutil import remove_tree
@@ -26,9 +27,10 @@ from torpor.instances.runtime import (
 )
 from torpor.instances.vmspec import vm_config_for
 from torpor.jobs import compression as compression_jobs
-from torpor.tasks import in_thread, task_group
+from torpor.tasks import in_thread
 
 log = logging.getLogger(__name__)
+AGENT_ROUND = 1.0  # seconds of waiting for the agent between checks that QEMU still runs
 
 
 def effective_accel(ctx: InstanceContext) -> Accel:
@@ -130,19 +132,21 @@ async def _agent_unless_powered_off(ctx: InstanceContext,
                                     process: TrackedProcess) -> GuestAgent | None:
     """The agent once it answers; None if the VM powered off first because an image's
     main process ran to its end (that start did its job: the exit code is kept). A QEMU
-    gone for any other reason is a failed start, said at once, not after the timeout."""
-    async def powered_off() -> None:
-        while process.is_alive():
-            await asyncio.sleep(0.05)
+    gone for any other reason is a failed start, said at once, not after the timeout.
 
-    async with task_group() as group:
-        answered = group.create_task(agent_ready(ctx))
-        exited = group.create_task(powered_off())
-        await asyncio.wait((answered, exited), return_when=asyncio.FIRST_COMPLETED)
-        if answered.done():
-            exited.cancel()
-            return answered.result()
-        answered.cancel()
+    Waited for in rounds of at most a second with the process checked between them,
+    not by cancelling a wait: on Python 3.11, `asyncio.wait_for` loses a cancellation
+    that arrives as its inner connect fails (the socket gone with QEMU), and the wait
+    then ran to its full timeout."""
+    deadline = time.monotonic() + ctx.settings.agent_timeout
+    while process.is_alive():
+        try:
+            return await GuestAgent.ready(ctx.paths.agent_socket,
+                                          min(AGENT_ROUND, deadline - time.monotonic()))
+        except AgentError as exc:
+            if time.monotonic() >= deadline:
+                raise AgentError(f"guest agent did not answer within "
+                                 f"{ctx.settings.agent_timeout:.0f} s ({exc})") from None
     record = load_runtime(ctx.paths)
     if record is not None and main_process_exited(ctx.paths, record):
         clear_runtime(ctx.paths)
