@@ -28,8 +28,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from bench.common import scratch_manager
 from tests.oci_helpers import busybox_image, debian_image, docker_registry, free_port, push
+
+from bench.common import scratch_manager
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.oci import ImageStore
 from torpor.images.source import OciSource
@@ -38,10 +39,15 @@ from torpor.manager import InstanceManager
 from torpor.paths import DataRoot
 
 
-def timed(fn: Callable[[], object]) -> float:
+def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> float:
     start = time.perf_counter()
-    fn()
+    fn(*args, **kwargs)
     return time.perf_counter() - start
+
+
+def in_loop(coro_fn: Callable[..., object]) -> Callable[..., object]:
+    """A manager's async method as a plain call (one event loop per call, as the CLI)."""
+    return lambda *args, **kwargs: asyncio.run(coro_fn(*args, **kwargs))  # type: ignore[arg-type]
 
 
 def median(values: list[float]) -> str:
@@ -77,8 +83,8 @@ def pull_table(work: Path, refs: dict[str, str]) -> None:
         for run in range(3):
             root = work / f"pull-{label}-{run}"
             store = ImageStore(DataRoot(root))
-            cold.append(timed(lambda s=store: s.pull(ref)))  # type: ignore[misc]
-            cached.append(timed(lambda s=store: s.pull(ref)))  # type: ignore[misc]
+            cold.append(timed(store.pull, ref))
+            cached.append(timed(store.pull, ref))
             size = store.get(ref).size
             shutil.rmtree(root)
         print(f"{label:<10} {size / 2**20:>9.1f} {median(cold):>8} {median(cached):>9}")
@@ -98,22 +104,21 @@ def create_table(work: Path, ref: str, runs: int) -> None:
                             ("xfs (reflink)", xfs_mnt / "root")):
             manager = InstanceManager(root, Settings(accel="tcg"))
             asyncio.run(manager.image_pull(ref))
-            first = timed(lambda m=manager: asyncio.run(  # type: ignore[misc]
-                m.create("first", oci=OciSource(reference=ref))))
+            create = in_loop(manager.create)
+            first = timed(create, "first", oci=OciSource(reference=ref))
             times, spaces = [], []
             for i in range(runs):
                 before = free_bytes(root)
-                times.append(timed(lambda m=manager, i=i: asyncio.run(  # type: ignore[misc]
-                    m.create(f"vm{i}", oci=OciSource(reference=ref)))))
+                times.append(timed(create, f"vm{i}", oci=OciSource(reference=ref)))
                 spaces.append(before - free_bytes(root))
             print(f"{label:<28} {first:>8.3f} {median(times):>9} "
                   f"{statistics.median(spaces) / 2**20:>10.1f}")
             if label.startswith("ext4"):
                 base = next((root / "images" / "disks").iterdir())
                 overlay = work / "overlay.qcow2"
-                qcow = [timed(lambda: subprocess.run(
-                    ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", str(base),
-                     str(overlay), "2G"], check=True)) for _ in range(runs)]
+                argv = ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                        str(base), str(overlay), "2G"]
+                qcow = [timed(subprocess.run, argv, check=True) for _ in range(runs)]
                 print(f"{'ext4 qcow2 overlay (img only)':<28} {'':>8} {median(qcow):>9} "
                       f"{overlay.stat().st_blocks * 512 / 2**20:>10.1f}")
             for name in ["first", *(f"vm{i}" for i in range(runs))]:
@@ -125,11 +130,15 @@ def create_table(work: Path, ref: str, runs: int) -> None:
 def boot_table(manager: InstanceManager, refs: dict[str, tuple[str, int]], runs: int) -> None:
     print("\n## boot (median of", runs, "): start → agent answers, → the CMD serves HTTP\n")
     print(f"{'guest':<10} {'agent s':>8} {'serving s':>10}")
+    # Untimed: the first start on a data root probes KVM (it boots the kernel once).
+    asyncio.run(manager.create("warmup"))
+    asyncio.run(manager.start("warmup"))
+    asyncio.run(manager.delete("warmup", force=True))
     agent_times: list[float] = []
     for i in range(runs):
         name = f"builtin{i}"
         asyncio.run(manager.create(name))
-        agent_times.append(timed(lambda n=name: asyncio.run(manager.start(n))))  # type: ignore[misc]
+        agent_times.append(timed(in_loop(manager.start), name))
         asyncio.run(manager.delete(name, force=True))
     print(f"{'built-in':<10} {median(agent_times):>8} {'-':>10}")
     for label, (ref, guest_port) in refs.items():

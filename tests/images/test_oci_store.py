@@ -258,6 +258,14 @@ def test_cli_pull_list_rm_and_errors(tmp_path: Path, registry: str,
     assert bad.returncode == 2 and "invalid image reference" in bad.stderr
     needs_image = torpor_cli(root, "create", "x", "--env", "A=1")
     assert needs_image.returncode == 2 and "--image" in needs_image.stderr
+    archive = tmp_path / "web.tar"
+    subprocess.run(["skopeo", "copy", "--quiet", f"oci:{image_layout}:web",
+                    f"oci-archive:{archive}"], check=True)
+    imported = torpor_cli(root, "image", "import", str(archive), "--as", "example.org/web:2")
+    assert imported.returncode == 0 and "example.org/web:2" in imported.stdout, imported.stderr
+    both = json.loads(torpor_cli(root, "image", "list", "--json").stdout)
+    assert [i["references"] for i in both] == [[f"{registry}/test/web:1", "example.org/web:2"]]
+    assert torpor_cli(root, "image", "rm", "example.org/web:2").returncode == 0
     removed = torpor_cli(root, "image", "rm", f"{registry}/test/web:1")
     assert removed.returncode == 0, removed.stderr
     assert json.loads(torpor_cli(root, "image", "list", "--json").stdout) == []
