@@ -76,6 +76,27 @@ class CompressionConfig(BaseModel):
         return value
 
 
+class NetworkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    default: Literal["user", "bridge", "none"] = declared("network.default")
+    bridge: str = declared("network.bridge", pattern=r"^[A-Za-z0-9_.-]{1,15}$")
+    subnet: str = declared("network.subnet")
+
+    @field_validator("subnet")
+    @classmethod
+    def _check_subnet(cls, value: str) -> str:
+        import ipaddress
+
+        try:
+            net = ipaddress.IPv4Network(value)
+        except ValueError as exc:
+            raise ValueError(f"not an IPv4 subnet: {exc}") from None
+        if net.num_addresses < 4:
+            raise ValueError("the subnet needs room for the bridge and a guest")
+        return value
+
+
 class Config(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -84,6 +105,7 @@ class Config(BaseModel):
     accel: Literal["auto", "kvm", "tcg"] = declared("accel")
     token_file: Path | None = declared("token_file")
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
+    network: NetworkConfig = Field(default_factory=NetworkConfig)
 
     @field_validator("listen")
     @classmethod
@@ -108,7 +130,10 @@ class Config(BaseModel):
         return Settings(accel=self.accel, default_compression=self.compression.policy(),
                         compression_jobs=self.compression.jobs,
                         compression_rate_limit=self.compression.rate_limit_bytes(),
-                        memory_compression_delay=seconds(self.compression.memory_file_delay))
+                        memory_compression_delay=seconds(self.compression.memory_file_delay),
+                        network_default=self.network.default,
+                        network_bridge=self.network.bridge,
+                        network_subnet=self.network.subnet)
 
 
 def _set(tree: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from torpor.hypervisor.vmconfig import PortForward
     from torpor.images.builtin import GuestImage
     from torpor.images.source import OciSource
-    from torpor.instances.metadata import CompressionPolicy, MemoryBacking
+    from torpor.instances.metadata import CompressionPolicy, MemoryBacking, NetworkMode
     from torpor.instances.snapshotrecord import SnapshotRecord
     from torpor.instances.states import TargetState
     from torpor.operations.health import Problem
@@ -113,13 +113,15 @@ class InstanceManager:
                      accel: AccelChoice = "auto",
                      port_forwards: list[PortForward] | None = None,
                      snapshot_policy: CompressionPolicy | None = None,
-                     memory_backing: MemoryBacking = "anonymous") -> InstanceInfo:
+                     memory_backing: MemoryBacking = "anonymous",
+                     network: NetworkMode | None = None) -> InstanceInfo:
         from torpor.operations import create as create_op
 
         meta = await create_op.create(
             self.registry, name, memory_bytes=memory_bytes, cpus=cpus, disk_bytes=disk_bytes,
             image=image, oci=oci, accel=accel, port_forwards=port_forwards,
-            snapshot_policy=snapshot_policy, memory_backing=memory_backing)
+            snapshot_policy=snapshot_policy, memory_backing=memory_backing,
+            network_mode=network)
         return await self.registry.info(meta)
 
     # --- images -------------------------------------------------------------------------

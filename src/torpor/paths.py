@@ -220,6 +220,15 @@ class DataRoot:
         return self.image_disks_dir / f"{digest_hex}-{carry_hash}.ext4"
 
     @property
+    def network_leases(self) -> Path:
+        """Bridged instances' addresses: address → instance id."""
+        return self.root / "network" / "leases.json"
+
+    @property
+    def network_lock(self) -> Path:
+        return self.locks_dir / "network.lock"
+
+    @property
     def images_lock(self) -> Path:
         return self.locks_dir / "images.lock"
 

@@ -54,6 +54,13 @@ SETTINGS: list[Setting] = [
             default_factory=lambda: os.cpu_count() or 1),
     Setting("compression.rate_limit", "bytes/s a background job reads (200M; default: no"
             " cap)"),
+    Setting("network.default", "a new instance's network when create does not say: user"
+            " (QEMU's user mode), bridge (a TAP on torpor's bridge, an address of its own)"
+            " or none", "user"),
+    Setting("network.bridge", "the bridge bridged instances' TAPs join (one per data root)",
+            "torpor0"),
+    Setting("network.subnet", "bridged instances' addresses (the bridge takes the first)",
+            "10.213.0.0/24"),
     Setting("compression.memory_file_delay", "memory-file mode: compress the RAM file after"
             " this idle time", 300.0, env_name="TORPOR_MEMORY_COMPRESSION_DELAY"),
 ]

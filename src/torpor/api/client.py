@@ -30,7 +30,7 @@ if TYPE_CHECKING:  # the answers are read through JsonView: see its docstring
     from torpor.api.models import Operation
     from torpor.images.source import OciSource
     from torpor.instances.info import InstanceInfo
-    from torpor.instances.metadata import CompressionPolicy, MemoryBacking
+    from torpor.instances.metadata import CompressionPolicy, MemoryBacking, NetworkMode
     from torpor.instances.snapshotrecord import SnapshotInfo
     from torpor.instances.states import TargetState
 
@@ -199,6 +199,7 @@ class RemoteManager:
         snapshot_policy: CompressionPolicy | None = None,
         memory_backing: MemoryBacking = "anonymous",
         oci: OciSource | None = None,
+        network: NetworkMode | None = None,
     ) -> InstanceInfo:
         body: dict[str, Any] = {
             "name": name,
@@ -207,6 +208,7 @@ class RemoteManager:
             "disk_mib": -(-disk_bytes // (1 << 20)),
             "memory_backing": memory_backing,
             "snapshot_policy": _dump(snapshot_policy),
+            "network": network,
         }
         if oci is not None:
             body.update(image=oci.reference, entrypoint=oci.entrypoint, cmd=oci.cmd,

@@ -100,6 +100,9 @@ class CreateRequest(Body):
         "snapshots, forks map the RAM copy-on-write)")
     snapshot_policy: Compression | None = Field(
         None, description="the instance's standby compression policy")
+    network: Literal["user", "bridge", "none"] | None = Field(
+        None, description="user (QEMU user mode), bridge (own address on torpor's bridge), "
+        "none; default: the server's network.default")
     image: ImageReference | None = Field(
         None, description="an OCI image (pulled if missing); none: the built-in guest")
     entrypoint: list[Arg] | None = Field(None, description="replaces the image's Entrypoint")

@@ -210,6 +210,9 @@ def create(
         help="Replaces the image's User (name or uid[:gid]).", show_default=False)] = None,
     insecure: Annotated[bool, typer.Option(
         help="Plain HTTP to a registry that is not on loopback.")] = False,
+    network: Annotated[str | None, typer.Option(
+        help="user (QEMU user mode), bridge (an address of its own on torpor's bridge) or "
+             "none; default: network.default.", show_default=False)] = None,
     json_out: JsonOpt = False,
 ) -> None:
     """Create an instance (stopped): of an OCI image, or of the built-in guest."""
@@ -219,6 +222,8 @@ def create(
 
     if memory_backing not in ("anonymous", "file"):
         raise typer.BadParameter("must be anonymous or file", param_hint="--memory-backing")
+    if network not in (None, "user", "bridge", "none"):
+        raise typer.BadParameter("must be user, bridge or none", param_hint="--network")
     if image is None and (env or cmd or entrypoint or workdir or user):
         raise typer.BadParameter("--env, --cmd, --entrypoint, --workdir and --user need "
                                  "--image", param_hint="--image")
@@ -238,7 +243,7 @@ def create(
                               disk_bytes=parse_size(disk_size, "G"),
                               snapshot_policy=compression_policy(compress, level),
                               memory_backing=memory_backing,  # type: ignore[arg-type]
-                              oci=oci))
+                              network=network, oci=oci))  # type: ignore[arg-type]
     if json_out:
         print_json(info)
     else:

@@ -56,11 +56,13 @@ def images_table(infos: list[Any]) -> Table:
 
 def instances_table(infos: list[Any]) -> Table:
     table = Table(box=None, header_style="bold")
-    for col in ("NAME", "STATE", "CPUS", "MEMORY", "DISK", "PID", "ID"):
+    for col in ("NAME", "STATE", "ADDRESS", "CPUS", "MEMORY", "DISK", "PID", "ID"):
         table.add_column(col)
     for i in infos:
-        table.add_row(i.name, str(i.state), str(i.cpus), format_size(i.memory_mib << 20),
-                      format_size(i.disk_bytes), str(i.pid or "-"), i.id)
+        address = (i.network.ip if i.network else None) or "-"
+        table.add_row(i.name, str(i.state), address, str(i.cpus),
+                      format_size(i.memory_mib << 20), format_size(i.disk_bytes),
+                      str(i.pid or "-"), i.id)
     return table
 
 
@@ -122,6 +124,9 @@ def instance_details(info: Any) -> Table:
     ]
     if info.exit_code is not None:
         rows.append(("exit code", str(info.exit_code)))
+    net = info.network
+    if net is not None:
+        rows.append(("network", net.mode + (f" {net.ip} on {net.bridge}" if net.ip else "")))
     comp = info.compression
     if comp.state != "none" or comp.raw_bytes:
         detail = str(comp.state) + (f" ({comp.algorithm})" if comp.algorithm else "")

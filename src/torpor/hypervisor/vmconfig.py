@@ -59,6 +59,10 @@ class VMConfig(BaseModel):
     cmdline: str = ""
     disks: tuple[Disk, ...] = ()
     mac: str
+    # user: QEMU's user-mode network; tap: this TAP (it exists; torpor's network layer
+    # made it); none: no network device at all.
+    network: Literal["user", "tap", "none"] = "user"
+    tap: str | None = None
     port_forwards: tuple[PortForward, ...] = ()
     accel: Accel = "tcg"
     cpu_model: str = DEFAULT_CPU_MODEL
@@ -86,6 +90,7 @@ class VMConfig(BaseModel):
             "memory_backing": "file" if self.memory_file else "anonymous",
             "vmgenid": self.vmgenid is not None,
             "app_ports": self.app_log is not None,
+            "nic": self.network != "none",
         }
 
 
@@ -96,12 +101,18 @@ def _accel_args(accel: Accel) -> list[str]:
 
 
 def _net_args(config: VMConfig) -> list[str]:
-    forwards = "".join(
-        f",hostfwd={f.protocol}:{f.host_addr}:{f.host_port}-:{f.guest_port}"
-        for f in config.port_forwards
-    )
+    if config.network == "none":
+        return []
+    if config.network == "tap":
+        netdev = f"tap,id=net0,ifname={config.tap},script=no,downscript=no"
+    else:
+        forwards = "".join(
+            f",hostfwd={f.protocol}:{f.host_addr}:{f.host_port}-:{f.guest_port}"
+            for f in config.port_forwards
+        )
+        netdev = f"user,id=net0{forwards}"
     return [
-        "-netdev", f"user,id=net0{forwards}",
+        "-netdev", netdev,
         "-device", f"virtio-net-pci,netdev=net0,mac={config.mac},romfile=",
     ]
 

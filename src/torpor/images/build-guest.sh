@@ -121,7 +121,16 @@ mkdir -p /dev/pts /dev/shm && mount -t devpts devpts /dev/pts && mount -t tmpfs 
 mount -t tmpfs -o size=90% tmpfs /tmp
 hostname -F /etc/hostname
 ip link set lo up
-ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+# A bridged instance's address comes on the command line (torpor.net=IP/PREFIX,GATEWAY);
+# otherwise QEMU's user-mode network, whose addresses are fixed.
+net=
+for arg in $(cat /proc/cmdline); do case "$arg" in torpor.net=*) net=${arg#torpor.net=} ;; esac; done
+if [ -n "$net" ]; then
+  ip link set eth0 up && ip addr add "${net%,*}" dev eth0 && ip route add default via "${net#*,}"
+  echo "nameserver ${net#*,}" > /etc/resolv.conf
+else
+  ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+fi
 # The counter lives only in RAM (/run is tmpfs): if it continues after a
 # restore, the guest's memory and processes survived. Shell builtins only: forking
 # `mv` and `sleep` ten times a second kept an idle guest's vCPU 16% busy under TCG.

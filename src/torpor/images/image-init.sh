@@ -20,15 +20,24 @@ mkdir -p /.torpor/run && mount -t tmpfs -o mode=700 tmpfs /.torpor/run
 . /.torpor/config.sh
 
 hostname "$TORPOR_HOSTNAME"
-# What a container runtime provides: the name, resolver and hosts files (the VM's own
-# network is QEMU's user-mode one: 10.0.2.15, gateway .2, DNS .3).
+# The network: a bridged instance's address from the command line
+# (torpor.net=IP/PREFIX,GATEWAY); else QEMU's user mode (10.0.2.15, gateway .2, DNS .3).
+net=
+for arg in $(cat /proc/cmdline); do case "$arg" in torpor.net=*) net=${arg#torpor.net=} ;; esac; done
+ip link set lo up
+if [ -n "$net" ]; then
+  ip link set eth0 up && ip addr add "${net%,*}" dev eth0 && ip route add default via "${net#*,}"
+  nameserver=${net#*,}
+else
+  ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
+  nameserver=10.0.2.3
+fi
+# What a container runtime provides: the name, resolver and hosts files.
 if [ -d /etc ]; then
   echo "$TORPOR_HOSTNAME" > /etc/hostname
-  echo "nameserver 10.0.2.3" > /etc/resolv.conf
+  echo "nameserver $nameserver" > /etc/resolv.conf
   [ -s /etc/hosts ] || printf '127.0.0.1 localhost\n::1 localhost\n' > /etc/hosts
 fi
-ip link set lo up
-ip link set eth0 up 2>/dev/null && ip addr add 10.0.2.15/24 dev eth0 && ip route add default via 10.0.2.2
 
 # qemu-ga's guest-set-time (a restore sets the clock with it) runs /sbin/hwclock.
 if [ ! -e /sbin/hwclock ]; then

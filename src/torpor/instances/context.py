@@ -8,7 +8,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from torpor.hypervisor.accel import AccelChoice
-from torpor.instances.metadata import CompressionPolicy, InstanceMetadata, InstanceState
+from torpor.instances.metadata import (
+    CompressionPolicy,
+    InstanceMetadata,
+    InstanceState,
+    NetworkMode,
+)
 from torpor.paths import DataRoot, InstancePaths
 
 if TYPE_CHECKING:  # the model of settings and context stays free of QMP and asyncio
@@ -26,6 +31,9 @@ class Settings:
     compression_rate_limit: int | None = None  # bytes/s read by a background job; None: no cap
     # Memory-file mode, policy not itself background: compress the RAM file after this idle.
     memory_compression_delay: float = 300.0
+    network_default: NetworkMode = "user"
+    network_bridge: str = "torpor0"
+    network_subnet: str = "10.213.0.0/24"
 
 
 @dataclass

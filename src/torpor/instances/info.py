@@ -7,7 +7,7 @@ from datetime import datetime
 from enum import StrEnum
 from pathlib import Path
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from torpor.instances.metadata import InstanceState, LastOperation, MemoryBacking
 
@@ -35,6 +35,14 @@ class CompressionStatus(BaseModel):
         return None
 
 
+class NetworkInfo(BaseModel):
+    mode: str  # user, bridge or none
+    ip: str | None = None  # bridge: the instance's own address
+    mac: str
+    bridge: str | None = None
+    published: list[str] = Field(default_factory=list)
+
+
 class InstanceInfo(BaseModel):
     """What `show` and `list` report."""
 
@@ -54,4 +62,5 @@ class InstanceInfo(BaseModel):
     image: str = "builtin"  # an OCI image's reference
     image_digest: str | None = None
     exit_code: int | None = None  # an image's main process, once it exited (stopped)
+    network: NetworkInfo | None = None
     compression: CompressionStatus

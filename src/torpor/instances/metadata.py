@@ -111,6 +111,30 @@ def resolve_policy(*candidates: CompressionPolicy | None) -> CompressionPolicy:
 
 
 MemoryBacking = Literal["anonymous", "file"]
+NetworkMode = Literal["user", "bridge", "none"]
+
+
+class NetworkSpec(BaseModel):
+    """user: QEMU's user-mode network (the default); bridge: a TAP on torpor's bridge
+    and an address of its own from the data root's pool (kept across standby, new for a
+    fork); none: no network device."""
+
+    mode: NetworkMode = "user"
+    ip: str | None = None
+    prefix: int | None = None
+    gateway: str | None = None
+    bridge: str | None = None
+
+    def kernel_arg(self) -> str:
+        """How the guest's init learns its address (both inits read it at boot)."""
+        if self.mode == "bridge" and self.ip:
+            return f" torpor.net={self.ip}/{self.prefix},{self.gateway}"
+        return ""
+
+
+def tap_name(instance_id: str) -> str:
+    """A bridged instance's TAP (interface names have at most 15 characters)."""
+    return f"tp{instance_id}"[:15]
 
 
 class InstanceMetadata(BaseModel):
@@ -134,6 +158,7 @@ class InstanceMetadata(BaseModel):
     # instead of having one of its own: memory_origin names that immutable file.
     memory_backing: MemoryBacking = "anonymous"
     memory_origin: Path | None = None
+    network: NetworkSpec = Field(default_factory=NetworkSpec)
     last_operation: LastOperation | None = None
     guest_clock_source: str | None = None  # the guest kernel's clocksource, read at boot
     extra: dict[str, Any] = Field(default_factory=dict)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torpor.hypervisor.vmconfig import Accel, Disk, MemoryFile, VMConfig
-from torpor.instances.metadata import InstanceMetadata
+from torpor.instances.metadata import InstanceMetadata, tap_name
 from torpor.paths import InstancePaths
 
 
@@ -24,9 +24,11 @@ def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) ->
         memory_mib=meta.memory_mib,
         kernel=meta.image.kernel,
         initrd=meta.image.initrd,
-        cmdline=meta.image.cmdline,
+        cmdline=meta.image.cmdline + meta.network.kernel_arg(),
         disks=(Disk(path=paths.disk, format="raw"),),
         mac=meta.mac,
+        network={"user": "user", "bridge": "tap", "none": "none"}[meta.network.mode],
+        tap=tap_name(meta.id) if meta.network.mode == "bridge" else None,
         port_forwards=tuple(meta.port_forwards),
         accel=accel,
         qmp_socket=paths.qmp_socket,

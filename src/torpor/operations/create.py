@@ -35,12 +35,14 @@ from torpor.instances.metadata import (
     ImageRef,
     InstanceMetadata,
     MemoryBacking,
+    NetworkMode,
     new_instance_id,
     new_mac,
     new_vmgenid,
     utc_now,
     validate_name,
 )
+from torpor.operations import network
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
 
@@ -52,7 +54,8 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
                  oci: OciSource | None = None,
                  accel: AccelChoice = "auto", port_forwards: list[PortForward] | None = None,
                  snapshot_policy: CompressionPolicy | None = None,
-                 memory_backing: MemoryBacking = "anonymous") -> InstanceMetadata:
+                 memory_backing: MemoryBacking = "anonymous",
+                 network_mode: NetworkMode | None = None) -> InstanceMetadata:
     validate_name(name)
     if memory_backing not in ("anonymous", "file"):
         raise InvalidArgument("--memory-backing must be anonymous or file")
@@ -79,6 +82,8 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
         instance_id = new_instance_id()
         staging = data_root.staging(owned_name(f"create-{instance_id}"))
         try:
+            net = await asyncio.to_thread(network.assign, data_root, registry.settings,
+                                          instance_id, network_mode)
             staging.mkdir(parents=True)
             paths = InstancePaths(staging)
             for d in (paths.logs_dir, paths.run_dir, paths.snapshots_dir):
@@ -96,11 +101,13 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
                 memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
                 image=image_ref, accel=accel,
                 port_forwards=port_forwards or [], snapshot_policy=snapshot_policy,
-                vmgenid=new_vmgenid(), memory_backing=memory_backing)
+                vmgenid=new_vmgenid(), memory_backing=memory_backing, network=net)
             final = data_root.instance(instance_id).root
             await asyncio.to_thread(_publish, meta, staging, final)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
+            await asyncio.to_thread(network.pool(data_root, registry.settings).release,
+                                    instance_id)
             raise
     return meta
 

@@ -13,7 +13,7 @@ from torpor.instances.locking import file_lock
 from torpor.instances.snapshotrecord import find_record
 from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
-from torpor.operations import lifecycle, snapshots
+from torpor.operations import lifecycle, network, snapshots
 from torpor.operations.registry import Registry
 
 
@@ -29,6 +29,8 @@ async def delete(registry: Registry, name: str, *, force: bool = False) -> None:
         try:
             faults.point("delete.removed")
         finally:  # the instance is gone: what is left of it goes too
+            # (pyroute2 runs its own event loop: never on ours)
+            await asyncio.to_thread(network.release, ctx.data_root, ctx.settings, ctx.meta)
             compression_jobs.remove_job_files(ctx.data_root, key)
             with contextlib.suppress(FileNotFoundError):
                 ctx.data_root.instance_lock(ctx.meta.id).unlink()

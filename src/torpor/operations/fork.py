@@ -34,7 +34,7 @@ from torpor.images.imagedisk import (
     write_run_config,
 )
 from torpor.instances import observe
-from torpor.instances.context import InstanceContext
+from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.info import InstanceInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import (
@@ -51,7 +51,7 @@ from torpor.instances.snapshotrecord import SnapshotRecord
 from torpor.instances.states import Action, TargetState, is_live
 from torpor.jobs import compression as compression_jobs
 from torpor.operations import delete as delete_op
-from torpor.operations import lifecycle, snapshots
+from torpor.operations import lifecycle, network, snapshots
 from torpor.operations import restore as restore_op
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
@@ -73,7 +73,7 @@ def fork_names(base: str, count: int) -> list[str]:
     return names
 
 
-def materialise(data_root: DataRoot, source_dir: Path, name: str,
+def materialise(data_root: DataRoot, settings: Settings, source_dir: Path, name: str,
                 existing_names: set[str], origin_snapshot: str | None,
                 keep_state: bool) -> InstanceMetadata:
     """Copy `source_dir` (laid out like an instance) into a new instance with a new
@@ -99,11 +99,12 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
         paths = InstancePaths(staging)
         for d in (paths.run_dir, paths.logs_dir, paths.snapshots_dir):
             d.mkdir(exist_ok=True)
+        net = network.assign(data_root, settings, instance_id, source.network.mode)
         meta = source.model_copy(update={
             "id": instance_id, "name": name, "created_at": utc_now(), "mac": new_mac(),
             "vmgenid": new_vmgenid() if source.vmgenid else None,
             "origin_snapshot": origin_snapshot, "last_operation": None,
-            "compression_plan": None, "memory_origin": memory_origin})
+            "compression_plan": None, "memory_origin": memory_origin, "network": net})
         if not keep_state and meta.image.run is not None:  # a clean disk: safe to write
             write_run_config(paths.disk, render_run_config(meta.image.run, name))
         meta.save(paths.metadata)
@@ -112,6 +113,7 @@ def materialise(data_root: DataRoot, source_dir: Path, name: str,
         fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
+        network.pool(data_root, settings).release(instance_id)
         raise
     return meta
 
@@ -127,6 +129,10 @@ async def apply_guest_identity(agent: GuestAgent, meta: InstanceMetadata) -> Non
     # Its own randomness: the loaded kernel's RNG state is the source's, and the default
     # guest's kernel has no VM generation ID driver to reseed it. Host random bytes go into
     # its pool, then the crng is rekeyed from it (the default guest's torpor-reseed).
+    if meta.network.mode == "bridge":  # its own address, not the source's
+        set_mac += (f" && ip addr flush dev eth0 && ip addr add {meta.network.ip}/"
+                    f"{meta.network.prefix} dev eth0 && ip route add default via "
+                    f"{meta.network.gateway}")
     oci = meta.image.kind == "oci"
     reseeder = f"{GUEST_TOOLS_PATH}/torpor-reseed" if oci else "/sbin/torpor-reseed"
     reseed = (f"echo {secrets.token_hex(32)} > /dev/urandom && "
@@ -226,14 +232,15 @@ async def _materialise_all(registry: Registry, source_dir: Path, names: list[str
         # Each copy is mostly waiting on I/O (and its fsync): all at once. A failing
         # copy does not stop the others; each ends, and then all are removed.
         results = await asyncio.gather(
-            *(asyncio.to_thread(materialise, data_root, source_dir, name, existing,
-                                origin, keep_state) for name in names),
+            *(asyncio.to_thread(materialise, data_root, registry.settings, source_dir, name,
+                                existing, origin, keep_state) for name in names),
             return_exceptions=True)
     created = [r for r in results if isinstance(r, InstanceMetadata)]
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:
         for meta in created:  # all or nothing
             await asyncio.to_thread(remove_tree, data_root.instance(meta.id).root)
+            await asyncio.to_thread(network.release, data_root, registry.settings, meta)
         raise failures[0]
     return created
 

@@ -27,6 +27,7 @@ from torpor.instances.runtime import (
 )
 from torpor.instances.vmspec import vm_config_for
 from torpor.jobs import compression as compression_jobs
+from torpor.operations import network
 from torpor.tasks import in_thread
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,7 @@ def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: str | None =
     QEMU that loads a large state takes a while to answer; it must not go unrecorded)."""
     clear_runtime(ctx.paths)
     ctx.paths.logs_dir.mkdir(parents=True, exist_ok=True)
+    network.attach(ctx)  # a bridged instance's TAP (kept across standby) before QEMU
 
     def record(identity: ProcessIdentity) -> None:
         save_runtime(ctx.paths, RuntimeRecord(identity=identity, vm_config=config,

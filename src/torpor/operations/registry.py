@@ -17,7 +17,7 @@ from typing import Literal
 
 from torpor.errors import NotFound
 from torpor.instances.context import InstanceContext, Settings
-from torpor.instances.info import InstanceInfo
+from torpor.instances.info import InstanceInfo, NetworkInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import InstanceMetadata, InstanceState
 from torpor.instances.runtime import derive_state, exit_code
@@ -112,6 +112,8 @@ class Registry:
             last_operation=meta.last_operation,
             image=meta.image.reference if meta.image.kind == "oci" else "builtin",
             image_digest=meta.image.digest,
+            network=NetworkInfo(mode=meta.network.mode, ip=meta.network.ip, mac=meta.mac,
+                                bridge=meta.network.bridge),
             exit_code=exit_code(paths) if meta.image.kind == "oci" and
             state is InstanceState.STOPPED else None,
             compression=compression_jobs.status(

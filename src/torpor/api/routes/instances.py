@@ -54,6 +54,7 @@ async def create_instance(
             disk_bytes=body.disk_mib << 20,
             snapshot_policy=to_policy(body.snapshot_policy),
             memory_backing=body.memory_backing,
+            network=body.network,
             oci=None if body.image is None else OciSource(
                 reference=body.image, entrypoint=body.entrypoint, cmd=body.cmd,
                 env=body.env, workdir=body.workdir, user=body.user, insecure=body.insecure),

@@ -1,0 +1,66 @@
+"""The host side of bridged guests, through netlink (pyroute2): torpor's bridge with the
+pool's gateway address, and one persistent TAP per instance on it. A TAP is persistent
+so it outlives QEMU across standby: the bridge port, its neighbours and routes stay put,
+and the guest's connections carry on when a restored QEMU attaches to it again. Every
+TAP is an isolated bridge port: guests do not reach each other (only non-isolated ports,
+here the bridge itself, are reachable from an isolated one)."""
+
+from __future__ import annotations
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from torpor.errors import OperationFailed
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def ensure_bridge(name: str, gateway: str, prefix: int) -> None:
+    with IPRoute() as ipr:
+        index = _index(ipr, name)
+        try:
+            if index is None:
+                ipr.link("add", ifname=name, kind="bridge")
+                index = _index(ipr, name)
+            assert index is not None
+            addresses = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=index)}
+            if gateway not in addresses:
+                ipr.addr("add", index=index, address=gateway, prefixlen=prefix)
+            ipr.link("set", index=index, state="up")
+        except NetlinkError as exc:
+            raise OperationFailed(f"setting up bridge {name} failed: {exc}") from None
+
+
+def ensure_tap(name: str, bridge: str, *, isolated: bool = True) -> None:
+    """A persistent TAP on the bridge, up, isolated unless told otherwise."""
+    with IPRoute() as ipr:
+        try:
+            if _index(ipr, name) is None:
+                ipr.link("add", ifname=name, kind="tuntap", mode="tap")
+            index, master = _index(ipr, name), _index(ipr, bridge)
+            if index is None or master is None:
+                raise OperationFailed(f"TAP {name} or bridge {bridge} is missing")
+            ipr.link("set", index=index, master=master)
+            ipr.brport("set", index=index, isolated=1 if isolated else 0)
+            ipr.link("set", index=index, state="up")
+        except NetlinkError as exc:
+            raise OperationFailed(f"setting up TAP {name} failed: {exc}") from None
+
+
+def remove_link(name: str) -> None:
+    with IPRoute() as ipr:
+        index = _index(ipr, name)
+        if index is not None:
+            try:
+                ipr.link("del", index=index)
+            except NetlinkError as exc:
+                if exc.code != 19:  # ENODEV: someone else removed it
+                    raise OperationFailed(f"removing {name} failed: {exc}") from None
+
+
+def link_exists(name: str) -> bool:
+    with IPRoute() as ipr:
+        return _index(ipr, name) is not None

@@ -1,0 +1,168 @@
+"""Bridged guests, each test in a network namespace it creates (the network rule): torpor,
+its QEMUs and the clients run inside it through `ip netns exec`; the namespace, with
+its bridge and TAPs, is deleted afterwards. Nothing touches the machine's own namespace."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run
+from torpor.errors import Busy
+from torpor.instances.context import Settings
+from torpor.manager import InstanceManager
+
+pytestmark = pytest.mark.qemu
+_counter = iter(range(1000))
+
+
+@dataclass
+class Namespace:
+    name: str
+    data_root: Path
+
+    def run(self, *argv: str, check: bool = True, timeout: float = 180,
+            input: str | None = None) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(["ip", "netns", "exec", self.name, *argv], input=input,
+                                capture_output=True, text=True, timeout=timeout, check=False,
+                                env=dict(os.environ, TORPOR_DATA_ROOT=str(self.data_root)))
+        if check:
+            assert result.returncode == 0, (argv, result.stdout, result.stderr)
+        return result
+
+    def torpor(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.run(sys.executable, "-m", "torpor.cli.main", "--local", *args, check=check)
+
+    def show(self, name: str) -> dict[str, object]:
+        info: dict[str, object] = json.loads(self.torpor("show", name, "--json").stdout)
+        return info
+
+    def ip(self, name: str) -> str:
+        network = self.show(name)["network"]
+        assert isinstance(network, dict)
+        return str(network["ip"])
+
+    def sh(self, name: str, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        return self.torpor("exec", name, "--", "sh", "-c", script, check=check)
+
+    def http_get(self, url: str) -> str:
+        """From the namespace's host side (the bridge's address)."""
+        return self.run(sys.executable, "-c", "import sys, urllib.request; print(urllib.re"
+                        f"quest.urlopen('{url}', timeout=10).read().decode(), end='')").stdout
+
+    def serve(self, name: str, text: str) -> None:
+        self.sh(name, f"mkdir -p /tmp/www && echo {text} > /tmp/www/index.html && "
+                      "httpd -p 8080 -h /tmp/www")
+
+
+@pytest.fixture
+def netns() -> Iterator[Namespace]:
+    name = f"tp{os.getpid()}-{next(_counter)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    root = Path(tempfile.mkdtemp(prefix="tpn-", dir="/tmp"))
+    ns = Namespace(name, root)
+    ns.run("ip", "link", "set", "lo", "up")
+    try:
+        yield ns
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True,
+                              text=True, check=False).stdout.split()
+        subprocess.run(["kill", "-KILL", *pids], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], check=False)
+        subprocess.run(["rm", "-rf", str(root)], check=False)
+
+
+def test_bridged_guests_have_their_own_addresses_and_cannot_reach_each_other(
+        netns: Namespace) -> None:
+    for name in ("a", "b"):
+        netns.torpor("create", name, "--network", "bridge")
+        netns.torpor("start", name)
+        netns.serve(name, f"i-am-{name}")
+    a, b = netns.ip("a"), netns.ip("b")
+    assert a != b and a.startswith("10.213.0.") and b.startswith("10.213.0.")
+    assert netns.http_get(f"http://{a}:8080/") == "i-am-a\n"
+    assert netns.http_get(f"http://{b}:8080/") == "i-am-b\n"
+    # isolated bridge ports: a cannot reach b (but does reach the bridge, its gateway)
+    blocked = netns.sh("a", f"wget -q -T 3 -O- http://{b}:8080/", check=False)
+    assert blocked.returncode != 0, blocked.stdout
+    assert netns.sh("a", "ping -c 1 -W 3 10.213.0.1").returncode == 0
+    listing = netns.torpor("list").stdout
+    assert a in listing and b in listing
+
+
+def test_a_fork_gets_a_new_address_and_both_answer(netns: Namespace) -> None:
+    netns.torpor("create", "src", "--network", "bridge")
+    netns.torpor("start", "src")
+    netns.serve("src", "served")
+    netns.torpor("fork", "src", "copy")
+    src, copy = netns.ip("src"), netns.ip("copy")
+    assert src != copy
+    assert netns.http_get(f"http://{src}:8080/") == "served\n"
+    assert netns.http_get(f"http://{copy}:8080/") == "served\n"
+    assert copy in netns.sh("copy", "ip -4 addr show eth0").stdout
+    # delete frees the address and removes the TAP
+    copy_id = str(netns.show("copy")["id"])
+    netns.torpor("delete", "--force", "copy")
+    leases = json.loads((netns.data_root / "network" / "leases.json").read_text())
+    assert copy not in leases and src in leases
+    assert netns.run("ip", "link", "show", f"tp{copy_id}", check=False).returncode != 0
+
+
+ECHO_CLIENT = """
+import socket, sys
+c = socket.create_connection((sys.argv[1], 7000), timeout=10)
+for line in sys.stdin:
+    c.sendall(line.encode())
+    c.settimeout(60)
+    got = b""
+    while not got.endswith(b"\\n"):
+        got += c.recv(100)
+    print(got.decode(), end="", flush=True)
+"""
+
+
+@pytest.mark.parametrize("backing", ["anonymous", "file"])
+def test_a_connection_survives_standby_and_restore(netns: Namespace, backing: str) -> None:
+    netns.torpor("create", "echo", "--network", "bridge", "--memory-backing", backing)
+    netns.torpor("start", "echo")
+    netns.sh("echo", "(nc -l -p 7000 -e cat </dev/null >/dev/null 2>&1 &)")
+    client = subprocess.Popen(
+        ["ip", "netns", "exec", netns.name, sys.executable, "-c", ECHO_CLIENT,
+         netns.ip("echo")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert client.stdin is not None and client.stdout is not None
+    try:
+        client.stdin.write("before\n")
+        client.stdin.flush()
+        assert client.stdout.readline() == "before\n"
+        netns.torpor("standby", "echo")
+        assert netns.show("echo")["state"] == "standby"
+        netns.torpor("restore", "echo")
+        client.stdin.write("after\n")  # the same TCP connection, carried on
+        client.stdin.flush()
+        assert client.stdout.readline() == "after\n"
+    finally:
+        client.kill()
+        client.wait()
+
+
+def test_an_exhausted_pool_is_one_error_and_leaves_nothing(tmp_path: Path) -> None:
+    """No namespace needed: addresses are handed out at create, TAPs only at start."""
+    manager = InstanceManager(tmp_path / "root", Settings(accel="tcg",
+                                                          network_subnet="10.99.0.0/30"))
+    run(manager.create("one", network="bridge"))  # .1 is the bridge's, .2 this one's
+    with pytest.raises(Busy, match=r"no free address in 10.99.0.0/30"):
+        run(manager.create("two", network="bridge"))
+    assert [i.name for i in run(manager.list_all())] == ["one"]
+    leases = json.loads((tmp_path / "root" / "network" / "leases.json").read_text())
+    assert list(leases) == ["10.99.0.2"]
+    run(manager.delete("one"))
+    run(manager.create("two", network="bridge"))  # its address came back
+    assert run(manager.get("two")).network.ip == "10.99.0.2"  # type: ignore[union-attr]
