@@ -82,6 +82,7 @@ class NetworkConfig(BaseModel):
     default: Literal["user", "bridge", "none"] = declared("network.default")
     bridge: str = declared("network.bridge", pattern=r"^[A-Za-z0-9_.-]{1,15}$")
     subnet: str = declared("network.subnet")
+    nat: bool = declared("network.nat")
 
     @field_validator("subnet")
     @classmethod
@@ -133,7 +134,7 @@ class Config(BaseModel):
                         memory_compression_delay=seconds(self.compression.memory_file_delay),
                         network_default=self.network.default,
                         network_bridge=self.network.bridge,
-                        network_subnet=self.network.subnet)
+                        network_subnet=self.network.subnet, network_nat=self.network.nat)
 
 
 def _set(tree: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:

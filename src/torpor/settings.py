@@ -61,6 +61,8 @@ SETTINGS: list[Setting] = [
             "torpor0"),
     Setting("network.subnet", "bridged instances' addresses (the bridge takes the first)",
             "10.213.0.0/24"),
+    Setting("network.nat", "bridged guests reach the outside through NAT (nftables"
+            " masquerade; the host then forwards IPv4)", True),
     Setting("compression.memory_file_delay", "memory-file mode: compress the RAM file after"
             " this idle time", 300.0, env_name="TORPOR_MEMORY_COMPRESSION_DELAY"),
 ]

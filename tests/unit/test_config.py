@@ -132,6 +132,7 @@ ENV_VALUES = {
     "network.default": ("bridge", "bridge"),
     "network.bridge": ("tb0", "tb0"),
     "network.subnet": ("10.99.0.0/28", "10.99.0.0/28"),
+    "network.nat": ("false", False),
 }
 
 

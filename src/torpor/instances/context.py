@@ -34,6 +34,7 @@ class Settings:
     network_default: NetworkMode = "user"
     network_bridge: str = "torpor0"
     network_subnet: str = "10.213.0.0/24"
+    network_nat: bool = True
 
 
 @dataclass

@@ -8,7 +8,7 @@ from __future__ import annotations
 from torpor.errors import InvalidArgument
 from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.metadata import InstanceMetadata, NetworkMode, NetworkSpec, tap_name
-from torpor.network import host
+from torpor.network import firewall, host
 from torpor.network.addresses import AddressPool
 from torpor.paths import DataRoot
 
@@ -41,6 +41,7 @@ def attach(ctx: InstanceContext) -> None:
         return
     bridge = spec.bridge or ctx.settings.network_bridge
     host.ensure_bridge(bridge, spec.gateway or "", spec.prefix or 24)
+    firewall.apply(bridge, ctx.settings.network_subnet, nat=ctx.settings.network_nat)
     host.ensure_tap(tap_name(ctx.meta.id), bridge)
 
 
