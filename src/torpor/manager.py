@@ -114,14 +114,15 @@ class InstanceManager:
                      port_forwards: list[PortForward] | None = None,
                      snapshot_policy: CompressionPolicy | None = None,
                      memory_backing: MemoryBacking = "anonymous",
-                     network: NetworkMode | None = None) -> InstanceInfo:
+                     network: NetworkMode | None = None,
+                     publish: list[str] | None = None) -> InstanceInfo:
         from torpor.operations import create as create_op
 
         meta = await create_op.create(
             self.registry, name, memory_bytes=memory_bytes, cpus=cpus, disk_bytes=disk_bytes,
             image=image, oci=oci, accel=accel, port_forwards=port_forwards,
             snapshot_policy=snapshot_policy, memory_backing=memory_backing,
-            network_mode=network)
+            network_mode=network, publish=publish)
         return await self.registry.info(meta)
 
     # --- images -------------------------------------------------------------------------

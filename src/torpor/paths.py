@@ -96,6 +96,26 @@ class InstancePaths:
         return self.logs_dir / "exit-status"
 
     @property
+    def publish_dir(self) -> Path:
+        """The relay of a bridged instance's published ports: not in run/ (which each
+        QEMU start clears: the relay outlives QEMU), never copied (its process is this
+        instance's alone)."""
+        return self.root / "publish"
+
+    @property
+    def publisher_lock(self) -> Path:
+        """Held by the relay while it runs."""
+        return self.publish_dir / "relay.lock"
+
+    @property
+    def publisher_identity(self) -> Path:
+        return self.publish_dir / "relay.json"
+
+    @property
+    def publisher_log(self) -> Path:
+        return self.logs_dir / "publisher.log"
+
+    @property
     def qemu_log(self) -> Path:
         return self.logs_dir / "qemu.log"
 

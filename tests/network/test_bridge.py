@@ -225,3 +225,50 @@ def test_an_exhausted_pool_is_one_error_and_leaves_nothing(tmp_path: Path) -> No
     run(manager.delete("one"))
     run(manager.create("two", network="bridge"))  # its address came back
     assert run(manager.get("two")).network.ip == "10.99.0.2"  # type: ignore[union-attr]
+
+
+def test_a_published_port_serves_across_standby_and_is_freed_at_stop(
+        netns: Namespace) -> None:
+    netns.torpor("create", "pub", "--network", "bridge", "--publish", "18080:8080")
+    netns.torpor("start", "pub")
+    netns.serve("pub", "published")
+    assert netns.http_get("http://127.0.0.1:18080/") == "published\n"
+    assert netns.show("pub")["network"]["published"] == ["127.0.0.1:18080:8080/tcp"]  # type: ignore[index]
+    netns.torpor("standby", "pub")
+    netns.torpor("restore", "pub")
+    assert netns.http_get("http://127.0.0.1:18080/") == "published\n"
+    netns.torpor("fork", "pub", "pub-copy")  # a host port has one owner: the source's
+    assert netns.show("pub-copy")["network"]["published"] == []  # type: ignore[index]
+    assert netns.http_get("http://127.0.0.1:18080/") == "published\n"
+    netns.torpor("stop", "pub")
+    refused = netns.run(sys.executable, "-c", "import socket; socket.create_connection("
+                        "('127.0.0.1', 18080), timeout=5)", check=False)
+    assert "ConnectionRefusedError" in refused.stderr, refused.stderr
+
+
+def test_bad_publish_requests_are_one_error_and_create_nothing(netns: Namespace) -> None:
+    bad = netns.torpor("create", "x", "--network", "bridge", "--publish", "80:abc",
+                       check=False)
+    assert bad.returncode == 2 and "use [HOST_IP:]HOST_PORT:GUEST_PORT" in bad.stderr
+    assert bad.stderr.count("\n") == 1, bad.stderr
+    holder = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c",
+                               "import socket, time; s = socket.socket(); "
+                               "s.bind(('127.0.0.1', 18081)); s.listen(); "
+                               "print('bound', flush=True); time.sleep(60)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "bound\n"
+        taken = netns.torpor("create", "x", "--network", "bridge", "--publish", "18081:80",
+                             check=False)
+        assert taken.returncode == 5 and "cannot publish 127.0.0.1:18081" in taken.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    netns.torpor("create", "first", "--network", "bridge", "--publish", "18082:80")
+    twice = netns.torpor("create", "x", "--network", "bridge", "--publish", "18082:80",
+                         check=False)
+    assert twice.returncode == 5 and "published by instance first" in twice.stderr
+    assert json.loads(netns.torpor("list", "--json").stdout)[0]["name"] == "first"
+    assert len(json.loads(netns.torpor("list", "--json").stdout)) == 1
+    leases = json.loads((netns.data_root / "network" / "leases.json").read_text())
+    assert len(leases) == 1  # no address left allocated by the refused creates

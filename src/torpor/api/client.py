@@ -200,6 +200,7 @@ class RemoteManager:
         memory_backing: MemoryBacking = "anonymous",
         oci: OciSource | None = None,
         network: NetworkMode | None = None,
+        publish: list[str] | None = None,
     ) -> InstanceInfo:
         body: dict[str, Any] = {
             "name": name,
@@ -209,6 +210,7 @@ class RemoteManager:
             "memory_backing": memory_backing,
             "snapshot_policy": _dump(snapshot_policy),
             "network": network,
+            "publish": publish or [],
         }
         if oci is not None:
             body.update(image=oci.reference, entrypoint=oci.entrypoint, cmd=oci.cmd,

@@ -36,6 +36,7 @@ ImageReference = Annotated[str, StringConstraints(min_length=1, max_length=512,
                                                   pattern=r"^[!-~]+$")]
 Arg = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^\x00]*$")]
 EnvItem = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^=\x00]+=[^\x00]*$")]
+PublishSpec = Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9a-fA-F.:\[\]/tcp]+$")]
 TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
 TagValue = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00]*$")]
 
@@ -103,6 +104,9 @@ class CreateRequest(Body):
     network: Literal["user", "bridge", "none"] | None = Field(
         None, description="user (QEMU user mode), bridge (own address on torpor's bridge), "
         "none; default: the server's network.default")
+    publish: list[PublishSpec] = Field(
+        default_factory=list, description="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp]; the host "
+        "address defaults to 127.0.0.1")
     image: ImageReference | None = Field(
         None, description="an OCI image (pulled if missing); none: the built-in guest")
     entrypoint: list[Arg] | None = Field(None, description="replaces the image's Entrypoint")

@@ -210,6 +210,10 @@ def create(
         help="Replaces the image's User (name or uid[:gid]).", show_default=False)] = None,
     insecure: Annotated[bool, typer.Option(
         help="Plain HTTP to a registry that is not on loopback.")] = False,
+    publish: Annotated[list[str] | None, typer.Option(
+        "--publish", "-p", help="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp] (repeatable): the host "
+        "port reaches the guest's (host address default 127.0.0.1).",
+        show_default=False)] = None,
     network: Annotated[str | None, typer.Option(
         help="user (QEMU user mode), bridge (an address of its own on torpor's bridge) or "
              "none; default: network.default.", show_default=False)] = None,
@@ -243,7 +247,8 @@ def create(
                               disk_bytes=parse_size(disk_size, "G"),
                               snapshot_policy=compression_policy(compress, level),
                               memory_backing=memory_backing,  # type: ignore[arg-type]
-                              network=network, oci=oci))  # type: ignore[arg-type]
+                              network=network, publish=publish or [],  # type: ignore[arg-type]
+                              oci=oci))
     if json_out:
         print_json(info)
     else:

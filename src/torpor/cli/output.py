@@ -127,6 +127,8 @@ def instance_details(info: Any) -> Table:
     net = info.network
     if net is not None:
         rows.append(("network", net.mode + (f" {net.ip} on {net.bridge}" if net.ip else "")))
+        if net.published:
+            rows.append(("published", ", ".join(net.published)))
     comp = info.compression
     if comp.state != "none" or comp.raw_bytes:
         detail = str(comp.state) + (f" ({comp.algorithm})" if comp.algorithm else "")

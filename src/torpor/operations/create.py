@@ -55,7 +55,8 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
                  accel: AccelChoice = "auto", port_forwards: list[PortForward] | None = None,
                  snapshot_policy: CompressionPolicy | None = None,
                  memory_backing: MemoryBacking = "anonymous",
-                 network_mode: NetworkMode | None = None) -> InstanceMetadata:
+                 network_mode: NetworkMode | None = None,
+                 publish: list[str] | None = None) -> InstanceMetadata:
     validate_name(name)
     if memory_backing not in ("anonymous", "file"):
         raise InvalidArgument("--memory-backing must be anonymous or file")
@@ -65,6 +66,7 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
         raise InvalidArgument("--memory must be a whole number of MiB, at least 64M")
     if snapshot_policy is not None:
         snapshot_policy.effective_level()
+    port_forwards = [*(port_forwards or []), *map(network.parse_publish, publish or [])]
     # Blocking work goes to threads: in the daemon, other requests keep being served.
     if image is None:
         image = await asyncio.to_thread(lambda: ensure_builtin_image(quiet=True))
@@ -79,6 +81,8 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
     async with file_lock(data_root.registry_lock, what="the instance registry"):
         if name in await asyncio.to_thread(registry.instance_names):
             raise AlreadyExists(f"an instance named {name!r} already exists")
+        await asyncio.to_thread(network.check_publishable, port_forwards,
+                                registry.all_metadata())
         instance_id = new_instance_id()
         staging = data_root.staging(owned_name(f"create-{instance_id}"))
         try:
@@ -100,7 +104,7 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
                 id=instance_id, name=name, created_at=utc_now(), cpus=cpus,
                 memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
                 image=image_ref, accel=accel,
-                port_forwards=port_forwards or [], snapshot_policy=snapshot_policy,
+                port_forwards=port_forwards, snapshot_policy=snapshot_policy,
                 vmgenid=new_vmgenid(), memory_backing=memory_backing, network=net)
             final = data_root.instance(instance_id).root
             await asyncio.to_thread(_publish, meta, staging, final)

@@ -22,6 +22,7 @@ async def delete(registry: Registry, name: str, *, force: bool = False) -> None:
     async with registry.locked(name, action) as ctx:
         if ctx.record is not None:
             await lifecycle.terminate(ctx, ctx.record.process())
+        await asyncio.to_thread(network.stop_publisher, ctx.paths)
         faults.point("delete.killed")
         key = compression_jobs.instance_job_key(ctx.meta.id)
         await asyncio.to_thread(compression_jobs.cancel_and_wait, ctx.data_root, key)

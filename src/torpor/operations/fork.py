@@ -60,7 +60,7 @@ from torpor.paths import DataRoot, InstancePaths
 # map a base's RAM file, which must stay raw.
 NO_COMPRESSION = CompressionPolicy()
 # Copied from a payload or source: everything but the runtime and the source's logs.
-FORK_SKIP = ("run", "logs")
+FORK_SKIP = ("run", "logs", "publish")
 
 
 def fork_names(base: str, count: int) -> list[str]:
@@ -104,7 +104,9 @@ def materialise(data_root: DataRoot, settings: Settings, source_dir: Path, name:
             "id": instance_id, "name": name, "created_at": utc_now(), "mac": new_mac(),
             "vmgenid": new_vmgenid() if source.vmgenid else None,
             "origin_snapshot": origin_snapshot, "last_operation": None,
-            "compression_plan": None, "memory_origin": memory_origin, "network": net})
+            "compression_plan": None, "memory_origin": memory_origin, "network": net,
+            # a host port has one owner: published ports stay with the source
+            "port_forwards": []})
         if not keep_state and meta.image.run is not None:  # a clean disk: safe to write
             write_run_config(paths.disk, render_run_config(meta.image.run, name))
         meta.save(paths.metadata)

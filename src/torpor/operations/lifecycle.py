@@ -239,6 +239,7 @@ async def stop(ctx: InstanceContext, *, timeout: float | None = None,
     state discarded). The caller holds the instance lock."""
     state, record = ctx.state, ctx.record
     op = PhaseRecorder("stop", ctx.name)
+    await asyncio.to_thread(network.stop_publisher, ctx.paths)  # a stopped VM publishes none
     if state is InstanceState.STANDBY:
         await asyncio.to_thread(discard_standby_state, ctx)
         await op.persist(ctx.paths)

@@ -112,8 +112,11 @@ class Registry:
             last_operation=meta.last_operation,
             image=meta.image.reference if meta.image.kind == "oci" else "builtin",
             image_digest=meta.image.digest,
-            network=NetworkInfo(mode=meta.network.mode, ip=meta.network.ip, mac=meta.mac,
-                                bridge=meta.network.bridge),
+            network=NetworkInfo(
+                mode=meta.network.mode, ip=meta.network.ip, mac=meta.mac,
+                bridge=meta.network.bridge,
+                published=[f"{f.host_addr}:{f.host_port}:{f.guest_port}/{f.protocol}"
+                           for f in meta.port_forwards]),
             exit_code=exit_code(paths) if meta.image.kind == "oci" and
             state is InstanceState.STOPPED else None,
             compression=compression_jobs.status(

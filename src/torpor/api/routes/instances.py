@@ -55,6 +55,7 @@ async def create_instance(
             snapshot_policy=to_policy(body.snapshot_policy),
             memory_backing=body.memory_backing,
             network=body.network,
+            publish=body.publish,
             oci=None if body.image is None else OciSource(
                 reference=body.image, entrypoint=body.entrypoint, cmd=body.cmd,
                 env=body.env, workdir=body.workdir, user=body.user, insecure=body.insecure),
