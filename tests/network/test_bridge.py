@@ -227,6 +227,24 @@ def test_an_exhausted_pool_is_one_error_and_leaves_nothing(tmp_path: Path) -> No
     assert run(manager.get("two")).network.ip == "10.99.0.2"  # type: ignore[union-attr]
 
 
+def test_check_releases_the_address_of_an_instance_a_crash_deleted(tmp_path: Path) -> None:
+    """A delete killed after the instance's directory went, before its address did."""
+    manager = InstanceManager(tmp_path / "root", Settings(accel="tcg",
+                                                          network_subnet="10.99.0.0/30"))
+    leases = tmp_path / "root" / "network" / "leases.json"
+    leases.parent.mkdir(parents=True)
+    leases.write_text(json.dumps({"10.99.0.2": "0123456789ab"}))
+    with pytest.raises(Busy):
+        run(manager.create("one", network="bridge"))
+    found = run(manager.check())
+    assert [(p.kind, p.detail) for p in found] == [
+        ("orphaned-address", "leased to deleted instance 0123456789ab")]
+    repaired = run(manager.check(repair=True))
+    assert [p.repaired for p in repaired] == [True]
+    assert json.loads(leases.read_text()) == {}
+    run(manager.create("one", network="bridge"))
+
+
 def test_a_published_port_serves_across_standby_and_is_freed_at_stop(
         netns: Namespace) -> None:
     netns.torpor("create", "pub", "--network", "bridge", "--publish", "18080:8080")

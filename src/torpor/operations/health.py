@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from torpor.codec import SUFFIXES
 from torpor.errors import Busy, IntegrityError, NotFound, TorporError
-from torpor.fsutil import DELETING_PREFIX, parse_owner, remove_tree
+from torpor.fsutil import DELETING_PREFIX, parse_owner, read_json, remove_tree
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES
 from torpor.instances.metadata import InstanceMetadata, InstanceState
@@ -32,7 +32,7 @@ from torpor.instances.snapshotrecord import all_records
 from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest, locate_state_file
-from torpor.operations import lifecycle
+from torpor.operations import lifecycle, network
 from torpor.operations.registry import Registry
 from torpor.operations.snapshots import AUTO_TAG, OWNER_TAG
 from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths
@@ -49,6 +49,7 @@ class Kind(StrEnum):
     ORPHANED_LOCK = "orphaned-lock"
     ORPHANED_SNAPSHOT = "orphaned-snapshot"
     STRAY_QEMU = "stray-qemu"  # killed
+    ORPHANED_ADDRESS = "orphaned-address"  # released, with its TAP
     # one instance's, put right under its lock (recovery, then what recovery leaves)
     PAUSED_VM = "paused-vm"
     STALE_STATE = "stale-state"
@@ -276,10 +277,23 @@ async def scan(root: DataRoot) -> list[Problem]:
     snapshot_ids = {r.id for r in all_records(root)}
     problems += _job_problems(root, {m.id for m in metas}, snapshot_ids)
     problems += _lock_problems(root, {m.id for m in metas}, snapshot_ids)
+    problems += _address_problems(root, {m.id for m in metas})
     problems += [Problem(kind=Kind.STRAY_QEMU, path=str(root.instance(instance_id).root),
                          detail=f"QEMU pid {identity.pid} is no instance's")
                  for identity, instance_id in stray_qemus(root)]
     return problems
+
+
+def _address_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
+    """Addresses leased to instances that are gone (a delete killed before it released)."""
+    try:
+        leases: dict[str, str] = read_json(root.network_leases)
+    except (OSError, ValueError):
+        return
+    for address, owner in sorted(leases.items()):
+        if owner not in ids:
+            yield Problem(kind=Kind.ORPHANED_ADDRESS, path=f"{root.network_leases}:{address}",
+                          detail=f"leased to deleted instance {owner}")
 
 
 def _snapshots_used(root: DataRoot, meta: InstanceMetadata) -> Iterator[str]:
@@ -308,6 +322,11 @@ async def _fix(registry: Registry, root: DataRoot, problem: Problem) -> None:
     path = Path(problem.path)
     if problem.kind in DEBRIS:
         await asyncio.to_thread(_remove, path)
+    elif problem.kind is Kind.ORPHANED_ADDRESS:
+        address = problem.path.rsplit(":", 1)[1]
+        owner = (await asyncio.to_thread(read_json, root.network_leases)).get(address)
+        if owner is not None:
+            await asyncio.to_thread(network.release_owner, root, registry.settings, owner)
     elif problem.kind is Kind.STRAY_QEMU:
         for identity, instance_id in stray_qemus(root):
             if str(root.instance(instance_id).root) == problem.path:

@@ -150,8 +150,11 @@ def check_publishable(forwards: list[PortForward], others: list[InstanceMetadata
 
 def release(data_root: DataRoot, settings: Settings, meta: InstanceMetadata) -> None:
     """A deleted instance's address and TAP go (idempotent)."""
-    if meta.network.mode != "bridge":
-        return
-    stop_publisher(data_root.instance(meta.id))
-    host.remove_link(tap_name(meta.id))
-    pool(data_root, settings).release(meta.id)
+    if meta.network.mode == "bridge":
+        stop_publisher(data_root.instance(meta.id))
+        release_owner(data_root, settings, meta.id)
+
+
+def release_owner(data_root: DataRoot, settings: Settings, instance_id: str) -> None:
+    host.remove_link(tap_name(instance_id))
+    pool(data_root, settings).release(instance_id)
