@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs
                 e2fsprogs kmod util-linux
 
 .PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
-        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images clean
+        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -75,6 +75,10 @@ bench-snapshot-compression: guest
 # What a script pays per `torpor` call, in-process and through the daemon.
 bench-cli: guest
 	$(BIN)/python -m bench.cli_bench
+
+# Bridged networking, in a namespace of its own: throughput, a connection across standby.
+bench-network: guest
+	$(BIN)/python -m bench.network_bench
 
 # OCI images: pull (cold, cached), create (ext4, XFS reflink, qcow2), boot to serving.
 bench-images: guest
