@@ -128,3 +128,17 @@ def image_layout(tmp_path_factory: pytest.TempPathFactory) -> Path:
     busybox_image(layout, "web")
     add_layer(layout, "web", "web-more", "extra.txt", "one more layer\n")
     return layout
+
+
+@pytest.fixture(scope="session", autouse=True)
+def machine_namespace_untouched() -> Iterator[None]:
+    """The network rule, checked: after the session, the machine's own network namespace
+    has no torpor bridge, TAP or nftables table (those live in the tests' namespaces)."""
+    yield
+    links = subprocess.run(["ip", "-o", "link", "show"], capture_output=True, text=True,
+                           check=False).stdout
+    tables = subprocess.run(["nft", "list", "tables"], capture_output=True, text=True,
+                            check=False).stdout
+    leaked = [line.split(":")[1].strip() for line in links.splitlines()
+              if line.split(":")[1].strip().startswith(("torpor0", "tp"))]
+    assert not leaked and "torpor_" not in tables, (leaked, tables)
