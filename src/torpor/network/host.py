@@ -7,10 +7,28 @@ here the bridge itself, are reachable from an isolated one)."""
 
 from __future__ import annotations
 
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
+from typing import TYPE_CHECKING
 
 from torpor.errors import OperationFailed
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
+
+# pyroute2 is loaded on first use, in the thread that needs it: it takes ~100 ms to import,
+# which must not happen on the daemon's event loop (operations import this module).
+
+
+def _ipr() -> IPRoute:
+    from pyroute2 import IPRoute
+
+    return IPRoute()
+
+
+def _netlink_error() -> type[Exception]:
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    error: type[Exception] = NetlinkError
+    return error
 
 
 def _index(ipr: IPRoute, name: str) -> int | None:
@@ -19,7 +37,7 @@ def _index(ipr: IPRoute, name: str) -> int | None:
 
 
 def ensure_bridge(name: str, gateway: str, prefix: int) -> None:
-    with IPRoute() as ipr:
+    with _ipr() as ipr:
         index = _index(ipr, name)
         try:
             if index is None:
@@ -30,13 +48,13 @@ def ensure_bridge(name: str, gateway: str, prefix: int) -> None:
             if gateway not in addresses:
                 ipr.addr("add", index=index, address=gateway, prefixlen=prefix)
             ipr.link("set", index=index, state="up")
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             raise OperationFailed(f"setting up bridge {name} failed: {exc}") from None
 
 
 def ensure_tap(name: str, bridge: str, *, isolated: bool = True) -> None:
     """A persistent TAP on the bridge, up, isolated unless told otherwise."""
-    with IPRoute() as ipr:
+    with _ipr() as ipr:
         try:
             if _index(ipr, name) is None:
                 ipr.link("add", ifname=name, kind="tuntap", mode="tap")
@@ -46,21 +64,21 @@ def ensure_tap(name: str, bridge: str, *, isolated: bool = True) -> None:
             ipr.link("set", index=index, master=master)
             ipr.brport("set", index=index, isolated=1 if isolated else 0)
             ipr.link("set", index=index, state="up")
-        except NetlinkError as exc:
+        except _netlink_error() as exc:
             raise OperationFailed(f"setting up TAP {name} failed: {exc}") from None
 
 
 def remove_link(name: str) -> None:
-    with IPRoute() as ipr:
+    with _ipr() as ipr:
         index = _index(ipr, name)
         if index is not None:
             try:
                 ipr.link("del", index=index)
-            except NetlinkError as exc:
-                if exc.code != 19:  # ENODEV: someone else removed it
+            except _netlink_error() as exc:
+                if getattr(exc, "code", None) != 19:  # ENODEV: someone else removed it
                     raise OperationFailed(f"removing {name} failed: {exc}") from None
 
 
 def link_exists(name: str) -> bool:
-    with IPRoute() as ipr:
+    with _ipr() as ipr:
         return _index(ipr, name) is not None
