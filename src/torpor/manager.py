@@ -10,6 +10,7 @@ operation it makes (`torpor list` needs none of them; see bench/cli_bench.py).""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -327,6 +328,8 @@ class InstanceManager:
         def read() -> bytes:
             try:
                 with open(path, "rb") as f:
+                    if offset >= os.fstat(f.fileno()).st_size:
+                        return b""  # (a seek past what the filesystem allows is EINVAL)
                     f.seek(offset)
                     return f.read(limit)
             except FileNotFoundError:

@@ -249,6 +249,9 @@ def test_console_through_the_api_and_the_cli(api: httpx.Client, daemon: Daemon, 
     assert head.content == whole.content[:8] and head.headers["x-torpor-next-offset"] == "8"
     rest = api.get(f"/instances/{vm}/console", params={"offset": 8})
     assert head.content + rest.content == whole.content
+    for route in ("console", "logs"):  # past the end, even past what a file can hold
+        beyond = api.get(f"/instances/{vm}/{route}", params={"offset": 1 << 50})
+        assert (beyond.status_code, beyond.content) == (200, b""), beyond.text
     printed = torpor_cli(daemon.data_root, "console", vm)
     assert printed.returncode == 0  # (text mode: universal newlines)
     assert printed.stdout.encode() == whole.content.replace(b"\r\n", b"\n")
