@@ -36,7 +36,12 @@ ImageReference = Annotated[str, StringConstraints(min_length=1, max_length=512,
                                                   pattern=r"^[!-~]+$")]
 Arg = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^\x00]*$")]
 EnvItem = Annotated[str, StringConstraints(max_length=4096, pattern=r"^[^=\x00]+=[^\x00]*$")]
-PublishSpec = Annotated[str, StringConstraints(max_length=64, pattern=r"^[0-9a-fA-F.:\[\]/tcp]+$")]
+# The pattern torpor.operations.network parses (a test holds the two equal).
+PublishSpec = Annotated[str, StringConstraints(pattern=(
+    r"^(?:((?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)(?:\.(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d))"
+    r"{3}):)?((?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3})):"
+    r"((?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3}))"
+    r"(?:/(tcp))?$"))]
 TagKey = Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9_.-]{1,63}$")]
 TagValue = Annotated[str, StringConstraints(max_length=256, pattern=r"^[^\x00]*$")]
 

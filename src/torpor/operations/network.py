@@ -118,8 +118,12 @@ def stop_publisher(paths: InstancePaths, timeout: float = 5.0) -> None:
     paths.publisher_identity.unlink(missing_ok=True)
 
 
-PUBLISH_RE = re.compile(r"(?:(?P<ip>\[[0-9a-fA-F:]+\]|[0-9.]+):)?(?P<host>\d{1,5}):"
-                        r"(?P<guest>\d{1,5})(?:/(?P<proto>tcp))?")
+_OCTET = r"(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+_PORT = r"(?:6553[0-5]|655[0-2]\d|65[0-4]\d\d|6[0-4]\d{3}|[1-5]\d{4}|[1-9]\d{0,3})"
+# [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp], IPv4; the API's schema states the same pattern.
+PUBLISH_PATTERN = (rf"^(?:({_OCTET}(?:\.{_OCTET}){{3}}):)?({_PORT}):"
+                   rf"({_PORT})(?:/(tcp))?$")
+PUBLISH_RE = re.compile(PUBLISH_PATTERN)
 
 
 def parse_publish(text: str) -> PortForward:
@@ -128,11 +132,11 @@ def parse_publish(text: str) -> PortForward:
     match = PUBLISH_RE.fullmatch(text.strip())
     if match is None:
         raise InvalidArgument(f"--publish {text!r}: use [HOST_IP:]HOST_PORT:GUEST_PORT[/tcp]")
-    host_ip = (match["ip"] or "127.0.0.1").strip("[]")
+    host_ip = match[1] or "127.0.0.1"
     try:
         ipaddress.ip_address(host_ip)
-        return PortForward(host_addr=host_ip, host_port=int(match["host"]),
-                           guest_port=int(match["guest"]))
+        return PortForward(host_addr=host_ip, host_port=int(match[2]),
+                           guest_port=int(match[3]))
     except ValueError as exc:
         raise InvalidArgument(f"--publish {text!r}: {str(exc).splitlines()[0]}") from None
 
