@@ -99,6 +99,11 @@ def normalize_reference(ref: str) -> str:
     return f"{registry}/{path}:{tag or 'latest'}"
 
 
+def is_digest_ref(ref: str) -> bool:
+    """A digest or a prefix of one (12 hex digits or more), with or without sha256:."""
+    return re.fullmatch(r"[0-9a-f]{12,64}", ref.removeprefix("sha256:")) is not None
+
+
 def registry_of(reference: str) -> str:
     return reference.split("/", 1)[0]
 
@@ -146,9 +151,9 @@ class ImageStore:
 
     def find(self, ref: str) -> ImageRecord | None:
         """By reference (normalized), by digest, or by a unique digest prefix (≥ 12)."""
-        wanted = ref.removeprefix("sha256:")
         records = self.records()
-        if re.fullmatch(r"[0-9a-f]{12,64}", wanted):
+        if is_digest_ref(ref):
+            wanted = ref.removeprefix("sha256:")
             matches = [r for r in records if r.hex.startswith(wanted)]
             if len(matches) == 1:
                 return matches[0]
@@ -358,9 +363,7 @@ class ImageStore:
         instances use it (`in_use_by`: their names)."""
         with self.locked():
             record = self.get(ref)
-            by_digest = ref.removeprefix("sha256:") and re.fullmatch(
-                r"[0-9a-f]{12,64}", ref.removeprefix("sha256:"))
-            remaining = [] if by_digest else [
+            remaining = [] if is_digest_ref(ref) else [
                 r for r in record.references if r != normalize_reference(ref)]
             if not remaining and in_use_by:
                 raise WrongState(f"image {ref} is used by instance(s) "
