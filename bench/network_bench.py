@@ -8,8 +8,9 @@ The network rule: the script re-runs itself inside a network namespace it create
 afterwards. Three tables:
 
 1. TCP throughput host → guest (the built-in guest's busybox `nc` discarding what it
-   reads): to the guest's address directly, through a published port (torpor's relay),
-   and through QEMU user-mode `hostfwd`, same guest size, same run.
+   reads): to a bridged guest's address directly and through its published port
+   (torpor's relay); to a user-mode guest through QEMU's `hostfwd` itself and through
+   its published port (the relay, then that `hostfwd`); same guest size, same run.
 2. A client echoing a line every 20 ms across `standby` + `restore` (stream and
    memory-file mode): the longest gap between answers, and how long after `restore`
    returned the first answer came (TCP's retransmission backoff).
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import json
 import os
 import shutil
 import socket
@@ -86,7 +88,6 @@ def main() -> int:
     args = parser.parse_args()
     if NS_ENV not in os.environ:
         return in_namespace()
-    from torpor.hypervisor.vmconfig import PortForward
     from torpor.instances.context import Settings
     from torpor.manager import InstanceManager
 
@@ -123,16 +124,19 @@ def main() -> int:
                 run(manager.delete(name, force=True))
 
         run(manager.create("tp", network="bridge", publish=["127.0.0.1:18080:5001"]))
-        run(manager.create("tu", network="user", port_forwards=[
-            PortForward(host_port=18090, guest_port=5001)]))
+        run(manager.create("tu", network="user", publish=["127.0.0.1:18090:5001"]))
         for name in ("tp", "tu"):
             run(manager.start(name))
         guest_ip = run(manager.get("tp")).network.ip  # type: ignore[union-attr]
+        # user mode: the relay connects to a hostfwd on a loopback port of QEMU's
+        targets = json.loads(manager.paths("tu").publisher_targets.read_text())
+        hostfwd_port = int(targets["127.0.0.1:18090"][1])
         total = args.mib << 20
         print(f"\n## throughput host → guest, {args.mib} MiB, MiB/s (median of {args.runs})\n")
-        rows = {"guest address": ("tp", str(guest_ip), 5001),
-                "published (relay)": ("tp", "127.0.0.1", 18080),
-                "user-mode hostfwd": ("tu", "127.0.0.1", 18090)}
+        rows = {"bridge: guest address": ("tp", str(guest_ip), 5001),
+                "bridge: published": ("tp", "127.0.0.1", 18080),
+                "user: hostfwd itself": ("tu", "127.0.0.1", hostfwd_port),
+                "user: published": ("tu", "127.0.0.1", 18090)}
         results = {}
         for label, (name, host, port) in rows.items():
             samples = []
@@ -140,9 +144,9 @@ def main() -> int:
                 listen(name)
                 samples.append(send(host, port, total))
             results[label] = statistics.median(samples)
-        base = results["guest address"]
+        base = results["bridge: guest address"]
         for label, value in results.items():
-            print(f"{label:<20} {value:>8.1f}  {value / base:>5.2f}x")
+            print(f"{label:<22} {value:>8.1f}  {value / base:>5.2f}x")
         for name in ("tp", "tu"):
             run(manager.delete(name, force=True))
 

@@ -83,6 +83,26 @@ class NetworkConfig(BaseModel):
     bridge: str = declared("network.bridge", pattern=r"^[A-Za-z0-9_.-]{1,15}$")
     subnet: str = declared("network.subnet")
     nat: bool = declared("network.nat")
+    dns: str = declared("network.dns")
+
+    @field_validator("dns")
+    @classmethod
+    def _check_dns(cls, value: str) -> str:
+        import ipaddress
+
+        for server in filter(None, (s.strip() for s in value.split(","))):
+            address, _, port = server.partition("#")
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise ValueError(f"{server!r} is not IP or IP#PORT") from None
+            if port and not (port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"{server!r}: bad port")
+        return value
+
+    @property
+    def dns_servers(self) -> tuple[str, ...]:
+        return tuple(filter(None, (s.strip() for s in self.dns.split(","))))
 
     @field_validator("subnet")
     @classmethod
@@ -134,7 +154,8 @@ class Config(BaseModel):
                         memory_compression_delay=seconds(self.compression.memory_file_delay),
                         network_default=self.network.default,
                         network_bridge=self.network.bridge,
-                        network_subnet=self.network.subnet, network_nat=self.network.nat)
+                        network_subnet=self.network.subnet, network_nat=self.network.nat,
+                        network_dns=self.network.dns_servers)
 
 
 def _set(tree: dict[str, Any], keys: tuple[str, ...], value: Any) -> None:

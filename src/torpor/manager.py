@@ -104,7 +104,7 @@ class InstanceManager:
 
         if repair:
             return await health.repair(self.registry)
-        return await health.scan(self.data_root)
+        return await health.scan(self.data_root, self.registry.settings.network_bridge)
 
     # --- create / delete --------------------------------------------------------------
 
@@ -116,14 +116,15 @@ class InstanceManager:
                      snapshot_policy: CompressionPolicy | None = None,
                      memory_backing: MemoryBacking = "anonymous",
                      network: NetworkMode | None = None,
-                     publish: list[str] | None = None) -> InstanceInfo:
+                     publish: list[str] | None = None,
+                     allow_peers: bool = False) -> InstanceInfo:
         from torpor.operations import create as create_op
 
         meta = await create_op.create(
             self.registry, name, memory_bytes=memory_bytes, cpus=cpus, disk_bytes=disk_bytes,
             image=image, oci=oci, accel=accel, port_forwards=port_forwards,
             snapshot_policy=snapshot_policy, memory_backing=memory_backing,
-            network_mode=network, publish=publish)
+            network_mode=network, publish=publish, allow_peers=allow_peers)
         return await self.registry.info(meta)
 
     # --- images -------------------------------------------------------------------------

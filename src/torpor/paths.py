@@ -97,10 +97,16 @@ class InstancePaths:
 
     @property
     def publish_dir(self) -> Path:
-        """The relay of a bridged instance's published ports: not in run/ (which each
-        QEMU start clears: the relay outlives QEMU), never copied (its process is this
+        """The relay of an instance's published ports: not in run/ (which each QEMU
+        start clears: the relay outlives QEMU), never copied (its process is this
         instance's alone)."""
         return self.root / "publish"
+
+    @property
+    def publisher_targets(self) -> Path:
+        """Where each published port's connections go now (rewritten at each QEMU start
+        of a user-mode instance, whose loopback forwards change)."""
+        return self.publish_dir / "targets.json"
 
     @property
     def publisher_lock(self) -> Path:
@@ -240,9 +246,20 @@ class DataRoot:
         return self.image_disks_dir / f"{digest_hex}-{carry_hash}.ext4"
 
     @property
+    def network_dir(self) -> Path:
+        return self.root / "network"
+
+    @property
     def network_leases(self) -> Path:
         """Bridged instances' addresses: address → instance id."""
-        return self.root / "network" / "leases.json"
+        return self.network_dir / "leases.json"
+
+    def dns_pid_file(self, bridge: str) -> Path:
+        """The dnsmasq answering bridged guests' DNS on `bridge` writes its pid here."""
+        return self.network_dir / f"dns-{bridge}.pid"
+
+    def dns_log(self, bridge: str) -> Path:
+        return self.network_dir / f"dns-{bridge}.log"
 
     @property
     def network_lock(self) -> Path:

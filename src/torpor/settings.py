@@ -63,6 +63,8 @@ SETTINGS: list[Setting] = [
             "10.213.0.0/24"),
     Setting("network.nat", "bridged guests reach the outside through NAT (nftables"
             " masquerade; the host then forwards IPv4)", True),
+    Setting("network.dns", "the resolvers bridged guests' DNS forwards to, comma-separated"
+            " (IP or IP#PORT; default: the host's /etc/resolv.conf)", ""),
     Setting("compression.memory_file_delay", "memory-file mode: compress the RAM file after"
             " this idle time", 300.0, env_name="TORPOR_MEMORY_COMPRESSION_DELAY"),
 ]

@@ -6,17 +6,21 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import run
-from torpor.errors import Busy
+from tests.oci_helpers import free_port
+from torpor.errors import Busy, TorporError
+from torpor.instances import InstanceState
 from torpor.instances.context import Settings
 from torpor.manager import InstanceManager
 
@@ -28,12 +32,14 @@ _counter = iter(range(1000))
 class Namespace:
     name: str
     data_root: Path
+    env: dict[str, str] = field(default_factory=dict)  # torpor's settings, for this test
 
     def run(self, *argv: str, check: bool = True, timeout: float = 180,
             input: str | None = None) -> subprocess.CompletedProcess[str]:
         result = subprocess.run(["ip", "netns", "exec", self.name, *argv], input=input,
                                 capture_output=True, text=True, timeout=timeout, check=False,
-                                env=dict(os.environ, TORPOR_DATA_ROOT=str(self.data_root)))
+                                env=dict(os.environ, TORPOR_DATA_ROOT=str(self.data_root),
+                                         **self.env))
         if check:
             assert result.returncode == 0, (argv, result.stdout, result.stderr)
         return result
@@ -245,14 +251,22 @@ def test_check_releases_the_address_of_an_instance_a_crash_deleted(tmp_path: Pat
     run(manager.create("one", network="bridge"))
 
 
+CONNECTS = ("import socket; c = socket.create_connection(('127.0.0.1', 18080), timeout=5); "
+            "print('connected')")
+
+
+@pytest.mark.parametrize("mode", ["bridge", "user"])
 def test_a_published_port_serves_across_standby_and_is_freed_at_stop(
-        netns: Namespace) -> None:
-    netns.torpor("create", "pub", "--network", "bridge", "--publish", "18080:8080")
+        netns: Namespace, mode: str) -> None:
+    """One mechanism in both modes: the relay holds the port, also while the VM sleeps
+    (a connection is accepted, not refused: what waking on traffic builds on)."""
+    netns.torpor("create", "pub", "--network", mode, "--publish", "18080:8080")
     netns.torpor("start", "pub")
     netns.serve("pub", "published")
     assert netns.http_get("http://127.0.0.1:18080/") == "published\n"
     assert netns.show("pub")["network"]["published"] == ["127.0.0.1:18080:8080/tcp"]  # type: ignore[index]
     netns.torpor("standby", "pub")
+    assert netns.run(sys.executable, "-c", CONNECTS).stdout == "connected\n"
     netns.torpor("restore", "pub")
     assert netns.http_get("http://127.0.0.1:18080/") == "published\n"
     netns.torpor("fork", "pub", "pub-copy")  # a host port has one owner: the source's
@@ -290,3 +304,165 @@ def test_bad_publish_requests_are_one_error_and_create_nothing(netns: Namespace)
     assert len(json.loads(netns.torpor("list", "--json").stdout)) == 1
     leases = json.loads((netns.data_root / "network" / "leases.json").read_text())
     assert len(leases) == 1  # no address left allocated by the refused creates
+
+
+UPSTREAM_DNS = ["dnsmasq", "--keep-in-foreground", "--conf-file=/dev/null", "--port=5353",
+                "--listen-address=127.0.0.1", "--bind-interfaces", "--no-resolv", "--no-hosts",
+                "--address=/svc.example.test/192.0.2.80"]
+
+
+def test_guests_resolve_through_the_bridge_and_the_last_delete_leaves_nothing(
+        netns: Namespace) -> None:
+    """The guest asks its gateway; the bridge's dnsmasq forwards to `network.dns` (here a
+    second dnsmasq on the namespace's loopback that knows one name). Deleting the last
+    bridged instance removes the bridge, its rules and its DNS."""
+    upstream = subprocess.Popen(["ip", "netns", "exec", netns.name, *UPSTREAM_DNS],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        netns.env["TORPOR_NETWORK_DNS"] = "127.0.0.1#5353"
+        netns.torpor("create", "dns", "--network", "bridge")
+        netns.torpor("start", "dns")
+        # (busybox nslookup also asks for AAAA, which the upstream refuses: exit 1)
+        answer = netns.sh("dns", "nslookup svc.example.test", check=False).stdout
+        assert "Address: 192.0.2.80" in answer, answer
+        missing = netns.sh("dns", "nslookup nothing.example.test", check=False)
+        assert "192.0.2.80" not in missing.stdout
+        pid_file = netns.data_root / "network" / "dns-torpor0.pid"
+        pid = int(pid_file.read_text())
+        assert _alive(pid)
+        netns.torpor("delete", "--force", "dns")
+        assert netns.run("ip", "link", "show", "torpor0", check=False).returncode != 0
+        assert netns.run("nft", "list", "tables").stdout == ""
+        assert not pid_file.exists() and not _alive(pid)
+    finally:
+        upstream.kill()
+        upstream.wait()
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an exited daemon waits for PID 1 to reap it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_peers_reach_each_other_and_only_each_other(netns: Namespace) -> None:
+    for name in ("p1", "p2"):
+        netns.torpor("create", name, "--network", "bridge", "--allow-peers")
+    netns.torpor("create", "iso", "--network", "bridge")
+    for name in ("p1", "p2", "iso"):
+        netns.torpor("start", name)
+        netns.serve(name, f"i-am-{name}")
+    p1, p2, iso = netns.ip("p1"), netns.ip("p2"), netns.ip("iso")
+    assert netns.guest_get("p1", p2, 8080).stdout.endswith("i-am-p2\n")
+    assert netns.guest_get("p2", p1, 8080).stdout.endswith("i-am-p1\n")
+    assert "i-am-iso" not in netns.guest_get("p1", iso, 8080).stdout
+    assert "i-am-p1" not in netns.guest_get("iso", p1, 8080).stdout
+    assert netns.show("p1")["network"]["allow_peers"] is True  # type: ignore[index]
+    # A fork of a peer is a peer too (its own address, the same opt-in).
+    netns.torpor("fork", "p1", "p1-copy")
+    assert netns.guest_get("p2", netns.ip("p1-copy"), 8080).stdout.endswith("i-am-p1\n")
+    bad = netns.torpor("create", "u", "--allow-peers", check=False)
+    assert bad.returncode == 2 and "--allow-peers needs --network bridge" in bad.stderr
+
+
+def _nft_tables(netns: Namespace) -> str:
+    return netns.run("nft", "list", "tables").stdout
+
+
+GATEWAY = "10.213.0.1"
+HOST_SERVICE = """
+import socket
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("0.0.0.0", 18099)); s.listen(); print("listening", flush=True)
+while True:
+    c, _ = s.accept(); c.sendall(b"host-service\\n"); c.close()
+"""
+
+
+def test_check_puts_the_bridge_right_after_a_crash_and_a_flush(netns: Namespace) -> None:
+    """What a crashed torpor or a firewall reload can leave: a TAP no instance has, the
+    rules flushed, the DNS killed; and a bridge with no instance at all."""
+    netns.torpor("create", "g", "--network", "bridge")
+    netns.torpor("start", "g")
+    netns.run("ip", "tuntap", "add", "tp0123456789ab", "mode", "tap")
+    netns.run("ip", "link", "set", "tp0123456789ab", "master", "torpor0")
+    netns.run("nft", "flush", "ruleset")
+    pid = (netns.data_root / "network" / "dns-torpor0.pid").read_text().strip()
+    netns.run("kill", pid)
+    found = json.loads(netns.torpor("check", "--json", check=False).stdout)
+    kinds = sorted(p["kind"] for p in found["problems"])
+    assert kinds == ["bridge-services", "orphaned-tap"], found
+    netns.torpor("check", "--repair")
+    assert netns.run("ip", "link", "show", "tp0123456789ab", check=False).returncode != 0
+    assert "inet torpor_torpor0" in _nft_tables(netns)
+    assert "bridge torpor_torpor0" in _nft_tables(netns)
+    netns.torpor("check")  # nothing left to report: rules and DNS are back
+    # The rules are in force again: the guest reaches no unpublished host port.
+    service = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c",
+                                HOST_SERVICE], stdout=subprocess.PIPE, text=True)
+    try:
+        assert service.stdout is not None and service.stdout.readline() == "listening\n"
+        probe = f"nc -w 3 {GATEWAY} 18099 </dev/null"
+        assert "host-service" not in netns.sh("g", probe, check=False).stdout
+        netns.run("nft", "flush", "ruleset")  # the probe can see the service without them
+        assert "host-service" in netns.sh("g", probe, check=False).stdout
+    finally:
+        service.kill()
+        service.wait()
+    netns.torpor("delete", "--force", "g")
+    netns.run("ip", "link", "add", "torpor0", "type", "bridge")  # left by a crash
+    found = json.loads(netns.torpor("check", "--json", check=False).stdout)
+    assert [p["kind"] for p in found["problems"]] == ["idle-bridge"]
+    netns.torpor("check", "--repair")
+    assert netns.run("ip", "link", "show", "torpor0", check=False).returncode != 0
+
+
+def test_an_image_instance_on_the_bridge_serves_on_its_address_and_published_port(
+        netns: Namespace, image_layout: Path) -> None:
+    """An OCI image's init sets the address and resolver from the same kernel argument
+    as the built-in guest's."""
+    netns.torpor("image", "import", f"{image_layout}:web", "--as", "test/web:1")
+    netns.torpor("create", "web", "--image", "test/web:1", "--network", "bridge",
+                 "--publish", "18090:8080")
+    netns.torpor("start", "web")
+    address = netns.ip("web")
+    assert netns.torpor("exec", "web", "--", "cat", "/etc/resolv.conf").stdout == \
+        f"nameserver {GATEWAY}\n"
+    assert _eventually(lambda: netns.http_get(f"http://{address}:8080/")) == \
+        "hello from the image\n"
+    assert netns.http_get("http://127.0.0.1:18090/") == "hello from the image\n"
+    netns.torpor("standby", "web")
+    netns.torpor("restore", "web")
+    assert netns.http_get("http://127.0.0.1:18090/") == "hello from the image\n"
+
+
+def _eventually(fetch: Callable[[], str], timeout: float = 30) -> str:
+    """The image's server binds its port a little after the agent answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return fetch()
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
+def test_a_start_that_fails_publishes_nothing(manager: InstanceManager,
+                                              fresh_name: str) -> None:
+    """The relay is up before QEMU starts; a QEMU that cannot start (here: its disk is
+    gone) takes it down again, so a stopped instance holds no host port."""
+    port = free_port()
+    run(manager.create(fresh_name, publish=[f"{port}:8080"]))
+    paths = manager.paths(fresh_name)
+    paths.disk.unlink()
+    with pytest.raises(TorporError):
+        run(manager.start(fresh_name))
+    assert run(manager.get(fresh_name)).state is InstanceState.STOPPED
+    assert (paths.publish_dir / "targets.json").exists()  # the relay had been set up
+    assert not paths.publisher_identity.exists()
+    with socket.socket() as sock:  # the port is free again
+        sock.bind(("127.0.0.1", port))
+    run(manager.delete(fresh_name))

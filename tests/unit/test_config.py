@@ -133,6 +133,7 @@ ENV_VALUES = {
     "network.bridge": ("tb0", "tb0"),
     "network.subnet": ("10.99.0.0/28", "10.99.0.0/28"),
     "network.nat": ("false", False),
+    "network.dns": ("127.0.0.1#5353, 192.0.2.53", "127.0.0.1#5353, 192.0.2.53"),
 }
 
 

@@ -201,6 +201,7 @@ class RemoteManager:
         oci: OciSource | None = None,
         network: NetworkMode | None = None,
         publish: list[str] | None = None,
+        allow_peers: bool = False,
     ) -> InstanceInfo:
         body: dict[str, Any] = {
             "name": name,
@@ -211,6 +212,7 @@ class RemoteManager:
             "snapshot_policy": _dump(snapshot_policy),
             "network": network,
             "publish": publish or [],
+            "allow_peers": allow_peers,
         }
         if oci is not None:
             body.update(image=oci.reference, entrypoint=oci.entrypoint, cmd=oci.cmd,

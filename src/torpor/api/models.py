@@ -112,6 +112,9 @@ class CreateRequest(Body):
     publish: list[PublishSpec] = Field(
         default_factory=list, description="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp]; the host "
         "address defaults to 127.0.0.1")
+    allow_peers: bool = Field(
+        False, description="bridge: may reach, and be reached by, other instances that "
+        "allow peer traffic (guests are isolated from each other by default)")
     image: ImageReference | None = Field(
         None, description="an OCI image (pulled if missing); none: the built-in guest")
     entrypoint: list[Arg] | None = Field(None, description="replaces the image's Entrypoint")

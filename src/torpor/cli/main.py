@@ -217,6 +217,9 @@ def create(
     network: Annotated[str | None, typer.Option(
         help="user (QEMU user mode), bridge (an address of its own on torpor's bridge) or "
              "none; default: network.default.", show_default=False)] = None,
+    allow_peers: Annotated[bool, typer.Option(
+        help="Bridge: may reach, and be reached by, other instances that allow peer traffic "
+             "(guests are isolated from each other by default).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create an instance (stopped): of an OCI image, or of the built-in guest."""
@@ -248,7 +251,7 @@ def create(
                               snapshot_policy=compression_policy(compress, level),
                               memory_backing=memory_backing,  # type: ignore[arg-type]
                               network=network, publish=publish or [],  # type: ignore[arg-type]
-                              oci=oci))
+                              oci=oci, allow_peers=allow_peers))
     if json_out:
         print_json(info)
     else:

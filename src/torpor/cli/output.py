@@ -126,7 +126,8 @@ def instance_details(info: Any) -> Table:
         rows.append(("exit code", str(info.exit_code)))
     net = info.network
     if net is not None:
-        rows.append(("network", net.mode + (f" {net.ip} on {net.bridge}" if net.ip else "")))
+        rows.append(("network", net.mode + (f" {net.ip} on {net.bridge}" if net.ip else "")
+                     + (", reaches its peers" if net.allow_peers else "")))
         if net.published:
             rows.append(("published", ", ".join(net.published)))
     comp = info.compression

@@ -35,6 +35,7 @@ class Settings:
     network_bridge: str = "torpor0"
     network_subnet: str = "10.213.0.0/24"
     network_nat: bool = True
+    network_dns: tuple[str, ...] = ()  # bridged guests' upstream resolvers; (): the host's
 
 
 @dataclass

@@ -40,6 +40,7 @@ class NetworkInfo(BaseModel):
     ip: str | None = None  # bridge: the instance's own address
     mac: str
     bridge: str | None = None
+    allow_peers: bool = False
     published: list[str] = Field(default_factory=list)
 
 

@@ -117,13 +117,15 @@ NetworkMode = Literal["user", "bridge", "none"]
 class NetworkSpec(BaseModel):
     """user: QEMU's user-mode network (the default); bridge: a TAP on torpor's bridge
     and an address of its own from the data root's pool (kept across standby, new for a
-    fork); none: no network device."""
+    fork), isolated from other guests unless both allow peer traffic; none: no network
+    device."""
 
     mode: NetworkMode = "user"
     ip: str | None = None
     prefix: int | None = None
     gateway: str | None = None
     bridge: str | None = None
+    allow_peers: bool = False  # bridge: may reach (and be reached by) guests that allow it too
 
     def kernel_arg(self) -> str:
         """How the guest's init learns its address (both inits read it at boot)."""

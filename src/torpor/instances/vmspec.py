@@ -29,7 +29,8 @@ def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) ->
         mac=meta.mac,
         network={"user": "user", "bridge": "tap", "none": "none"}[meta.network.mode],
         tap=tap_name(meta.id) if meta.network.mode == "bridge" else None,
-        port_forwards=tuple(meta.port_forwards),
+        # published ports: operations/network.py's relay (and, in user mode, the
+        # loopback forwards it sets here before each start)
         accel=accel,
         qmp_socket=paths.qmp_socket,
         qmp_query_socket=paths.qmp_query_socket,

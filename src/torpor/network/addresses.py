@@ -40,7 +40,10 @@ class AddressPool:
         return Lease(address, self.network.prefixlen, self.gateway)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, str]]:
+    def locked(self) -> Iterator[dict[str, str]]:
+        """The leases, under the pool's lock (changes to the dict are written back): the
+        host side of the bridge is set up and torn down under it too, so the last
+        release's teardown never races another instance's start."""
         self.lock_file.parent.mkdir(parents=True, exist_ok=True)
         with open(self.lock_file, "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
@@ -56,7 +59,7 @@ class AddressPool:
 
     def allocate(self, owner: str) -> Lease:
         """The owner's address: the one it has, else the lowest free one."""
-        with self._locked() as leases:
+        with self.locked() as leases:
             for address, holder in leases.items():
                 if holder == owner:
                     return self._lease(address)
@@ -69,12 +72,12 @@ class AddressPool:
                    "(network.subnet sets the pool)")
 
     def release(self, owner: str) -> None:
-        with self._locked() as leases:
+        with self.locked() as leases:
             for address in [a for a, holder in leases.items() if holder == owner]:
                 del leases[address]
 
     def owners(self) -> dict[str, str]:
-        with self._locked() as leases:
+        with self.locked() as leases:
             return dict(leases)
 
     def lease_of(self, owner: str) -> Lease | None:

@@ -56,7 +56,8 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
                  snapshot_policy: CompressionPolicy | None = None,
                  memory_backing: MemoryBacking = "anonymous",
                  network_mode: NetworkMode | None = None,
-                 publish: list[str] | None = None) -> InstanceMetadata:
+                 publish: list[str] | None = None,
+                 allow_peers: bool = False) -> InstanceMetadata:
     validate_name(name)
     if memory_backing not in ("anonymous", "file"):
         raise InvalidArgument("--memory-backing must be anonymous or file")
@@ -86,8 +87,9 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
         instance_id = new_instance_id()
         staging = data_root.staging(owned_name(f"create-{instance_id}"))
         try:
-            net = await asyncio.to_thread(network.assign, data_root, registry.settings,
-                                          instance_id, network_mode)
+            net = await asyncio.to_thread(
+                lambda: network.assign(data_root, registry.settings, instance_id, network_mode,
+                                       allow_peers=allow_peers))
             staging.mkdir(parents=True)
             paths = InstancePaths(staging)
             for d in (paths.logs_dir, paths.run_dir, paths.snapshots_dir):
@@ -110,7 +112,7 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
             await asyncio.to_thread(_publish, meta, staging, final)
         except BaseException:
             await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
-            await asyncio.to_thread(network.pool(data_root, registry.settings).release,
+            await asyncio.to_thread(network.release_owner, data_root, registry.settings,
                                     instance_id)
             raise
     return meta

@@ -99,7 +99,8 @@ def materialise(data_root: DataRoot, settings: Settings, source_dir: Path, name:
         paths = InstancePaths(staging)
         for d in (paths.run_dir, paths.logs_dir, paths.snapshots_dir):
             d.mkdir(exist_ok=True)
-        net = network.assign(data_root, settings, instance_id, source.network.mode)
+        net = network.assign(data_root, settings, instance_id, source.network.mode,
+                             allow_peers=source.network.allow_peers)
         meta = source.model_copy(update={
             "id": instance_id, "name": name, "created_at": utc_now(), "mac": new_mac(),
             "vmgenid": new_vmgenid() if source.vmgenid else None,
@@ -115,7 +116,8 @@ def materialise(data_root: DataRoot, settings: Settings, source_dir: Path, name:
         fsync_dir(final.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
-        network.pool(data_root, settings).release(instance_id)
+        if source.network.mode == "bridge":
+            network.release_owner(data_root, settings, instance_id)
         raise
     return meta
 

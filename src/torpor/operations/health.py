@@ -26,12 +26,13 @@ from torpor.errors import Busy, IntegrityError, NotFound, TorporError
 from torpor.fsutil import DELETING_PREFIX, parse_owner, read_json, remove_tree
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES
-from torpor.instances.metadata import InstanceMetadata, InstanceState
+from torpor.instances.metadata import InstanceMetadata, InstanceState, tap_name
 from torpor.instances.runtime import load_runtime, query_vm_status
 from torpor.instances.snapshotrecord import all_records
 from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest, locate_state_file
+from torpor.network import dns, firewall, host
 from torpor.operations import lifecycle, network
 from torpor.operations.registry import Registry
 from torpor.operations.snapshots import AUTO_TAG, OWNER_TAG
@@ -50,6 +51,9 @@ class Kind(StrEnum):
     ORPHANED_SNAPSHOT = "orphaned-snapshot"
     STRAY_QEMU = "stray-qemu"  # killed
     ORPHANED_ADDRESS = "orphaned-address"  # released, with its TAP
+    ORPHANED_TAP = "orphaned-tap"  # a TAP on the bridge that no instance has: removed
+    BRIDGE_SERVICES = "bridge-services"  # the bridge lacks its rules or its DNS: put back
+    IDLE_BRIDGE = "idle-bridge"  # a bridge with no address leased: removed
     # one instance's, put right under its lock (recovery, then what recovery leaves)
     PAUSED_VM = "paused-vm"
     STALE_STATE = "stale-state"
@@ -262,7 +266,9 @@ def stray_qemus(root: DataRoot) -> Iterator[tuple[ProcessIdentity, str]]:
                 yield identity, instance_id
 
 
-async def scan(root: DataRoot) -> list[Problem]:
+async def scan(root: DataRoot, bridge: str | None = None) -> list[Problem]:
+    """Every problem of the data root; with `bridge` (the configured one), of its host
+    side too."""
     problems = list(_debris(root))
     metas: list[InstanceMetadata] = []
     for meta, paths in _instances(root):
@@ -278,6 +284,8 @@ async def scan(root: DataRoot) -> list[Problem]:
     problems += _job_problems(root, {m.id for m in metas}, snapshot_ids)
     problems += _lock_problems(root, {m.id for m in metas}, snapshot_ids)
     problems += _address_problems(root, {m.id for m in metas})
+    if bridge is not None:
+        problems += _bridge_problems(root, bridge, metas)
     problems += [Problem(kind=Kind.STRAY_QEMU, path=str(root.instance(instance_id).root),
                          detail=f"QEMU pid {identity.pid} is no instance's")
                  for identity, instance_id in stray_qemus(root)]
@@ -296,6 +304,34 @@ def _address_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
                           detail=f"leased to deleted instance {owner}")
 
 
+def _bridge_problems(root: DataRoot, bridge: str,
+                     metas: list[InstanceMetadata]) -> Iterator[Problem]:
+    """The host side of the bridge against the data root: read from sysfs, nft and the
+    DNS pid file only when the bridge exists (a host without bridged instances pays
+    nothing)."""
+    if not host.link_exists(bridge):
+        return
+    taps = {tap_name(m.id) for m in metas if m.network.mode == "bridge"}
+    for port in host.bridge_ports(bridge):
+        if port.startswith("tp") and port not in taps:
+            yield Problem(kind=Kind.ORPHANED_TAP, path=f"net:{port}",
+                          detail=f"TAP {port} on {bridge} is no instance's")
+    try:
+        leased = bool(read_json(root.network_leases))
+    except (OSError, ValueError):
+        leased = False
+    if not leased:
+        yield Problem(kind=Kind.IDLE_BRIDGE, path=f"net:{bridge}",
+                      detail=f"bridge {bridge} is up with no bridged instance")
+        return
+    missing = [what for what, ok in (
+        ("its rules", firewall.present(bridge)),
+        ("its DNS", dns.pid(root.dns_pid_file(bridge)) is not None)) if not ok]
+    if missing:
+        yield Problem(kind=Kind.BRIDGE_SERVICES, path=f"net:{bridge}",
+                      detail=f"bridge {bridge} lacks {' and '.join(missing)}")
+
+
 def _snapshots_used(root: DataRoot, meta: InstanceMetadata) -> Iterator[str]:
     if meta.origin_snapshot:
         yield meta.origin_snapshot
@@ -309,10 +345,11 @@ async def repair(registry: Registry) -> list[Problem]:
     """Fix what is safe to fix, then scan again: each problem found first is reported
     with `repaired` telling whether it is gone."""
     root = registry.data_root
-    before = await scan(root)
+    bridge = registry.settings.network_bridge
+    before = await scan(root, bridge)
     for problem in before:
         await _fix(registry, root, problem)
-    after = {(p.kind, p.path) for p in await scan(root)}
+    after = {(p.kind, p.path) for p in await scan(root, bridge)}
     for problem in before:
         problem.repaired = (problem.kind, problem.path) not in after
     return before
@@ -327,6 +364,9 @@ async def _fix(registry: Registry, root: DataRoot, problem: Problem) -> None:
         owner = (await asyncio.to_thread(read_json, root.network_leases)).get(address)
         if owner is not None:
             await asyncio.to_thread(network.release_owner, root, registry.settings, owner)
+    elif problem.kind in (Kind.ORPHANED_TAP, Kind.BRIDGE_SERVICES, Kind.IDLE_BRIDGE):
+        metas = await asyncio.to_thread(registry.all_metadata)
+        await asyncio.to_thread(network.repair_bridge, root, registry.settings, metas)
     elif problem.kind is Kind.STRAY_QEMU:
         for identity, instance_id in stray_qemus(root):
             if str(root.instance(instance_id).root) == problem.path:

@@ -54,7 +54,8 @@ def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: str | None =
     QEMU that loads a large state takes a while to answer; it must not go unrecorded)."""
     clear_runtime(ctx.paths)
     ctx.paths.logs_dir.mkdir(parents=True, exist_ok=True)
-    network.attach(ctx)  # a bridged instance's TAP (kept across standby) before QEMU
+    # A bridged instance's TAP (kept across standby), the relay of published ports.
+    config = network.attach(ctx, config)
 
     def record(identity: ProcessIdentity) -> None:
         save_runtime(ctx.paths, RuntimeRecord(identity=identity, vm_config=config,
@@ -121,9 +122,13 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecord
                     await _record_clock_source(ctx, agent)
                 finally:
                     await agent.close()
+            else:  # its command ran to its end: a stopped VM publishes nothing
+                await asyncio.to_thread(network.stop_publisher, ctx.paths)
     except BaseException as exc:
         if process is not None:
             await terminate(ctx, process)
+        # A VM that did not start publishes nothing (the relay may be up already).
+        await asyncio.to_thread(network.stop_publisher, ctx.paths)
         await op.persist(ctx.paths, exc)
         raise
     await op.persist(ctx.paths)

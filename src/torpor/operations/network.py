@@ -1,7 +1,8 @@
-"""Bridged networking for instances: an address from the data root's pool at create and
-fork, the bridge and the instance's TAP before each QEMU start (they outlive QEMU across
-standby), both released at delete. `network/` does the host side; this module decides
-whose address and TAP they are."""
+"""Instances' networks: for a bridged one an address from the data root's pool at create
+and fork, the bridge and the instance's TAP before each QEMU start (they outlive QEMU
+across standby), both released at delete; for every mode, the relay of published ports.
+`network/` does the host side; this module decides whose address, TAP and ports they
+are."""
 
 from __future__ import annotations
 
@@ -14,13 +15,13 @@ import socket
 import subprocess
 import sys
 
-from torpor.errors import Busy, InvalidArgument
-from torpor.fsutil import read_json
+from torpor.errors import Busy, InvalidArgument, OperationFailed
+from torpor.fsutil import atomic_write_json, read_json
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
-from torpor.hypervisor.vmconfig import PortForward
+from torpor.hypervisor.vmconfig import PortForward, VMConfig
 from torpor.instances.context import InstanceContext, Settings
 from torpor.instances.metadata import InstanceMetadata, NetworkMode, NetworkSpec, tap_name
-from torpor.network import firewall, host
+from torpor.network import dns, firewall, host
 from torpor.network.addresses import AddressPool
 from torpor.paths import DataRoot, InstancePaths
 
@@ -33,42 +34,111 @@ def pool(data_root: DataRoot, settings: Settings) -> AddressPool:
 
 
 def assign(data_root: DataRoot, settings: Settings, instance_id: str,
-           mode: NetworkMode | None) -> NetworkSpec:
+           mode: NetworkMode | None, *, allow_peers: bool = False) -> NetworkSpec:
     """A new instance's network (`mode` None: the configured default); a bridged one
     gets its own address (the caller releases it if the instance is not published)."""
     mode = mode or settings.network_default
     if mode not in MODES:
         raise InvalidArgument(f"--network must be one of {', '.join(MODES)}, not {mode!r}")
+    if allow_peers and mode != "bridge":
+        raise InvalidArgument("--allow-peers needs --network bridge")
     if mode != "bridge":
         return NetworkSpec(mode=mode)
     lease = pool(data_root, settings).allocate(instance_id)
     return NetworkSpec(mode="bridge", ip=lease.address, prefix=lease.prefix,
-                       gateway=lease.gateway, bridge=settings.network_bridge)
+                       gateway=lease.gateway, bridge=settings.network_bridge,
+                       allow_peers=allow_peers)
 
 
-def attach(ctx: InstanceContext) -> None:
-    """Before a QEMU of a bridged instance starts: the bridge and its TAP exist."""
-    spec = ctx.meta.network
-    if spec.mode != "bridge":
-        return
-    bridge = spec.bridge or ctx.settings.network_bridge
-    host.ensure_bridge(bridge, spec.gateway or "", spec.prefix or 24)
-    firewall.apply(bridge, ctx.settings.network_subnet, nat=ctx.settings.network_nat)
-    host.ensure_tap(tap_name(ctx.meta.id), bridge)
-    start_publisher(ctx)
+def attach(ctx: InstanceContext, config: VMConfig) -> VMConfig:
+    """Before each QEMU start: a bridged instance's bridge (with its rules and DNS) and
+    TAP exist; published ports are relayed to the guest. Returns the config QEMU runs
+    (in user mode, with the loopback forwards the relay connects to)."""
+    spec, forwards = ctx.meta.network, ctx.meta.port_forwards
+    targets: dict[str, tuple[str, int]] = {}
+    if spec.mode == "bridge":
+        bridge, tap = spec.bridge or ctx.settings.network_bridge, tap_name(ctx.meta.id)
+        with pool(ctx.data_root, ctx.settings).locked():
+            bring_up(ctx.data_root, ctx.settings, bridge)
+            host.ensure_tap(tap, bridge, isolated=not spec.allow_peers)
+            if spec.allow_peers:
+                firewall.add_peer(bridge, tap)
+        targets = {_key(f): (spec.ip or "", f.guest_port) for f in forwards}
+    elif spec.mode == "user" and forwards:
+        # QEMU's hostfwd on a free loopback port per published port: the published
+        # port itself stays the relay's, across standby too.
+        loopback = [PortForward(host_addr="127.0.0.1", host_port=_free_loopback_port(),
+                                guest_port=f.guest_port) for f in forwards]
+        config = config.model_copy(update={"port_forwards": tuple(loopback)})
+        targets = {_key(f): ("127.0.0.1", lf.host_port)
+                   for f, lf in zip(forwards, loopback, strict=True)}
+    if targets:
+        ctx.paths.publish_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(ctx.paths.publisher_targets, targets)
+        start_publisher(ctx)
+    return config
+
+
+def _key(forward: PortForward) -> str:
+    return f"{forward.host_addr}:{forward.host_port}"
+
+
+def _free_loopback_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def bring_up(data_root: DataRoot, settings: Settings, bridge: str,
+             peers: tuple[str, ...] = ()) -> None:
+    """The bridge with the pool's gateway address, its rules and its DNS (the caller
+    holds the pool's lock). The rules go in before the bridge exists and only then (nft
+    matches interfaces by name): never a bridge without them, and no `nft` run on every
+    restore. `torpor check` puts back rules that were flushed since."""
+    address_pool = pool(data_root, settings)
+    if not host.link_exists(bridge):
+        firewall.apply(bridge, settings.network_subnet, nat=settings.network_nat, peers=peers)
+    host.ensure_bridge(bridge, address_pool.gateway, address_pool.network.prefixlen)
+    dns.ensure(address_pool.gateway, data_root.dns_pid_file(bridge), data_root.dns_log(bridge),
+               list(settings.network_dns))
+
+
+def repair_bridge(data_root: DataRoot, settings: Settings,
+                  metas: list[InstanceMetadata]) -> None:
+    """`torpor check`: TAPs no instance has removed; the rules (with the peers) and DNS
+    put back while an address is leased, else the bridge torn down."""
+    bridge = settings.network_bridge
+    bridged = [m for m in metas if m.network.mode == "bridge"]
+    with pool(data_root, settings).locked() as leases:
+        taps = {tap_name(m.id) for m in bridged}
+        for port in host.bridge_ports(bridge):
+            if port.startswith("tp") and port not in taps:
+                host.remove_link(port)
+        if not leases:
+            tear_down(data_root, settings, bridge)
+            return
+        peers = tuple(sorted(tap_name(m.id) for m in bridged if m.network.allow_peers))
+        firewall.apply(bridge, settings.network_subnet, nat=settings.network_nat, peers=peers)
+        bring_up(data_root, settings, bridge)
+
+
+def tear_down(data_root: DataRoot, settings: Settings, bridge: str) -> None:
+    """The bridge, its rules and its DNS gone (the caller holds the pool's lock and no
+    address is leased): a host without bridged instances keeps nothing of torpor's."""
+    dns.stop(data_root.dns_pid_file(bridge))
+    host.remove_link(bridge)
+    firewall.remove(bridge)
 
 
 def start_publisher(ctx: InstanceContext) -> None:
-    """The relay of a bridged instance's published ports, unless it runs. The ports are
-    bound here, so one in use fails this start at once; the relay is handed the sockets
-    and the lock (inherited descriptors) and outlives QEMU across standby."""
-    forwards, spec = ctx.meta.port_forwards, ctx.meta.network
-    if spec.mode != "bridge" or not forwards:
-        return
-    paths = ctx.paths
-    paths.publish_dir.mkdir(parents=True, exist_ok=True)
+    """The relay of the instance's published ports, unless it runs. The ports are bound
+    here, so one in use fails this start at once; the relay is handed the sockets and
+    the lock (inherited descriptors) and outlives QEMU across standby."""
+    forwards, paths = ctx.meta.port_forwards, ctx.paths
     lock_fd = os.open(paths.publisher_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     sockets: list[socket.socket] = []
+    ready_read, ready_write = os.pipe()
     try:
         try:
             fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -77,19 +147,29 @@ def start_publisher(ctx: InstanceContext) -> None:
         for forward in forwards:
             sockets.append(_bind(forward.host_addr, forward.host_port))
         argv = [sys.executable, "-m", "torpor.network.publisher", "--lock-fd", str(lock_fd),
-                "--identity", str(paths.publisher_identity)]
+                "--ready-fd", str(ready_write), "--identity", str(paths.publisher_identity),
+                "--targets", str(paths.publisher_targets)]
         for sock, forward in zip(sockets, forwards, strict=True):
-            argv += ["--listen", f"{sock.fileno()}={spec.ip}:{forward.guest_port}"]
+            argv += ["--listen", f"{sock.fileno()}={_key(forward)}"]
         paths.logs_dir.mkdir(parents=True, exist_ok=True)
         with open(paths.publisher_log, "ab") as log:
             # Detached (setsid -f): no child of ours to reap, and it outlives this process.
             subprocess.run(["setsid", "-f", *argv], stdin=subprocess.DEVNULL, stdout=log,
                            stderr=log, check=True,
-                           pass_fds=(lock_fd, *(s.fileno() for s in sockets)))
+                           pass_fds=(lock_fd, ready_write, *(s.fileno() for s in sockets)))
+        os.close(ready_write)
+        ready_write = -1
+        # One byte once its identity is written; EOF (b"") if it died first.
+        if os.read(ready_read, 1) != b"1":
+            raise OperationFailed(f"the relay of {ctx.name}'s published ports did not "
+                                  f"start: see {paths.publisher_log}")
     finally:
         for sock in sockets:
             sock.close()
         os.close(lock_fd)
+        os.close(ready_read)
+        if ready_write >= 0:
+            os.close(ready_write)
 
 
 def _bind(host_addr: str, port: int) -> socket.socket:
@@ -156,9 +236,19 @@ def release(data_root: DataRoot, settings: Settings, meta: InstanceMetadata) -> 
     """A deleted instance's address and TAP go (idempotent)."""
     if meta.network.mode == "bridge":
         stop_publisher(data_root.instance(meta.id))
-        release_owner(data_root, settings, meta.id)
+        release_owner(data_root, settings, meta.id, meta.network.bridge,
+                      peer=meta.network.allow_peers)
 
 
-def release_owner(data_root: DataRoot, settings: Settings, instance_id: str) -> None:
-    host.remove_link(tap_name(instance_id))
-    pool(data_root, settings).release(instance_id)
+def release_owner(data_root: DataRoot, settings: Settings, instance_id: str,
+                  bridge: str | None = None, *, peer: bool = False) -> None:
+    """An instance's TAP and address gone; with the last address, the bridge too."""
+    bridge, tap = bridge or settings.network_bridge, tap_name(instance_id)
+    with pool(data_root, settings).locked() as leases:
+        host.remove_link(tap)
+        if peer:
+            firewall.remove_peer(bridge, tap)
+        for address in [a for a, owner in leases.items() if owner == instance_id]:
+            del leases[address]
+        if not leases and host.link_exists(bridge):
+            tear_down(data_root, settings, bridge)

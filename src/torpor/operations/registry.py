@@ -114,7 +114,7 @@ class Registry:
             image_digest=meta.image.digest,
             network=NetworkInfo(
                 mode=meta.network.mode, ip=meta.network.ip, mac=meta.mac,
-                bridge=meta.network.bridge,
+                bridge=meta.network.bridge, allow_peers=meta.network.allow_peers,
                 published=[f"{f.host_addr}:{f.host_port}:{f.guest_port}/{f.protocol}"
                            for f in meta.port_forwards]),
             exit_code=exit_code(paths) if meta.image.kind == "oci" and

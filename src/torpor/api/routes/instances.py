@@ -56,6 +56,7 @@ async def create_instance(
             memory_backing=body.memory_backing,
             network=body.network,
             publish=body.publish,
+            allow_peers=body.allow_peers,
             oci=None if body.image is None else OciSource(
                 reference=body.image, entrypoint=body.entrypoint, cmd=body.cmd,
                 env=body.env, workdir=body.workdir, user=body.user, insecure=body.insecure),
