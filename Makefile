@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs
                 e2fsprogs kmod util-linux
 
 .PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
-        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network clean
+        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -79,6 +79,10 @@ bench-cli: guest
 # Bridged networking, in a namespace of its own: throughput, a connection across standby.
 bench-network: guest
 	$(BIN)/python -m bench.network_bench
+
+# Wake on traffic (in a namespace): first response asleep vs running vs restore_to_agent.
+bench-wake: guest
+	$(BIN)/python -m bench.wake_bench
 
 # OCI images: pull (cold, cached), create (ext4, XFS reflink, qcow2), boot to serving.
 bench-images: guest

@@ -1,8 +1,11 @@
-"""What the benchmarks share: a scratch data root and a manager on it."""
+"""What the benchmarks share: a scratch data root and a manager on it; a network
+namespace of their own for those that need bridges or guest addresses."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -16,3 +19,25 @@ def scratch_manager(prefix: str) -> tuple[Path, InstanceManager]:
     workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
     accel = os.environ.get("TORPOR_ACCEL", "auto")
     return workdir, InstanceManager(workdir / "data", Settings(accel=accel))  # type: ignore[arg-type]
+
+
+NS_ENV = "TORPOR_BENCH_NETNS"
+
+
+def in_namespace(module: str) -> int:
+    """Run `python -m module` (with our arguments) again inside a network namespace made
+    for it, and delete the namespace afterwards (the network rule). The rerun sees
+    $TORPOR_BENCH_NETNS set."""
+    name = f"tpbench{os.getpid()}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
+                       check=True)
+        env = dict(os.environ, **{NS_ENV: name})
+        return subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", module,
+                               *sys.argv[1:]], env=env, check=False).returncode
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
+                              check=False).stdout.split()
+        subprocess.run(["kill", "-KILL", *pids], capture_output=True, check=False)
+        subprocess.run(["ip", "netns", "del", name], check=False)

@@ -29,7 +29,6 @@ import shutil
 import socket
 import statistics
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -37,24 +36,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-NS_ENV = "TORPOR_BENCH_NETNS"
-
-
-def in_namespace() -> int:
-    name = f"tpbench{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"],
-                       check=True)
-        env = dict(os.environ, **{NS_ENV: name})
-        return subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m",
-                               "bench.network_bench", *sys.argv[1:]], env=env,
-                              check=False).returncode
-    finally:
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True,
-                              check=False).stdout.split()
-        subprocess.run(["kill", "-KILL", *pids], capture_output=True, check=False)
-        subprocess.run(["ip", "netns", "del", name], check=False)
+from bench.common import NS_ENV, in_namespace
 
 
 def send(host: str, port: int, total: int) -> float:
@@ -87,7 +69,7 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     if NS_ENV not in os.environ:
-        return in_namespace()
+        return in_namespace("bench.network_bench")
     from torpor.instances.context import Settings
     from torpor.manager import InstanceManager
 

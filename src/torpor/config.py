@@ -23,7 +23,7 @@ from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
 from torpor.paths import DataRoot
 from torpor.settings import SETTINGS, setting
-from torpor.units import parse_duration, parse_size
+from torpor.units import parse_duration, parse_idle, parse_size
 
 
 def seconds(value: str | float) -> float:
@@ -125,8 +125,15 @@ class Config(BaseModel):
     listen: str | None = declared("listen")
     accel: Literal["auto", "kvm", "tcg"] = declared("accel")
     token_file: Path | None = declared("token_file")
+    auto_standby: str | float = declared("auto_standby")
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
+
+    @field_validator("auto_standby")
+    @classmethod
+    def _check_auto_standby(cls, value: str | float) -> str | float:
+        parse_idle(value)
+        return value
 
     @field_validator("listen")
     @classmethod
@@ -152,6 +159,7 @@ class Config(BaseModel):
                         compression_jobs=self.compression.jobs,
                         compression_rate_limit=self.compression.rate_limit_bytes(),
                         memory_compression_delay=seconds(self.compression.memory_file_delay),
+                        auto_standby=parse_idle(self.auto_standby),
                         network_default=self.network.default,
                         network_bridge=self.network.bridge,
                         network_subnet=self.network.subnet, network_nat=self.network.nat,

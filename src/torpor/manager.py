@@ -15,9 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from torpor.errors import InvalidArgument
 from torpor.instances.context import Settings
 from torpor.instances.info import CompressionState, InstanceInfo
-from torpor.instances.metadata import DEFAULT_DISK, DEFAULT_MEMORY
+from torpor.instances.metadata import DEFAULT_DISK, DEFAULT_MEMORY, InstanceState
 from torpor.instances.snapshotrecord import SnapshotInfo, all_records, find_record
 from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
@@ -37,6 +38,9 @@ if TYPE_CHECKING:
     from torpor.operations.images import ImageInfo
 
 __all__ = ["DEFAULT_DISK", "DEFAULT_MEMORY", "InstanceInfo", "InstanceManager"]
+
+
+MAX_HOLD = 7 * 24 * 3600.0  # a week: a hold is for a client about to come, not forever
 
 
 class InstanceManager:
@@ -190,6 +194,48 @@ class InstanceManager:
         async with self.registry.locked(name, Action.RESTORE) as ctx:
             await restore_op.restore(ctx)
             return await self.registry.current_info(ctx)
+
+    async def wake(self, name: str, *, wait: float) -> bool:
+        """Traffic for the instance: restore it if it is in standby (waiting up to `wait`
+        seconds for an operation on it, such as a standby finishing, to end first).
+        False if it was running already."""
+        from torpor.operations import lifecycle
+        from torpor.operations import restore as restore_op
+
+        async with self.registry.locked(name, Action.WAKE, wait=wait) as ctx:
+            if ctx.state is InstanceState.STANDBY:
+                await restore_op.restore(ctx)
+                return True
+            if ctx.state is InstanceState.PAUSED:  # left paused by someone: it runs again
+                await lifecycle.resume(ctx)
+            return False
+
+    # --- idle policy and holds --------------------------------------------------------------
+
+    async def set_auto_standby(self, name: str, seconds: float | None) -> None:
+        """Standby after `seconds` idle (0: never; None: the server's default)."""
+        if seconds is not None and seconds < 0:
+            raise InvalidArgument("--auto-standby cannot be negative")
+        async with self.registry.locked(name, Action.CONFIGURE) as ctx:
+            ctx.meta.auto_standby = seconds
+            await asyncio.to_thread(ctx.meta.save, ctx.paths.metadata)
+
+    async def hold(self, name: str, seconds: float) -> InstanceInfo:
+        """Keep the instance awake for `seconds` (replacing any hold it has)."""
+        from torpor.instances import hold
+
+        if not 0 < seconds <= MAX_HOLD:
+            raise InvalidArgument(f"a hold lasts more than 0 s and at most {MAX_HOLD:.0f} s")
+        meta = await asyncio.to_thread(self.registry.find, name)
+        await asyncio.to_thread(hold.hold, self.data_root.instance(meta.id), seconds)
+        return await self.registry.info(meta)
+
+    async def release(self, name: str) -> InstanceInfo:
+        from torpor.instances import hold
+
+        meta = await asyncio.to_thread(self.registry.find, name)
+        await asyncio.to_thread(hold.release, self.data_root.instance(meta.id))
+        return await self.registry.info(meta)
 
     async def resume(self, name: str) -> InstanceInfo:
         """A VM left paused (by an operation that was killed, or by hand) runs again."""

@@ -118,6 +118,17 @@ class InstancePaths:
         return self.publish_dir / "relay.json"
 
     @property
+    def publisher_activity(self) -> Path:
+        """The relay's connections now: open, held for a wake, and when that last
+        changed (the daemon's idle clock reads it)."""
+        return self.publish_dir / "activity.json"
+
+    @property
+    def hold_file(self) -> Path:
+        """Until when the instance is held awake (`torpor hold`)."""
+        return self.root / "hold.json"
+
+    @property
     def publisher_log(self) -> Path:
         return self.logs_dir / "publisher.log"
 

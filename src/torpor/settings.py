@@ -54,6 +54,8 @@ SETTINGS: list[Setting] = [
             default_factory=lambda: os.cpu_count() or 1),
     Setting("compression.rate_limit", "bytes/s a background job reads (200M; default: no"
             " cap)"),
+    Setting("auto_standby", "the daemon puts a running instance that has been idle this long"
+            " into standby (5m, 30s; 0 or off: never) unless its own policy says", "0"),
     Setting("network.default", "a new instance's network when create does not say: user"
             " (QEMU's user mode), bridge (a TAP on torpor's bridge, an address of its own)"
             " or none", "user"),

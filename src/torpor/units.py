@@ -41,6 +41,19 @@ def parse_duration(text: str) -> float:
     return float(number) * _DURATION_UNITS[unit or "s"]
 
 
+def parse_idle(text: str | float) -> float:
+    """An auto-standby duration: a duration, or 0 / off (never) → seconds."""
+    if isinstance(text, float | int):
+        value = float(text)
+    elif text.strip().lower() in ("off", "never", "none"):
+        return 0.0
+    else:
+        value = parse_duration(text.strip())
+    if value < 0:
+        raise InvalidArgument(f"an idle time cannot be negative: {text!r}")
+    return value
+
+
 def format_size(n: int | float) -> str:
     value = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):

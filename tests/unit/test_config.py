@@ -129,6 +129,7 @@ ENV_VALUES = {
     "compression.jobs": ("3", 3),
     "compression.rate_limit": ("50M", "50M"),
     "compression.memory_file_delay": ("1m", "1m"),
+    "auto_standby": ("5m", "5m"),
     "network.default": ("bridge", "bridge"),
     "network.bridge": ("tb0", "tb0"),
     "network.subnet": ("10.99.0.0/28", "10.99.0.0/28"),

@@ -32,6 +32,7 @@ from torpor.api.errors import http_status
 from torpor.api.metrics import Metrics
 from torpor.api.models import ErrorBody
 from torpor.api.routes import images, instances, service, snapshots
+from torpor.api.sleeper import Sleeper
 from torpor.api.tracker import OperationTracker
 from torpor.errors import InvalidArgument, TorporError
 from torpor.manager import InstanceManager
@@ -105,7 +106,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop = asyncio.get_running_loop()
         loop.set_debug(True)
         loop.slow_callback_duration = float(threshold)
-    yield
+    sleeper: Sleeper = app.state.sleeper
+    async with sleeper.running():  # the idle clock and wakes, for as long as we serve
+        yield
 
 
 def create_app(manager: InstanceManager, token: str) -> FastAPI:
@@ -117,6 +120,7 @@ def create_app(manager: InstanceManager, token: str) -> FastAPI:
     app.state.token = token
     app.state.metrics = Metrics(manager.data_root, manager.compression_states)
     app.state.tracker = OperationTracker(app.state.metrics)
+    app.state.sleeper = Sleeper(manager, app.state.tracker, app.state.metrics)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)
     for router in (service.public, service.router, instances.router, snapshots.router,

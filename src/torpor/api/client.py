@@ -54,7 +54,7 @@ _ERRORS: dict[str, type[errors.TorporError]] = {
 class JsonView(dict[str, Any]):
     """A daemon's JSON answer, read by attribute like the model it was dumped from
     (`info.last_operation.phases`), and still the mapping it came as (`phases.items()`,
-    --json); timestamps (`*_at`) come back as datetimes. The CLI only reads answers, and
+    --json); timestamps (`*_at`, `*_until`) come back as datetimes. The CLI only reads answers, and
     validating them with the models would load pydantic (~0.1 s) on every call: the daemon
     validated them on the way out, and `openapi.json` is their schema."""
 
@@ -73,7 +73,7 @@ def _view(value: Any, name: str = "") -> Any:
         return JsonView(value)
     if isinstance(value, list):
         return [_view(v) for v in value]
-    if isinstance(value, str) and name.endswith("_at"):
+    if isinstance(value, str) and name.endswith(("_at", "_until")):
         return datetime.fromisoformat(value)
     return value
 
@@ -248,6 +248,25 @@ class RemoteManager:
 
     def set_policy(self, name: str, policy: CompressionPolicy | None) -> None:
         self.call("PUT", f"/instances/{name}/policy", json={"policy": _dump(policy)})
+
+    def set_auto_standby(self, name: str, seconds: float | None) -> None:
+        self.call("PUT", f"/instances/{name}/policy", json={"auto_standby": seconds})
+
+    def hold(self, name: str, seconds: float) -> InstanceInfo:
+        return cast("InstanceInfo", self._one("POST", f"/instances/{name}/hold",
+                                              json={"duration": seconds}))
+
+    def release(self, name: str) -> InstanceInfo:
+        return cast("InstanceInfo", self._one("DELETE", f"/instances/{name}/hold"))
+
+    def wake(self, name: str) -> bool:
+        """Traffic for `name` (a relay's call): restored if in standby."""
+        return bool(self.call("POST", f"/instances/{name}/wake")["woke"])
+
+    def record_wake(self, name: str, *, ok: bool, seconds: float,
+                    error: str | None = None) -> None:
+        self.call("POST", f"/instances/{name}/wakes",
+                  json={"ok": ok, "seconds": seconds, "error": error})
 
     def get(self, name: str) -> InstanceInfo:
         return cast("InstanceInfo", self._one("GET", f"/instances/{name}"))

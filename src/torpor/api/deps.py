@@ -19,6 +19,7 @@ from torpor.api.models import (
     OPERATION_ID_PATTERN,
     ErrorBody,
 )
+from torpor.api.sleeper import Sleeper
 from torpor.api.tracker import OperationTracker, check_operation_id
 from torpor.errors import InvalidArgument
 from torpor.manager import InstanceManager
@@ -56,7 +57,13 @@ def _metrics(request: Request) -> Metrics:
     return metrics
 
 
+def _sleeper(request: Request) -> Sleeper:
+    sleeper: Sleeper = request.app.state.sleeper
+    return sleeper
+
+
 Manager = Annotated[InstanceManager, Depends(_manager)]
+SleeperDep = Annotated[Sleeper, Depends(_sleeper)]
 Tracker = Annotated[OperationTracker, Depends(_tracker)]
 MetricsDep = Annotated[Metrics, Depends(_metrics)]
 

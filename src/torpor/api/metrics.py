@@ -7,6 +7,7 @@ scrape time from the data root (the jobs run in worker processes, not in the dae
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from pathlib import Path
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import (
@@ -24,6 +25,7 @@ from torpor.paths import DataRoot
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+WAKE_BUCKETS = (0.025, 0.05, 0.1, 0.15, 0.25, 0.5, 1, 2, 5, 10, 30)
 PAUSE_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
 
 
@@ -56,6 +58,30 @@ class _CompressionJobs(Collector):
                                 value=states.count(CompressionState.PENDING))
 
 
+class _HeldConnections(Collector):
+    """Connections the relays hold while their instance wakes, read at scrape time (the
+    relays are processes of their own)."""
+
+    def __init__(self, data_root: DataRoot) -> None:
+        self._data_root = data_root
+
+    def collect(self) -> Iterable[Metric]:
+        from torpor.network.activity import read_activity
+
+        held = sum(read_activity(self._data_root.instance(d.name).publisher_activity).held
+                   for d in _instance_dirs(self._data_root))
+        yield GaugeMetricFamily("torpor_held_connections",
+                                "Connections to published ports held while their instance "
+                                "wakes", value=held)
+
+
+def _instance_dirs(data_root: DataRoot) -> list[Path]:
+    try:
+        return [d for d in data_root.instances_dir.iterdir() if d.is_dir()]
+    except OSError:
+        return []
+
+
 class Metrics:
     def __init__(self, data_root: DataRoot,
                  compression_states: Callable[[], Iterable[CompressionState]]) -> None:
@@ -77,6 +103,18 @@ class Metrics:
             "torpor_copy_bytes", "Bytes copied, by method (reflink clones or sparse copies)",
             ["method"], registry=self.registry)
         self.registry.register(_CompressionJobs(data_root, compression_states))
+        self.wakes = Counter(
+            "torpor_wakes", "Wakes on traffic, by result (ok or error)", ["result"],
+            registry=self.registry)
+        for result in ("ok", "error"):
+            self.wakes.labels(result)  # exported from the start, at 0
+        self.wake_seconds = Histogram(
+            "torpor_wake_seconds", "Wake on traffic: a held connection's accept to its first"
+            " byte forwarded to the guest", buckets=WAKE_BUCKETS, registry=self.registry)
+        self.auto_standby = Counter(
+            "torpor_auto_standby", "Standbys the daemon started on idle instances",
+            registry=self.registry)
+        self.registry.register(_HeldConnections(data_root))
 
     def operation_ended(self, kind: str, result: str, seconds: float,
                         observer: ProgressObserver) -> None:

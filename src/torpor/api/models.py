@@ -9,6 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StringConstraints
 
 from torpor.codec import Codec
+from torpor.instances.info import InstanceInfo
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.observe import StageProgress
 
@@ -145,8 +146,38 @@ class StandbyRequest(Body):
         None, description="overrides the instance's policy and the server default")
 
 
+IdleTime = Annotated[float, Field(
+    ge=0, le=30 * 86400, description="seconds idle; 0: never", examples=[300, 0])]
+HoldTime = Annotated[float, Field(
+    gt=0, le=7 * 86400, description="seconds, at most a week", examples=[600])]
+
+
 class PolicyRequest(Body):
-    policy: Compression | None = Field(None, description="null: the server default")
+    """Fields left out stay as they are."""
+
+    policy: Compression | None = Field(
+        None, description="standby compression; null: the server default")
+    auto_standby: IdleTime | None = Field(
+        None, description="idle time before the daemon puts the instance in standby; "
+        "null: the server default")
+
+
+class HoldRequest(Body):
+    duration: HoldTime = 600
+
+
+class WakeResult(BaseModel):
+    woke: bool = Field(description="true if it was in standby and this wake restored it")
+    instance: InstanceInfo
+
+
+class WakeRecord(Body):
+    """What a relay saw of one wake: from the first held connection's accept to its
+    first byte forwarded to the guest, or the error that closed the held connections."""
+
+    ok: bool
+    seconds: float = Field(ge=0, le=86400)
+    error: str | None = Field(None, max_length=1000)
 
 
 class ForkRequest(Body):
@@ -192,6 +223,8 @@ class Operation(BaseModel):
     id: str
     kind: str
     instance: str | None = None
+    # api: a client asked; idle: the daemon's auto-standby; traffic: a wake on traffic
+    trigger: Literal["api", "idle", "traffic"] = "api"
     state: OperationState
     started_at: datetime
     finished_at: datetime | None = None

@@ -13,6 +13,7 @@ import secrets
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
+from typing import Literal
 
 from torpor.api.metrics import Metrics
 from torpor.api.models import ErrorBody, Operation, OperationState
@@ -20,6 +21,7 @@ from torpor.errors import AlreadyExists, InvalidArgument, NotFound, TorporError
 from torpor.instances.metadata import utc_now
 from torpor.instances.observe import ProgressObserver, observing
 
+Trigger = Literal["api", "idle", "traffic"]
 OPERATION_ID_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 KEEP_ENDED = 256
 
@@ -42,14 +44,16 @@ class OperationTracker:
     def __init__(self, metrics: Metrics) -> None:
         self._metrics = metrics
         self._ops: OrderedDict[str, tuple[Operation, ProgressObserver]] = OrderedDict()
+        self._last_ended: dict[str, float] = {}  # instance → time.time() its last op ended
 
     @contextlib.asynccontextmanager
-    async def track(self, op_id: str, kind: str, instance: str | None) -> AsyncIterator[None]:
+    async def track(self, op_id: str, kind: str, instance: str | None,
+                    trigger: Trigger = "api") -> AsyncIterator[None]:
         """Run the body as operation `op_id`: its progress is observed, its end recorded."""
         if op_id in self._ops:
             raise AlreadyExists(f"operation {op_id} exists already")
         op = Operation(id=op_id, kind=kind, instance=instance, state=OperationState.RUNNING,
-                       started_at=utc_now())
+                       started_at=utc_now(), trigger=trigger)
         observer = ProgressObserver()
         self._ops[op_id] = (op, observer)
         self._forget_old()
@@ -66,6 +70,8 @@ class OperationTracker:
         finally:
             op.state = OperationState.FAILED if op.error else OperationState.SUCCEEDED
             op.finished_at = utc_now()
+            if instance is not None:
+                self._last_ended[instance] = time.time()
             self._metrics.in_progress.labels(kind).dec()
             self._metrics.operation_ended(kind, result, time.monotonic() - started, observer)
 
@@ -81,6 +87,15 @@ class OperationTracker:
             raise NotFound(f"no operation {op_id!r}") from None
         return op.model_copy(update={"progress": observer.stages(),
                                      "phases": dict(observer.phases)})
+
+    def last_ended(self, instance: str) -> float:
+        """When the last operation on `instance` ended (time.time(); 0: none yet)."""
+        return self._last_ended.get(instance, 0.0)
+
+    def running_on(self, instance: str) -> bool:
+        """Whether an operation on `instance` is in flight now."""
+        return any(op.instance == instance and op.state is OperationState.RUNNING
+                   for op, _ in self._ops.values())
 
     def list(self, instance: str | None = None) -> list[Operation]:
         return [self.get(k) for k, (op, _) in self._ops.items()

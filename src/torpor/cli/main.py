@@ -28,7 +28,7 @@ from torpor.cli.output import (
 from torpor.cli.progress import run, with_progress
 from torpor.errors import InvalidArgument, TorporError, Unsupported
 from torpor.settings import SETTINGS, help_for
-from torpor.units import parse_duration, parse_size
+from torpor.units import parse_duration, parse_idle, parse_size
 
 if TYPE_CHECKING:  # imported where used: a command loads only its own path (see manager())
     from typing import TypeAlias
@@ -382,14 +382,56 @@ def check(ctx: typer.Context,
 @app.command()
 def policy(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
            level: LevelOpt = None, background: BackgroundOpt = False, delay: DelayOpt = None,
-           clear: Annotated[bool, typer.Option("--clear", help="Use the default.")] = False
+           clear: Annotated[bool, typer.Option(
+               "--clear", help="Compression: use the default.")] = False,
+           auto_standby: Annotated[str | None, typer.Option(
+               help="Go into standby after this long idle (30s, 5m; 0 or off: never; "
+                    "default: the daemon's auto_standby). Idle: no connection on its "
+                    "published ports, no operation or exec on it, no hold.",
+               show_default=False)] = None,
            ) -> None:
-    """Set the instance's standby compression policy."""
-    chosen = None if clear else compression_policy(compress or "none", level, background, delay)
-    run(manager(ctx).set_policy(name, chosen))
-    console.print(f"{name}: standby compression "
-                  + ("default" if chosen is None else f"{chosen.codec} "
-                     f"level {chosen.effective_level()}"))
+    """Set the instance's standby compression and auto-standby policies (what is not
+    given stays as it is)."""
+    backend = manager(ctx)
+    if auto_standby is not None:
+        try:
+            idle = None if auto_standby == "default" else parse_idle(auto_standby)
+        except TorporError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--auto-standby") from None
+        run(backend.set_auto_standby(name, idle))
+        console.print(f"{name}: auto-standby " + (
+            "default" if idle is None else "off" if idle == 0 else f"after {auto_standby} idle"))
+    if auto_standby is None or compress or level is not None or background or delay or clear:
+        chosen = None if clear else compression_policy(compress or "none", level, background,
+                                                       delay)
+        run(backend.set_policy(name, chosen))
+        console.print(f"{name}: standby compression "
+                      + ("default" if chosen is None else f"{chosen.codec} "
+                         f"level {chosen.effective_level()}"))
+
+
+@app.command()
+def hold(ctx: typer.Context, name: NameArg,
+         for_: Annotated[str, typer.Option(
+             "--for", help="How long (30s, 10m, 2h; at most a week).")] = "10m",
+         json_out: JsonOpt = False) -> None:
+    """Keep an instance awake: no auto-standby until the hold ends or is released."""
+    try:
+        seconds = parse_duration(for_)
+    except TorporError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--for") from None
+    info = run(manager(ctx).hold(name, seconds))
+    if json_out:
+        print_json(info)
+    else:
+        console.print(f"{name} is held awake until {info.held_until:%Y-%m-%d %H:%M:%S} UTC")
+
+
+@app.command()
+def release(ctx: typer.Context, name: NameArg) -> None:
+    """End an instance's hold (its idle clock runs again)."""
+    run(manager(ctx).release(name))
+    console.print(f"{name} is no longer held")
 
 
 def report_operation(info: InstanceInfo, json_out: bool) -> None:

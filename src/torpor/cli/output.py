@@ -124,6 +124,10 @@ def instance_details(info: Any) -> Table:
     ]
     if info.exit_code is not None:
         rows.append(("exit code", str(info.exit_code)))
+    if info.auto_standby:
+        rows.append(("auto-standby", f"after {format_seconds(info.auto_standby)} idle"))
+    if info.held_until is not None:
+        rows.append(("held until", f"{info.held_until:%Y-%m-%d %H:%M:%S} UTC"))
     net = info.network
     if net is not None:
         rows.append(("network", net.mode + (f" {net.ip} on {net.bridge}" if net.ip else "")

@@ -31,6 +31,7 @@ class Settings:
     compression_rate_limit: int | None = None  # bytes/s read by a background job; None: no cap
     # Memory-file mode, policy not itself background: compress the RAM file after this idle.
     memory_compression_delay: float = 300.0
+    auto_standby: float = 0.0  # seconds idle before the daemon's standby; 0: never
     network_default: NetworkMode = "user"
     network_bridge: str = "torpor0"
     network_subnet: str = "10.213.0.0/24"

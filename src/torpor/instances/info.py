@@ -64,4 +64,7 @@ class InstanceInfo(BaseModel):
     image_digest: str | None = None
     exit_code: int | None = None  # an image's main process, once it exited (stopped)
     network: NetworkInfo | None = None
+    # Seconds idle before the daemon's standby (0: never), the instance's or the default.
+    auto_standby: float = 0.0
+    held_until: datetime | None = None  # `torpor hold`, while in force
     compression: CompressionStatus

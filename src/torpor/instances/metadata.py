@@ -163,6 +163,8 @@ class InstanceMetadata(BaseModel):
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     last_operation: LastOperation | None = None
     guest_clock_source: str | None = None  # the guest kernel's clocksource, read at boot
+    # Seconds idle before the daemon puts it in standby; 0: never; None: the server default.
+    auto_standby: float | None = None
     extra: dict[str, Any] = Field(default_factory=dict)
 
     def save(self, path: Path) -> None:

@@ -38,6 +38,7 @@ class Action(StrEnum):
     FORK = "fork"
     EXEC = "exec"
     CONFIGURE = "configure"  # settings only (the compression policy): any state
+    WAKE = "wake"  # traffic for a published port: restore if in standby, else nothing
 
 
 @dataclass(frozen=True)
@@ -77,6 +78,9 @@ RULES: dict[Action, Rule] = {
         EVERY - {S.CRASHED}, "instance {name} is crashed: stop or start it first"),
     Action.EXEC: Rule(frozenset({S.RUNNING}), "instance {name} is {state}, not running"),
     Action.CONFIGURE: Rule(EVERY, ""),
+    Action.WAKE: Rule(
+        LIVE | {S.STANDBY}, "instance {name} is {state}: only an instance in standby wakes"
+        " on traffic"),
 }
 
 

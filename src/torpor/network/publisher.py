@@ -1,33 +1,30 @@
-"""Published ports: a small detached program that accepts on the host's ports and relays
-each connection to where the port's target is now.
+"""Published ports: a relay that accepts on the host's ports and relays each connection
+to where the port's target is now. The program that runs it, detached, per instance is
+`python -m torpor.api.relay` (it adds the daemon as the waker).
 
-    python -m torpor.network.publisher --lock-fd N --ready-fd N --identity FILE \
-        --targets FILE --listen FD=KEY [--listen ...]
-
-`--targets` is a JSON file {KEY: [HOST, PORT]}, read again when it changes: a bridged
+The targets are a JSON file {KEY: [HOST, PORT]}, read again when it changes: a bridged
 guest's address and port (fixed), or, in user mode, the loopback port QEMU's `hostfwd`
 listens on (new at each QEMU start). Why a relay of torpor's own rather than a DNAT rule
 or a `hostfwd` on the published port itself: it holds the listening sockets while the
 VM is in standby (they are bound by whoever starts it and handed over, so a port in use
 is the starter's error, at once), so every connection to a published port is seen by
 torpor whatever the network mode: what waking a sleeping VM on traffic builds on. It
-outlives QEMU across standby, like the TAP. The starter's lock descriptor is inherited:
-the relay runs as long as the lock is held. It writes its identity, then one byte to
-`--ready-fd`: the starter returns only then, so a stop right after finds it."""
+outlives QEMU across standby, like the TAP."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import json
-import os
 import signal
 import socket
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 CHUNK = 256 << 10
 CONNECT_TIMEOUT = 10.0
+SLEEP_CHECK = 0.05  # while a connect is pending: how often to look whether the VM sleeps
 
 
 class Targets:
@@ -62,26 +59,141 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
                 writer.write_eof()
 
 
-async def _relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
-                 target: tuple[str, int] | None) -> None:
-    try:
+class WakeFailed(Exception):
+    def __init__(self, generation: int, error: str) -> None:
+        super().__init__(error)
+        self.generation = generation
+        self.error = error
+
+
+class Waker:
+    """Wakes the instance when a connection arrives while it sleeps: one call of
+    `ask_wake` (in a thread) however many connections wait for it. Also keeps the
+    activity file an idle clock reads, and tells each wake's time once."""
+
+    def __init__(self, standby_dir: Path, activity_file: Path, ask_wake: Callable[[], None],
+                 tell_wake: Callable[[bool, float, str | None], None]) -> None:
+        self.standby_dir = standby_dir
+        self.activity_file = activity_file
+        self._ask_wake = ask_wake  # blocking: returns once the instance runs, else raises
+        self._tell_wake = tell_wake  # blocking: (ok, seconds, error) to whoever counts
+        self._wake: asyncio.Future[None] | None = None
+        self.generation = 0  # wakes so far: each is reported once
+        self._reported = 0
+        self.open = 0
+        self.held = 0
+        self._write()
+
+    def asleep(self) -> bool:
+        """The instance has a standby state: in standby, or a standby or restore is
+        under way (restore sets the state aside just before the guest runs again)."""
+        return self.standby_dir.exists()
+
+    def _write(self) -> None:
+        from torpor.network.activity import Activity, write_activity
+
+        with contextlib.suppress(OSError):
+            write_activity(self.activity_file,
+                           Activity(open=self.open, held=self.held, changed=time.time()))
+
+    def opened(self, delta: int) -> None:
+        self.open += delta
+        self._write()
+
+    async def wake(self) -> int:
+        """Until the instance runs again (WakeFailed if it cannot); the wake's
+        generation."""
+        if self._wake is None or self._wake.done():
+            self.generation += 1
+            self._wake = asyncio.ensure_future(asyncio.to_thread(self._ask_wake))
+        generation = self.generation
+        self.held += 1
+        self._write()
+        try:
+            await asyncio.shield(self._wake)
+        except Exception as exc:
+            raise WakeFailed(generation, f"{type(exc).__name__}: {exc}") from exc
+        finally:
+            self.held -= 1
+            self._write()
+        return generation
+
+    def report(self, generation: int, started: float, error: str | None = None) -> None:
+        """The wake's time (accept → connected to the guest) or its error, once."""
+        if generation <= self._reported:
+            return
+        self._reported = generation
+        seconds = time.monotonic() - started
+
+        def send() -> None:
+            with contextlib.suppress(Exception):  # whoever counts may be gone
+                self._tell_wake(error is None, seconds, error)
+        asyncio.get_running_loop().run_in_executor(None, send)
+
+
+async def _connect(target_of: Callable[[], tuple[str, int] | None], waker: Waker | None,
+                   ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, int]:
+    """A connection to the guest, waking it first if it sleeps, and again if it goes to
+    sleep while we connect (a standby that was under way). Returns the wake's
+    generation (0: no wake was needed)."""
+    generation = 0
+    if waker is not None and waker.asleep():
+        generation = await waker.wake()
+    deadline = time.monotonic() + CONNECT_TIMEOUT
+    while True:
+        target = target_of()
         if target is None:
             raise ConnectionRefusedError
-        guest_reader, guest_writer = await asyncio.wait_for(
-            asyncio.open_connection(*target), CONNECT_TIMEOUT)
-    except (OSError, TimeoutError):
-        client_writer.close()
-        return
+        connecting = asyncio.ensure_future(asyncio.open_connection(*target))
+        while not connecting.done():
+            await asyncio.wait({connecting}, timeout=SLEEP_CHECK)
+            if connecting.done():
+                break
+            if time.monotonic() > deadline:
+                connecting.cancel()
+                raise TimeoutError
+            if waker is not None and waker.asleep():
+                connecting.cancel()  # the target changes with the restore (user mode)
+                generation = await waker.wake()
+                break
+        if connecting.done() and not connecting.cancelled():
+            reader, writer = connecting.result()
+            return reader, writer, generation
+
+
+async def _relay(client_reader: asyncio.StreamReader, client_writer: asyncio.StreamWriter,
+                 target_of: Callable[[], tuple[str, int] | None], waker: Waker | None) -> None:
+    accepted = time.monotonic()
+    if waker is not None:
+        waker.opened(+1)
+    generation = 0
     try:
-        async with asyncio.TaskGroup() as group:
-            group.create_task(_pipe(client_reader, guest_writer))
-            group.create_task(_pipe(guest_reader, client_writer))
+        try:
+            guest_reader, guest_writer, generation = await _connect(target_of, waker)
+        except WakeFailed as failed:  # the held connections are closed, the error told
+            assert waker is not None
+            waker.report(failed.generation, accepted, failed.error)
+            client_writer.close()
+            return
+        except (OSError, TimeoutError):
+            client_writer.close()
+            return
+        if waker is not None and generation:
+            waker.report(generation, accepted)
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(_pipe(client_reader, guest_writer))
+                group.create_task(_pipe(guest_reader, client_writer))
+        finally:
+            for writer in (client_writer, guest_writer):
+                writer.close()
     finally:
-        for writer in (client_writer, guest_writer):
-            writer.close()
+        if waker is not None:
+            waker.opened(-1)
 
 
-async def serve(listeners: list[tuple[socket.socket, str]], targets: Targets) -> None:
+async def serve(listeners: list[tuple[socket.socket, str]], targets: Targets,
+                waker: Waker | None) -> None:
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -90,7 +202,7 @@ async def serve(listeners: list[tuple[socket.socket, str]], targets: Targets) ->
     for sock, key in listeners:
         async def handle(r: asyncio.StreamReader, w: asyncio.StreamWriter,
                          key: str = key) -> None:
-            await _relay(r, w, targets.get(key))
+            await _relay(r, w, lambda: targets.get(key), waker)
         servers.append(await asyncio.start_server(handle, sock=sock))
     await stop.wait()
     for server in servers:
@@ -102,27 +214,3 @@ def parse_listen(text: str) -> tuple[socket.socket, str]:
     sock = socket.socket(fileno=int(fd))
     sock.setblocking(False)
     return sock, key
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--lock-fd", type=int, required=True)
-    parser.add_argument("--ready-fd", type=int, required=True)
-    parser.add_argument("--identity", type=Path, required=True)
-    parser.add_argument("--targets", type=Path, required=True)
-    parser.add_argument("--listen", action="append", default=[])
-    args = parser.parse_args()
-    from torpor.fsutil import atomic_write_json, read_proc_stat
-
-    stat = read_proc_stat(os.getpid())
-    atomic_write_json(args.identity, {"pid": os.getpid(),
-                                      "start_time": stat[1] if stat else 0})
-    os.write(args.ready_fd, b"1")
-    os.close(args.ready_fd)
-    asyncio.run(serve([parse_listen(item) for item in args.listen], Targets(args.targets)))
-    args.identity.unlink(missing_ok=True)
-    os.close(args.lock_fd)
-
-
-if __name__ == "__main__":
-    main()

@@ -60,7 +60,7 @@ from torpor.paths import DataRoot, InstancePaths
 # map a base's RAM file, which must stay raw.
 NO_COMPRESSION = CompressionPolicy()
 # Copied from a payload or source: everything but the runtime and the source's logs.
-FORK_SKIP = ("run", "logs", "publish")
+FORK_SKIP = ("run", "logs", "publish", "hold.json")
 
 
 def fork_names(base: str, count: int) -> list[str]:

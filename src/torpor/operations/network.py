@@ -146,9 +146,13 @@ def start_publisher(ctx: InstanceContext) -> None:
             return  # it runs
         for forward in forwards:
             sockets.append(_bind(forward.host_addr, forward.host_port))
-        argv = [sys.executable, "-m", "torpor.network.publisher", "--lock-fd", str(lock_fd),
+        argv = [sys.executable, "-m", "torpor.api.relay", "--lock-fd", str(lock_fd),
                 "--ready-fd", str(ready_write), "--identity", str(paths.publisher_identity),
-                "--targets", str(paths.publisher_targets)]
+                "--targets", str(paths.publisher_targets),
+                # wake on traffic: a connection while in standby asks the daemon to restore
+                "--instance", ctx.name, "--standby-dir", str(paths.standby_dir),
+                "--data-root", str(ctx.data_root.root),
+                "--activity", str(paths.publisher_activity)]
         for sock, forward in zip(sockets, forwards, strict=True):
             argv += ["--listen", f"{sock.fileno()}={_key(forward)}"]
         paths.logs_dir.mkdir(parents=True, exist_ok=True)

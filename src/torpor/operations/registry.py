@@ -17,6 +17,7 @@ from typing import Literal
 
 from torpor.errors import NotFound
 from torpor.instances.context import InstanceContext, Settings
+from torpor.instances.hold import held_until
 from torpor.instances.info import InstanceInfo, NetworkInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import InstanceMetadata, InstanceState
@@ -25,6 +26,12 @@ from torpor.instances.states import Action, refuses_any, require
 from torpor.jobs import compression as compression_jobs
 from torpor.operations.recover import recover
 from torpor.paths import DataRoot
+
+
+def effective_auto_standby(meta: InstanceMetadata, settings: Settings) -> float:
+    """Seconds idle before the daemon's standby: the instance's policy, else the
+    server's default (0: never)."""
+    return meta.auto_standby if meta.auto_standby is not None else settings.auto_standby
 
 Wait = float | Literal["default"] | None
 
@@ -117,6 +124,8 @@ class Registry:
                 bridge=meta.network.bridge, allow_peers=meta.network.allow_peers,
                 published=[f"{f.host_addr}:{f.host_port}:{f.guest_port}/{f.protocol}"
                            for f in meta.port_forwards]),
+            auto_standby=effective_auto_standby(meta, self.settings),
+            held_until=held_until(paths),
             exit_code=exit_code(paths) if meta.image.kind == "oci" and
             state is InstanceState.STOPPED else None,
             compression=compression_jobs.status(

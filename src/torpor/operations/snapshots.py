@@ -103,7 +103,8 @@ def dependents(data_root: DataRoot, snapshot_id: str,
 def _skip(paths: InstancePaths, *more: str) -> tuple[str, ...]:
     """What a copy of an instance never takes: its runtime (sockets, process record) and a
     disk overlay (the guest's writes during a snapshot, folded back into the disk)."""
-    return (paths.run_dir.name, paths.disk_overlay.name, paths.publish_dir.name, *more)
+    return (paths.run_dir.name, paths.disk_overlay.name, paths.publish_dir.name,
+            paths.hold_file.name, *more)
 
 
 def _running_skip(paths: InstancePaths) -> tuple[str, ...]:

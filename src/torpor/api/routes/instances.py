@@ -9,7 +9,15 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
 
-from torpor.api.deps import ERROR_RESPONSES, GUARDED, InstanceName, Manager, OpId, Tracker
+from torpor.api.deps import (
+    ERROR_RESPONSES,
+    GUARDED,
+    InstanceName,
+    Manager,
+    OpId,
+    SleeperDep,
+    Tracker,
+)
 from torpor.api.errors import Timeout
 from torpor.api.models import (
     MAX_TIMEOUT,
@@ -18,10 +26,13 @@ from torpor.api.models import (
     ExecRequest,
     ExecResponse,
     ForkRequest,
+    HoldRequest,
     PolicyRequest,
     StandbyRequest,
     StartRequest,
     StopRequest,
+    WakeRecord,
+    WakeResult,
     to_policy,
 )
 from torpor.errors import InvalidArgument
@@ -134,8 +145,43 @@ async def resume_instance(
 
 @router.put("/instances/{name}/policy", tags=["instances"])
 async def set_policy(manager: Manager, name: InstanceName, body: PolicyRequest) -> InstanceInfo:
-    await manager.set_policy(name, to_policy(body.policy))
+    """The standby compression and the auto-standby idle time; fields left out stay."""
+    if "auto_standby" in body.model_fields_set:
+        await manager.set_auto_standby(name, body.auto_standby)
+    if "policy" in body.model_fields_set or not body.model_fields_set:
+        await manager.set_policy(name, to_policy(body.policy))
     return await manager.get(name)
+
+
+@router.post("/instances/{name}/hold", tags=["idle"])
+async def hold(manager: Manager, name: InstanceName,
+               body: HoldRequest | None = None) -> InstanceInfo:
+    """Keep the instance awake (no auto-standby) for a while; replaces its hold."""
+    return await manager.hold(name, (body or HoldRequest()).duration)
+
+
+@router.delete("/instances/{name}/hold", tags=["idle"])
+async def release(manager: Manager, name: InstanceName) -> InstanceInfo:
+    return await manager.release(name)
+
+
+@router.post("/instances/{name}/wake", tags=["idle"])
+async def wake(manager: Manager, sleeper: SleeperDep, name: InstanceName) -> WakeResult:
+    """Traffic for the instance (its relay asks): restored if in standby, as an
+    operation of kind restore with trigger traffic; concurrent wakes share one restore.
+    A stopped instance is refused (409): it does not wake."""
+    woke = await sleeper.wake(name)
+    return WakeResult(woke=woke, instance=await manager.get(name))
+
+
+@router.post("/instances/{name}/wakes", tags=["idle"], status_code=204,
+             response_class=Response)
+async def record_wake(manager: Manager, sleeper: SleeperDep, name: InstanceName,
+                      body: WakeRecord) -> None:
+    """A relay's account of a wake (its time, or the error that closed the held
+    connections): the wake metrics."""
+    await manager.get(name)  # an instance of ours
+    sleeper.record_wake(name, body.ok, body.seconds, body.error)
 
 
 @router.post("/instances/{name}/fork", tags=["instances"], status_code=201)
@@ -149,12 +195,14 @@ async def fork_instance(
 
 
 @router.post("/instances/{name}/exec", tags=["instances"])
-async def exec_in_instance(manager: Manager, name: InstanceName, body: ExecRequest) -> ExecResponse:
+async def exec_in_instance(manager: Manager, sleeper: SleeperDep, name: InstanceName,
+                           body: ExecRequest) -> ExecResponse:
     try:
         stdin = base64.b64decode(body.stdin_b64, validate=True) if body.stdin_b64 else None
     except (binascii.Error, ValueError):
         raise InvalidArgument("stdin_b64 is not base64") from None
-    result = await manager.exec(name, body.argv, input=stdin, timeout=body.timeout)
+    async with sleeper.busy(name):  # an exec in flight: the instance is not idle
+        result = await manager.exec(name, body.argv, input=stdin, timeout=body.timeout)
     return ExecResponse(
         exit_code=result.exit_code,
         signal=result.signal,
@@ -181,10 +229,11 @@ def log_chunk(data: bytes, offset: int) -> Response:
 
 @router.get("/instances/{name}/console", tags=["instances"], response_class=Response,
             responses=LOG_CHUNK)
-async def console(manager: Manager, name: InstanceName, offset: Offset = 0,
-                  limit: Limit = 1 << 20) -> Response:
+async def console(manager: Manager, sleeper: SleeperDep, name: InstanceName,
+                  offset: Offset = 0, limit: Limit = 1 << 20) -> Response:
     """The serial console log from `offset`; the next offset is in a header."""
-    return log_chunk(await manager.console(name, offset, limit), offset)
+    async with sleeper.busy(name):  # someone watches the console: not idle
+        return log_chunk(await manager.console(name, offset, limit), offset)
 
 
 @router.get("/instances/{name}/logs", tags=["instances"], response_class=Response,
