@@ -102,6 +102,13 @@ def wakes(daemon: Daemon, name: str) -> int:
     return sum(1 for op in ops if op["kind"] == "restore" and op["trigger"] == "traffic")
 
 
+def settled(daemon: Daemon, name: str) -> None:
+    """Until no operation on `name` runs (the wake's restore has recorded its phases)."""
+    while any(op["state"] == "running"
+              for op in daemon.call("GET", "/operations", params={"instance": name})):
+        time.sleep(0.05)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--sizes", default="512M,2G")
@@ -140,6 +147,7 @@ def main() -> int:
                 for _ in range(args.runs):
                     daemon.call("POST", f"/instances/{name}/standby")
                     asleep.append(first_response(published))
+                    settled(daemon, name)  # the response may come before the restore ends
                     info = daemon.call("GET", f"/instances/{name}")
                     to_agent.append(info["last_operation"]["phases"]["restore_to_agent"])
                 mode = "memory-file" if backing == "file" else "stream"
@@ -158,6 +166,7 @@ def main() -> int:
             before = wakes(daemon, name)
             with concurrent.futures.ThreadPoolExecutor(count) as pool:
                 times = list(pool.map(lambda _: first_response(published), range(count)))
+            settled(daemon, name)
             print(f"{count:>8} {max(times) * 1e3:>17.1f} {statistics.median(times) * 1e3:>10.1f}"
                   f" {wakes(daemon, name) - before:>9}")
 

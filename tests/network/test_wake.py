@@ -86,6 +86,21 @@ class NamespaceDaemon:
                                                    params={"instance": name}).json()
             return ops
 
+    def settled(self, name: str, timeout: float = 120) -> None:
+        """Until no operation on `name` runs: a woken guest answers before its restore
+        has finished its last steps (the agent, the bookkeeping)."""
+        deadline = time.monotonic() + timeout
+        while any(op["state"] == "running" for op in self.operations(name)):
+            assert time.monotonic() < deadline, self.operations(name)
+            time.sleep(0.05)
+
+    def wait_metric(self, line_start: str, value: float, timeout: float = 30) -> None:
+        """Until the sample reads `value` (a relay reports its wake after it forwards)."""
+        deadline = time.monotonic() + timeout
+        while (seen := self.metric(line_start)) != value:
+            assert seen < value and time.monotonic() < deadline, (line_start, seen, value)
+            time.sleep(0.05)
+
     def metric(self, line_start: str) -> float:
         """A sample of /metrics; the metric must be there (no silent zero)."""
         with self.api() as api:
@@ -129,10 +144,11 @@ def test_an_idle_guest_sleeps_by_itself_and_a_request_wakes_it_across_a_restart(
     assert len(triggered(daemon.operations("w"), "standby", "idle")) == 1
     assert daemon.metric("torpor_auto_standby_total") == 1
     assert get(netns, 18080) == "i-am-w\n"  # the first request wakes it and is served
+    daemon.settled("w")
     assert daemon.state("w") == "running"
     (wake,) = triggered(daemon.operations("w"), "restore", "traffic")
     assert wake["state"] == "succeeded"
-    assert daemon.metric('torpor_wakes_total{result="ok"}') == 1
+    daemon.wait_metric('torpor_wakes_total{result="ok"}', 1)
     assert daemon.metric("torpor_wake_seconds_count") == 1
     # A restarted daemon keeps the policy, and the sleeping guest still wakes.
     daemon.wait_state("w", "standby")
@@ -141,6 +157,7 @@ def test_an_idle_guest_sleeps_by_itself_and_a_request_wakes_it_across_a_restart(
     with daemon.api() as api:
         assert api.get("/instances/w").json()["auto_standby"] == 5.0
     assert get(netns, 18080) == "i-am-w\n"
+    daemon.settled("w")
     assert len(triggered(daemon.operations("w"), "restore", "traffic")) == 1
 
 
@@ -152,8 +169,9 @@ def test_a_burst_of_requests_to_a_sleeping_guest_is_served_by_one_restore(
     with concurrent.futures.ThreadPoolExecutor(10) as pool:
         answers = list(pool.map(lambda _: get(netns, 18081), range(10)))
     assert answers == ["i-am-b\n"] * 10
+    daemon.settled("b")
     assert len(triggered(daemon.operations("b"), "restore", "traffic")) == 1
-    assert daemon.metric('torpor_wakes_total{result="ok"}') == before + 1
+    daemon.wait_metric('torpor_wakes_total{result="ok"}', before + 1)
 
 
 HOLD_OPEN = """
@@ -203,9 +221,10 @@ def test_a_wake_whose_restore_fails_closes_the_connection_and_stays_restorable(
     assert failed.returncode != 0
     assert "RemoteDisconnected" in failed.stderr or "ConnectionResetError" in failed.stderr, \
         failed.stderr
+    daemon.settled("f")
     (wake,) = triggered(daemon.operations("f"), "restore", "traffic")
     assert wake["state"] == "failed" and "injected fault" in str(wake["error"])
-    assert daemon.metric('torpor_wakes_total{result="error"}') == 1
+    daemon.wait_metric('torpor_wakes_total{result="error"}', 1)
     assert daemon.state("f") == "standby"
     daemon.stop()
     daemon.start()

@@ -25,6 +25,7 @@ from pathlib import Path
 CHUNK = 256 << 10
 CONNECT_TIMEOUT = 10.0
 SLEEP_CHECK = 0.05  # while a connect is pending: how often to look whether the VM sleeps
+AWAKE_CHECK = 0.005  # while a wake runs: how often to look whether the guest runs again
 
 
 class Targets:
@@ -106,11 +107,17 @@ class Waker:
         if self._wake is None or self._wake.done():
             self.generation += 1
             self._wake = asyncio.ensure_future(asyncio.to_thread(self._ask_wake))
-        generation = self.generation
+        generation, wake = self.generation, self._wake
         self.held += 1
         self._write()
         try:
-            await asyncio.shield(self._wake)
+            # Go on as soon as the restore sets the standby state aside, just before the
+            # guest runs again: the guest's network answers from then on, while the wake
+            # call still waits for its agent and the restore's last steps.
+            while not wake.done() and self.asleep():
+                await asyncio.wait({wake}, timeout=AWAKE_CHECK)
+            if wake.done():
+                wake.result()
         except Exception as exc:
             raise WakeFailed(generation, f"{type(exc).__name__}: {exc}") from exc
         finally:
