@@ -8,8 +8,9 @@ published port. Tables:
 
 1. Time to the first HTTP response (client's connect to the body read), medians of
    `--runs`: to the running guest; to the guest in standby (the relay holds the
-   connection, the daemon restores, the relay forwards); and that wake's own
-   `restore_to_agent` phase (what a manual restore waits for), with the difference.
+   connection, the daemon restores, the relay forwards); that wake's own
+   `restore_to_agent` phase (what a manual restore waits for), with the difference; and
+   the same guest's `restore_to_agent` when no client waits (a manual restore).
    Bar: a sleeping memory-file guest answers within its restore_to_agent + 100 ms.
 2. N concurrent first requests to a sleeping guest (memory-file, the smallest size):
    how long until the last was answered, and how many restores that took (1).
@@ -136,7 +137,7 @@ def main() -> int:
     try:
         print(f"\n## first HTTP response, ms (median of {args.runs})\n")
         print(f"{'guest':<18} {'running':>8} {'asleep':>8} {'restore_to_agent':>17} "
-              f"{'asleep - restore':>17}")
+              f"{'asleep - restore':>17} {'restore alone':>14}")
         for memory in sizes:
             for backing in ("file", "anonymous"):
                 name = f"w{memory >> 20}{backing[0]}"
@@ -150,10 +151,16 @@ def main() -> int:
                     settled(daemon, name)  # the response may come before the restore ends
                     info = daemon.call("GET", f"/instances/{name}")
                     to_agent.append(info["last_operation"]["phases"]["restore_to_agent"])
+                alone = []  # the same guest's restore_to_agent with no client waiting
+                for _ in range(args.runs):
+                    daemon.call("POST", f"/instances/{name}/standby")
+                    info = daemon.call("POST", f"/instances/{name}/restore")
+                    alone.append(info["last_operation"]["phases"]["restore_to_agent"])
                 mode = "memory-file" if backing == "file" else "stream"
                 a, r = statistics.median(asleep), statistics.median(to_agent)
                 print(f"{f'{memory >> 20} MiB {mode}':<18} {running * 1e3:>8.1f} "
-                      f"{a * 1e3:>8.1f} {r * 1e3:>17.1f} {(a - r) * 1e3:>17.1f}")
+                      f"{a * 1e3:>8.1f} {r * 1e3:>17.1f} {(a - r) * 1e3:>17.1f} "
+                      f"{statistics.median(alone) * 1e3:>14.1f}")
                 daemon.call("DELETE", f"/instances/{name}", params={"force": True})
 
         print("\n## concurrent first requests to a sleeping guest "

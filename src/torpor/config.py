@@ -126,6 +126,7 @@ class Config(BaseModel):
     accel: Literal["auto", "kvm", "tcg"] = declared("accel")
     token_file: Path | None = declared("token_file")
     auto_standby: str | float = declared("auto_standby")
+    auto_standby_cpu: float = declared("auto_standby_cpu", ge=0, le=1)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
 
@@ -160,6 +161,7 @@ class Config(BaseModel):
                         compression_rate_limit=self.compression.rate_limit_bytes(),
                         memory_compression_delay=seconds(self.compression.memory_file_delay),
                         auto_standby=parse_idle(self.auto_standby),
+                        auto_standby_cpu=self.auto_standby_cpu,
                         network_default=self.network.default,
                         network_bridge=self.network.bridge,
                         network_subnet=self.network.subnet, network_nat=self.network.nat,

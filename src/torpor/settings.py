@@ -56,6 +56,8 @@ SETTINGS: list[Setting] = [
             " cap)"),
     Setting("auto_standby", "the daemon puts a running instance that has been idle this long"
             " into standby (5m, 30s; 0 or off: never) unless its own policy says", "0"),
+    Setting("auto_standby_cpu", "an instance whose vCPUs were busier than this share of"
+            " the time (0.2: 20 %) in the idle clock's last round is not idle", 0.2),
     Setting("network.default", "a new instance's network when create does not say: user"
             " (QEMU's user mode), bridge (a TAP on torpor's bridge, an address of its own)"
             " or none", "user"),

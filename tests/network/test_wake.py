@@ -182,12 +182,15 @@ sys.stdin.read()
 """
 
 
-def test_a_hold_or_an_open_connection_keeps_a_guest_awake(
+def test_a_hold_an_open_connection_or_a_busy_cpu_keeps_a_guest_awake(
         netns: Namespace, daemon: NamespaceDaemon) -> None:
-    """The held and the connected guest are set up before the control and get the same
-    policy: when the control goes to sleep they have been idle longer, by the clock."""
+    """The held, the connected and the busy guest are set up before the control and get
+    the same policy: when the control goes to sleep they have been idle longer, by the
+    clock."""
     serving_guest(daemon, "held", 18082)
     serving_guest(daemon, "conn", 18083)
+    serving_guest(daemon, "busy", 18086)
+    netns.sh("busy", "(while :; do :; done) </dev/null >/dev/null 2>&1 & echo $! > /tmp/loop")
     daemon.cli("hold", "held", "--for", "10m")
     client = subprocess.Popen(["ip", "netns", "exec", netns.name, sys.executable, "-c",
                                HOLD_OPEN], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
@@ -195,16 +198,18 @@ def test_a_hold_or_an_open_connection_keeps_a_guest_awake(
     try:
         assert client.stdout is not None and client.stdout.readline() == "open\n"
         serving_guest(daemon, "control", 18084)
-        for name in ("held", "conn", "control"):
+        for name in ("held", "conn", "busy", "control"):
             daemon.cli("policy", name, "--auto-standby", "3s")
         daemon.wait_state("control", "standby")
         # The round of the idle clock that put the control to sleep looked at the others
         # too, and an auto-standby is an operation from its first moment.
-        for name in ("held", "conn"):
+        for name in ("held", "conn", "busy"):
             assert triggered(daemon.operations(name), "standby", "idle") == []
             assert daemon.state(name) == "running"
         daemon.cli("release", "held")
         daemon.wait_state("held", "standby")
+        netns.sh("busy", "kill $(cat /tmp/loop)")
+        daemon.wait_state("busy", "standby")
     finally:
         client.kill()
         client.wait()

@@ -5,7 +5,10 @@ wait, since concurrent wakes of one instance share one task).
 
 Idle means, for the whole policy time: running; no operation on it in flight or ended
 (`operations` and exec/console calls, which `busy` marks); no connection open or held on
-its published ports (the relay's activity file); no hold. The clock restarts at each
+its published ports (the relay's activity file); no hold; its vCPUs below
+`auto_standby_cpu` of their time at every round (QEMU's vCPU threads in /proc: an idle
+TCG guest uses ~5 % of one, a busy loop 100 %; a CI job talking only outward would
+otherwise be put to sleep mid-run). The clock restarts at each
 start or restore (the QEMU's launch time). Every task here belongs to the TaskGroup of
 `running`, which the app's lifespan enters: none outlives the daemon.
 """
@@ -23,6 +26,7 @@ from collections.abc import AsyncIterator
 from torpor.api.metrics import Metrics
 from torpor.api.tracker import OperationTracker
 from torpor.errors import Busy, OperationFailed, TorporError, WrongState
+from torpor.hypervisor.process import vcpu_seconds
 from torpor.instances.hold import hold_end
 from torpor.instances.metadata import InstanceMetadata, InstanceState
 from torpor.instances.runtime import derive_state
@@ -47,6 +51,8 @@ class Sleeper:
         self._sleeping: set[str] = set()  # auto-standbys under way
         self._busy: collections.Counter[str] = collections.Counter()
         self._last_call: dict[str, float] = {}  # name → time.time() a call on it ended
+        self._cpu: dict[str, tuple[int, float, float]] = {}  # name → (pid, time, vCPU s)
+        self._last_busy: dict[str, float] = {}  # name → time.time() its vCPUs were busy
 
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
@@ -151,13 +157,31 @@ class Sleeper:
         if activity.busy:
             return None
         now = time.time()
+        if not self._sample_cpu(meta, record.identity.pid, now):
+            return None  # its first round: the vCPU share is known from the next
         held = hold_end(paths)
         if held is not None and held.timestamp() > now:
             return None
         last = max(record.launched_at.timestamp(), activity.changed,
                    self._last_call.get(name, 0.0), self._tracker.last_ended(name),
-                   held.timestamp() if held else 0.0)
+                   held.timestamp() if held else 0.0, self._last_busy.get(name, 0.0))
         return now - last
+
+    def _sample_cpu(self, meta: InstanceMetadata, pid: int, now: float) -> bool:
+        """The guest's vCPU share since the last round; above the bar, it counts as
+        activity now (a batch job with no connection is not idle). False while there is
+        no share to judge (the first round of this QEMU)."""
+        used = vcpu_seconds(pid)
+        if used is None:
+            return False
+        previous = self._cpu.get(meta.name)
+        self._cpu[meta.name] = (pid, now, used)
+        if previous is None or previous[0] != pid or now <= previous[1]:
+            return False
+        share = (used - previous[2]) / (now - previous[1]) / max(meta.cpus, 1)
+        if share > self._manager.settings.auto_standby_cpu:
+            self._last_busy[meta.name] = now
+        return True
 
     async def _auto_standby(self, name: str) -> None:
         try:

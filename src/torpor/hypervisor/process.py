@@ -114,6 +114,30 @@ class TrackedProcess:
             raise OperationFailed(f"QEMU process {self.pid} did not die after SIGKILL")
 
 
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def vcpu_seconds(pid: int) -> float | None:
+    """CPU time QEMU's vCPU threads have used (user + system), from /proc: the guest's
+    own work, not QEMU's I/O threads. QEMU names them `CPU <n>/TCG` or `CPU <n>/KVM`
+    (`-name ...,debug-threads=on`). None if the process is gone."""
+    total = 0
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except OSError:
+        return None
+    for task in tasks:
+        try:
+            if not (task / "comm").read_text().startswith("CPU "):
+                continue
+            raw = (task / "stat").read_text()
+        except OSError:
+            continue  # a thread that just ended
+        fields = raw[raw.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / CLOCK_TICKS
+
+
 def _check_socket_paths(config: VMConfig) -> None:
     for sock in (config.qmp_socket, config.qmp_query_socket, config.agent_socket):
         if sock is not None and len(os.fsencode(sock)) > UNIX_PATH_MAX:
