@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs
                 e2fsprogs kmod util-linux
 
 .PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
-        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake clean
+        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake bench-memory clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -79,6 +79,10 @@ bench-cli: guest
 # Bridged networking, in a namespace of its own: throughput, a connection across standby.
 bench-network: guest
 	$(BIN)/python -m bench.network_bench
+
+# Idle guests' host memory (PSS) after using and freeing memory, free page reporting on/off.
+bench-memory: guest
+	$(BIN)/python -m bench.memory_bench
 
 # Wake on traffic (in a namespace): first response asleep vs running vs restore_to_agent.
 bench-wake: guest

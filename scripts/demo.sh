@@ -134,7 +134,9 @@ IMAGE=127.0.0.1:$PORT/demo/web:1
 if $TORPOR show "$VM-web" >/dev/null 2>&1; then $TORPOR delete --force "$VM-web" >/dev/null; fi
 step "pull it (plain HTTP: the registry is on loopback)" $TORPOR image pull "$IMAGE"
 step "the images torpor has" $TORPOR image list
-step "create a VM of it, with one more variable" $TORPOR create "$VM-web" --image "$IMAGE" --env WHO=demo
+WEB_PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+step "create a VM of it, with one more variable and its port 8080 published on the host" \
+  $TORPOR create "$VM-web" --image "$IMAGE" --env WHO=demo --publish "127.0.0.1:$WEB_PORT:8080"
 step "boot it: torpor's kernel and init, the image's command" $TORPOR start "$VM-web"
 step "its command serves (exec runs in the image's root, with its environment)" \
   $TORPOR exec "$VM-web" -- sh -c 'echo "$GREETING $WHO from $(hostname)"; wget -qO- http://127.0.0.1:8080/'
@@ -142,6 +144,14 @@ step "its output" $TORPOR logs "$VM-web"
 step "standby and restore it like any other VM" sh -c "$TORPOR standby $VM-web && $TORPOR restore $VM-web"
 step "still serving" $TORPOR exec "$VM-web" -- wget -qO- http://127.0.0.1:8080/
 step "it names its image and digest" sh -c "$TORPOR show $VM-web | grep -E '^ *image'"
+step "served on the host through the published port" curl -s "http://127.0.0.1:$WEB_PORT/"
+step "sleep when idle: standby by itself after 3 s without traffic" sh -c \
+  "$TORPOR policy $VM-web --auto-standby 3s && \
+   until $TORPOR show $VM-web | grep -q 'state *standby'; do sleep 0.2; done && $TORPOR list"
+step "wake on traffic: the first request wakes it and is served" \
+  curl -s -w '   first response after %{time_total} s\n' "http://127.0.0.1:$WEB_PORT/"
+step "both were operations, with their trigger" sh -c \
+  "$TORPOR operations --instance $VM-web | grep -E 'idle|traffic'"
 step "the built-in guest runs next to it" $TORPOR list
 step "delete it and the image" sh -c "$TORPOR delete --force $VM-web && $TORPOR image rm $IMAGE"
 

@@ -94,13 +94,14 @@ def stored_state(record: Any) -> str:
 
 def operations_table(ops: list[Any]) -> Table:
     table = Table(box=None, header_style="bold")
-    for col in ("KIND", "INSTANCE", "STATE", "STARTED", "TOOK", "PROGRESS", "ERROR"):
+    for col in ("KIND", "TRIGGER", "INSTANCE", "STATE", "STARTED", "TOOK", "PROGRESS",
+                "ERROR"):
         table.add_column(col)
     for op in ops:
         took = (format_seconds((op.finished_at - op.started_at).total_seconds())
                 if op.finished_at else "-")
         progress = ", ".join(f"{p.stage} {format_size(p.done_bytes)}" for p in op.progress)
-        table.add_row(op.kind, op.instance or "-", str(op.state),
+        table.add_row(op.kind, op.get("trigger", "api"), op.instance or "-", str(op.state),
                       op.started_at.isoformat(timespec="seconds"), took, progress or "-",
                       op.error.code if op.error else "-")
     return table

@@ -68,6 +68,9 @@ class VMConfig(BaseModel):
     cpu_model: str = DEFAULT_CPU_MODEL
     machine: str = MACHINE_TYPE
     vmgenid: str | None = None
+    # virtio-balloon with free page reporting: the guest hands pages it freed back to
+    # QEMU, which discards them (the host gets the memory back while the VM runs).
+    free_page_reporting: bool = False
     memory_file: MemoryFile | None = None
     # Runtime endpoints: not guest-visible, so a state may be loaded with other paths.
     qmp_socket: Path
@@ -77,6 +80,12 @@ class VMConfig(BaseModel):
     # An OCI image instance's main process output, and where its init writes the exit code.
     app_log: Path | None = None
     exit_status: Path | None = None
+
+    @staticmethod
+    def saved_guest_visible(saved: dict[str, object]) -> dict[str, object]:
+        """A saved state's guest-visible part as `guest_visible` puts it now: a state
+        saved before a key existed was saved without what the key adds."""
+        return {**GUEST_VISIBLE_ADDED, **saved}
 
     def guest_visible(self) -> dict[str, object]:
         """The part of the config a saved machine state depends on."""
@@ -89,9 +98,14 @@ class VMConfig(BaseModel):
             "disks": len(self.disks),
             "memory_backing": "file" if self.memory_file else "anonymous",
             "vmgenid": self.vmgenid is not None,
+            "free_page_reporting": self.free_page_reporting,
             "app_ports": self.app_log is not None,
             "nic": self.network != "none",
         }
+
+
+# Keys guest_visible gained after states were saved, with the value those states have.
+GUEST_VISIBLE_ADDED: dict[str, object] = {"free_page_reporting": False}
 
 
 def _accel_args(accel: Accel) -> list[str]:
@@ -205,6 +219,8 @@ def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
     ]
     if config.vmgenid:
         argv += ["-device", f"vmgenid,guid={config.vmgenid}"]
+    if config.free_page_reporting:
+        argv += ["-device", "virtio-balloon-pci,free-page-reporting=on"]
     if incoming is not None:
         # -S: stay paused after the state is loaded, until the caller has verified it.
         argv += ["-S", "-incoming", incoming, *NO_SELF_ANNOUNCE]

@@ -18,7 +18,7 @@ set -euo pipefail
 OUT=${1:?usage: build.sh OUTDIR}
 KERNEL_PKG=${TORPOR_GUEST_KERNEL_PKG:-linux-image-cloud-amd64}
 ROOTFS_SIZE=${TORPOR_GUEST_ROOTFS_SIZE:-1G}
-MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console failover net_failover virtio_net virtio-rng"
+MODULES="virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci virtio_blk virtio_console failover net_failover virtio_net virtio-rng virtio_balloon"
 
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT

@@ -160,6 +160,11 @@ class InstanceMetadata(BaseModel):
     # instead of having one of its own: memory_origin names that immutable file.
     memory_backing: MemoryBacking = "anonymous"
     memory_origin: Path | None = None
+    # The guest returns freed pages to the host (virtio-balloon free page reporting).
+    # Anonymous RAM only: QEMU 7.2 discards a file-backed page by punching a hole in the
+    # file, which for a memory-file fork is its snapshot's file, shared by every fork.
+    # Instances created before it have no such device, and their states none either.
+    free_page_reporting: bool = False
     network: NetworkSpec = Field(default_factory=NetworkSpec)
     last_operation: LastOperation | None = None
     guest_clock_source: str | None = None  # the guest kernel's clocksource, read at boot

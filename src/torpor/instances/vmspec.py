@@ -37,6 +37,7 @@ def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) ->
         agent_socket=paths.agent_socket,
         serial_log=paths.serial_log,
         vmgenid=meta.vmgenid,
+        free_page_reporting=meta.free_page_reporting,
         memory_file=memory_file_for(meta, paths),
         app_log=paths.app_log if oci else None,
         exit_status=paths.exit_status if oci else None,

@@ -107,7 +107,8 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
                 memory_mib=memory_bytes >> 20, disk_bytes=disk_bytes, mac=new_mac(),
                 image=image_ref, accel=accel,
                 port_forwards=port_forwards, snapshot_policy=snapshot_policy,
-                vmgenid=new_vmgenid(), memory_backing=memory_backing, network=net)
+                vmgenid=new_vmgenid(), memory_backing=memory_backing, network=net,
+                free_page_reporting=memory_backing == "anonymous")
             final = data_root.instance(instance_id).root
             await asyncio.to_thread(_publish, meta, staging, final)
         except BaseException:

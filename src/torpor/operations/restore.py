@@ -45,9 +45,10 @@ log = logging.getLogger(__name__)
 def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
     """The config to restore with, or IntegrityError naming what does not match."""
     config = vm_config_for(ctx.meta, ctx.paths, manifest.vm_config.accel)
-    if config.guest_visible() != manifest.guest_visible:
-        diff = {k: (manifest.guest_visible.get(k), v) for k, v in config.guest_visible().items()
-                if manifest.guest_visible.get(k) != v}
+    saved = VMConfig.saved_guest_visible(manifest.guest_visible)
+    if config.guest_visible() != saved:
+        diff = {k: (saved.get(k), v) for k, v in config.guest_visible().items()
+                if saved.get(k) != v}
         raise IntegrityError(f"saved state of {ctx.name} needs a different VM config: "
                              + ", ".join(f"{k} saved {a} now {b}" for k, (a, b) in diff.items()))
     return config
