@@ -26,6 +26,7 @@ from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.observe import Progress, ProgressObserver, observing
 from torpor.instances.runtime import load_runtime
+from torpor.machinestate import zeropages
 from torpor.machinestate.manifest import Manifest
 from torpor.manager import InstanceManager
 from torpor.operations import standby as standby_module
@@ -269,6 +270,24 @@ def test_left_out_zero_pages_load_into_the_same_memory(manager: InstanceManager,
     assert left_out.pages > (ram_bytes >> 12) // 4  # an idle-ish guest: mostly zeros
     run(manager.restore(vm))
     assert filecmp.cmp(tmp_path / "saved", tmp_path / "loaded", shallow=False)
+
+
+def test_a_qemu_the_zero_page_filter_is_not_proven_on_saves_the_whole_stream(
+        manager: InstanceManager, vm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The filter runs only on the QEMU versions its tests cover: on another the state is
+    QEMU's stream as it came, zero pages and all, and restores as well."""
+    marks = fill_guest(manager, vm)
+    monkeypatch.setattr(zeropages, "PROVEN_ON", ("99.",))  # this QEMU is not among them
+    run(manager.standby(vm))
+    manifest = Manifest.load(manager.paths(vm).standby_dir)
+    assert manifest.state.zero_pages is None
+    run(manager.restore(vm))
+    out = sh(manager, vm, "md5sum /tmp/ram.bin /root/disk.bin")
+    assert marks["ram"] in out and marks["disk"] in out
+    monkeypatch.undo()
+    run(manager.standby(vm))  # and the proven QEMU filters again
+    assert Manifest.load(manager.paths(vm).standby_dir).state.zero_pages is not None
+    run(manager.restore(vm))
 
 
 def test_qemu_killed_mid_save_leaves_crashed_vm_with_intact_disk(

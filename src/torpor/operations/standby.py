@@ -26,6 +26,7 @@ from torpor.instances.metadata import CompressionPolicy, resolve_policy, utc_now
 from torpor.instances.record import PhaseRecorder
 from torpor.instances.runtime import RuntimeRecord, clear_runtime
 from torpor.jobs import compression as compression_jobs
+from torpor.machinestate import zeropages
 from torpor.machinestate.manifest import (
     FileIdentity,
     Manifest,
@@ -84,9 +85,12 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
                 with op.phase("save"):
                     partial.mkdir(parents=True)
                     progress = observe.counter("save", ctx.meta.memory_mib << 20)
+                    # The zero-page filter only where its tests prove it (QEMU 7.2).
+                    fresh = (zeroed_ram_block(record.vm_config)
+                             if zeropages.proven_on(qemu_version) else None)
                     state = await save_state(mon, partial, policy.codec,
                                              policy.effective_level(), progress,
-                                             fresh_block=zeroed_ram_block(record.vm_config))
+                                             fresh_block=fresh)
                     manifest = build_manifest(record.vm_config, state, qemu_version)
                     manifest.guest_clock_source = ctx.meta.guest_clock_source
                     await asyncio.to_thread(manifest.save, partial)
