@@ -24,7 +24,7 @@ from pathlib import Path
 from torpor import faults
 from torpor.codec import Codec
 from torpor.errors import IntegrityError, OperationFailed
-from torpor.fsutil import fsync_dir, remove_tree
+from torpor.fsutil import fsync_dir, prefetch, remove_tree
 from torpor.guest.agent import AgentError, GuestAgent
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
@@ -37,7 +37,7 @@ from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest, locate_state_file, verify_memory_file
 from torpor.machinestate.stream import exec_feed, load_state, reads_at_exec
 from torpor.operations import lifecycle
-from torpor.tasks import task_group
+from torpor.tasks import in_thread, task_group
 
 log = logging.getLogger(__name__)
 
@@ -118,18 +118,30 @@ async def restored(ctx: InstanceContext) -> AsyncIterator[tuple[GuestAgent, Phas
         await op.persist(ctx.paths, exc)
         raise
     op.add("restore_to_running", time.monotonic() - started)
+    # Memory-file mode: the guest faults its RAM in from the file, which standby dropped
+    # from the page cache; have it read in meanwhile (it usually ends before the agent
+    # answers, and is waited for below either way).
+    memory = config.memory_file
+    prefetching = None if memory is None else asyncio.ensure_future(
+        in_thread(lambda stop: prefetch(memory.path, stop)))
     try:
         faults.point("restore.resumed")
         with op.phase("agent-ready"):
             vm.agent = await lifecycle.agent_ready(ctx, vm.agent)
             await set_guest_clock(vm.agent, op)
         op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
+        if prefetching is not None:
+            await prefetching
         yield vm.agent, op
         await vm.agent.close()
         faults.point("restore.agent")
         with op.phase("cleanup"):
             await asyncio.to_thread(remove_tree, ctx.paths.standby_consumed_dir)
     except BaseException as exc:
+        if prefetching is not None and not prefetching.done():
+            prefetching.cancel()  # in_thread stops the thread and waits for it
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await prefetching
         if vm.agent is not None:
             await vm.agent.close()
         await asyncio.to_thread(remove_tree, ctx.paths.standby_consumed_dir)
