@@ -4,6 +4,7 @@ namespace of their own for those that need bridges or guest addresses."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -41,3 +42,10 @@ def in_namespace(module: str) -> int:
                               check=False).stdout.split()
         subprocess.run(["kill", "-KILL", *pids], capture_output=True, check=False)
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def remove_work(work: Path) -> None:
+    """A benchmark's work directory gone, with whatever still runs from it (QEMUs, a
+    daemon, relays)."""
+    subprocess.run(["pkill", "-KILL", "-f", f"{work}/"], check=False)
+    shutil.rmtree(work, ignore_errors=True)

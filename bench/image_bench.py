@@ -30,7 +30,7 @@ from pathlib import Path
 
 from tests.oci_helpers import busybox_image, debian_image, docker_registry, free_port, push
 
-from bench.common import scratch_manager
+from bench.common import remove_work, scratch_manager
 from torpor.hypervisor.vmconfig import PortForward
 from torpor.images.oci import ImageStore
 from torpor.images.source import OciSource
@@ -174,8 +174,7 @@ def main() -> int:
             boot_table(manager, {"busybox": (refs["busybox"], 8080),
                                  "debian": (refs["debian"], 8000)}, args.runs)
     finally:
-        subprocess.run(["pkill", "-KILL", "-f", f"{work}/"], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
     return 0
 
 

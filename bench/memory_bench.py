@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import shutil
-import subprocess
 import time
 from pathlib import Path
 
-from bench.common import scratch_manager
+from bench.common import remove_work, scratch_manager
 from torpor.manager import InstanceManager
 from torpor.units import parse_size
 
@@ -94,8 +92,7 @@ def main() -> int:
             for name in names:
                 asyncio.run(manager.delete(name, force=True))
     finally:
-        subprocess.run(["pkill", "-KILL", "-f", str(work)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
     return 0
 
 

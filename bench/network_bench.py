@@ -25,10 +25,8 @@ import asyncio
 import itertools
 import json
 import os
-import shutil
 import socket
 import statistics
-import subprocess
 import tempfile
 import threading
 import time
@@ -36,7 +34,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any
 
-from bench.common import NS_ENV, in_namespace
+from bench.common import NS_ENV, in_namespace, remove_work
 
 
 def send(host: str, port: int, total: int) -> float:
@@ -159,8 +157,7 @@ def main() -> int:
             print(f"{backing:<10} {t1 - t0:>8.3f} {t2 - t1:>8.3f} {gap:>12.3f} {first:>27.3f}")
             run(manager.delete(name, force=True))
     finally:
-        subprocess.run(["pkill", "-KILL", "-f", str(work)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
     return 0
 
 

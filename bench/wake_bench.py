@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import os
-import shutil
 import socket
 import statistics
 import subprocess
@@ -35,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import NS_ENV, in_namespace
+from bench.common import NS_ENV, in_namespace, remove_work
 from torpor.units import parse_size
 
 
@@ -193,8 +192,7 @@ def main() -> int:
             print(f"{label:<15} {statistics.median(samples):>8.1f}")
     finally:
         daemon.stop()
-        subprocess.run(["pkill", "-KILL", "-f", str(work)], check=False)
-        shutil.rmtree(work, ignore_errors=True)
+        remove_work(work)
     return 0
 
 

@@ -13,7 +13,7 @@ from pydantic import BaseModel, Field
 
 from torpor.codec import SUFFIXES, Codec
 from torpor.errors import IntegrityError, NotFound
-from torpor.fsutil import atomic_write_json, read_json
+from torpor.fsutil import atomic_write_json, data_extents, read_json
 from torpor.hypervisor.vmconfig import VMConfig
 
 FORMAT_VERSION = 1
@@ -151,25 +151,12 @@ def locate_state_file(directory: Path, state: StateFile) -> tuple[Path, Codec]:
     raise IntegrityError(f"the machine-state file {named.name} is missing from {directory}")
 
 
-def _data_extents(fd: int, size: int) -> list[tuple[int, int]]:
-    extents, offset = [], 0
-    while offset < size:
-        try:
-            start = os.lseek(fd, offset, os.SEEK_DATA)
-        except OSError:  # ENXIO: no data after offset
-            break
-        end = os.lseek(fd, start, os.SEEK_HOLE)
-        extents.append((start, end))
-        offset = end
-    return extents
-
-
 def sample_pages(path: Path, count: int = SAMPLED_PAGES) -> list[PageSample]:
     """Hashes of `count` pages spread evenly over the file's data (holes read as zeros
     whatever happens, so they would prove nothing)."""
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        extents = _data_extents(fd, os.fstat(fd).st_size)
+        extents = list(data_extents(fd))
         pages = [(start // PAGE, -(-end // PAGE)) for start, end in extents]
         total = sum(end - start for start, end in pages)
         if total == 0:

@@ -26,7 +26,7 @@ from torpor.errors import Busy, IntegrityError, NotFound, TorporError
 from torpor.fsutil import DELETING_PREFIX, parse_owner, read_json, remove_tree
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES
-from torpor.instances.metadata import InstanceMetadata, InstanceState, tap_name
+from torpor.instances.metadata import InstanceMetadata, InstanceState
 from torpor.instances.runtime import load_runtime, query_vm_status
 from torpor.instances.snapshotrecord import all_records
 from torpor.instances.states import Action
@@ -311,11 +311,9 @@ def _bridge_problems(root: DataRoot, bridge: str,
     nothing)."""
     if not host.link_exists(bridge):
         return
-    taps = {tap_name(m.id) for m in metas if m.network.mode == "bridge"}
-    for port in host.bridge_ports(bridge):
-        if port.startswith("tp") and port not in taps:
-            yield Problem(kind=Kind.ORPHANED_TAP, path=f"net:{port}",
-                          detail=f"TAP {port} on {bridge} is no instance's")
+    for port in network.orphaned_taps(bridge, metas):
+        yield Problem(kind=Kind.ORPHANED_TAP, path=f"net:{port}",
+                      detail=f"TAP {port} on {bridge} is no instance's")
     try:
         leased = bool(read_json(root.network_leases))
     except (OSError, ValueError):

@@ -104,6 +104,13 @@ def bring_up(data_root: DataRoot, settings: Settings, bridge: str,
                list(settings.network_dns))
 
 
+def orphaned_taps(bridge: str, metas: list[InstanceMetadata]) -> list[str]:
+    """TAPs on the bridge that no bridged instance of these has (a crash's leftovers)."""
+    taps = {tap_name(m.id) for m in metas if m.network.mode == "bridge"}
+    return [port for port in host.bridge_ports(bridge)
+            if port.startswith("tp") and port not in taps]
+
+
 def repair_bridge(data_root: DataRoot, settings: Settings,
                   metas: list[InstanceMetadata]) -> None:
     """`torpor check`: TAPs no instance has removed; the rules (with the peers) and DNS
@@ -111,10 +118,8 @@ def repair_bridge(data_root: DataRoot, settings: Settings,
     bridge = settings.network_bridge
     bridged = [m for m in metas if m.network.mode == "bridge"]
     with pool(data_root, settings).locked() as leases:
-        taps = {tap_name(m.id) for m in bridged}
-        for port in host.bridge_ports(bridge):
-            if port.startswith("tp") and port not in taps:
-                host.remove_link(port)
+        for port in orphaned_taps(bridge, metas):
+            host.remove_link(port)
         if not leases:
             tear_down(data_root, settings, bridge)
             return
