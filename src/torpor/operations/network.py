@@ -60,9 +60,11 @@ def attach(ctx: InstanceContext, config: VMConfig) -> VMConfig:
         bridge, tap = spec.bridge or ctx.settings.network_bridge, tap_name(ctx.meta.id)
         with pool(ctx.data_root, ctx.settings).locked():
             bring_up(ctx.data_root, ctx.settings, bridge)
-            host.ensure_tap(tap, bridge, isolated=not spec.allow_peers)
-            if spec.allow_peers:
+            if spec.allow_peers and not host.link_exists(tap):
+                # Into the peers set by name, before the TAP exists: never a peer's TAP
+                # outside it, and no nft run on the restores that find the TAP there.
                 firewall.add_peer(bridge, tap)
+            host.ensure_tap(tap, bridge, isolated=not spec.allow_peers)
         targets = {_key(f): (spec.ip or "", f.guest_port) for f in forwards}
     elif spec.mode == "user" and forwards:
         # QEMU's hostfwd on a free loopback port per published port: the published
@@ -90,15 +92,14 @@ def _free_loopback_port() -> int:
         return port
 
 
-def bring_up(data_root: DataRoot, settings: Settings, bridge: str,
-             peers: tuple[str, ...] = ()) -> None:
+def bring_up(data_root: DataRoot, settings: Settings, bridge: str) -> None:
     """The bridge with the pool's gateway address, its rules and its DNS (the caller
     holds the pool's lock). The rules go in before the bridge exists and only then (nft
     matches interfaces by name): never a bridge without them, and no `nft` run on every
     restore. `torpor check` puts back rules that were flushed since."""
     address_pool = pool(data_root, settings)
     if not host.link_exists(bridge):
-        firewall.apply(bridge, settings.network_subnet, nat=settings.network_nat, peers=peers)
+        firewall.apply(bridge, settings.network_subnet, nat=settings.network_nat)
     host.ensure_bridge(bridge, address_pool.gateway, address_pool.network.prefixlen)
     dns.ensure(address_pool.gateway, data_root.dns_pid_file(bridge), data_root.dns_log(bridge),
                list(settings.network_dns))
