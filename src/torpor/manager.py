@@ -281,8 +281,11 @@ class InstanceManager:
         status = compression_jobs.status(self.data_root,
                                          compression_jobs.Subject.snapshot(record.id),
                                          record.compression_plan)
-        return SnapshotInfo(**record.model_dump(exclude={"compression_plan"}),
-                            compression=status)
+        fields = record.model_dump(exclude={"compression_plan"})
+        stored = compression_jobs.snapshot_stored_state(self.data_root, record.id)
+        if stored is not None:
+            fields["state_codec"], fields["state_bytes"] = stored
+        return SnapshotInfo(**fields, compression=status)
 
     def snapshot_dependents(self, snapshot_id: str) -> list[str]:
         """Instances forked from the snapshot, or mapping its memory file."""

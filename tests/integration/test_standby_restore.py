@@ -71,7 +71,7 @@ def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: s
     assert manifest.state.codec is codec and manifest.state.checksum
     assert (latest / manifest.state.stored_name()).exists()
     assert info.last_operation is not None
-    assert {"pause", "save", "stop", "persist", "paused_window"} <= set(
+    assert {"pause", "save", "kill", "exit", "persist", "paused_window"} <= set(
         info.last_operation.phases)
     observer = ProgressObserver()
     with observing(observer):

@@ -6,11 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
-from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
 from torpor.errors import OperationFailed
 
@@ -97,6 +97,14 @@ class Monitor:
                              for k, v in caps.items()]
         })
 
+    @contextlib.contextmanager
+    def migration_events(self) -> Iterator[MigrationEvents]:
+        """QEMU's MIGRATION events (status changes) while the block runs: a wait on a
+        migration wakes the moment it changes instead of at its next poll. QEMU sends them
+        once the `events` capability is on (prepare_outgoing)."""
+        with self._client.listener("MIGRATION") as listener:
+            yield MigrationEvents(listener)
+
     async def query_migrate(self) -> dict[str, Any]:
         result = await self.execute("query-migrate")
         return dict(result)
@@ -108,3 +116,15 @@ class Monitor:
                         else await self.execute("query-version"))
         v = version["qemu"]
         return f"{v['major']}.{v['minor']}.{v['micro']}"
+
+
+class MigrationEvents:
+    """A MIGRATION event listener (Monitor.migration_events)."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+
+    async def next_or_timeout(self, timeout: float) -> None:
+        """Until the next status change, or `timeout` seconds."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._listener.get(), timeout)

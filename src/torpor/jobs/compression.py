@@ -350,16 +350,33 @@ def resume_snapshot_plan(data_root: DataRoot, snapshot_id: str, plan: Compressio
     launch_worker(data_root, Subject.snapshot(snapshot_id), slots=slots, rate_limit=rate_limit)
 
 
+def stored_state(manifest: Manifest) -> tuple[Codec, int]:
+    """What a snapshot's record reports as stored: the codec of what shrinks (the RAM file
+    in memory-file mode, else the state) and the state's stored size."""
+    codec = manifest.state.codec
+    if manifest.memory_file is not None and manifest.memory_file.codec is not Codec.NONE:
+        codec = manifest.memory_file.codec
+    return codec, manifest.state.stored_bytes
+
+
 def record_snapshot_state(data_root: DataRoot, snapshot_id: str) -> None:
     """After a job published a snapshot's compressed state: its record says what is
     stored now, as its manifest does."""
     snapshot = data_root.snapshot(snapshot_id)
     manifest = Manifest.load(snapshot.payload_instance().standby_dir)
     record = load_record(snapshot)
-    record.state_codec, record.state_bytes = manifest.state.codec, manifest.state.stored_bytes
-    if manifest.memory_file is not None and manifest.memory_file.codec is not Codec.NONE:
-        record.state_codec = manifest.memory_file.codec
+    record.state_codec, record.state_bytes = stored_state(manifest)
     save_record(snapshot, record)
+
+
+def snapshot_stored_state(data_root: DataRoot, snapshot_id: str) -> tuple[Codec, int] | None:
+    """The manifest's word on what is stored: a job publishes the manifest before it
+    updates the record, so a reader between the two takes it from here."""
+    try:
+        manifest = Manifest.load(data_root.snapshot(snapshot_id).payload_instance().standby_dir)
+    except Exception:
+        return None
+    return stored_state(manifest)
 
 
 def clear_stale_plan(data_root: DataRoot, subject: Subject) -> None:
