@@ -17,7 +17,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from torpor.api.listen import ListenAddress, config_file, parse_listen
-from torpor.codec import Codec, parse_codec
+from torpor.codec import Codec, parse_compression
 from torpor.errors import InvalidArgument
 from torpor.instances.context import Settings
 from torpor.instances.metadata import CompressionPolicy
@@ -54,7 +54,7 @@ class CompressionConfig(BaseModel):
     def policy(self) -> CompressionPolicy | None:
         """The server default policy; None when compression is off by default."""
         codec_text, sep, level_text = self.default.partition(":")
-        codec = parse_codec(codec_text)
+        codec, store_incompressible = parse_compression(codec_text)
         level = self.level
         if sep:
             try:
@@ -63,7 +63,8 @@ class CompressionConfig(BaseModel):
                 raise InvalidArgument(f"compression level must be a number, not "
                                       f"{level_text!r}") from None
         delay = seconds(self.delay)
-        policy = CompressionPolicy(codec=codec, level=level, mode=self.mode, delay_s=delay)
+        policy = CompressionPolicy(codec=codec, level=level, mode=self.mode, delay_s=delay,
+                                   store_incompressible=store_incompressible)
         policy.effective_level()
         return None if codec is Codec.NONE else policy
 

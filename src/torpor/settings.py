@@ -44,7 +44,8 @@ SETTINGS: list[Setting] = [
     Setting("accel", "accelerator: auto (probe KVM, fall back to TCG), kvm or tcg", "auto"),
     Setting("token_file", "the daemon's bearer token (default: <data_root>/api-token)"),
     Setting("compression.default", "standby compression when neither the request nor the"
-            " instance says: a codec (zstd, lz4, none), or codec:level", "none",
+            " instance says: auto (zstd storing raw what does not compress), zstd, lz4, none,"
+            " or codec:level", "none",
             env_name="TORPOR_DEFAULT_COMPRESSION"),
     Setting("compression.level", "the default codec's level"),
     Setting("compression.mode", "sync: compress while saving; background: save raw,"

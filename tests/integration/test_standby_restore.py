@@ -101,6 +101,22 @@ def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: s
     assert sci.strip() == "0"
 
 
+def test_auto_compression_stores_random_data_raw_and_restores_it(manager: InstanceManager,
+                                                                  vm: str) -> None:
+    """`auto`: zstd frames, the chunks of random data stored raw (recorded in the
+    manifest), the guest's compressible memory compressed; the restore feeds both."""
+    before = fill_guest(manager, vm, ram_mib=32)
+    run(manager.standby(vm, CompressionPolicy(codec=Codec.ZSTD, store_incompressible=True)))
+    state = Manifest.load(manager.paths(vm).standby_dir).state
+    assert state.layout == "frames" and state.chunks and state.stored_raw_chunks is not None
+    # 32 MiB of random data fill 8 chunks; pages of it share chunks with compressible ones
+    assert 32 // 8 <= state.stored_raw_chunks < state.chunks
+    assert state.raw_bytes is not None and state.stored_bytes < state.raw_bytes
+    run(manager.restore(vm))
+    after = guest_view(manager, vm)
+    assert (after["ram"], after["disk"]) == (before["ram"], before["disk"])
+
+
 def test_show_json_carries_last_operation(data_root: Path, manager: InstanceManager,
                                           vm: str) -> None:
     result = torpor_cli(data_root, "standby", vm, "--compress", "ZSTD", "--level", "3")

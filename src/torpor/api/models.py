@@ -66,6 +66,12 @@ class ZstdCompression(_Compressed):
                               description="1..19, or the fast levels -7..-1; default 1")
 
 
+class AutoCompression(_Compressed):
+    codec: Literal["auto"] = Field(description="zstd that stores raw what does not compress")
+    level: ZstdLevel | None = Field(None, json_schema_extra={"not": {"const": 0}},
+                              description="zstd's level for what compresses; default 1")
+
+
 class Lz4Compression(_Compressed):
     codec: Literal["lz4"]
     level: Lz4Level | None = Field(None, description="0 (fastest, default)..12")
@@ -75,7 +81,7 @@ class NoCompression(Body):
     codec: Literal["none"] = Field(description="explicitly off: wins over any default")
 
 
-Compression = Annotated[ZstdCompression | Lz4Compression | NoCompression,
+Compression = Annotated[AutoCompression | ZstdCompression | Lz4Compression | NoCompression,
                         Field(discriminator="codec")]
 
 
@@ -85,8 +91,10 @@ def to_policy(compression: Compression | None) -> CompressionPolicy | None:
         return None
     if isinstance(compression, NoCompression):
         return CompressionPolicy(codec=Codec.NONE)
-    return CompressionPolicy(codec=Codec(compression.codec), level=compression.level,
-                             mode=compression.mode, delay_s=compression.delay_s)
+    auto = isinstance(compression, AutoCompression)
+    return CompressionPolicy(codec=Codec.ZSTD if auto else Codec(compression.codec),
+                             level=compression.level, mode=compression.mode,
+                             delay_s=compression.delay_s, store_incompressible=auto)
 
 
 class ErrorBody(BaseModel):

@@ -292,7 +292,8 @@ def stop(ctx: typer.Context, name: NameArg,
 
 
 CompressOpt = Annotated[str | None, typer.Option(
-    "--compress", help="Compress the machine state: zstd, lz4 or none.", show_default=False)]
+    "--compress", help="Compress the machine state: auto (zstd, storing raw what does not "
+                       "compress), zstd, lz4 or none.", show_default=False)]
 LevelOpt = Annotated[int | None, typer.Option(
     help="Compression level (zstd 1..19 or negative fast levels, default 1; lz4 0..12, "
          "default 0).", show_default=False)]
@@ -308,12 +309,14 @@ def compression_policy(compress: str | None, level: int | None, background: bool
         return None
     if delay is not None and not background:
         raise typer.BadParameter("--delay only applies with --background", param_hint="--delay")
-    from torpor.codec import parse_codec
+    from torpor.codec import parse_compression
     from torpor.instances.metadata import CompressionPolicy
 
-    policy = CompressionPolicy(codec=parse_codec(compress), level=level,
+    codec, store_incompressible = parse_compression(compress)
+    policy = CompressionPolicy(codec=codec, level=level,
                                mode="background" if background else "sync",
-                               delay_s=parse_duration(delay) if delay else 0.0)
+                               delay_s=parse_duration(delay) if delay else 0.0,
+                               store_incompressible=store_incompressible)
     policy.effective_level()
     return policy
 

@@ -1,4 +1,5 @@
-"""Compression codecs (zstd, lz4 as native filter processes) and the stored-file checksum.
+"""Compression codecs (zstd frames in-process, codec/frames.py; lz4 and the background
+job's zstd as native filter processes) and the stored-file checksum.
 
 Knows nothing of VMs or snapshots.
 """
@@ -12,6 +13,7 @@ from torpor.codec.codecs import (
     compressor_argv,
     decompressor_argv,
     parse_codec,
+    parse_compression,
     sparse_decompressor_argv,
     stored_hasher,
     validate_level,
@@ -26,6 +28,7 @@ __all__ = [
     "compressor_argv",
     "decompressor_argv",
     "parse_codec",
+    "parse_compression",
     "sparse_decompressor_argv",
     "stored_hasher",
     "validate_level",

@@ -3,9 +3,10 @@
 Measured here (bench/codec_bench.py, 2 GiB guest): streaming through the native tools beat
 the in-process zstandard/lz4 bindings on the save of random RAM (zstd 3.65 s vs 5.06 s) and
 on 3 of 4 loads (zstd idle 0.16 s vs 0.28 s, random 1.04 s vs 2.04 s), and
-decompressing to tmpfs first was never the fastest. So the codecs are processes on a pipe;
-the checksum (xxh3-128 of the stored bytes) is computed by a separate pass or thread,
-never inside the compression loop.
+decompressing to tmpfs first was never the fastest. So lz4 and the background job's zstd
+are processes on a pipe. Sync zstd saves are now frames written on a thread pool
+(codec/frames.py): per-chunk frames let several threads compress and let a load skip the
+decompressor for what was stored raw, which the single streaming binding could not.
 """
 
 from __future__ import annotations
@@ -34,12 +35,24 @@ DEFAULT_LEVELS = {Codec.NONE: 0, Codec.ZSTD: 1, Codec.LZ4: 0}
 LEVEL_RANGES = {Codec.NONE: range(0, 1), Codec.ZSTD: range(-7, 20), Codec.LZ4: range(0, 13)}
 
 
+AUTO = "auto"  # zstd that stores raw what does not compress (codec/frames.py)
+
+
 def parse_codec(name: str) -> Codec:
+    return parse_compression(name)[0]
+
+
+def parse_compression(name: str) -> tuple[Codec, bool]:
+    """A compression's name → its codec, and whether it stores raw what does not
+    compress (`auto`)."""
+    text = name.strip().lower()
+    if text == AUTO:
+        return Codec.ZSTD, True
     try:
-        return Codec(name.strip().lower())
+        return Codec(text), False
     except ValueError:
         raise InvalidArgument(
-            f"unknown compression {name!r}: use zstd, lz4 or none") from None
+            f"unknown compression {name!r}: use auto, zstd, lz4 or none") from None
 
 
 def validate_level(codec: Codec, level: int | None) -> int:

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,10 @@ RUNNING_STATES = {"running"}
 PAUSED_STATES = {"paused", "prelaunch", "inmigrate", "postmigrate", "finish-migrate",
                  "save-vm", "restore-vm", "suspended", "debug", "colo"}
 FAILED_STATES = {"internal-error", "io-error", "guest-panicked", "shutdown", "watchdog"}
+
+
+NOT_FINALIZED = "Migration is not finalized yet"  # qmp_cont in finish-migrate
+FINISH_MIGRATE_GRACE = 5.0
 
 
 class QmpError(OperationFailed):
@@ -68,7 +73,17 @@ class Monitor:
         await self.execute("stop")
 
     async def resume(self) -> None:
-        await self.execute("cont")
+        """`cont`. Right after a migration completed (its MIGRATION event) QEMU may still
+        be in finish-migrate for a moment and refuse; that is retried, briefly."""
+        deadline = time.monotonic() + FINISH_MIGRATE_GRACE
+        while True:
+            try:
+                await self.execute("cont")
+                return
+            except QmpError as exc:
+                if NOT_FINALIZED not in str(exc) or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.001)
 
     async def quit(self) -> None:
         """Ask QEMU to exit; the connection drops as it does, which is not an error."""

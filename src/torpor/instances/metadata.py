@@ -88,6 +88,9 @@ class CompressionPolicy(BaseModel):
     level: int | None = None
     mode: Literal["sync", "background"] = "sync"
     delay_s: float = 0.0
+    # `auto`: zstd that stores raw the chunks a probe finds incompressible, so turning
+    # compression on costs random-data guests next to nothing in the paused window.
+    store_incompressible: bool = False
 
     def effective_level(self) -> int:
         return validate_level(self.codec, self.level)

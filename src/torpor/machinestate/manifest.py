@@ -44,6 +44,11 @@ class StateFile(BaseModel):
     checksum_algorithm: str = "xxh3_128"
     checksum: str | None = None  # of the stored bytes; None only if a crash cut it short
     zero_pages: LeftOutZeroPages | None = None
+    # "frames": zstd written in independent frames by torpor (codec/frames.py), loaded by
+    # splicing its raw frames; "stream": one stream from the codec's own tool.
+    layout: Literal["stream", "frames"] = "stream"
+    chunks: int | None = None  # frames layout: chunks written, and how many stored raw
+    stored_raw_chunks: int | None = None
 
     def stored_name(self) -> str:
         return self.name + SUFFIXES.get(self.codec, "")

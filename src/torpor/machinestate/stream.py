@@ -17,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import os
+import select
+import socket
 import threading
 import time
 from asyncio.subprocess import PIPE
@@ -34,6 +37,7 @@ from torpor.codec import (
     decompressor_argv,
     stored_hasher,
 )
+from torpor.codec.frames import FeedAbandoned, FrameStats, FrameWriter, feed
 from torpor.errors import IntegrityError, OperationFailed
 from torpor.hypervisor.process import LAUNCH_TIMEOUT
 from torpor.hypervisor.qmp import MigrationEvents, Monitor
@@ -44,6 +48,8 @@ from torpor.tasks import in_thread
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: lifts QEMU 7.2's 128 MiB/s default cap
 PIPE_SIZE = 1 << 20
+STREAM_BUFFER = 64 << 20  # see _stream_socket
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # Linux; not in Python's socket module
 POLL_INTERVAL = 0.005
 # An incoming QEMU reading a file answers its monitor only where its RAM loader yields
 # (every 32768 pages, measured: a 68 MiB state got no answer before its end), so a fine
@@ -51,6 +57,9 @@ POLL_INTERVAL = 0.005
 # throughout: polling that often would take CPU from the load.
 FILE_LOAD_POLL_INTERVAL = 0.001
 FD_NAME = "torpor-state"
+# With MIGRATION events, a poll only reports progress: each one costs QEMU's main loop,
+# where an incoming load runs, a monitor round trip.
+EVENT_POLL_INTERVAL = 0.1
 PROGRESS_INTERVAL = 0.05  # s between progress reports of a load QEMU does not report on
 # How slowly a stored state may load (a cold, slow disk) before a QEMU reading it from
 # its command line is given up on: until its loader first yields it answers nothing.
@@ -61,12 +70,36 @@ SLOWEST_LOAD_RATE = 20 << 20  # bytes/s
 LOAD_STALL_TIMEOUT = 15.0
 
 Progress = Callable[[int], None]
+Sink = int | Callable[[memoryview], object]  # an fd, or what writes to the stored file
+# Threads compressing zstd frames while the stream is read (the zstandard library
+# releases the GIL): every core, as the paused window is what they shorten.
+FRAME_THREADS = max(2, os.cpu_count() or 2)
 Hasher = Any  # what stored_hasher() returns: update(bytes), hexdigest()
 T = TypeVar("T")
 
 
 class MigrationFailed(OperationFailed):
     pass
+
+
+def _stream_socket() -> tuple[int, int]:
+    """A one-way stream for a load fed from here: a socket pair with large buffers. A
+    pipe holds at most 1 MiB (more needs CAP_SYS_RESOURCE, which this host's root lacks)
+    and wakes its writer at every read from a full pipe: QEMU's 32 KiB reads made that
+    ~8000 wake-ups per 256 MiB, and a frames load 1.9x a raw one against 1.5x through
+    the socket (measured, docs/design.md). Without CAP_NET_ADMIN the buffers stay at
+    the host's maximum."""
+    reader, writer = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for sock in (reader, writer):
+        for forced, plain in ((_SO_RCVBUFFORCE, socket.SO_RCVBUF),
+                              (_SO_SNDBUFFORCE, socket.SO_SNDBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, forced, STREAM_BUFFER)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, STREAM_BUFFER)
+    reader.shutdown(socket.SHUT_WR)
+    writer.shutdown(socket.SHUT_RD)
+    return reader.detach(), writer.detach()
 
 
 def _pipe() -> tuple[int, int]:
@@ -159,8 +192,8 @@ async def hand_state_file(mon: Monitor, directory: Path) -> BinaryIO:
 
 async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
                      progress: Progress | None = None, *, fsync: bool = True,
-                     fresh_block: str | None = None, handed: BinaryIO | None = None
-                     ) -> StateFile:
+                     fresh_block: str | None = None, handed: BinaryIO | None = None,
+                     store_incompressible: bool = False) -> StateFile:
     """Migrate the paused VM's state (after prepare_outgoing) into
     directory/machine-state[.ext], leaving out the zero pages of `fresh_block` (the RAM a
     receiving QEMU holds zero-filled: vmconfig.zeroed_ram_block).
@@ -168,7 +201,8 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
     other is left to finalize_checksum. fsync=False leaves flushing to the caller
     (a snapshot of a VM that keeps running flushes after resuming it; a standby must
     flush before QEMU quits). `handed`: the file hand_state_file already passed to QEMU
-    (only where writes_directly)."""
+    (only where writes_directly). zstd is written as frames (codec/frames.py), with
+    `store_incompressible` (policy auto) storing raw what does not compress."""
     state = StateFile(codec=codec, level=level)
     hasher = stored_hasher() if codec is Codec.NONE and fresh_block is not None else None
     assert handed is None or writes_directly(codec, fresh_block)
@@ -176,6 +210,11 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
         if codec is Codec.NONE:
             left_out = await _migrate_into(mon, out.fileno(), fresh_block, progress, hasher,
                                            handed=handed is not None)
+        elif codec is Codec.ZSTD:
+            left_out, stats = await _save_as_frames(mon, out.fileno(), level, progress,
+                                                    fresh_block, store_incompressible)
+            state.layout, state.raw_bytes = "frames", stats.raw_bytes
+            state.chunks, state.stored_raw_chunks = stats.chunks, stats.stored_raw
         else:
             left_out = await _save_through_compressor(mon, out, codec, level, progress,
                                                       fresh_block)
@@ -191,13 +230,14 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
     return state
 
 
-async def _migrate_into(mon: Monitor, sink: int, fresh_block: str | None,
+async def _migrate_into(mon: Monitor, sink: Sink, fresh_block: str | None,
                         progress: Progress | None, hasher: Hasher | None = None, *,
                         handed: bool = False) -> int:
     """QEMU's outgoing stream into fd `sink` (the caller's, left open): directly, or
     through the zero-page filter in a thread (which feeds `hasher` what it writes). The
-    number of pages left out. `handed`: QEMU already has `sink` (hand_state_file)."""
-    if fresh_block is None:
+    number of pages left out. `handed`: QEMU already has `sink` (hand_state_file). A
+    function as `sink` is handed what to write, from the thread."""
+    if fresh_block is None and not callable(sink):
         try:
             if not handed:
                 await mon.send_fd(FD_NAME, sink)
@@ -233,13 +273,53 @@ async def _migrate_into(mon: Monitor, sink: int, fresh_block: str | None,
         raise OperationFailed(f"could not write the machine state: {write_error}") from None
 
 
-def _pump(source: int, sink: int, fresh_block: str, stop: threading.Event,
+def _pump(source: int, sink: Sink, fresh_block: str | None, stop: threading.Event,
           hasher: Hasher | None) -> int:
     try:
+        if fresh_block is None:
+            return _copy(source, sink, stop)
         return pump(source, sink, fresh_block, stop,
                     written=hasher.update if hasher is not None else None)
     finally:
         os.close(source)  # a writer still writing gets EPIPE rather than blocking
+
+
+def _copy(source: int, sink: Sink, stop: threading.Event) -> int:
+    """The stream passed on whole (no zero-page filter): returns 0 pages left out."""
+    write = sink if callable(sink) else functools.partial(_write_all, sink)
+    readable = select.poll()
+    readable.register(source, select.POLLIN)
+    buffer = memoryview(bytearray(1 << 20))
+    while True:
+        while not readable.poll(100):
+            if stop.is_set():
+                raise StreamAbandoned("the migration stream was abandoned before its end")
+        got = os.readv(source, [buffer])
+        if got == 0:
+            return 0
+        write(buffer[:got])
+
+
+def _write_all(fd: int, data: memoryview) -> None:
+    while data:
+        data = data[os.write(fd, data):]
+
+
+async def _save_as_frames(mon: Monitor, sink: int, level: int, progress: Progress | None,
+                          fresh_block: str | None, store_incompressible: bool
+                          ) -> tuple[int, FrameStats]:
+    """The stream (filtered) into zstd frames compressed on threads (codec/frames.py)."""
+    writer = FrameWriter(sink, level, store_incompressible=store_incompressible,
+                         threads=FRAME_THREADS)
+    try:
+        left_out = await _migrate_into(mon, writer.write, fresh_block, progress)
+    except BaseException:
+        await asyncio.to_thread(writer.abort)
+        raise
+    try:
+        return left_out, await asyncio.to_thread(writer.close)
+    except OSError as write_error:
+        raise OperationFailed(f"could not write the machine state: {write_error}") from None
 
 
 async def _abandon_outgoing(mon: Monitor) -> None:
@@ -288,6 +368,10 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
     """Feed a stored state into an incoming QEMU; raise IntegrityError if its checksum
     does not match (the caller must then not resume the VM). ignore_shared: the stream
     was saved with x-ignore-shared (memory-file mode), so it is read with it too."""
+    if expected.layout == "frames":
+        await mon.set_migration_capabilities(events=True, x_ignore_shared=ignore_shared)
+        await _load_frames(mon, path, expected, progress)
+        return
     if ignore_shared:
         await mon.set_migration_capabilities(x_ignore_shared=True)
     verifier = asyncio.create_task(asyncio.to_thread(checksum_file, path))
@@ -337,6 +421,53 @@ class _DecompressorFailed(Exception):
     pass
 
 
+async def _load_frames(mon: Monitor, path: Path, expected: StateFile,
+                       progress: Progress | None) -> None:
+    """A frames-layout state fed to QEMU by a thread (codec/frames.feed), which hashes
+    the file as it reads it: the verdict is in when the feed ends. A feed cut short (QEMU
+    failed) has the rest of the file hashed, so a damaged file is still named as such."""
+    fed = [0]
+    hasher = stored_hasher()
+
+    def count(stored: int) -> None:
+        fed[0] += stored
+
+    def feeding(stop: threading.Event) -> None:
+        try:
+            feed(path, write_end, stop, count, hasher)
+        finally:
+            os.close(write_end)  # QEMU sees the end of the stream
+
+    read_end, write_end = _stream_socket()
+    stop = threading.Event()
+    feeder = asyncio.ensure_future(in_thread(feeding, stop=stop))  # awaited on every path
+    load_error: BaseException | None = None
+    feed_error: BaseException | None = None
+    try:
+        await mon.hand_over_fd(FD_NAME, read_end)
+        with mon.migration_events() as events:
+            await mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+            await wait_migration(mon, progress, lambda _: fed[0], EVENT_POLL_INTERVAL,
+                                 stall_timeout=LOAD_STALL_TIMEOUT, events=events)
+    except Exception as exc:  # decided below, after the checksum
+        load_error = exc
+    finally:
+        stop.set()  # QEMU gave up reading: the feeder must not wait on a full socket
+        try:
+            await feeder
+        except Exception as exc:
+            feed_error = exc
+    if load_error is None and feed_error is None:
+        _check_digest(path, expected, hasher.hexdigest())
+        return
+    verifier = asyncio.ensure_future(asyncio.to_thread(checksum_file, path))
+    await _verdict(verifier, path, expected)  # the file is damaged: that is the error
+    if feed_error is not None and not isinstance(feed_error, BrokenPipeError | FeedAbandoned):
+        # the cause of whatever QEMU made of the stream (a state saved without checksum)
+        raise IntegrityError(f"zstd could not decompress {path.name}: {feed_error}")
+    raise MigrationFailed(f"QEMU could not load the machine state: {load_error}")
+
+
 def _decompressor_alive(proc: asyncio.subprocess.Process | None, codec: Codec) -> None:
     """A decompressor that failed while QEMU still waits for its stream ends the load."""
     if proc is not None and proc.returncode not in (None, 0):
@@ -350,10 +481,14 @@ async def _verdict(verifier: asyncio.Future[StreamStats], path: Path,
         stats = await verifier
     except OSError as exc:
         raise IntegrityError(f"machine state could not be read back: {exc}") from exc
-    if expected.checksum is not None and stats.checksum != expected.checksum:
+    _check_digest(path, expected, stats.checksum)
+
+
+def _check_digest(path: Path, expected: StateFile, checksum: str | None) -> None:
+    if expected.checksum is not None and checksum != expected.checksum:
         raise IntegrityError(
             f"machine state {path.name} does not match its manifest checksum "
-            f"({expected.checksum_algorithm} {stats.checksum} != {expected.checksum})")
+            f"({expected.checksum_algorithm} {checksum} != {expected.checksum})")
 
 
 def reads_at_exec(codec: Codec, ignore_shared: bool) -> bool:

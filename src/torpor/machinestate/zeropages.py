@@ -19,6 +19,7 @@ so the stream stays valid at every point where the filter may stop filtering.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import select
@@ -296,18 +297,22 @@ def _offset_bounds(run: bytes, count: int) -> tuple[int, int]:
     return min(values) & ~FLAGS_MASK, max(values) & ~FLAGS_MASK
 
 
-def pump(source: int, sink: int, fresh_block: str, stop: threading.Event,
-         chunk: int = 1 << 20, written: Callable[[memoryview], object] | None = None) -> int:
-    """Copy a migration stream from fd `source` to fd `sink` until EOF, without the zero
-    pages of `fresh_block` a receiving QEMU already has; returns how many it left out.
+def pump(source: int, sink: int | Callable[[memoryview], object], fresh_block: str,
+         stop: threading.Event, chunk: int = 1 << 20,
+         written: Callable[[memoryview], object] | None = None) -> int:
+    """Copy a migration stream from fd `source` to `sink` (an fd, or a function taking
+    what to write) until EOF, without the zero pages of `fresh_block` a receiving QEMU
+    already has; returns how many it left out.
     Blocking: run it in a thread; `stop` makes it give up waiting for input (a writer that neither
     writes nor closes). An error writing (a full disk) raises. `written` sees every byte
     written, in order (e.g. a hash of the stored file, with no second pass over it)."""
 
+    write = sink if callable(sink) else functools.partial(_write_all, sink)
+
     def emit(part: memoryview) -> None:
         if written is not None:
             written(part)
-        _write_all(sink, part)
+        write(part)
 
     stream = ZeroPageFilter(fresh_block)
     buf = bytearray(chunk + _CARRY)

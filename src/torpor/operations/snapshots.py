@@ -155,7 +155,8 @@ async def save_leg(mon: Monitor, record: RuntimeRecord, directory: Path,
     # QEMU writes the file itself: the zero-page filter (standby's) would lengthen the
     # source's pause by ~0.3 s per GiB of guest data, and here the pause is what counts.
     state = await save_state(mon, directory, policy.codec, policy.effective_level(),
-                             progress, fsync=False)
+                             progress, fsync=False,
+                             store_incompressible=policy.store_incompressible)
     return build_manifest(record.vm_config, state, await mon.version())
 
 

@@ -105,7 +105,8 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
                     progress = observe.counter("save", ctx.meta.memory_mib << 20)
                     state = await save_state(mon, partial, policy.codec,
                                              policy.effective_level(), progress,
-                                             fresh_block=fresh, handed=handed, fsync=False)
+                                             fresh_block=fresh, handed=handed, fsync=False,
+                                             store_incompressible=policy.store_incompressible)
                     manifest = build_manifest(record.vm_config, state, qemu_version)
                     manifest.guest_clock_source = ctx.meta.guest_clock_source
                     await asyncio.to_thread(_make_durable, partial, latest, manifest)

@@ -1,0 +1,285 @@
+"""zstd in independent frames: compressed on threads as the stream is written, stored raw
+where it does not compress, and fed back to a reader without copying what was stored raw.
+
+A state written here is an ordinary zstd file (a sequence of frames, which `zstd -d`
+reads), one frame per CHUNK of the stream:
+
+- a chunk that compresses is one frame from the zstandard library (level as asked);
+- a chunk that does not (policy `auto`: a probe of its first PROBE bytes shrinks by less
+  than INCOMPRESSIBLE) is a frame of raw blocks, built here: no compression time spent on
+  it in the paused window.
+
+Chunks are compressed on a pool of threads (zstandard releases the GIL) while later ones
+are read, and written in order. On load, `feed` walks the frames: a frame made of raw
+blocks (written by `auto`, or by zstd itself for data it could not shrink) is sent from
+the file by the kernel (sendfile: no copy through user space), any other is
+decompressed.
+Measured why (docs/design.md, "Compressed restores"): the pipe into QEMU, not the codec,
+made compressed restores slow; a decompressor process copies every byte twice more.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import zstandard
+
+MAGIC = (0xFD2FB528).to_bytes(4, "little")
+CHUNK = 4 << 20
+PROBE = 64 << 10
+INCOMPRESSIBLE = 0.9  # a probe compressing to more than this share of itself: stored raw
+BLOCK = 128 << 10  # zstd's largest block
+_LAST, _RAW, _RLE = 1, 0, 1
+
+
+class FrameError(ValueError):
+    """The file is not the zstd frames this module reads."""
+
+
+@dataclass
+class FrameStats:
+    raw_bytes: int = 0
+    stored_bytes: int = 0
+    chunks: int = 0
+    stored_raw: int = 0  # chunks stored uncompressed (auto)
+
+
+def stored_frame(chunk: memoryview) -> list[bytes | memoryview]:
+    """A zstd frame holding `chunk` as raw blocks (single segment, 4-byte content size, no
+    checksum: the state file has its own), as parts to write: the chunk is not copied."""
+    size = len(chunk)
+    parts: list[bytes | memoryview] = [MAGIC + bytes([0b1010_0000]) + size.to_bytes(4, "little")]
+    for start in range(0, max(size, 1), BLOCK):
+        block = chunk[start:start + BLOCK]
+        last = start + BLOCK >= size
+        parts.append(((len(block) << 3) | (_RAW << 1) | int(last)).to_bytes(3, "little"))
+        parts.append(block)
+    return parts
+
+
+def compresses(chunk: memoryview, level: int) -> bool:
+    """Whether PROBE bytes of the chunk, in four slices spread over it (guest RAM mixes
+    data within a chunk), shrink enough to be worth compressing."""
+    if len(chunk) <= PROBE:
+        probe = bytes(chunk)
+    else:
+        step = len(chunk) // 4
+        probe = b"".join(chunk[i * step:i * step + PROBE // 4] for i in range(4))
+    return len(zstandard.ZstdCompressor(level=level).compress(probe)) < len(probe) * INCOMPRESSIBLE
+
+
+Encoded = tuple[list[bytes | memoryview], bool]  # a frame's parts; stored raw?
+
+
+class FrameWriter:
+    """Writes a byte stream to fd `sink` as zstd frames (see the module). `write` from one
+    thread; `close` writes the rest (or `abort`), and waits for every compression it
+    started: the pool's threads never outlive the writer. Chunk buffers are reused (fresh
+    memory is slow to touch on a host that hands freed memory back: bench/hostmem.py)."""
+
+    def __init__(self, sink: int, level: int, *, store_incompressible: bool,
+                 threads: int = 2) -> None:
+        self.sink, self.level, self.auto = sink, level, store_incompressible
+        self.stats = FrameStats()
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="zstd-frame")
+        self._window = threads * 2  # chunks in flight: bounds memory to ~5 x CHUNK per thread
+        self._pending: deque[tuple[Future[Encoded], bytearray]] = deque()
+        self._free: list[bytearray] = []
+        self._buffer, self._filled = bytearray(CHUNK), 0
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(CHUNK - self._filled, len(view))
+            self._buffer[self._filled:self._filled + take] = view[:take]
+            self._filled += take
+            view = view[take:]
+            if self._filled == CHUNK:
+                self._submit()
+
+    def close(self) -> FrameStats:
+        try:
+            if self._filled:
+                self._submit()
+            while self._pending:
+                self._write_next()
+        finally:
+            self.abort()
+        return self.stats
+
+    def abort(self) -> None:
+        """After a failed save: drop what is queued, wait for the threads, write nothing."""
+        for future, _ in self._pending:
+            future.cancel()
+        self._pending.clear()
+        self._pool.shutdown(wait=True)
+
+    def _submit(self) -> None:
+        buffer, length = self._buffer, self._filled
+        self.stats.raw_bytes += length
+        chunk = memoryview(buffer)[:length]
+        self._pending.append((self._pool.submit(self._encode, chunk), buffer))
+        self._buffer = self._free.pop() if self._free else bytearray(CHUNK)
+        self._filled = 0
+        while len(self._pending) >= self._window:
+            self._write_next()
+
+    def _encode(self, chunk: memoryview) -> Encoded:
+        if self.auto and not compresses(chunk, self.level):
+            return stored_frame(chunk), True
+        return [zstandard.ZstdCompressor(level=self.level).compress(chunk)], False
+
+    def _write_next(self) -> None:
+        future, buffer = self._pending.popleft()
+        parts, raw = future.result()
+        size = _writev_all(self.sink, parts)
+        self._free.append(buffer)  # written: its memory may hold the next chunk
+        self.stats.chunks += 1
+        self.stats.stored_raw += raw
+        self.stats.stored_bytes += size
+
+
+def _writev_all(fd: int, parts: list[bytes | memoryview]) -> int:
+    """Every part written to a blocking fd; the bytes written."""
+    _write_parts(fd, parts, lambda: None)
+    return sum(len(memoryview(p)) for p in parts)
+
+
+@dataclass
+class Frame:
+    offset: int  # in the file
+    length: int
+    raw: list[tuple[int, int]] | None  # (offset, length) of its raw blocks, if all are raw
+
+
+def frames(fd: int) -> Iterator[Frame]:
+    """The frames of a zstd file, read through their headers (pread: the fd's offset is
+    not moved). Raises FrameError on anything that is not a zstd frame."""
+    offset, size = 0, os.fstat(fd).st_size
+    while offset < size:
+        yield (frame := _frame_at(fd, offset))
+        offset += frame.length
+
+
+def _frame_at(fd: int, offset: int) -> Frame:
+    header = os.pread(fd, 18, offset)
+    if header[:4] != MAGIC or len(header) < 6:
+        raise FrameError(f"no zstd frame at byte {offset}")
+    descriptor = header[4]
+    fcs_size = {0: 0, 1: 2, 2: 4, 3: 8}[descriptor >> 6]
+    single_segment = bool(descriptor & 0x20)
+    if single_segment and fcs_size == 0:
+        fcs_size = 1
+    checksum = 4 if descriptor & 0x04 else 0
+    dict_size = {0: 0, 1: 1, 2: 2, 3: 4}[descriptor & 0x03]
+    position = offset + 5 + (0 if single_segment else 1) + dict_size + fcs_size
+    raw: list[tuple[int, int]] | None = []
+    while True:
+        block = os.pread(fd, 3, position)
+        if len(block) < 3:
+            raise FrameError(f"zstd frame at byte {offset} is cut short")
+        value = int.from_bytes(block, "little")
+        kind, block_size = (value >> 1) & 3, value >> 3
+        stored = 1 if kind == _RLE else block_size
+        if raw is not None and kind == _RAW:
+            raw.append((position + 3, block_size))
+        elif kind != _RAW:
+            raw = None
+        position += 3 + stored
+        if value & _LAST:
+            break
+    position += checksum
+    return Frame(offset, position - offset, raw)
+
+
+def feed(path: os.PathLike[str] | str, sink: int, stop: threading.Event,
+         progress: Callable[[int], None] | None = None,
+         hasher: Hasher | None = None) -> None:
+    """Write the decompressed content of a zstd file to `sink` (a socket or pipe).
+    Without `hasher`, raw blocks are sent from the file by the kernel (sendfile: no copy
+    here); with it, each frame is read once, hashed (`hasher` sees the whole file, in
+    order) and its raw blocks written from that read: one pass over the file instead of
+    a second reader hashing it, which measured faster on 2 cores. Other frames are
+    decompressed. Blocking (a thread); `stop` makes it give up (a reader that stopped
+    reading: FeedAbandoned); `progress` gets the stored bytes dealt with. `sink` is made
+    non-blocking."""
+    os.set_blocking(sink, False)
+    writable = select.poll()
+    writable.register(sink, select.POLLOUT)
+
+    def wait() -> None:
+        while not writable.poll(_STOP_CHECK_MS):
+            if stop.is_set():
+                raise FeedAbandoned("the reader stopped reading")
+
+    decompressor = zstandard.ZstdDecompressor()
+    source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        for frame in frames(source):
+            data = None
+            if hasher is not None or frame.raw is None:
+                data = memoryview(os.pread(source, frame.length, frame.offset))
+                if len(data) < frame.length:
+                    raise FrameError("the state file ended inside a frame")
+                if hasher is not None:
+                    hasher.update(data)
+            if frame.raw is None:
+                assert data is not None
+                _write_parts(sink, [decompressor.decompressobj().decompress(data)], wait)
+            elif data is None:
+                for start, length in frame.raw:
+                    _send_all(source, start, length, sink, wait)
+            else:
+                _write_parts(sink, [data[start - frame.offset:start - frame.offset + length]
+                                    for start, length in frame.raw], wait)
+            if progress is not None:
+                progress(frame.length)
+    finally:
+        os.close(source)
+
+
+class Hasher(Protocol):
+    def update(self, data: bytes | memoryview, /) -> object: ...
+
+
+class FeedAbandoned(Exception):
+    pass
+
+
+_STOP_CHECK_MS = 100
+
+
+def _send_all(source: int, offset: int, length: int, sink: int,
+                wait: Callable[[], None]) -> None:
+    end = offset + length
+    while offset < end:
+        try:
+            moved = os.sendfile(sink, source, offset, end - offset)
+        except BlockingIOError:
+            wait()
+            continue
+        if moved == 0:
+            raise FrameError("the state file ended inside a frame")
+        offset += moved
+
+
+def _write_parts(fd: int, parts: list[bytes | memoryview], wait: Callable[[], None]) -> None:
+    views = [memoryview(p) for p in parts]
+    while views:
+        try:
+            written = os.writev(fd, views[:1024])  # IOV_MAX
+        except BlockingIOError:
+            wait()
+            continue
+        while views and written >= len(views[0]):
+            written -= len(views[0])
+            views.pop(0)
+        if views and written:
+            views[0] = views[0][written:]
