@@ -4,6 +4,7 @@ For each guest (512 MiB, 2 GiB, 4 GiB; idle, and with half its RAM filled with r
 data in guest tmpfs) it measures, on the same running guest in the same run:
 
   torpor none / zstd-1 / lz4   torpor standby + restore (compressed while saved)
+  torpor auto                  zstd frames, chunks a probe finds incompressible stored raw
   torpor zstd bg               raw save, compressed afterwards by the background job
                                (restore is measured once the job has finished)
   torpor file                  memory-file mode: the same guest created with
@@ -70,7 +71,8 @@ from torpor.units import format_size, parse_size
 MODES = [("torpor none", CompressionPolicy()),
          ("torpor zstd-1", CompressionPolicy(codec=Codec.ZSTD)),
          ("torpor zstd bg", CompressionPolicy(codec=Codec.ZSTD, mode="background")),
-         ("torpor lz4", CompressionPolicy(codec=Codec.LZ4))]
+         ("torpor lz4", CompressionPolicy(codec=Codec.LZ4)),
+         ("torpor auto", CompressionPolicy(codec=Codec.ZSTD, store_incompressible=True))]
 
 
 async def fill_half(mgr: InstanceManager, name: str, mem: int) -> None:
@@ -280,13 +282,13 @@ def median_of(samples: list[dict[str, float]]) -> dict[str, float]:
 HEAD = (f"{'guest':10} {'method':14} {'paused s':>9} {'standby s':>10} {'running s':>10}"
         f" {'restore s':>10} {'readback s':>11} {'resident':>10} {'state':>10}"
         f" {'paused/cat':>10} {'paused/virsh':>12} {'restore: cat/x':>14} {'virsh/x':>8}"
-        f" {'running: virsh/x':>16}")
+        f" {'running: virsh/x':>16} {'paused/none':>11} {'running/none':>12}")
 
 
 def print_rows(guest: str, rows: list[tuple[str, dict[str, float]]]) -> None:
     """One guest's rows, printed as soon as it is done (a long run keeps what it has)."""
     by_label = dict(rows)
-    cat, virsh = by_label["exec:cat"], by_label.get("virsh save")
+    cat, virsh, raw = by_label["exec:cat"], by_label.get("virsh save"), by_label["torpor none"]
     for label, m in rows:
         vs_virsh_p = f"{m['paused'] / virsh['paused']:11.3f}x" if virsh else f"{'-':>12}"
         vs_virsh_r = f"{virsh['restore'] / m['restore']:7.2f}x" if virsh else f"{'-':>8}"
@@ -297,7 +299,8 @@ def print_rows(guest: str, rows: list[tuple[str, dict[str, float]]]) -> None:
               f"{m['running']:10.3f} {m['restore']:10.3f} {readback} "
               f"{format_size(m.get('resident', 0)):>10} {format_size(m['size']):>10} "
               f"{m['paused'] / cat['paused']:9.3f}x {vs_virsh_p} "
-              f"{cat['restore'] / m['restore']:13.2f}x {vs_virsh_r} {vs_virsh_run}",
+              f"{cat['restore'] / m['restore']:13.2f}x {vs_virsh_r} {vs_virsh_run}"
+              f" {m['paused'] / raw['paused']:10.2f}x {m['running'] / raw['running']:11.2f}x",
               flush=True)
 
 
@@ -307,7 +310,8 @@ def print_footer() -> None:
           " guest reads its half-RAM file after restore;\nresident = page cache the standby"
           " left behind (file mode: the RAM file, after flush + drop);\nmedians of --runs."
           " paused/X: fraction of the baseline's paused window (lower is better);\nX/x: how"
-          " many times faster than the baseline (higher is better).")
+          " many times faster than the baseline (higher is better);\nX/none: against torpor's own"
+          " uncompressed standby (the compression and restore-pool bars).")
     if WRITE_RATES:
         print(f"\n{'guest':12} {'anonymous MiB/s':>16} {'file MiB/s':>11} {'file/anon':>10}")
         for guest, (anon, file) in WRITE_RATES.items():

@@ -114,17 +114,23 @@ def test_job_waits_out_its_delay_and_cancel_means_skipped(tmp_path: Path) -> Non
     assert load_stats(root).skipped == 1 and load_stats(root).preempted == 0
 
 
-def test_cancel_during_compression_is_preempted_and_leaves_no_tmp(tmp_path: Path) -> None:
-    root, iid, _ = standby_instance(tmp_path, Codec.ZSTD, delay=0)
+@pytest.mark.parametrize("codec", [Codec.ZSTD, Codec.LZ4])  # frames, and the lz4 tool
+def test_cancel_during_compression_is_preempted_and_leaves_no_tmp(tmp_path: Path,
+                                                                  codec: Codec) -> None:
+    root, iid, _ = standby_instance(tmp_path, codec, delay=0)
     paths = root.instance(iid)
 
     async def scenario() -> str:
         compressing = asyncio.Event()
+        loop = asyncio.get_running_loop()
 
         class Observed(Job):
             async def _feed(self, proc: asyncio.subprocess.Process, src: object) -> object:
                 compressing.set()  # the compressor runs, writing the .tmp
                 return await super()._feed(proc, src)
+
+            def chunk_read(self, sent: int) -> None:  # the frames thread is at work
+                loop.call_soon_threadsafe(compressing.set)
 
         job = Observed(root, Subject.instance(iid), slots=1, rate_limit=256 << 10,
                        clock=lambda: NOW)  # ~16 s

@@ -64,6 +64,18 @@ def stored_frame(chunk: memoryview) -> list[bytes | memoryview]:
     return parts
 
 
+_local = threading.local()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    """This thread's compressor at `level`, kept: a new one per chunk allocated (and, on a
+    host that hands freed memory back, faulted in) megabytes of context each time."""
+    kept: dict[int, zstandard.ZstdCompressor] = _local.__dict__.setdefault("compressors", {})
+    if level not in kept:
+        kept[level] = zstandard.ZstdCompressor(level=level)
+    return kept[level]
+
+
 def compresses(chunk: memoryview, level: int) -> bool:
     """Whether PROBE bytes of the chunk, in four slices spread over it (guest RAM mixes
     data within a chunk), shrink enough to be worth compressing."""
@@ -72,7 +84,7 @@ def compresses(chunk: memoryview, level: int) -> bool:
     else:
         step = len(chunk) // 4
         probe = b"".join(chunk[i * step:i * step + PROBE // 4] for i in range(4))
-    return len(zstandard.ZstdCompressor(level=level).compress(probe)) < len(probe) * INCOMPRESSIBLE
+    return len(_compressor(level).compress(probe)) < len(probe) * INCOMPRESSIBLE
 
 
 Encoded = tuple[list[bytes | memoryview], bool]  # a frame's parts; stored raw?
@@ -134,7 +146,7 @@ class FrameWriter:
     def _encode(self, chunk: memoryview) -> Encoded:
         if self.auto and not compresses(chunk, self.level):
             return stored_frame(chunk), True
-        return [zstandard.ZstdCompressor(level=self.level).compress(chunk)], False
+        return [_compressor(self.level).compress(chunk)], False
 
     def _write_next(self) -> None:
         future, buffer = self._pending.popleft()

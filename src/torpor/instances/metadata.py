@@ -103,6 +103,7 @@ class CompressionPlan(BaseModel):
     level: int
     not_before: float  # seconds since the epoch
     error: str | None = None
+    store_incompressible: bool = False  # policy auto
 
 
 def resolve_policy(*candidates: CompressionPolicy | None) -> CompressionPolicy:

@@ -112,7 +112,8 @@ def instance_job_key(instance_id: str) -> str:
 
 def make_plan(policy: CompressionPolicy, now: float) -> CompressionPlan:
     return CompressionPlan(codec=policy.codec, level=policy.effective_level(),
-                           not_before=now + max(0.0, policy.delay_s))
+                           not_before=now + max(0.0, policy.delay_s),
+                           store_incompressible=policy.store_incompressible)
 
 
 def for_memory_file(policy: CompressionPolicy, idle_delay: float) -> CompressionPolicy:

@@ -72,8 +72,9 @@ LOAD_STALL_TIMEOUT = 15.0
 Progress = Callable[[int], None]
 Sink = int | Callable[[memoryview], object]  # an fd, or what writes to the stored file
 # Threads compressing zstd frames while the stream is read (the zstandard library
-# releases the GIL): every core, as the paused window is what they shorten.
-FRAME_THREADS = max(2, os.cpu_count() or 2)
+# releases the GIL): the cores, as the paused window is what they shorten; at most 8,
+# which bounds the chunks in flight (2 per thread, 4 MiB each) to 64 MiB.
+FRAME_THREADS = min(8, max(2, os.cpu_count() or 2))
 Hasher = Any  # what stored_hasher() returns: update(bytes), hexdigest()
 T = TypeVar("T")
 
