@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs
                 e2fsprogs kmod util-linux
 
 .PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
-        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake bench-memory clean
+        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake bench-memory bench-window clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -61,6 +61,9 @@ bench-copy: deps venv
 
 bench-standby: guest
 	$(BIN)/python -m bench.standby_bench
+
+bench-window: guest
+	$(BIN)/python -m bench.window_bench
 
 bench-snapshot: guest
 	$(BIN)/python -m bench.snapshot_bench

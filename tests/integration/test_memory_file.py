@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EMPTY_MD5, run, sh
+from torpor import faults
 from torpor.codec import Codec
-from torpor.errors import IntegrityError
+from torpor.errors import IntegrityError, OperationFailed
 from torpor.instances import InstanceState
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.runtime import load_runtime
@@ -82,6 +83,30 @@ def test_standby_saves_device_state_only_and_releases_the_ram(
     assert info.state is InstanceState.RUNNING
     assert sh(manager, filevm, MARKS) == marks
     assert int(sh(manager, filevm, "cat /run/counter")) > counter
+
+
+@pytest.mark.parametrize("point", ["standby.paused", "standby.saved"])
+def test_a_failed_standby_leaves_the_vm_running_with_its_data(
+        manager: InstanceManager, filevm: str, point: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Here the migration stops the VM itself (no `stop`): a failure before it began
+    leaves the VM running, one after it completed has the VM resumed; either way nothing
+    is saved and the guest goes on with its RAM and disk."""
+    marks = write_marks(manager, filevm, mib=8)
+    counter = int(sh(manager, filevm, "cat /run/counter"))
+    monkeypatch.setenv(faults.ENV, f"{point}=error")
+    with pytest.raises(OperationFailed, match=f"injected fault at {point}.*VM was resumed"):
+        run(manager.standby(filevm))
+    monkeypatch.delenv(faults.ENV)
+    assert run(manager.get(filevm)).state is InstanceState.RUNNING
+    assert not manager.paths(filevm).standby_dir.exists()
+    assert sh(manager, filevm, MARKS) == marks
+    # it runs on: its counter (a second apart) moves within a few seconds
+    deadline = time.monotonic() + 10
+    while int(sh(manager, filevm, "cat /run/counter")) <= counter:
+        assert time.monotonic() < deadline, "the guest's counter stopped"
+    sh(manager, filevm, "echo after > /root/after.txt; sync")  # its disk writable again
+    assert sh(manager, filevm, "cat /root/after.txt") == "after\n"
 
 
 def test_missing_memory_file_is_refused_and_the_state_kept(

@@ -139,7 +139,11 @@ class MigrationEvents:
     def __init__(self, listener: EventListener) -> None:
         self._listener = listener
 
-    async def next_or_timeout(self, timeout: float) -> None:
-        """Until the next status change, or `timeout` seconds."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._listener.get(), timeout)
+    async def next_or_timeout(self, timeout: float) -> str | None:
+        """Until the next status change (its status), or `timeout` seconds (None)."""
+        try:
+            event = await asyncio.wait_for(self._listener.get(), timeout)
+        except TimeoutError:
+            return None
+        data = event.get("data")
+        return str(data.get("status", "")) or None if isinstance(data, dict) else None

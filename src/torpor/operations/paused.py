@@ -2,8 +2,9 @@
 
 Standby, a running VM's stored snapshot and (through it) fork pause the VM the same way:
 the guest agent attached for the pause (a state saved with the agent's port connected is
-answered at once after a restore), `stop` (the `pause` phase), the window timed (the
-`paused_window` phase), and the VM resumed on every failure. It ends once, one of three ways:
+answered at once after a restore), `stop` (the `pause` phase; none for a migration that
+stops the VM itself, `stopped_by_migration`), the window timed (the `paused_window`
+phase), and the VM resumed on every failure. It ends once, one of three ways:
 
 - `release()`: resumed early, on purpose (a snapshot resumes once its state is saved and
   its disk frozen, while the disk copy goes on);
@@ -33,8 +34,10 @@ log = logging.getLogger(__name__)
 
 
 class PausedWindow:
-    def __init__(self, ctx: InstanceContext, mon: Monitor, op: PhaseRecorder) -> None:
+    def __init__(self, ctx: InstanceContext, mon: Monitor, op: PhaseRecorder,
+                 stopped_by_migration: bool = False) -> None:
         self.ctx, self.mon, self.op = ctx, mon, op
+        self.stopped_by_migration = stopped_by_migration
         self.was_running = False
         self._paused_at: float | None = None
         self._agent = contextlib.AsyncExitStack()  # held for the pause only: qemu-ga
@@ -48,6 +51,8 @@ class PausedWindow:
         await self._agent.enter_async_context(GuestAgent.attached(self.ctx.paths.agent_socket))
         self.was_running = await self.mon.status() == "running"
         self._paused_at = time.monotonic()
+        if self.stopped_by_migration:
+            return  # the caller's migration stops the VM: the window counts from here
         with self.op.phase("pause"):
             await self.mon.pause()
 
@@ -71,10 +76,14 @@ class PausedWindow:
 
 @contextlib.asynccontextmanager
 async def paused_window(ctx: InstanceContext, mon: Monitor, process: TrackedProcess,
-                        op: PhaseRecorder, what: str) -> AsyncIterator[PausedWindow]:
+                        op: PhaseRecorder, what: str, *, stopped_by_migration: bool = False
+                        ) -> AsyncIterator[PausedWindow]:
     """Pause the VM for the block (see the module's docstring). `what` names the
-    operation in the error a failure raises ("standby of web")."""
-    window = PausedWindow(ctx, mon, op)
+    operation in the error a failure raises ("standby of web"). `stopped_by_migration`:
+    no `stop`; the block's first command is a migration that stops the VM itself (one
+    with nothing to copy while it runs: memory-file mode's device state), and the window
+    counts from just before it. A migration that fails has QEMU resume the VM itself."""
+    window = PausedWindow(ctx, mon, op, stopped_by_migration)
     try:
         await window._pause()
         yield window

@@ -91,6 +91,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
         # The zero-page filter only where its tests prove it (QEMU 7.2).
         fresh = zeroed_ram_block(record.vm_config) if zeropages.proven_on(qemu_version) else None
         handed = None
+        pidfd = stack.enter_context(process.held_pidfd())  # for the kill, checked now
         try:
             partial.mkdir(parents=True)
             if writes_directly(policy.codec, fresh):  # memory-file mode's device state
@@ -98,7 +99,10 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
         except BaseException:
             _discard_saved(ctx)
             raise
-        async with paused_window(ctx, mon, process, op, f"standby of {ctx.name}") as window:
+        # Memory-file mode: the migration has no RAM to copy while the VM runs, so it
+        # stops the VM itself, and the window loses the `stop` round trip.
+        async with paused_window(ctx, mon, process, op, f"standby of {ctx.name}",
+                                 stopped_by_migration=handed is not None) as window:
             try:
                 faults.point("standby.paused")
                 with op.phase("save"):
@@ -115,8 +119,9 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
                 # bdrv_inactivate_all) and the state is durable: QEMU has nothing left
                 # to do but free its memory. SIGKILL ends it without the `quit` round
                 # trip, and from the signal on the VM can no longer run: the window ends.
-                with op.phase("kill"):
-                    process.signal(signal.SIGKILL)
+                with op.phase("kill"), contextlib.suppress(ProcessLookupError):
+                    if pidfd is not None:  # else QEMU is gone already: nothing can run
+                        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
                 await window.exited()
             except BaseException:
                 _discard_saved(ctx)  # the VM is resumed next (or crashed): this is stale
