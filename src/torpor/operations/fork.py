@@ -127,22 +127,27 @@ async def apply_guest_identity(agent: GuestAgent, meta: InstanceMetadata) -> Non
     MAC change), its own randomness and its own hostname."""
     # virtio-net changes its MAC live (VIRTIO_NET_F_CTRL_MAC_ADDR): one command, no
     # link bounce; the down/up path remains for a NIC that refuses a live change.
+    # Under TCG each process the guest starts costs tens of ms: groups, not subshells,
+    # and shell builtins (echo into /proc for the hostname) wherever a program is not
+    # needed; `ip` and the reseeder are the only programs left.
     set_mac = (f"ip link set eth0 address {meta.mac} 2>/dev/null || "
-               f"(ip link set eth0 down && ip link set eth0 address {meta.mac} && "
-               f"ip link set eth0 up && (ip route add default via 10.0.2.2 2>/dev/null; true))")
+               f"{{ ip link set eth0 down && ip link set eth0 address {meta.mac} && "
+               f"ip link set eth0 up && {{ ip route add default via 10.0.2.2 2>/dev/null; "
+               f"true; }}; }}")
     # Its own randomness: the loaded kernel's RNG state is the source's, and the default
     # guest's kernel has no VM generation ID driver to reseed it. Host random bytes go into
     # its pool, then the crng is rekeyed from it (the default guest's torpor-reseed).
     if meta.network.mode == "bridge":  # its own address, not the source's
-        set_mac += (f" && ip addr flush dev eth0 && ip addr add {meta.network.ip}/"
-                    f"{meta.network.prefix} dev eth0 && ip route add default via "
-                    f"{meta.network.gateway}")
+        set_mac = (f"{{ {set_mac}; }} && ip addr flush dev eth0 && ip addr add "
+                   f"{meta.network.ip}/{meta.network.prefix} dev eth0 && ip route add "
+                   f"default via {meta.network.gateway}")
     oci = meta.image.kind == "oci"
     reseeder = f"{GUEST_TOOLS_PATH}/torpor-reseed" if oci else "/sbin/torpor-reseed"
     reseed = (f"echo {secrets.token_hex(32)} > /dev/urandom && "
-              f"if [ -x {reseeder} ]; then {reseeder}; fi")
-    script = (f"({set_mac}) && ({reseed}) && hostname {meta.name} && "
-              f"{{ (echo {meta.name} > /etc/hostname) 2>/dev/null || true; }}")
+              f"{{ [ ! -x {reseeder} ] || {reseeder}; }}")
+    script = (f"{{ {set_mac}; }} && {{ {reseed}; }} && "
+              f"echo {meta.name} > /proc/sys/kernel/hostname && "
+              f"{{ {{ echo {meta.name} > /etc/hostname; }} 2>/dev/null || true; }}")
     if oci:  # torpor's tools, not the image's (it may have none); the next boot's name too
         script = (f"export PATH={GUEST_TOOLS_PATH}; {script} && sed -i "
                   f"\"s/^TORPOR_HOSTNAME=.*/TORPOR_HOSTNAME={meta.name}/\" {CONFIG_PATH}")
