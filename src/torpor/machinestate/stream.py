@@ -48,7 +48,10 @@ from torpor.tasks import in_thread
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: lifts QEMU 7.2's 128 MiB/s default cap
 PIPE_SIZE = 1 << 20
-STREAM_BUFFER = 64 << 20  # see _stream_socket
+# See _stream_socket. The writer is woken when half of it is free, so 16 MiB already
+# makes those wake-ups rare; more would only let each of many concurrent restores (a
+# wake of 50 sleeping guests) park more kernel memory ahead of its QEMU.
+STREAM_BUFFER = 16 << 20
 _SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33  # Linux; not in Python's socket module
 POLL_INTERVAL = 0.005
 # An incoming QEMU reading a file answers its monitor only where its RAM loader yields
