@@ -151,17 +151,11 @@ class FrameWriter:
     def _write_next(self) -> None:
         future, buffer = self._pending.popleft()
         parts, raw = future.result()
-        size = _writev_all(self.sink, parts)
+        size = _write_parts(self.sink, parts, lambda: None)  # a blocking fd: no waits
         self._free.append(buffer)  # written: its memory may hold the next chunk
         self.stats.chunks += 1
         self.stats.stored_raw += raw
         self.stats.stored_bytes += size
-
-
-def _writev_all(fd: int, parts: list[bytes | memoryview]) -> int:
-    """Every part written to a blocking fd; the bytes written."""
-    _write_parts(fd, parts, lambda: None)
-    return sum(len(memoryview(p)) for p in parts)
 
 
 @dataclass
@@ -282,8 +276,10 @@ def _send_all(source: int, offset: int, length: int, sink: int,
         offset += moved
 
 
-def _write_parts(fd: int, parts: list[bytes | memoryview], wait: Callable[[], None]) -> None:
+def _write_parts(fd: int, parts: list[bytes | memoryview], wait: Callable[[], None]) -> int:
+    """Every part written (`wait` called when a non-blocking fd is full); the bytes."""
     views = [memoryview(p) for p in parts]
+    total = sum(len(v) for v in views)
     while views:
         try:
             written = os.writev(fd, views[:1024])  # IOV_MAX
@@ -295,3 +291,4 @@ def _write_parts(fd: int, parts: list[bytes | memoryview], wait: Callable[[], No
             views.pop(0)
         if views and written:
             views[0] = views[0][written:]
+    return total

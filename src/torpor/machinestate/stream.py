@@ -43,7 +43,7 @@ from torpor.hypervisor.process import LAUNCH_TIMEOUT
 from torpor.hypervisor.qmp import MigrationEvents, Monitor
 from torpor.hypervisor.vmconfig import VMConfig
 from torpor.machinestate.manifest import LeftOutZeroPages, StateFile
-from torpor.machinestate.zeropages import StreamAbandoned, pump
+from torpor.machinestate.zeropages import StreamAbandoned, pump, write_all
 from torpor.tasks import in_thread
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: lifts QEMU 7.2's 128 MiB/s default cap
@@ -295,7 +295,7 @@ def _pump(source: int, sink: Sink, fresh_block: str | None, stop: threading.Even
 
 def _copy(source: int, sink: Sink, stop: threading.Event) -> int:
     """The stream passed on whole (no zero-page filter): returns 0 pages left out."""
-    write = sink if callable(sink) else functools.partial(_write_all, sink)
+    write = sink if callable(sink) else functools.partial(write_all, sink)
     readable = select.poll()
     readable.register(source, select.POLLIN)
     buffer = memoryview(bytearray(1 << 20))
@@ -307,11 +307,6 @@ def _copy(source: int, sink: Sink, stop: threading.Event) -> int:
         if got == 0:
             return 0
         write(buffer[:got])
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    while data:
-        data = data[os.write(fd, data):]
 
 
 async def _save_as_frames(mon: Monitor, sink: int, level: int, progress: Progress | None,

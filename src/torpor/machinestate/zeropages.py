@@ -307,7 +307,7 @@ def pump(source: int, sink: int | Callable[[memoryview], object], fresh_block: s
     writes nor closes). An error writing (a full disk) raises. `written` sees every byte
     written, in order (e.g. a hash of the stored file, with no second pass over it)."""
 
-    write = sink if callable(sink) else functools.partial(_write_all, sink)
+    write = sink if callable(sink) else functools.partial(write_all, sink)
 
     def emit(part: memoryview) -> None:
         if written is not None:
@@ -340,7 +340,8 @@ def pump(source: int, sink: int | Callable[[memoryview], object], fresh_block: s
             view[:carried] = view[used:used + carried]
 
 
-def _write_all(fd: int, data: memoryview) -> None:
+def write_all(fd: int, data: memoryview) -> None:
+    """All of `data` to a blocking fd."""
     while data:
         data = data[os.write(fd, data):]
 
