@@ -211,7 +211,7 @@ def create(
     insecure: Annotated[bool, typer.Option(
         help="Plain HTTP to a registry that is not on loopback.")] = False,
     publish: Annotated[list[str] | None, typer.Option(
-        "--publish", "-p", help="[HOST_IP:]HOST_PORT:GUEST_PORT[/tcp] (repeatable): the host "
+        "--publish", "-p", help=r"\[HOST_IP:]HOST_PORT:GUEST_PORT\[/tcp] (repeatable): the host "
         "port reaches the guest's (host address default 127.0.0.1).",
         show_default=False)] = None,
     network: Annotated[str | None, typer.Option(

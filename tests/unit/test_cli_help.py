@@ -1,0 +1,37 @@
+"""Every command's --help renders: help text is parsed as rich markup, where a literal
+`[/tcp]` is a closing tag and made `torpor create --help` end in a traceback."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import typer
+from typer.testing import CliRunner
+
+from torpor.cli.main import app
+
+
+def _command_paths(group: Any, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    # typer vendors its own click: a group is whatever has subcommands
+    paths = []
+    for name, command in group.commands.items():
+        path = (*prefix, name)
+        paths.append(path)
+        if hasattr(command, "commands"):
+            paths += _command_paths(command, path)
+    return paths
+
+
+COMMANDS = _command_paths(typer.main.get_command(app))
+
+
+def test_the_cli_has_its_commands() -> None:
+    assert ("create",) in COMMANDS and ("snapshot", "list") in COMMANDS
+
+
+@pytest.mark.parametrize("path", COMMANDS, ids=" ".join)
+def test_help_renders(path: tuple[str, ...]) -> None:
+    result = CliRunner().invoke(app, [*path, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage" in result.output
