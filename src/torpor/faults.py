@@ -57,6 +57,9 @@ POINTS: dict[str, str] = {
     # delete
     "delete.killed": "the QEMU is killed; the directory is still there",
     "delete.removed": "the directory is gone; its job files and lock file are not",
+    # snapshots in object storage
+    "push.uploaded": "a chunk is in the bucket (more may follow); the manifest is not",
+    "pull.downloaded": "every file is downloaded and verified in .creating-*; not published",
     # background compression (the worker process)
     "compress.written": "the compressed file is complete as .tmp; nothing published",
     "compress.renamed": "the compressed file is in place beside the raw one",

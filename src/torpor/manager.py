@@ -36,6 +36,7 @@ if TYPE_CHECKING:
     from torpor.instances.states import TargetState
     from torpor.operations.health import Problem
     from torpor.operations.images import ImageInfo
+    from torpor.operations.remote import PushReport, RemoteDeleteReport, RemoteSnapshotInfo
 
 __all__ = ["DEFAULT_DISK", "DEFAULT_MEMORY", "InstanceInfo", "InstanceManager"]
 
@@ -319,6 +320,39 @@ class InstanceManager:
         record = await asyncio.to_thread(self._snapshot_record, snapshot, source)
         return await fork_op.from_snapshot(self.registry, record, new_name, count=count,
                                            target_state=target_state)
+
+    # --- snapshots in object storage (operations/remote.py) ---------------------------------
+
+    async def snapshot_push(self, snapshot: str, url: str, *, source: str | None = None,
+                            remote_name: str | None = None) -> PushReport:
+        """Upload a stored snapshot to s3://BUCKET/PREFIX (the chunks the bucket lacks)."""
+        from torpor.operations import remote, snapshots
+
+        record = await asyncio.to_thread(self._snapshot_record, snapshot, source)
+
+        def mapped() -> bool:
+            return bool(snapshots.dependents(self.data_root, record.id,
+                                             self.registry.all_metadata()))
+
+        return await remote.push(self.data_root, self.settings, record, url, remote_name,
+                                 mapped)
+
+    async def snapshot_pull(self, url: str, *, name: str | None = None) -> SnapshotInfo:
+        """Download s3://BUCKET/PREFIX/SNAPSHOT into a stored snapshot of this host."""
+        from torpor.operations import remote
+
+        record = await remote.pull(self.data_root, self.settings, url, name)
+        return self._snapshot_info(record)
+
+    async def remote_list(self, url: str) -> list[RemoteSnapshotInfo]:
+        from torpor.operations import remote
+
+        return await remote.remote_list(url)
+
+    async def remote_delete(self, url: str) -> RemoteDeleteReport:
+        from torpor.operations import remote
+
+        return await remote.remote_delete(url)
 
     async def fork(self, source: str, new_name: str, *, count: int = 1,
                    target_state: TargetState = "running") -> list[InstanceInfo]:

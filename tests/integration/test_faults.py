@@ -121,8 +121,9 @@ def points(prefix: str) -> list[str]:
 
 
 def test_every_point_is_in_the_matrix() -> None:
+    # push. and pull.: tests/integration/test_remote_snapshots.py (against a real S3 server)
     covered = {p for group in ("standby.", "restore.", "snapshot.", "fork.", "delete.",
-                               "compress.") for p in points(group)}
+                               "compress.", "push.", "pull.") for p in points(group)}
     assert covered == set(faults.POINTS)
 
 

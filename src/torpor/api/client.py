@@ -33,6 +33,7 @@ if TYPE_CHECKING:  # the answers are read through JsonView: see its docstring
     from torpor.instances.metadata import CompressionPolicy, MemoryBacking, NetworkMode
     from torpor.instances.snapshotrecord import SnapshotInfo
     from torpor.instances.states import TargetState
+    from torpor.operations.remote import PushReport, RemoteDeleteReport, RemoteSnapshotInfo
 
 _ERRORS: dict[str, type[errors.TorporError]] = {
     cls.code: cls
@@ -330,6 +331,24 @@ class RemoteManager:
         return cast(
             "InstanceInfo", self._one("POST", f"/instances/{name}/snapshots/{snapshot}/restore")
         )
+
+    def snapshot_push(self, snapshot: str, url: str, *, source: str | None = None,
+                      remote_name: str | None = None) -> PushReport:
+        return cast("PushReport", self._one(
+            "POST", f"/snapshots/{snapshot}/push", json={"url": url, "name": remote_name},
+            params=_params(instance=source)))
+
+    def snapshot_pull(self, url: str, *, name: str | None = None) -> SnapshotInfo:
+        return cast("SnapshotInfo", self._one("POST", "/snapshots/pull",
+                                              json={"url": url, "name": name}))
+
+    def remote_list(self, url: str) -> list[RemoteSnapshotInfo]:
+        return cast("list[RemoteSnapshotInfo]",
+                    self._list("GET", "/remote-snapshots", params={"url": url}))
+
+    def remote_delete(self, url: str) -> RemoteDeleteReport:
+        return cast("RemoteDeleteReport",
+                    self._one("DELETE", "/remote-snapshots", params={"url": url}))
 
     def snapshot_fork(
         self,

@@ -139,6 +139,20 @@ class PullRequest(Body):
     insecure: bool = Field(False, description="plain HTTP to a registry that is not loopback")
 
 
+S3Location = Annotated[str, Field(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00]*)?$",
+                                   max_length=1024, description="s3://BUCKET/PREFIX")]
+
+
+class SnapshotPushRequest(Body):
+    url: S3Location = Field(description="s3://BUCKET/PREFIX: where it goes")
+    name: Name | None = Field(None, description="its name in the bucket (default: its own)")
+
+
+class SnapshotPullRequest(Body):
+    url: S3Location = Field(description="s3://BUCKET/PREFIX/SNAPSHOT")
+    name: Name | None = Field(None, description="its name here (default: its name there)")
+
+
 class StartRequest(Body):
     wait_agent: bool = Field(True, description="return once the guest agent answers")
 

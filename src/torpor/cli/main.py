@@ -22,13 +22,14 @@ from torpor.cli.output import (
     phases_line,
     print_json,
     print_listing,
+    remote_snapshots_table,
     snapshots_table,
     stored_state,
 )
 from torpor.cli.progress import run, with_progress
 from torpor.errors import InvalidArgument, TorporError, Unsupported
 from torpor.settings import SETTINGS, help_for
-from torpor.units import parse_duration, parse_idle, parse_size
+from torpor.units import format_size, parse_duration, parse_idle, parse_size
 
 if TYPE_CHECKING:  # imported where used: a command loads only its own path (see manager())
     from typing import TypeAlias
@@ -634,6 +635,71 @@ def snapshot_fork(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()]
     infos = with_progress(backend, "fork", lambda: backend.snapshot_fork(
         snapshot, new_name, count=count, target_state=state, source=instance))
     print_forks(infos, json_out, started)
+
+
+RemoteUrlArg = Annotated[str, typer.Argument(
+    help="s3://BUCKET/PREFIX; endpoint and credentials from the AWS environment variables"
+         " and config files (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_ACCESS_KEY_ID, ...).")]
+RemoteSnapshotArg = Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX/SNAPSHOT.")]
+
+
+@snapshot_app.command("push")
+def snapshot_push(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
+                  url: RemoteUrlArg, instance: SourceOpt = None,
+                  remote_name: Annotated[str | None, typer.Option(
+                      "--name", help="Its name in the bucket (default: the snapshot's).",
+                      show_default=False)] = None,
+                  json_out: JsonOpt = False) -> None:
+    """Upload a stored snapshot to S3-compatible storage: only the chunks the bucket does
+    not have yet (a second push, or a killed one run again, sends what is missing)."""
+    backend = manager(ctx)
+    report = with_progress(backend, "push", lambda: backend.snapshot_push(
+        snapshot, url, source=instance, remote_name=remote_name))
+    if json_out:
+        print_json({key: getattr(report, key) for key in
+                    ("uploaded_bytes", "total_bytes", "chunks", "skipped_chunks", "seconds")})
+        return
+    console.print(f"pushed {snapshot} to {report.url}: {format_size(report.uploaded_bytes)}"
+                  f" uploaded of {format_size(report.total_bytes)}"
+                  f" ({report.skipped_chunks} of {report.chunks} chunks were there already)"
+                  f" in {report.seconds:.1f} s")
+
+
+@snapshot_app.command("pull")
+def snapshot_pull(ctx: typer.Context, url: RemoteSnapshotArg,
+                  name: Annotated[str | None, typer.Option(
+                      "--name", help="Its name here (default: its name in the bucket).",
+                      show_default=False)] = None,
+                  json_out: JsonOpt = False) -> None:
+    """Download a snapshot from S3-compatible storage (checked against this host first);
+    it appears only once complete and verified."""
+    backend = manager(ctx)
+    info = with_progress(backend, "pull", lambda: backend.snapshot_pull(url, name=name))
+    if json_out:
+        print_json(info)
+        return
+    console.print(f"pulled {url} as snapshot {info.name} ({info.id}): fork it with"
+                  f" `torpor snapshot fork {info.name} NEWNAME`")
+
+
+@snapshot_app.command("remote-list")
+def snapshot_remote_list(ctx: typer.Context, url: RemoteUrlArg, json_out: JsonOpt = False
+                         ) -> None:
+    """List the snapshots pushed to s3://BUCKET/PREFIX."""
+    print_listing(run(manager(ctx).remote_list(url)), json_out, "snapshots",
+                  remote_snapshots_table)
+
+
+@snapshot_app.command("remote-delete")
+def snapshot_remote_delete(ctx: typer.Context, url: RemoteSnapshotArg,
+                           json_out: JsonOpt = False) -> None:
+    """Delete a pushed snapshot; its chunks go unless another snapshot there uses them."""
+    report = run(manager(ctx).remote_delete(url))
+    if json_out:
+        print_json(report)
+        return
+    console.print(f"deleted {url}: {report.removed_chunks} chunks removed,"
+                  f" {report.kept_chunks} kept (other snapshots use them)")
 
 
 def _pull_if_missing(backend: InstanceManager, oci: Any) -> None:

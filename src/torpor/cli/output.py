@@ -78,6 +78,16 @@ def snapshots_table(records: list[Any]) -> Table:
     return table
 
 
+def remote_snapshots_table(items: list[Any]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for col in ("NAME", "SOURCE", "KIND", "DATA", "CHUNKS", "QEMU", "PUSHED"):
+        table.add_column(col)
+    for i in items:
+        table.add_row(i.name, i.source_name, i.kind, format_size(i.stored_bytes), str(i.chunks),
+                      i.qemu_version or "-", i.pushed_at.isoformat(timespec="seconds"))
+    return table
+
+
 def stored_state(record: Any) -> str:
     """How a snapshot's machine state is stored, and what its compression job is doing."""
     comp = record.compression

@@ -90,6 +90,28 @@ def compresses(chunk: memoryview, level: int) -> bool:
 Encoded = tuple[list[bytes | memoryview], bool]  # a frame's parts; stored raw?
 
 
+def encode(chunk: memoryview, level: int, *, store_incompressible: bool) -> Encoded:
+    """One chunk as one frame: compressed, or (store_incompressible, and the probe says it
+    would not shrink) stored as raw blocks."""
+    if store_incompressible and not compresses(chunk, level):
+        return stored_frame(chunk), True
+    return [_compressor(level).compress(chunk)], False
+
+
+def decode(frame: bytes, size: int) -> bytes:
+    """A frame written by `encode` (or any zstd frame of `size` bytes) decompressed."""
+    kept: zstandard.ZstdDecompressor | None = getattr(_local, "decompressor", None)
+    if kept is None:
+        kept = _local.decompressor = zstandard.ZstdDecompressor()
+    try:
+        data = kept.decompress(frame, max_output_size=size)
+    except zstandard.ZstdError as exc:
+        raise FrameError(f"not a zstd frame of {size} bytes: {exc}") from None
+    if len(data) != size:
+        raise FrameError(f"a frame of {len(data)} bytes where {size} were expected")
+    return data
+
+
 class FrameWriter:
     """Writes a byte stream to fd `sink` as zstd frames (see the module). `write` from one
     thread; `close` writes the rest (or `abort`), and waits for every compression it
@@ -144,9 +166,7 @@ class FrameWriter:
             self._write_next()
 
     def _encode(self, chunk: memoryview) -> Encoded:
-        if self.auto and not compresses(chunk, self.level):
-            return stored_frame(chunk), True
-        return [_compressor(self.level).compress(chunk)], False
+        return encode(chunk, self.level, store_incompressible=self.auto)
 
     def _write_next(self) -> None:
         future, buffer = self._pending.popleft()

@@ -283,10 +283,10 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             snap.compression_plan = plan
         await asyncio.to_thread(save_record, staging, snap)
         faults.point("snapshot.flushed")
-        await asyncio.to_thread(_publish, staging, data_root.snapshot(snapshot_id).root)
+        await asyncio.to_thread(publish, staging, data_root.snapshot(snapshot_id).root)
         faults.point("snapshot.published")
     except BaseException as exc:
-        await asyncio.to_thread(_discard, staging, data_root.snapshot(snapshot_id).root)
+        await asyncio.to_thread(discard, staging, data_root.snapshot(snapshot_id).root)
         await op.persist(ctx.paths, exc)
         raise
     if snap.compression_plan is not None:
@@ -336,12 +336,12 @@ def _raw_state(payload: InstancePaths) -> bool:
     return target.exists()
 
 
-def _publish(staging: SnapshotPaths, final: Path) -> None:
+def publish(staging: SnapshotPaths, final: Path) -> None:
     staging.root.rename(final)  # the snapshot appears whole or not at all
     fsync_dir(final.parent)
 
 
-def _discard(staging: SnapshotPaths, final: Path) -> None:
+def discard(staging: SnapshotPaths, final: Path) -> None:
     shutil.rmtree(staging.root, ignore_errors=True)
     remove_tree(final)  # all or nothing, even once published
 

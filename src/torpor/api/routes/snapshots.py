@@ -3,8 +3,9 @@
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
 import asyncio
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Query, Response
 
 from torpor.api.deps import (
     ERROR_RESPONSES,
@@ -16,9 +17,17 @@ from torpor.api.deps import (
     SourceFilter,
     Tracker,
 )
-from torpor.api.models import ForkRequest, SnapshotRequest, to_policy
+from torpor.api.models import (
+    ForkRequest,
+    S3Location,
+    SnapshotPullRequest,
+    SnapshotPushRequest,
+    SnapshotRequest,
+    to_policy,
+)
 from torpor.instances.info import InstanceInfo
 from torpor.instances.snapshotrecord import SnapshotInfo
+from torpor.operations.remote import PushReport, RemoteDeleteReport, RemoteSnapshotInfo
 
 router = APIRouter(dependencies=GUARDED, responses=ERROR_RESPONSES)
 
@@ -91,3 +100,37 @@ async def fork_snapshot(
             target_state=body.target_state,
             source=instance,
         )
+
+
+# --- snapshots in S3-compatible storage (credentials: the daemon's AWS environment) ----------
+
+@router.post("/snapshots/{snapshot}/push", tags=["remote snapshots"])
+async def push_snapshot(manager: Manager, snapshot: SnapshotName, body: SnapshotPushRequest,
+                        op: OpId, operations: Tracker, instance: SourceFilter = None
+                        ) -> PushReport:
+    """Upload to s3://BUCKET/PREFIX the chunks the bucket does not have, then the manifest."""
+    async with operations.track(op, "snapshot-push", None):
+        return await manager.snapshot_push(snapshot, body.url, source=instance,
+                                           remote_name=body.name)
+
+
+@router.post("/snapshots/pull", tags=["remote snapshots"], status_code=201)
+async def pull_snapshot(manager: Manager, body: SnapshotPullRequest, op: OpId,
+                        operations: Tracker) -> SnapshotInfo:
+    """Download s3://BUCKET/PREFIX/SNAPSHOT (refused first if this host cannot load it)."""
+    async with operations.track(op, "snapshot-pull", None):
+        return await manager.snapshot_pull(body.url, name=body.name)
+
+
+@router.get("/remote-snapshots", tags=["remote snapshots"])
+async def list_remote_snapshots(manager: Manager, url: Annotated[S3Location, Query()]
+                                ) -> list[RemoteSnapshotInfo]:
+    return await manager.remote_list(url)
+
+
+@router.delete("/remote-snapshots", tags=["remote snapshots"])
+async def delete_remote_snapshot(manager: Manager, url: Annotated[S3Location, Query()],
+                                 op: OpId, operations: Tracker) -> RemoteDeleteReport:
+    """Delete s3://BUCKET/PREFIX/SNAPSHOT; chunks other snapshots use stay."""
+    async with operations.track(op, "snapshot-remote-delete", None):
+        return await manager.remote_delete(url)

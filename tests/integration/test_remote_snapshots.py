@@ -1,0 +1,264 @@
+"""Snapshots pushed to and pulled from a real S3 server (SeaweedFS on 127.0.0.1).
+
+Two data roots stand for two hosts: host A (the session's) pushes, host B pulls and
+forks. Each test pushes under a prefix of its own in one bucket."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import read_marks, run, sh, torpor_cli, write_marks
+from tests.s3_helpers import S3Server, seaweedfs
+from torpor import faults
+from torpor.errors import AlreadyExists, IntegrityError, NotFound, Unsupported
+from torpor.instances.context import Settings
+from torpor.manager import InstanceManager
+from torpor.remote import chunks
+from torpor.remote.location import parse_location
+from torpor.remote.manifest import RemoteSnapshot
+
+pytestmark = pytest.mark.qemu
+
+BUCKET = "torpor-fleet"
+_prefixes = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def s3() -> Iterator[S3Server]:
+    """The server, and the standard AWS variables pointing this process at it."""
+    with tempfile.TemporaryDirectory(prefix="tp-s3-") as tmp, seaweedfs(Path(tmp)) as server:
+        saved = {k: os.environ.get(k) for k in server.env()}
+        os.environ.update(server.env())
+        server.client().create_bucket(Bucket=BUCKET)
+        try:
+            yield server
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+@pytest.fixture
+def prefix() -> str:
+    return f"s3://{BUCKET}/t{next(_prefixes)}"
+
+
+@pytest.fixture(scope="module")
+def host_b() -> Iterator[InstanceManager]:
+    root = Path(tempfile.mkdtemp(prefix="tpb-", dir="/tmp"))
+    manager = InstanceManager(root, Settings(accel=os.environ.get("TORPOR_ACCEL", "auto")))  # type: ignore[arg-type]
+    yield manager
+    for info in run(manager.list_all()):
+        run(manager.delete(info.name, force=True))
+    import shutil
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def source(manager: InstanceManager, s3: S3Server) -> Iterator[tuple[str, str]]:
+    """A running guest on host A with marks in RAM and on disk, snapshotted as `base`."""
+    name = "rsrc"
+    run(manager.create(name, memory_bytes=512 << 20))
+    run(manager.start(name))
+    marks = write_marks(manager, name, ram_mib=16, disk_mib=8)
+    run(manager.snapshot_create(name, "base"))
+    yield name, marks
+    for snap in manager.snapshot_list(name):
+        run(manager.snapshot_delete(snap.id))
+    run(manager.delete(name, force=True))
+
+
+def push_cli(data_root: Path, url: str, snapshot: str = "base", *more: str,
+             env: dict[str, str] | None = None) -> dict[str, float]:
+    result = torpor_cli(data_root, "--local", "snapshot", "push", snapshot, url,
+                        "--instance", "rsrc", "--json", *more, env=env)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)  # type: ignore[no-any-return]
+
+
+def chunks_in(s3: S3Server, url: str) -> set[str]:
+    location = parse_location(url)
+    pages = s3.client().get_paginator("list_objects_v2").paginate(
+        Bucket=BUCKET, Prefix=location.chunks_prefix)
+    return {item["Key"] for page in pages for item in page.get("Contents", [])}
+
+
+def remote_manifest(s3: S3Server, url: str, name: str = "base") -> RemoteSnapshot:
+    key = parse_location(url).manifest_key(name)
+    body = s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read()
+    return RemoteSnapshot.decode(body, key)
+
+
+def nothing_imported(host: InstanceManager) -> None:
+    assert host.snapshot_list() == []
+    staged = [p.name for p in host.data_root.snapshots_dir.iterdir()] \
+        if host.data_root.snapshots_dir.exists() else []
+    assert staged == [], staged
+
+
+# --- the round trip ---------------------------------------------------------------------
+
+def test_push_then_pull_and_fork_on_another_host_keeps_ram_and_disk(
+        manager: InstanceManager, data_root: Path, host_b: InstanceManager,
+        source: tuple[str, str], s3: S3Server, prefix: str) -> None:
+    name, marks = source
+    report = push_cli(data_root, prefix)
+    assert set(report) == {"uploaded_bytes", "total_bytes", "chunks", "skipped_chunks",
+                           "seconds"}
+    assert report["uploaded_bytes"] > 8 << 20 and report["chunks"] > 16
+    assert len(chunks_in(s3, prefix)) == report["chunks"] - report["skipped_chunks"]
+
+    listed = run(host_b.remote_list(prefix))
+    assert [(i.name, i.source_name, i.kind) for i in listed] == [("base", name, "running")]
+
+    info = run(host_b.snapshot_pull(f"{prefix}/base", name="moved"))
+    assert info.name == "moved" and info.tags["torpor.pulled-from"] == f"{prefix}/base"
+    forks = run(host_b.snapshot_fork("moved", "far"))
+    assert [f.state for f in forks] == ["running"]
+    assert read_marks(host_b, "far") == marks  # RAM (tmpfs) and disk, as on host A
+    run(host_b.delete("far", force=True))
+    run(host_b.snapshot_delete("moved"))
+
+
+def test_a_second_push_after_a_small_change_uploads_a_small_fraction(
+        manager: InstanceManager, data_root: Path, source: tuple[str, str],
+        prefix: str) -> None:
+    name, _ = source
+    first = push_cli(data_root, prefix)
+    sh(manager, name, "dd if=/dev/urandom of=/root/small.bin bs=64k count=16 2>/dev/null; sync")
+    run(manager.snapshot_create(name, "later"))
+    second = push_cli(data_root, prefix, "later")
+    # Without content addressing it would be the whole snapshot again (1.0).
+    share = second["uploaded_bytes"] / first["uploaded_bytes"]
+    print(f"second push: {second['uploaded_bytes']} of {first['uploaded_bytes']} bytes"
+          f" ({share:.2f}); {second['skipped_chunks']} of {second['chunks']} chunks skipped")
+    assert share < 0.4
+    assert second["skipped_chunks"] > second["chunks"] / 2
+    # The same snapshot again: everything is there.
+    again = push_cli(data_root, prefix, "later")
+    assert again["uploaded_bytes"] == 0 and again["skipped_chunks"] == again["chunks"]
+
+
+# --- interrupted, damaged, incompatible ----------------------------------------------------
+
+def test_a_killed_push_resumes_and_is_invisible_until_complete(
+        manager: InstanceManager, data_root: Path, host_b: InstanceManager,
+        source: tuple[str, str], s3: S3Server, prefix: str) -> None:
+    result = torpor_cli(data_root, "--local", "snapshot", "push", "base", prefix, "--instance",
+                        "rsrc", env={faults.ENV: "push.uploaded=kill"})
+    assert result.returncode == -9, result.stderr
+    there = chunks_in(s3, prefix)
+    assert there, "killed after its first chunk: at least that one is in the bucket"
+    assert run(host_b.remote_list(prefix)) == []  # no manifest: not a snapshot yet
+    with pytest.raises(NotFound):
+        run(host_b.snapshot_pull(f"{prefix}/base"))
+
+    resumed = push_cli(data_root, prefix)
+    assert resumed["skipped_chunks"] >= len(there)
+    assert resumed["uploaded_bytes"] < resumed["total_bytes"]
+    assert [i.name for i in run(host_b.remote_list(prefix))] == ["base"]
+
+
+@pytest.mark.parametrize("action", ["error", "kill"])
+def test_a_failed_pull_imports_nothing(
+        data_root: Path, host_b: InstanceManager, source: tuple[str, str], prefix: str,
+        action: str) -> None:
+    push_cli(data_root, prefix)
+    result = torpor_cli(host_b.data_root.root, "--local", "snapshot", "pull", f"{prefix}/base",
+                        "--name", f"fail-{action}", env={faults.ENV: f"pull.downloaded={action}"})
+    assert result.returncode == (-9 if action == "kill" else 1), result.stderr
+    assert host_b.snapshot_list() == []
+    if action == "kill":  # a dead puller's staging directory: `check` removes it
+        assert any(p.repaired for p in run(host_b.check(repair=True)))
+    assert run(host_b.check()) == []
+    nothing_imported(host_b)
+
+
+def test_a_corrupted_chunk_is_detected_at_pull_and_nothing_is_imported(
+        data_root: Path, host_b: InstanceManager, source: tuple[str, str], s3: S3Server,
+        prefix: str) -> None:
+    push_cli(data_root, prefix)
+    state = next(f for f in remote_manifest(s3, prefix).files if f.cutting == "stream")
+    victim = state.chunks[len(state.chunks) // 2]
+    key = parse_location(prefix).chunk_key(victim.digest)
+    body = bytearray(chunks.decode(s3.client().get_object(Bucket=BUCKET, Key=key)["Body"].read(),
+                                   victim.length, victim.digest))
+    body[100] ^= 0xFF  # one flipped bit of guest data, stored as a valid frame
+    s3.client().put_object(Bucket=BUCKET, Key=key, Body=chunks.encode(bytes(body)))
+    with pytest.raises(IntegrityError, match="does not hash to its name"):
+        run(host_b.snapshot_pull(f"{prefix}/base"))
+    nothing_imported(host_b)
+
+
+def test_a_snapshot_from_an_incompatible_host_is_refused_before_download(
+        data_root: Path, host_b: InstanceManager, source: tuple[str, str], s3: S3Server,
+        prefix: str) -> None:
+    push_cli(data_root, prefix)
+    manifest = remote_manifest(s3, prefix)
+    manifest.needs.qemu_version = "9.9.9"
+    client = s3.client()
+    client.put_object(Bucket=BUCKET, Key=parse_location(prefix).manifest_key("base"),
+                      Body=manifest.encode())
+    # With its chunks gone, a pull that downloaded anything would fail on a missing chunk.
+    client.delete_objects(Bucket=BUCKET, Delete={"Objects": [
+        {"Key": k} for k in chunks_in(s3, prefix)]})
+    with pytest.raises(Unsupported, match=r"saved by QEMU 9\.9\.9; this host has 7\."):
+        run(host_b.snapshot_pull(f"{prefix}/base"))
+    nothing_imported(host_b)
+
+
+# --- listing and deleting -------------------------------------------------------------------
+
+def test_remote_delete_keeps_the_chunks_another_snapshot_uses(
+        manager: InstanceManager, data_root: Path, host_b: InstanceManager,
+        source: tuple[str, str], s3: S3Server, prefix: str) -> None:
+    name, _ = source
+    push_cli(data_root, prefix)
+    push_cli(data_root, prefix, "base", "--name", "copy")  # the same chunks, a second manifest
+    run(manager.snapshot_create(name, "other"))
+    with pytest.raises(AlreadyExists):  # another snapshot under a taken name: refused
+        run(manager.snapshot_push("other", prefix, source=name, remote_name="copy"))
+    run(manager.snapshot_delete("other", name))
+    result = torpor_cli(data_root, "--local", "snapshot", "remote-delete", f"{prefix}/base",
+                        "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["removed_chunks"] == 0 and report["kept_chunks"] > 0
+    info = run(host_b.snapshot_pull(f"{prefix}/copy", name="kept"))
+    assert info.kind == "running"
+    report = run(host_b.remote_delete(f"{prefix}/copy"))
+    assert report.removed_chunks > 0 and report.kept_chunks == 0
+    assert chunks_in(s3, prefix) == set() and run(host_b.remote_list(prefix)) == []
+    run(host_b.snapshot_delete("kept"))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (("snapshot", "pull", "http://example/x"), "not an S3 location"),
+    (("snapshot", "pull", f"s3://{BUCKET}"), "names no snapshot"),
+    (("snapshot", "pull", "s3://no-such-bucket-here/p/base"), "does not exist"),
+    (("snapshot", "remote-list", "s3://Bad_Bucket/p"), "invalid bucket name"),
+])
+def test_bad_locations_are_one_line_errors(data_root: Path, s3: S3Server,
+                                           argv: tuple[str, ...], message: str) -> None:
+    result = torpor_cli(data_root, "--local", *argv)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert lines[0].startswith("torpor: error: ") and message in lines[0], lines
+
+
+def test_missing_credentials_are_named(data_root: Path, source: tuple[str, str],
+                                       prefix: str) -> None:
+    env = {"AWS_ACCESS_KEY_ID": "", "AWS_SECRET_ACCESS_KEY": ""}  # empty: unset to boto3
+    result = torpor_cli(data_root, "--local", "snapshot", "push", "base", prefix, "--instance",
+                        "rsrc", env=env)
+    assert result.returncode != 0
+    assert "no S3 credentials" in result.stderr, result.stderr
