@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs
                 e2fsprogs kmod util-linux
 
 .PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
-        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake bench-memory bench-window clean
+        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake bench-memory bench-window bench-fleet clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -55,6 +55,10 @@ test-faults: guest
 	$(BIN)/pytest tests/integration/test_faults.py tests/integration/test_tampered_state.py \
 	    tests/integration/test_guest_clock.py tests/api/test_soak.py \
 	    tests/integration/test_standby_restore.py::test_disk_full_fails_cleanly_and_gives_the_space_back
+
+# Snapshots in S3: push/pull against boto3's own upload/download, and sharing between forks.
+bench-fleet: guest
+	$(BIN)/python -m bench.fleet_bench
 
 bench-copy: deps venv
 	$(BIN)/python bench/copy_bench.py

@@ -56,6 +56,11 @@ def start_daemon(listen: str | None = None, root: Path | None = None) -> Daemon:
     root = root or Path(tempfile.mkdtemp(prefix="tpa-", dir="/tmp"))
     listen = listen or f"unix:{root}/torpord.sock"
     env = dict(os.environ, TORPOR_DATA_ROOT=str(root), **NOWHERE_PROXY)
+    # S3 (snapshot push/pull): a test's own server if it set one, else a loopback port
+    # where nothing listens; never a cloud's metadata address for credentials.
+    env.setdefault("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
+    env["AWS_EC2_METADATA_DISABLED"] = "true"
+    env.setdefault("AWS_MAX_ATTEMPTS", "1")
     log = open(root / "torpord.log", "wb")  # noqa: SIM115 - the daemon's lifetime
     process = subprocess.Popen([sys.executable, "-m", "torpor.cli.main", "serve",
                                 "--listen", listen], env=env, stdout=log, stderr=log)

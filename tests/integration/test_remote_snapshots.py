@@ -262,3 +262,56 @@ def test_missing_credentials_are_named(data_root: Path, source: tuple[str, str],
                         "rsrc", env=env)
     assert result.returncode != 0
     assert "no S3 credentials" in result.stderr, result.stderr
+
+
+# --- memory-file mode, and the daemon's API --------------------------------------------------
+
+def test_a_memory_file_snapshot_moves_with_its_ram_file(
+        manager: InstanceManager, host_b: InstanceManager, s3: S3Server, prefix: str) -> None:
+    run(manager.create("rsmf", memory_bytes=512 << 20, memory_backing="file"))
+    try:
+        run(manager.start("rsmf"))
+        marks = write_marks(manager, "rsmf")
+        run(manager.snapshot_create("rsmf", "mf"))
+        report = run(manager.snapshot_push("mf", prefix, source="rsmf"))
+        files = {f.path for f in remote_manifest(s3, prefix, "mf").files}
+        assert "memory" in files and report.uploaded_bytes < 256 << 20  # holes not sent
+        run(host_b.snapshot_pull(f"{prefix}/mf"))
+        forks = run(host_b.snapshot_fork("mf", "mffar"))
+        assert [f.state for f in forks] == ["running"]
+        assert read_marks(host_b, "mffar") == marks
+        run(host_b.delete("mffar", force=True))
+        run(host_b.snapshot_delete("mf"))
+    finally:
+        for snap in manager.snapshot_list("rsmf"):
+            run(manager.snapshot_delete(snap.id))
+        run(manager.delete("rsmf", force=True))
+
+
+def test_the_daemon_pushes_pulls_lists_and_deletes_as_operations(
+        data_root: Path, source: tuple[str, str], s3: S3Server, prefix: str) -> None:
+    from tests.api.conftest import start_daemon, stop_daemon
+
+    push_cli(data_root, prefix)
+    daemon = start_daemon()  # a third host, reached through its API
+    try:
+        with daemon.client() as api:
+            listed = api.get("/remote-snapshots", params={"url": prefix})
+            assert listed.status_code == 200 and [s["name"] for s in listed.json()] == ["base"]
+            pulled = api.post("/snapshots/pull", json={"url": f"{prefix}/base", "name": "api"},
+                              headers={"X-Torpor-Operation": "pull-1"})
+            assert pulled.status_code == 201, pulled.text
+            assert pulled.json()["name"] == "api"
+            op = api.get("/operations/pull-1").json()
+            assert op["state"] == "succeeded" and op["kind"] == "snapshot-pull"
+            download = next(p for p in op["progress"] if p["stage"] == "download")
+            assert download["done_bytes"] == download["total_bytes"] > 0
+            pushed = api.post("/snapshots/api/push", json={"url": f"{prefix}-again"})
+            assert pushed.status_code == 200, pushed.text
+            assert pushed.json()["uploaded_bytes"] > 0
+            gone = api.delete("/remote-snapshots", params={"url": f"{prefix}-again/api"})
+            assert gone.status_code == 200 and gone.json()["removed_chunks"] > 0
+            bad = api.get("/remote-snapshots", params={"url": "http://example/x"})
+            assert bad.status_code == 400, bad.text  # the API's code for a malformed request
+    finally:
+        stop_daemon(daemon)

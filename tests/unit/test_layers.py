@@ -10,7 +10,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[2] / "src"
 
 # Each package, and what it must never import (anything above it).
-# The leaf packages (copy, codec, images, network) sit below everything that runs VMs.
+# The leaf packages (copy, codec, images, network, remote) sit below everything that runs
+# VMs.
 LEAF_FORBIDS = ("torpor.instances", "torpor.operations", "torpor.machinestate",
                 "torpor.hypervisor", "torpor.jobs", "torpor.manager", "torpor.api", "torpor.cli")
 ABOVE = {
@@ -18,6 +19,7 @@ ABOVE = {
     "torpor.codec": LEAF_FORBIDS,
     "torpor.images": LEAF_FORBIDS,
     "torpor.network": LEAF_FORBIDS,
+    "torpor.remote": LEAF_FORBIDS,
     "torpor.hypervisor": ("torpor.instances", "torpor.operations", "torpor.machinestate",
                           "torpor.jobs", "torpor.manager", "torpor.api", "torpor.cli"),
     "torpor.guest": ("torpor.instances", "torpor.operations", "torpor.jobs",

@@ -12,6 +12,7 @@ from torpor.codec import Codec
 from torpor.instances.info import InstanceInfo
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.observe import StageProgress
+from torpor.remote.location import LOCATION_PATTERN, SNAPSHOT_URL_PATTERN
 
 MAX_TIMEOUT = 3600.0
 # The same rules the library enforces, stated in the schema so clients can see them.
@@ -139,8 +140,10 @@ class PullRequest(Body):
     insecure: bool = Field(False, description="plain HTTP to a registry that is not loopback")
 
 
-S3Location = Annotated[str, Field(pattern=r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\x00]*)?$",
-                                   max_length=1024, description="s3://BUCKET/PREFIX")]
+S3Location = Annotated[str, Field(pattern=LOCATION_PATTERN, max_length=1024,
+                                   description="s3://BUCKET/PREFIX")]
+S3SnapshotUrl = Annotated[str, Field(pattern=SNAPSHOT_URL_PATTERN, max_length=1024,
+                                     description="s3://BUCKET/PREFIX/SNAPSHOT")]
 
 
 class SnapshotPushRequest(Body):
@@ -149,7 +152,7 @@ class SnapshotPushRequest(Body):
 
 
 class SnapshotPullRequest(Body):
-    url: S3Location = Field(description="s3://BUCKET/PREFIX/SNAPSHOT")
+    url: S3SnapshotUrl
     name: Name | None = Field(None, description="its name here (default: its name there)")
 
 

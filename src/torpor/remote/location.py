@@ -7,9 +7,17 @@ from dataclasses import dataclass
 
 from torpor.errors import InvalidArgument
 
-# S3's bucket rules (lowercase letters, digits, '.', '-'; 3-63 characters).
-BUCKET_RE = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-SNAPSHOT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+# S3's bucket rules (lowercase letters, digits, '.', '-'; 3-63 characters); a prefix's
+# parts: letters, digits, '_', '-', '.' (not first: no '.' or '..'); a snapshot's name:
+# torpor's. The API's schema uses the same patterns (api/models.py).
+BUCKET = r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]"
+SEGMENT = r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,127}"
+SNAPSHOT_NAME = r"[a-z0-9][a-z0-9-]{0,62}"
+LOCATION_PATTERN = rf"^s3://{BUCKET}(/{SEGMENT})*/?$"
+SNAPSHOT_URL_PATTERN = rf"^s3://{BUCKET}(/{SEGMENT})*/{SNAPSHOT_NAME}$"
+BUCKET_RE = re.compile(BUCKET)
+SEGMENT_RE = re.compile(SEGMENT)
+SNAPSHOT_NAME_RE = re.compile(SNAPSHOT_NAME)
 CHUNKS = "chunks/"
 SNAPSHOTS = "snapshots/"
 MANIFEST_SUFFIX = ".json"
@@ -57,9 +65,10 @@ def parse_location(url: str) -> Location:
     bucket, _, prefix = url.removeprefix("s3://").partition("/")
     if not BUCKET_RE.fullmatch(bucket):
         raise InvalidArgument(f"invalid bucket name {bucket!r} in {url!r}")
-    parts = [p for p in prefix.split("/") if p]
-    if any(p in (".", "..") for p in parts):
-        raise InvalidArgument(f"invalid prefix in {url!r}")
+    parts = prefix.rstrip("/").split("/") if prefix.rstrip("/") else []
+    if not all(SEGMENT_RE.fullmatch(p) for p in parts):
+        raise InvalidArgument(f"invalid prefix in {url!r}: its parts are letters, digits and"
+                              " '_', '-', '.' (not first)")
     return Location(bucket, "".join(f"{p}/" for p in parts))
 
 

@@ -11,6 +11,7 @@ the commands that reach a bucket.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -32,7 +33,12 @@ class ObjectStore:
         from botocore.config import Config
 
         self.bucket = bucket
-        config = Config(max_pool_connections=connections, retries={"mode": "standard"},
+        # Retries as the AWS variables say (AWS_RETRY_MODE, AWS_MAX_ATTEMPTS); by default
+        # the standard mode's 3 attempts with backoff.
+        retries: dict[str, Any] = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
+        if os.environ.get("AWS_MAX_ATTEMPTS", "").isdigit():
+            retries["total_max_attempts"] = int(os.environ["AWS_MAX_ATTEMPTS"])
+        config = Config(max_pool_connections=connections, retries=retries,
                         connect_timeout=10, read_timeout=60)
         try:
             self._client: Any = boto3.session.Session().client("s3", config=config)
@@ -80,8 +86,8 @@ class ObjectStore:
 
         try:
             return getattr(self._client, operation)(Bucket=self.bucket, **params)
-        except NoCredentialsError:
-            raise InvalidArgument("no S3 credentials: set AWS_ACCESS_KEY_ID and"
+        except NoCredentialsError:  # the host's configuration, not the request
+            raise OperationFailed("no S3 credentials: set AWS_ACCESS_KEY_ID and"
                                   " AWS_SECRET_ACCESS_KEY, or AWS_PROFILE") from None
         except ClientError as exc:
             raise _client_error(self.bucket, params.get("Key"), exc) from None

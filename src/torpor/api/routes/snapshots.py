@@ -20,6 +20,7 @@ from torpor.api.deps import (
 from torpor.api.models import (
     ForkRequest,
     S3Location,
+    S3SnapshotUrl,
     SnapshotPullRequest,
     SnapshotPushRequest,
     SnapshotRequest,
@@ -129,7 +130,7 @@ async def list_remote_snapshots(manager: Manager, url: Annotated[S3Location, Que
 
 
 @router.delete("/remote-snapshots", tags=["remote snapshots"])
-async def delete_remote_snapshot(manager: Manager, url: Annotated[S3Location, Query()],
+async def delete_remote_snapshot(manager: Manager, url: Annotated[S3SnapshotUrl, Query()],
                                  op: OpId, operations: Tracker) -> RemoteDeleteReport:
     """Delete s3://BUCKET/PREFIX/SNAPSHOT; chunks other snapshots use stay."""
     async with operations.track(op, "snapshot-remote-delete", None):
