@@ -199,19 +199,25 @@ def test_a_corrupted_chunk_is_detected_at_pull_and_nothing_is_imported(
     nothing_imported(host_b)
 
 
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("qemu_version", "9.9.9", r"saved by QEMU 9\.9\.9; this host has 7\."),
+    ("machine", "pc-q35-99.0", "needs machine type pc-q35-99.0"),
+    ("cpu_model", "no-such-cpu", "needs CPU model no-such-cpu"),
+    ("memory_backing", "hugepages", "needs memory backing 'hugepages'"),
+])
 def test_a_snapshot_from_an_incompatible_host_is_refused_before_download(
         data_root: Path, host_b: InstanceManager, source: tuple[str, str], s3: S3Server,
-        prefix: str) -> None:
+        prefix: str, field: str, value: str, reason: str) -> None:
     push_cli(data_root, prefix)
     manifest = remote_manifest(s3, prefix)
-    manifest.needs.qemu_version = "9.9.9"
+    setattr(manifest.needs, field, value)  # as a host with another QEMU would have pushed
     client = s3.client()
     client.put_object(Bucket=BUCKET, Key=parse_location(prefix).manifest_key("base"),
                       Body=manifest.encode())
     # With its chunks gone, a pull that downloaded anything would fail on a missing chunk.
     client.delete_objects(Bucket=BUCKET, Delete={"Objects": [
         {"Key": k} for k in chunks_in(s3, prefix)]})
-    with pytest.raises(Unsupported, match=r"saved by QEMU 9\.9\.9; this host has 7\."):
+    with pytest.raises(Unsupported, match=reason):
         run(host_b.snapshot_pull(f"{prefix}/base"))
     nothing_imported(host_b)
 

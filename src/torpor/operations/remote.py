@@ -19,6 +19,7 @@ import threading
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel
 
@@ -36,7 +37,7 @@ from torpor.hypervisor.accel import kvm_device_usable
 from torpor.hypervisor.vmconfig import DEFAULT_CPU_MODEL, MACHINE_TYPE
 from torpor.instances import observe
 from torpor.instances.context import Settings
-from torpor.instances.metadata import InstanceMetadata, utc_now
+from torpor.instances.metadata import InstanceMetadata, MemoryBacking, utc_now
 from torpor.instances.snapshotrecord import (
     SnapshotRecord,
     all_records,
@@ -196,6 +197,9 @@ def _qemu_lists(binary: str, option: str) -> str:
 def check_host(needs: HostNeeds, settings: Settings, what: str) -> None:
     """Unsupported, with the reason, unless this host can load the snapshot."""
     binary = settings.qemu_binary
+    if needs.memory_backing not in get_args(MemoryBacking):
+        raise Unsupported(f"{what} needs memory backing {needs.memory_backing!r}; this torpor"
+                          f" knows {', '.join(get_args(MemoryBacking))}")
     if needs.qemu_version is not None:
         here = installed_qemu_version(binary)
         if here != needs.qemu_version:
