@@ -77,7 +77,7 @@ def parse_snapshot_url(url: str) -> tuple[Location, str]:
     location = parse_location(url)
     parts = location.prefix.rstrip("/").split("/")
     name = parts[-1]
-    if not location.prefix or not SNAPSHOT_NAME_RE.fullmatch(name):
+    if url.endswith("/") or not location.prefix or not SNAPSHOT_NAME_RE.fullmatch(name):
         raise InvalidArgument(f"{url!r} names no snapshot (expected s3://BUCKET/PREFIX/SNAPSHOT,"
                               " the snapshot's name in lowercase letters, digits and '-')")
     prefix = "".join(f"{p}/" for p in parts[:-1])
