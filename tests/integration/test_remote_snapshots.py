@@ -20,7 +20,7 @@ from torpor import faults
 from torpor.errors import AlreadyExists, IntegrityError, NotFound, Unsupported
 from torpor.instances.context import Settings
 from torpor.manager import InstanceManager
-from torpor.remote import chunks
+from torpor.remote import chunks, transfer
 from torpor.remote.location import parse_location
 from torpor.remote.manifest import RemoteSnapshot
 
@@ -129,14 +129,19 @@ def test_push_then_pull_and_fork_on_another_host_keeps_ram_and_disk(
     run(host_b.snapshot_delete("moved"))
 
 
+@pytest.mark.parametrize("existing", ["listed", "asked"])
 def test_a_second_push_after_a_small_change_uploads_a_small_fraction(
         manager: InstanceManager, data_root: Path, source: tuple[str, str],
-        prefix: str) -> None:
+        prefix: str, existing: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What the bucket has is known from a listing of its chunks, or (a prefix too large
+    to list) asked chunk by chunk: either way only what is missing goes up."""
     name, _ = source
-    first = push_cli(data_root, prefix)
+    if existing == "asked":
+        monkeypatch.setattr(transfer, "_listed_chunks", lambda store, location: None)
+    first = run(manager.snapshot_push("base", prefix, source=name)).model_dump()
     sh(manager, name, "dd if=/dev/urandom of=/root/small.bin bs=64k count=16 2>/dev/null; sync")
-    run(manager.snapshot_create(name, "later"))
-    second = push_cli(data_root, prefix, "later")
+    run(manager.snapshot_create(name, f"later-{existing}"))
+    second = run(manager.snapshot_push(f"later-{existing}", prefix, source=name)).model_dump()
     # Without content addressing it would be the whole snapshot again (1.0).
     share = second["uploaded_bytes"] / first["uploaded_bytes"]
     print(f"second push: {second['uploaded_bytes']} of {first['uploaded_bytes']} bytes"
@@ -144,7 +149,7 @@ def test_a_second_push_after_a_small_change_uploads_a_small_fraction(
     assert share < 0.4
     assert second["skipped_chunks"] > second["chunks"] / 2
     # The same snapshot again: everything is there.
-    again = push_cli(data_root, prefix, "later")
+    again = push_cli(data_root, prefix, f"later-{existing}")
     assert again["uploaded_bytes"] == 0 and again["skipped_chunks"] == again["chunks"]
 
 

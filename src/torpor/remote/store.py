@@ -21,6 +21,10 @@ from torpor.errors import InvalidArgument, NotFound, OperationFailed, TorporErro
 _DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden"}
 
 
+class Truncated(Exception):
+    """A listing stopped at its page limit."""
+
+
 class NoSuchObject(NotFound):
     """The bucket is there; the object is not."""
 
@@ -38,8 +42,12 @@ class ObjectStore:
         retries: dict[str, Any] = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
         if os.environ.get("AWS_MAX_ATTEMPTS", "").isdigit():
             retries["total_max_attempts"] = int(os.environ["AWS_MAX_ATTEMPTS"])
+        # Chunks carry their own hashes, checked on the way down: no CRC32 pass of every
+        # body on top (botocore's default since 1.36), only where S3 requires one.
         config = Config(max_pool_connections=connections, retries=retries,
-                        connect_timeout=10, read_timeout=60)
+                        connect_timeout=10, read_timeout=60,
+                        request_checksum_calculation="when_required",
+                        response_checksum_validation="when_required")
         try:
             self._client: Any = boto3.session.Session().client("s3", config=config)
         except Exception as exc:  # a malformed profile or config file
@@ -63,14 +71,20 @@ class ObjectStore:
             raise OperationFailed(f"S3: reading {key}: {exc}") from None
         return data
 
-    def keys(self, prefix: str) -> Iterator[str]:
+    def keys(self, prefix: str, max_pages: int | None = None) -> Iterator[str]:
+        """Every key under `prefix`; with `max_pages`, Truncated is raised once that many
+        pages (1000 keys each) did not hold them all."""
         token: dict[str, str] = {}
+        pages = 0
         while True:
             page = self._call("list_objects_v2", Prefix=prefix, **token)
+            pages += 1
             for item in page.get("Contents", []):
                 yield item["Key"]
             if not page.get("IsTruncated"):
                 return
+            if max_pages is not None and pages >= max_pages:
+                raise Truncated(prefix)
             token = {"ContinuationToken": page["NextContinuationToken"]}
 
     def delete(self, keys: list[str]) -> None:

@@ -17,9 +17,10 @@ from torpor.errors import IntegrityError, OperationFailed
 from torpor.remote import chunks
 from torpor.remote.location import Location
 from torpor.remote.manifest import ChunkRef, RemoteFile
-from torpor.remote.store import NoSuchObject, ObjectStore
+from torpor.remote.store import NoSuchObject, ObjectStore, Truncated
 
 WORKERS = 8  # requests in flight: the server, not the client, was the limit beyond this
+LIST_PAGES = 20  # a listing of up to 20,000 chunks replaces one HEAD a chunk
 Progress = Callable[[int], None]
 
 
@@ -106,10 +107,12 @@ def upload(store: ObjectStore, location: Location, files: list[LocalFile],
     started = time.monotonic()
     seen: set[str] = set()
     seen_lock = threading.Lock()
+    listed = _listed_chunks(store, location)
 
     def put_missing(piece: chunks.Piece) -> None:
         key = location.chunk_key(piece.digest)
-        if store.exists(key):
+        there = key in listed if listed is not None else store.exists(key)
+        if there:
             with seen_lock:
                 stats.skipped_chunks += 1
         else:
@@ -146,6 +149,18 @@ def upload(store: ObjectStore, location: Location, files: list[LocalFile],
             bounded.finish()
     stats.seconds = time.monotonic() - started
     return remote, stats
+
+
+def _listed_chunks(store: ObjectStore, location: Location) -> set[str] | None:
+    """The prefix's chunk keys from a listing (1000 a request), when it holds at most
+    LIST_PAGES pages of them; else None, and each chunk is asked about (HEAD) instead.
+    Each request costs the client ~1.5 ms of Python here (botocore): a 2 GiB guest's
+    snapshot is ~2,200 chunks. A chunk put by someone else after the listing is put
+    again (the same bytes under the same name: harmless)."""
+    try:
+        return set(store.keys(location.chunks_prefix, max_pages=LIST_PAGES))
+    except Truncated:
+        return None
 
 
 def download(store: ObjectStore, location: Location, files: list[RemoteFile], into: Path,
