@@ -143,8 +143,11 @@ def upload(store: ObjectStore, location: Location, files: list[LocalFile],
                             progress(piece.length)
                         continue
                     bounded.submit(lambda piece=piece: put_missing(piece))  # type: ignore[misc]
-                remote.append(RemoteFile(path=local.path, size=local.source.stat().st_size,
+                info = local.source.stat()
+                remote.append(RemoteFile(path=local.path, size=info.st_size,
                                          cutting=local.cutting, chunks=refs))
+                if progress is not None:  # allocated zeros are not sent: done all the same
+                    progress(max(0, info.st_blocks * 512 - sum(r.length for r in refs)))
         finally:
             bounded.finish()
     stats.seconds = time.monotonic() - started
