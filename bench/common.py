@@ -22,6 +22,13 @@ def scratch_manager(prefix: str) -> tuple[Path, InstanceManager]:
     return workdir, InstanceManager(workdir / "data", Settings(accel=accel))  # type: ignore[arg-type]
 
 
+async def fill_half(mgr: InstanceManager, name: str, mem: int) -> None:
+    """Half the guest's RAM (`mem` bytes) filled with random data, in its tmpfs."""
+    mib = mem // 2 >> 20
+    await mgr.exec(name, ["sh", "-c", f"dd if=/dev/urandom of=/tmp/fill bs=1M count={mib}"
+                                      " 2>/dev/null"], timeout=900)
+
+
 NS_ENV = "TORPOR_BENCH_NETNS"
 
 

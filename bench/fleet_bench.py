@@ -23,18 +23,12 @@ from pathlib import Path
 
 from tests.s3_helpers import S3Server, seaweedfs
 
-from bench.common import remove_work, scratch_manager
+from bench.common import fill_half, remove_work, scratch_manager
 from torpor.manager import InstanceManager
 from torpor.remote.transfer import iter_files
 from torpor.units import format_size, parse_size
 
 BUCKET = "bench-fleet"
-
-
-async def fill_half(mgr: InstanceManager, name: str, mem: int) -> None:
-    mib = mem // 2 >> 20
-    await mgr.exec(name, ["sh", "-c", f"dd if=/dev/urandom of=/tmp/fill bs=1M count={mib}"
-                                      " 2>/dev/null"], timeout=900)
 
 
 def row(label: str, seconds: float, moved: int, logical: int) -> str:

@@ -51,7 +51,7 @@ import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-from bench.common import scratch_manager
+from bench.common import fill_half, scratch_manager
 from bench.hostmem import reports_free_pages, warm_up
 from bench.libvirt_baseline import LibvirtGuest, ensure_libvirt
 from torpor.codec import Codec
@@ -73,12 +73,6 @@ MODES = [("torpor none", CompressionPolicy()),
          ("torpor zstd bg", CompressionPolicy(codec=Codec.ZSTD, mode="background")),
          ("torpor lz4", CompressionPolicy(codec=Codec.LZ4)),
          ("torpor auto", CompressionPolicy(codec=Codec.ZSTD, store_incompressible=True))]
-
-
-async def fill_half(mgr: InstanceManager, name: str, mem: int) -> None:
-    mib = mem // 2 >> 20
-    await mgr.exec(name, ["sh", "-c", f"dd if=/dev/urandom of=/tmp/fill bs=1M count={mib}"
-                                      " 2>/dev/null"], timeout=600)
 
 
 def resident_bytes(path: Path) -> int:

@@ -137,11 +137,11 @@ def _push_blocking(data_root: DataRoot, record: SnapshotRecord, location: Locati
                   for p in paths]
     progress = observe.counter("upload", sum(f.source.stat().st_blocks * 512 for f in files))
     remote_files, stats = transfer.upload(store, location, files, progress, stop=stop)
-    boot_files = [f for f in remote_files if f.path.startswith(f"{BOOT}/")]
+    payload_count = len(files) - (len(boot[1]) if boot else 0)  # the boot files come last
     manifest = RemoteSnapshot(
         name=remote_name, pushed_at=utc_now(), record=record.model_dump(mode="json"),
-        needs=needs, files=[f for f in remote_files if f not in boot_files],
-        boot=BootFiles(directory=boot[0], files=boot_files) if boot else None)
+        needs=needs, files=remote_files[:payload_count],
+        boot=BootFiles(directory=boot[0], files=remote_files[payload_count:]) if boot else None)
     store.put(location.manifest_key(remote_name), manifest.encode())  # last: now it exists
     return PushReport(url=location.snapshot_url(remote_name), **stats.as_dict())
 
@@ -173,25 +173,21 @@ async def push(data_root: DataRoot, settings: Settings, record: SnapshotRecord, 
 
 # --- pull -----------------------------------------------------------------------------------
 
+def _qemu_says(binary: str, *args: str) -> str:
+    try:
+        return subprocess.run([binary, *args], capture_output=True, text=True, check=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise OperationFailed(f"cannot run {binary} {' '.join(args)}: {exc}") from None
+
+
 def installed_qemu_version(binary: str) -> str:
     """major.minor.micro, as QEMU's monitor reports it (query-version)."""
-    try:
-        out = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                             check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise OperationFailed(f"cannot run {binary} --version: {exc}") from None
+    out = _qemu_says(binary, "--version")
     found = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
     if found is None:
         raise OperationFailed(f"unexpected output of {binary} --version: {out.strip()[:200]}")
     return ".".join(found.groups())
-
-
-def _qemu_lists(binary: str, option: str) -> str:
-    try:
-        return subprocess.run([binary, option, "help"], capture_output=True, text=True,
-                              check=True, timeout=30).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise OperationFailed(f"cannot run {binary} {option} help: {exc}") from None
 
 
 def check_host(needs: HostNeeds, settings: Settings, what: str) -> None:
@@ -208,9 +204,10 @@ def check_host(needs: HostNeeds, settings: Settings, what: str) -> None:
     if needs.accel == "kvm" and (settings.accel == "tcg" or not kvm_device_usable()):
         raise Unsupported(f"{what} was saved under KVM; this host cannot run KVM guests"
                           " (a machine state does not move between KVM and TCG)")
-    if not re.search(rf"^{re.escape(needs.machine)}\s", _qemu_lists(binary, "-machine"), re.M):
+    machines = _qemu_says(binary, "-machine", "help")
+    if not re.search(rf"^{re.escape(needs.machine)}\s", machines, re.M):
         raise Unsupported(f"{what} needs machine type {needs.machine}, which {binary} lacks")
-    if not re.search(rf"\b{re.escape(needs.cpu_model)}\b", _qemu_lists(binary, "-cpu")):
+    if not re.search(rf"\b{re.escape(needs.cpu_model)}\b", _qemu_says(binary, "-cpu", "help")):
         raise Unsupported(f"{what} needs CPU model {needs.cpu_model}, which {binary} lacks")
 
 

@@ -46,6 +46,10 @@ class UploadStats:
         with self._lock:
             self.uploaded_bytes += nbytes
 
+    def skipped(self) -> None:
+        with self._lock:
+            self.skipped_chunks += 1
+
     def as_dict(self) -> dict[str, float | int]:
         return {"uploaded_bytes": self.uploaded_bytes, "total_bytes": self.total_bytes,
                 "chunks": self.chunks, "skipped_chunks": self.skipped_chunks,
@@ -105,16 +109,14 @@ def upload(store: ObjectStore, location: Location, files: list[LocalFile],
     half-way leaves whole chunks that the next one finds and skips."""
     stats = UploadStats()
     started = time.monotonic()
-    seen: set[str] = set()
-    seen_lock = threading.Lock()
+    seen: set[str] = set()  # this push's digests (the main thread's only)
     listed = _listed_chunks(store, location)
 
     def put_missing(piece: chunks.Piece) -> None:
         key = location.chunk_key(piece.digest)
         there = key in listed if listed is not None else store.exists(key)
         if there:
-            with seen_lock:
-                stats.skipped_chunks += 1
+            stats.skipped()
         else:
             body = chunks.encode(piece.data)
             store.put(key, body)
@@ -134,14 +136,12 @@ def upload(store: ObjectStore, location: Location, files: list[LocalFile],
                                          digest=piece.digest))
                     stats.total_bytes += piece.length
                     stats.chunks += 1
-                    with seen_lock:
-                        repeated = piece.digest in seen
-                        seen.add(piece.digest)
-                    if repeated:  # twice in this push: put (or found) once
-                        stats.skipped_chunks += 1
+                    if piece.digest in seen:  # twice in this push: put (or found) once
+                        stats.skipped()
                         if progress is not None:
                             progress(piece.length)
                         continue
+                    seen.add(piece.digest)
                     bounded.submit(lambda piece=piece: put_missing(piece))  # type: ignore[misc]
                 info = local.source.stat()
                 remote.append(RemoteFile(path=local.path, size=info.st_size,
