@@ -369,7 +369,7 @@ class InstanceManager:
                    timeout: float = 60.0) -> ExecResult:
         from torpor.errors import WrongState
         from torpor.guest.agent import AgentError, GuestAgent
-        from torpor.instances.runtime import derive_state
+        from torpor.instances.runtime import derive_state, has_standby_state
         from torpor.instances.states import require
 
         meta = await asyncio.to_thread(self.registry.find, name)
@@ -381,8 +381,12 @@ class InstanceManager:
                 return await agent.exec(argv, input=input, timeout=timeout)
         except AgentError:
             # The VM left "running" under the command (a standby or stop in another
-            # request): that is the conflict to report, not a failing guest.
+            # request): that is the conflict to report, not a failing guest. A published
+            # standby state counts even while its killed QEMU has not exited yet (it
+            # answers nothing then, and its state still derives as running).
             now, _ = await derive_state(paths)
+            if now is state and has_standby_state(paths):
+                now = InstanceState.STANDBY
             if now is not state:
                 raise WrongState(f"instance {name} went {now} during the command") from None
             raise

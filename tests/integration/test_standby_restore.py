@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import filecmp
 import json
 import os
 import signal
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -15,8 +17,9 @@ from typing import Any
 import pytest
 
 from tests.conftest import EMPTY_MD5, booted, run, sh, torpor_cli
+from torpor import faults
 from torpor.codec import Codec, checksum_file
-from torpor.errors import IntegrityError, OperationFailed
+from torpor.errors import IntegrityError, OperationFailed, WrongState
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import ProcessIdentity
 from torpor.hypervisor.qmp import Monitor
@@ -149,6 +152,50 @@ def test_user_errors_are_clear(data_root: Path, manager: InstanceManager, vm: st
     finally:
         run(manager.delete(fresh_name))
 
+
+
+def test_exec_cut_off_by_a_standby_is_a_conflict(manager: InstanceManager, vm: str) -> None:
+    """exec runs unlocked beside other operations: a standby that takes the VM away while
+    a command runs is the conflict to report (409), not a guest agent failure (502), also
+    in the moment the state is published and the killed QEMU has not exited yet."""
+    marker = f"exec-started-{os.getpid()}"
+    console = manager.console_path(vm)
+
+    async def race() -> None:
+        command = asyncio.create_task(manager.exec(
+            vm, ["sh", "-c", f"echo {marker} > /dev/console; sleep 60"]))
+        while marker.encode() not in console.read_bytes():  # the command runs in the guest
+            await asyncio.sleep(0.02)
+        await manager.standby(vm)
+        with pytest.raises(WrongState, match="went standby during the command"):
+            await command
+
+    try:
+        run(race())
+    finally:
+        run(manager.restore(vm))
+
+
+def test_exec_beside_a_published_standby_whose_qemu_is_not_gone_is_a_conflict(
+        manager: InstanceManager, data_root: Path, vm: str) -> None:
+    """Between a standby publishing the state and its killed QEMU exiting, the QEMU still
+    exists but answers nothing; an exec arriving then must be refused as the conflict
+    it is, not fail as a broken agent. The window is held open by stopping QEMU at the
+    fault point and running `torpor exec` from there."""
+    record = load_runtime(manager.paths(vm))
+    assert record is not None
+    out = Path(tempfile.mkdtemp()) / "exec.out"
+    cli = f"{sys.executable} -m torpor.cli.main --local exec {vm} -- true"
+    env = {faults.ENV: "standby.published=exec", faults.EXEC_ENV:
+           f"kill -STOP {record.identity.pid}; {cli} > {out} 2>&1; echo rc=$? >> {out}"}
+    try:
+        result = torpor_cli(data_root, "--local", "standby", vm, env=env)
+        assert result.returncode == 0, result.stderr
+        said = out.read_text()
+        assert "rc=4" in said and "went standby during the command" in said, said
+        assert "Traceback" not in said
+    finally:
+        run(manager.restore(vm))
 
 @pytest.mark.parametrize("codec", [Codec.NONE, Codec.ZSTD])
 def test_flipped_byte_is_refused_and_snapshot_kept(manager: InstanceManager, vm: str,
