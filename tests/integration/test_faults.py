@@ -138,6 +138,27 @@ def test_standby(manager: InstanceManager, data_root: Path, fm: str, point: str,
     verify(manager, fm, planted)
 
 
+
+@pytest.mark.parametrize("action", ACTIONS)
+@pytest.mark.parametrize("point", ["compress.renamed", "compress.recorded"])
+def test_auto_standby_compressing_after_the_window(manager: InstanceManager, data_root: Path,
+                                                  fm: str, point: str, action: str) -> None:
+    """`auto` compresses the published state after the paused window, in the standby's
+    own process: killed there, the state is restorable; failing there, the standby
+    still succeeds, saying that its state stays uncompressed."""
+    planted = plant(manager, fm)
+    result = torpor_cli(data_root, "--local", "standby", fm, "--compress", "auto",
+                        env={faults.ENV: f"{point}={action}"})
+    if action == "kill":
+        assert result.returncode == -9, result.stderr
+    else:
+        assert result.returncode == 0, result.stderr
+        assert f"stays uncompressed: injected fault at {point}" in result.stderr
+    assert run(manager.get(fm)).state is InstanceState.STANDBY
+    settle(manager, action, f"auto standby, {point}")
+    running_again(manager, fm)
+    verify(manager, fm, planted)
+
 @pytest.mark.parametrize("action", ACTIONS)
 @pytest.mark.parametrize("point", points("restore."))
 def test_restore(manager: InstanceManager, data_root: Path, fm: str, point: str,

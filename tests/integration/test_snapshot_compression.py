@@ -9,10 +9,12 @@ import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.conftest import booted, read_marks, run, torpor_cli, write_marks
+from torpor import faults
 from torpor.codec import Codec, checksum_file
 from torpor.fsutil import read_json
 from torpor.hypervisor.process import ProcessIdentity
@@ -25,6 +27,7 @@ from torpor.manager import InstanceManager
 
 pytestmark = pytest.mark.qemu
 BACKGROUND = CompressionPolicy(codec=Codec.ZSTD, mode="background", delay_s=2)
+AUTO = CompressionPolicy(codec=Codec.ZSTD, store_incompressible=True)
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +111,31 @@ def test_the_instance_policy_compresses_a_snapshot_in_the_background(
         run(manager.snapshot_delete(snap.id))
     assert not manager.data_root.job_lock(Subject.snapshot(snap.id).key).exists()
 
+
+
+def test_auto_saves_raw_in_the_pause_and_stores_frames(
+        manager: InstanceManager, vm: str, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`auto` (sync): the pause writes the raw state, and the snapshot is compressed once
+    the source runs again, before it is published: zstd frames, nothing else beside."""
+    marks = write_marks(manager, vm, ram_mib=16)
+    seen = tmp_path / "in-pause"
+    staging = manager.data_root.root / "snapshots"
+    monkeypatch.setenv(faults.ENV, "snapshot.saved=exec")  # the source is still paused
+    monkeypatch.setenv(faults.EXEC_ENV, f"ls {staging}/.creating-*/state > {seen}")
+    snap = run(manager.snapshot_create(vm, "auto", compression=AUTO))
+    monkeypatch.delenv(faults.ENV)
+    try:
+        assert seen.read_text().split() == ["machine-state"]  # raw while paused
+        assert stored_state_files(manager, snap.id) == ["machine-state.zst"]
+        latest = manager.data_root.snapshot(snap.id).payload_instance().standby_dir
+        state = Manifest.load(latest).state
+        assert (state.codec, state.layout) == (Codec.ZSTD, "frames")
+        assert state.stored_raw_chunks is not None and 0 < state.stored_raw_chunks < state.chunks
+        assert state.checksum == checksum_file(latest / "machine-state.zst").checksum
+        assert forked_marks(manager, snap.id, "auto-fork") == marks
+    finally:
+        run(manager.snapshot_delete(snap.id))
 
 def test_a_fork_during_the_job_stops_it_and_the_job_goes_on_afterwards(
         manager: InstanceManager, vm: str) -> None:

@@ -106,11 +106,24 @@ def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: s
 
 def test_auto_compression_stores_random_data_raw_and_restores_it(manager: InstanceManager,
                                                                   vm: str) -> None:
-    """`auto`: zstd frames, the chunks of random data stored raw (recorded in the
-    manifest), the guest's compressible memory compressed; the restore feeds both."""
+    """`auto`: saved raw in the paused window, then zstd frames, the chunks of random data
+    stored raw (recorded in the manifest), the guest's compressible memory compressed;
+    the restore feeds both."""
     before = fill_guest(manager, vm, ram_mib=32)
-    run(manager.standby(vm, CompressionPolicy(codec=Codec.ZSTD, store_incompressible=True)))
-    state = Manifest.load(manager.paths(vm).standby_dir).state
+    latest = manager.paths(vm).standby_dir
+    seen = Path(tempfile.mkdtemp()) / "in-window"
+    os.environ[faults.ENV] = "standby.published=exec"  # the window ends at the kill next
+    os.environ[faults.EXEC_ENV] = f"ls {latest} > {seen}"
+    try:
+        run(manager.standby(vm, CompressionPolicy(codec=Codec.ZSTD, store_incompressible=True)))
+    finally:
+        del os.environ[faults.ENV], os.environ[faults.EXEC_ENV]
+    # Saved raw inside the paused window, compressed after it (before standby returned).
+    assert seen.read_text().split() == ["machine-state", "manifest.json"]
+    assert sorted(p.name for p in latest.iterdir()) == ["machine-state.zst", "manifest.json"]
+    done = run(manager.get(vm)).last_operation
+    assert done is not None and "compress" in done.phases
+    state = Manifest.load(latest).state
     assert state.layout == "frames" and state.chunks and state.stored_raw_chunks is not None
     # 32 MiB of random data fill 8 chunks; pages of it share chunks with compressible ones
     assert 32 // 8 <= state.stored_raw_chunks < state.chunks

@@ -178,6 +178,27 @@ class FrameWriter:
         self.stats.stored_bytes += size
 
 
+def compress_file(source: int, sink: int, level: int, *, store_incompressible: bool,
+                  threads: int = 2, each_chunk: Callable[[int], None] | None = None
+                  ) -> FrameStats:
+    """The file at fd `source` (from its offset) written to fd `sink` as frames.
+    `each_chunk(bytes read so far)` runs after each chunk is handed over: it may pace the
+    reading, or raise to stop (nothing more is written; the sink is the caller's)."""
+    writer = FrameWriter(sink, level, threads=threads, store_incompressible=store_incompressible)
+    buffer = bytearray(CHUNK)  # one read buffer, reused (the writer copies out of it)
+    try:
+        read = 0
+        while length := os.readv(source, [buffer]):
+            writer.write(memoryview(buffer)[:length])
+            read += length
+            if each_chunk is not None:
+                each_chunk(read)
+        return writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+
+
 @dataclass
 class Frame:
     offset: int  # in the file

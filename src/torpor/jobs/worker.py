@@ -31,15 +31,16 @@ from pathlib import Path
 
 from torpor import faults
 from torpor.codec import SUFFIXES, Codec, checksum_file, compressor_argv
-from torpor.codec.frames import FrameStats, FrameWriter
+from torpor.codec.frames import FrameStats, compress_file
 from torpor.errors import TorporError
-from torpor.fsutil import atomic_write_json, fsync_dir
+from torpor.fsutil import atomic_write_json
 from torpor.hypervisor.process import ProcessIdentity
 from torpor.instances.metadata import CompressionPlan
 from torpor.jobs.compression import (
     TMP_SUFFIX,
     Subject,
     compression_target,
+    publish_compressed,
     record_outcome,
     record_snapshot_state,
     remaining_delay,
@@ -101,24 +102,19 @@ class Job:
         decompressor process), on one thread, at no more than rate_limit bytes/s."""
 
         def work(stop: threading.Event) -> FrameStats:
+            start = time.monotonic()
+
+            def paced(read: int) -> None:
+                if stop.is_set():
+                    raise Cancelled()
+                self.chunk_read(read)
+                if self.rate_limit:
+                    stop.wait(read / self.rate_limit - (time.monotonic() - start))
+
             with open(raw, "rb") as src, open(tmp, "wb") as out:
-                writer = FrameWriter(out.fileno(), plan.level, threads=1,
-                                     store_incompressible=plan.store_incompressible)
-                try:
-                    start, sent = time.monotonic(), 0
-                    while chunk := src.read(CHUNK):
-                        if stop.is_set():
-                            raise Cancelled()
-                        writer.write(chunk)
-                        sent += len(chunk)
-                        self.chunk_read(sent)
-                        if self.rate_limit:
-                            stop.wait(sent / self.rate_limit - (time.monotonic() - start))
-                    stats = writer.close()
-                except BaseException:
-                    writer.abort()
-                    raise
-                out.flush()
+                stats = compress_file(src.fileno(), out.fileno(), plan.level, threads=1,
+                                      store_incompressible=plan.store_incompressible,
+                                      each_chunk=paced)
                 os.fsync(out.fileno())
             return stats
 
@@ -258,27 +254,21 @@ class Job:
         if self.load_plan() is None or not raw.exists():
             tmp.unlink(missing_ok=True)  # a reader took over: nothing to publish
             raise Cancelled()
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
-        faults.point("compress.renamed")
         manifest = Manifest.load(self.paths.standby_dir)
-        stored = final.stat().st_size
+        stored = tmp.stat().st_size
         if manifest.memory_file is not None and raw == self.paths.memory_file:
             raw_bytes = raw.stat().st_blocks * 512  # what the sparse RAM file really held
             manifest.memory_file = manifest.memory_file.model_copy(update={
                 "codec": plan.codec, "level": plan.level, "stored_bytes": stored})
+        elif frames is not None:
+            raw_bytes = raw.stat().st_size
+            manifest.state = manifest.state.as_frames(plan.level, frames, checksum)
         else:
             raw_bytes = raw.stat().st_size
-            layout = {} if frames is None else {
-                "layout": "frames", "chunks": frames.chunks,
-                "stored_raw_chunks": frames.stored_raw}
             manifest.state = manifest.state.model_copy(update={
                 "codec": plan.codec, "level": plan.level, "raw_bytes": raw_bytes,
-                "stored_bytes": stored, "checksum": checksum, **layout})
-        manifest.save(self.paths.standby_dir)
-        faults.point("compress.recorded")
-        raw.unlink()
-        fsync_dir(raw.parent)
+                "stored_bytes": stored, "checksum": checksum})
+        publish_compressed(self.paths.standby_dir, manifest, raw, tmp, final)
         self.subject.save_plan(self.data_root, None)
         if self.subject.kind == "snapshot":
             record_snapshot_state(self.data_root, self.subject.id)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import xxhash
 from pydantic import BaseModel, Field
@@ -15,6 +15,9 @@ from torpor.codec import SUFFIXES, Codec
 from torpor.errors import IntegrityError, NotFound
 from torpor.fsutil import atomic_write_json, data_extents, read_json
 from torpor.hypervisor.vmconfig import VMConfig
+
+if TYPE_CHECKING:  # the CLI's fast paths read manifests without loading zstandard
+    from torpor.codec.frames import FrameStats
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -52,6 +55,13 @@ class StateFile(BaseModel):
 
     def stored_name(self) -> str:
         return self.name + SUFFIXES.get(self.codec, "")
+
+    def as_frames(self, level: int, frames: FrameStats, checksum: str | None) -> StateFile:
+        """This (raw) state after its file was rewritten as zstd frames."""
+        return self.model_copy(update={
+            "codec": Codec.ZSTD, "level": level, "raw_bytes": frames.raw_bytes,
+            "stored_bytes": frames.stored_bytes, "checksum": checksum, "layout": "frames",
+            "chunks": frames.chunks, "stored_raw_chunks": frames.stored_raw})
 
 
 class FileIdentity(BaseModel):

@@ -200,8 +200,7 @@ async def hand_state_file(mon: Monitor, directory: Path) -> BinaryIO:
 
 async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
                      progress: Progress | None = None, *, fsync: bool = True,
-                     fresh_block: str | None = None, handed: BinaryIO | None = None,
-                     store_incompressible: bool = False) -> StateFile:
+                     fresh_block: str | None = None, handed: BinaryIO | None = None) -> StateFile:
     """Migrate the paused VM's state (after prepare_outgoing) into
     directory/machine-state[.ext], leaving out the zero pages of `fresh_block` (the RAM a
     receiving QEMU holds zero-filled: vmconfig.zeroed_ram_block).
@@ -209,8 +208,8 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
     other is left to finalize_checksum. fsync=False leaves flushing to the caller
     (a snapshot of a VM that keeps running flushes after resuming it; a standby must
     flush before QEMU quits). `handed`: the file hand_state_file already passed to QEMU
-    (only where writes_directly). zstd is written as frames (codec/frames.py), with
-    `store_incompressible` (policy auto) storing raw what does not compress."""
+    (only where writes_directly). zstd is written as frames (codec/frames.py); policy `auto`
+    saves raw here and compresses after the paused window (jobs.compression)."""
     state = StateFile(codec=codec, level=level)
     hasher = stored_hasher() if codec is Codec.NONE and fresh_block is not None else None
     assert handed is None or writes_directly(codec, fresh_block)
@@ -220,7 +219,7 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
                                            handed=handed is not None)
         elif codec is Codec.ZSTD:
             left_out, stats = await _save_as_frames(mon, out.fileno(), level, progress,
-                                                    fresh_block, store_incompressible)
+                                                    fresh_block)
             state.layout, state.raw_bytes = "frames", stats.raw_bytes
             state.chunks, state.stored_raw_chunks = stats.chunks, stats.stored_raw
         else:
@@ -310,11 +309,9 @@ def _copy(source: int, sink: Sink, stop: threading.Event) -> int:
 
 
 async def _save_as_frames(mon: Monitor, sink: int, level: int, progress: Progress | None,
-                          fresh_block: str | None, store_incompressible: bool
-                          ) -> tuple[int, FrameStats]:
+                          fresh_block: str | None) -> tuple[int, FrameStats]:
     """The stream (filtered) into zstd frames compressed on threads (codec/frames.py)."""
-    writer = FrameWriter(sink, level, store_incompressible=store_incompressible,
-                         threads=FRAME_THREADS)
+    writer = FrameWriter(sink, level, store_incompressible=False, threads=FRAME_THREADS)
     try:
         left_out = await _migrate_into(mon, writer.write, fresh_block, progress)
     except BaseException:

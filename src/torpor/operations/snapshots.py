@@ -18,6 +18,7 @@ import contextlib
 import logging
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
@@ -68,7 +69,12 @@ from torpor.instances.snapshotrecord import (
 from torpor.instances.states import is_live
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest, rebind_memory_file
-from torpor.machinestate.stream import finalize_checksum, prepare_outgoing, save_state
+from torpor.machinestate.stream import (
+    FRAME_THREADS,
+    finalize_checksum,
+    prepare_outgoing,
+    save_state,
+)
 from torpor.operations.legs import run_legs
 from torpor.operations.paused import paused_window
 from torpor.operations.standby import build_manifest
@@ -155,8 +161,7 @@ async def save_leg(mon: Monitor, record: RuntimeRecord, directory: Path,
     # QEMU writes the file itself: the zero-page filter (standby's) would lengthen the
     # source's pause by ~0.3 s per GiB of guest data, and here the pause is what counts.
     state = await save_state(mon, directory, policy.codec, policy.effective_level(),
-                             progress, fsync=False,
-                             store_incompressible=policy.store_incompressible)
+                             progress, fsync=False)
     return build_manifest(record.vm_config, state, await mon.version())
 
 
@@ -234,12 +239,17 @@ def _state_staging(staging: SnapshotPaths) -> Path:
     return staging.root / "state"
 
 
-def _finish_running_snapshot(staging: SnapshotPaths, manifest: Manifest) -> None:
+def _finish_running_snapshot(staging: SnapshotPaths, manifest: Manifest,
+                             compress_level: int | None, stop: threading.Event) -> None:
     """After the source resumed: move the state into the payload (a rename, not a second
-    pass), flush everything, and checksum the state."""
+    pass), compress it (`auto`: compress_level), flush everything, and checksum the
+    state."""
     state_dir = staging.payload_instance().standby_dir
     state_dir.parent.mkdir(parents=True, exist_ok=True)
     _state_staging(staging).rename(state_dir)
+    if compress_level is not None:
+        manifest = compression_jobs.compress_saved_state(
+            state_dir, manifest, compress_level, threads=FRAME_THREADS, stop=stop)
     fsync_tree(staging.root)
     manifest.state = finalize_checksum(state_dir, manifest.state)
     manifest.save(state_dir)
@@ -269,10 +279,15 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             assert record is not None
             kind: SnapshotKind = "running"
             mode: Literal["overlapped", "serial", "copy"] = "serial" if serial else "overlapped"
-            manifest, report = await _overlapped_pause(ctx, record, staging, serial,
-                                                       save_policy, op)
+            # `auto` saves raw in the pause and compresses once the source runs again.
+            compress_after = compression_jobs.compressed_after_window(save_policy)
+            manifest, report = await _overlapped_pause(
+                ctx, record, staging, serial,
+                CompressionPolicy() if compress_after else save_policy, op)
             with op.phase("flush"):  # outside the pause: durability before publishing
-                await asyncio.to_thread(_finish_running_snapshot, staging, manifest)
+                await in_thread(lambda stop: _finish_running_snapshot(
+                    staging, manifest, save_policy.effective_level() if compress_after
+                    else None, stop))
         else:
             kind = "standby" if state is InstanceState.STANDBY else "stopped"
             mode = "copy"

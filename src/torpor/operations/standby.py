@@ -39,6 +39,7 @@ from torpor.machinestate.manifest import (
     sample_pages,
 )
 from torpor.machinestate.stream import (
+    FRAME_THREADS,
     finalize_checksum,
     hand_state_file,
     prepare_outgoing,
@@ -46,6 +47,7 @@ from torpor.machinestate.stream import (
     writes_directly,
 )
 from torpor.operations.paused import paused_window
+from torpor.tasks import in_thread
 
 log = logging.getLogger(__name__)
 EXIT_TIMEOUT = 10.0
@@ -109,8 +111,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
                     progress = observe.counter("save", ctx.meta.memory_mib << 20)
                     state = await save_state(mon, partial, policy.codec,
                                              policy.effective_level(), progress,
-                                             fresh_block=fresh, handed=handed, fsync=False,
-                                             store_incompressible=policy.store_incompressible)
+                                             fresh_block=fresh, handed=handed, fsync=False)
                     manifest = build_manifest(record.vm_config, state, qemu_version)
                     manifest.guest_clock_source = ctx.meta.guest_clock_source
                     await asyncio.to_thread(_make_durable, partial, latest, manifest)
@@ -138,6 +139,20 @@ def _queue_compression(ctx: InstanceContext, policy: CompressionPolicy) -> None:
     compression_jobs.launch_worker(ctx.data_root, compression_jobs.Subject.instance(ctx.meta.id),
                                    slots=ctx.settings.compression_jobs,
                                    rate_limit=ctx.settings.compression_rate_limit)
+
+
+async def _compress_after_window(ctx: InstanceContext, manifest: Manifest,
+                                 policy: CompressionPolicy, op: PhaseRecorder) -> Manifest:
+    """The published raw state compressed in place (`auto`). Failing here loses nothing:
+    the raw state stays what a restore loads, and standby still succeeds."""
+    level = policy.effective_level()
+    try:
+        with op.phase("compress"):
+            return await in_thread(lambda stop: compression_jobs.compress_saved_state(
+                ctx.paths.standby_dir, manifest, level, threads=FRAME_THREADS, stop=stop))
+    except Exception as exc:  # (a cancelled task still raises: CancelledError)
+        log.warning("standby of %s: the saved state stays uncompressed: %s", ctx.name, exc)
+        return manifest
 
 
 def _make_durable(partial: Path, latest: Path, manifest: Manifest) -> None:
@@ -175,12 +190,16 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
         policy = compression_jobs.for_memory_file(policy, ctx.settings.memory_compression_delay)
     background = policy.mode == "background" and policy.codec is not Codec.NONE
     # Background: save raw inside the paused window; a worker compresses after.
-    save_policy = CompressionPolicy() if background else policy
+    # `auto`: save raw inside the window; compressed after it, before standby returns.
+    compress_after = compression_jobs.compressed_after_window(policy)
+    save_policy = CompressionPolicy() if background or compress_after else policy
     op = PhaseRecorder("standby", ctx.name)
     try:
         manifest = await _save_and_stop(ctx, record, save_policy, op)
         clear_runtime(ctx.paths)
         faults.point("standby.stopped")
+        if compress_after:
+            manifest = await _compress_after_window(ctx, manifest, policy, op)
         if manifest.kind == "memory-file" and manifest.memory_file is not None:
             identity, samples = await asyncio.to_thread(
                 release_memory_file, ctx.paths.memory_file, op)
