@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from torpor.codec import checksum_file, stored_hasher
 from torpor.codec.frames import CHUNK, FeedAbandoned, FrameError, FrameWriter, feed, frames
@@ -88,6 +89,19 @@ def test_feed_gives_back_the_bytes_and_the_stored_files_hash(tmp_path: Path,
     if hashed:
         assert digest == checksum_file(path).checksum
 
+
+
+def test_feed_decompresses_frames_written_by_others_of_any_size(tmp_path: Path) -> None:
+    """Frames torpor did not write (the `zstd` tool: one frame larger than a chunk, and
+    one small one) are decompressed into the feeder's buffer, grown as needed."""
+    text = b"".join(b"guest page line %d\n" % i for i in range(700_000))  # > 2 chunks
+    path = tmp_path / "state.zst"
+    path.write_bytes(zstandard.ZstdCompressor(level=1).compress(text)
+                     + zstandard.ZstdCompressor(level=1).compress(b"tail"))
+    assert len(text) > 2 * CHUNK
+    got, digest = read_through_socket(path, hashed=True)
+    assert got == text + b"tail"
+    assert digest == checksum_file(path).checksum
 
 def test_a_file_that_is_not_zstd_frames_is_an_error_not_a_stream(tmp_path: Path) -> None:
     path = tmp_path / "state.zst"
