@@ -68,7 +68,8 @@ class ZstdCompression(_Compressed):
 
 
 class AutoCompression(_Compressed):
-    codec: Literal["auto"] = Field(description="zstd that stores raw what does not compress")
+    codec: Literal["auto"] = Field(description="zstd that stores raw what does not compress;"
+                                   " compressed after the paused window")
     level: ZstdLevel | None = Field(None, json_schema_extra={"not": {"const": 0}},
                               description="zstd's level for what compresses; default 1")
 

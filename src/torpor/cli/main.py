@@ -293,8 +293,9 @@ def stop(ctx: typer.Context, name: NameArg,
 
 
 CompressOpt = Annotated[str | None, typer.Option(
-    "--compress", help="Compress the machine state: auto (zstd, storing raw what does not "
-                       "compress), zstd, lz4 or none.", show_default=False)]
+    "--compress", help="Compress the machine state: auto (zstd storing raw what does not "
+                       "compress, done after the pause), zstd, lz4 or none.",
+    show_default=False)]
 LevelOpt = Annotated[int | None, typer.Option(
     help="Compression level (zstd 1..19 or negative fast levels, default 1; lz4 0..12, "
          "default 0).", show_default=False)]
