@@ -1,6 +1,7 @@
 """Freed guest memory goes back to the host while the VM runs (virtio-balloon free page
-reporting): a guest that fills and frees 256 MiB leaves its QEMU about as large as
-before, and its standby state no larger than before the fill."""
+reporting, in blocks of 128 KiB): a guest that fills and frees
+256 MiB leaves its QEMU about as large as before, and its standby state no larger than
+before the fill."""
 
 from __future__ import annotations
 
@@ -44,16 +45,21 @@ def test_a_guest_gives_freed_memory_back_and_its_standby_state_stays_small(
         booted_state = state_bytes(manager, fresh_name)
         pid = run(manager.get(fresh_name)).pid
         assert pid is not None
+        before_fill = rss_mib(pid)
         assert sh(manager, fresh_name, FILL).strip() == "filled"
-        filled = rss_mib(pid)
+        assert rss_mib(pid) > before_fill + FILL_MIB * 0.75  # the fill is in host memory
         assert sh(manager, fresh_name, FREE).strip() == "freed"
-        # The guest reports freed 2 MiB blocks after about 2 s; QEMU discards each.
+        # The guest reports freed blocks about 2 s after they are freed, in batches, and
+        # QEMU discards each: wait until the host has (nearly) all of it back.
         deadline = time.monotonic() + 60
-        while rss_mib(pid) > filled - FILL_MIB * 0.75:
-            assert time.monotonic() < deadline, (filled, rss_mib(pid))
+        while rss_mib(pid) > before_fill + 16:
+            assert time.monotonic() < deadline, (before_fill, rss_mib(pid))
             time.sleep(0.5)
         after = state_bytes(manager, fresh_name)
-        assert after <= booted_state + (16 << 20), (booted_state, after)
+        # Freed pieces down to 128 KiB are reported (the initrd sets the order): none of
+        # the freed data is left to save. Measured: -2.4 MiB; +2.6 MiB with 2 MiB blocks.
+        print("state before, after:", booted_state, after)
+        assert after <= booted_state + (1 << 19), (booted_state, after)
         assert run(manager.get(fresh_name)).pid != pid  # it was standby + restore
     finally:
         run(manager.delete(fresh_name, force=True))
