@@ -60,7 +60,7 @@ POINTS: dict[str, str] = {
     # snapshots in object storage
     "push.uploaded": "a chunk is in the bucket (more may follow); the manifest is not",
     "pull.downloaded": "every file is downloaded and verified in .creating-*; not published",
-    # background compression (the worker process)
+    # compression of a saved state (the background worker, or `auto` after the window)
     "compress.written": "the compressed file is complete as .tmp; nothing published",
     "compress.renamed": "the compressed file is in place beside the raw one",
     "compress.recorded": "the manifest names the compressed file; the raw one is still there",
