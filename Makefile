@@ -9,7 +9,7 @@ APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs
                 e2fsprogs kmod util-linux
 
 .PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
-        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake bench-memory bench-window bench-fleet clean
+        bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake bench-memory bench-window bench-fleet bench-pool clean
 
 # Debian packages: installed only when one is missing (needs root, as on these machines).
 deps:
@@ -59,6 +59,9 @@ test-faults: guest
 # Snapshots in S3: push/pull against boto3's own upload/download, and sharing between forks.
 bench-fleet: guest
 	$(BIN)/python -m bench.fleet_bench
+
+bench-pool: guest
+	$(BIN)/python -m bench.pool_bench
 
 bench-copy: deps venv
 	$(BIN)/python bench/copy_bench.py

@@ -128,6 +128,7 @@ class Config(BaseModel):
     token_file: Path | None = declared("token_file")
     auto_standby: str | float = declared("auto_standby")
     auto_standby_cpu: float = declared("auto_standby_cpu", ge=0, le=1)
+    restore_pool: int = declared("restore_pool", ge=0, le=64)
     compression: CompressionConfig = Field(default_factory=CompressionConfig)
     network: NetworkConfig = Field(default_factory=NetworkConfig)
 
@@ -163,6 +164,7 @@ class Config(BaseModel):
                         memory_compression_delay=seconds(self.compression.memory_file_delay),
                         auto_standby=parse_idle(self.auto_standby),
                         auto_standby_cpu=self.auto_standby_cpu,
+                        restore_pool=self.restore_pool,
                         network_default=self.network.default,
                         network_bridge=self.network.bridge,
                         network_subnet=self.network.subnet, network_nat=self.network.nat,

@@ -52,6 +52,8 @@ class InstanceManager:
         self.data_root = DataRoot(data_root)
         self.settings = settings or Settings()
         self.registry = Registry(self.data_root, self.settings, lock_wait)
+        # Told after each standby: the daemon's restore pool (api/pool.py) fills then.
+        self.after_standby: Callable[[], None] | None = None
 
     # --- lookup ---------------------------------------------------------------------
 
@@ -187,7 +189,10 @@ class InstanceManager:
             policy.effective_level()
         async with self.registry.locked(name, Action.STANDBY) as ctx:
             await standby_op.standby(ctx, policy)
-            return await self.registry.current_info(ctx)
+            info = await self.registry.current_info(ctx)
+        if self.after_standby is not None:  # the daemon's restore pool fills
+            self.after_standby()
+        return info
 
     async def restore(self, name: str) -> InstanceInfo:
         from torpor.operations import restore as restore_op

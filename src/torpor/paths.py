@@ -163,6 +163,11 @@ class InstancePaths:
         return self.run_dir / "runtime.json"
 
     @property
+    def warm_record(self) -> Path:
+        """A QEMU started ahead of this standby instance's restore (operations/warm.py)."""
+        return self.run_dir / "warm.json"
+
+    @property
     def snapshots_dir(self) -> Path:
         return self.root / "snapshots"
 

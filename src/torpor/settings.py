@@ -70,6 +70,9 @@ SETTINGS: list[Setting] = [
             " masquerade; the host then forwards IPv4)", True),
     Setting("network.dns", "the resolvers bridged guests' DNS forwards to, comma-separated"
             " (IP or IP#PORT; default: the host's /etc/resolv.conf)", ""),
+    Setting("restore_pool", "the daemon keeps a QEMU started and waiting for up to this"
+            " many memory-file instances in standby, so their restore skips QEMU's start"
+            " (0: none)", 0),
     Setting("compression.memory_file_delay", "memory-file mode: compress the RAM file after"
             " this idle time", 300.0, env_name="TORPOR_MEMORY_COMPRESSION_DELAY"),
 ]

@@ -52,10 +52,12 @@ def free_port() -> int:
 NOWHERE_PROXY = {"HTTPS_PROXY": "http://127.0.0.1:9", "HTTP_PROXY": "http://127.0.0.1:9"}
 
 
-def start_daemon(listen: str | None = None, root: Path | None = None) -> Daemon:
+def start_daemon(listen: str | None = None, root: Path | None = None,
+                 env: dict[str, str] | None = None) -> Daemon:
+    """`env`: added to ours."""
     root = root or Path(tempfile.mkdtemp(prefix="tpa-", dir="/tmp"))
     listen = listen or f"unix:{root}/torpord.sock"
-    env = dict(os.environ, TORPOR_DATA_ROOT=str(root), **NOWHERE_PROXY)
+    env = dict(os.environ, TORPOR_DATA_ROOT=str(root), **NOWHERE_PROXY, **(env or {}))
     # S3 (snapshot push/pull): a test's own server if it set one, else a loopback port
     # where nothing listens; never a cloud's metadata address for credentials.
     env.setdefault("AWS_ENDPOINT_URL", "http://127.0.0.1:9")

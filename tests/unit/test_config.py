@@ -131,6 +131,7 @@ ENV_VALUES = {
     "compression.memory_file_delay": ("1m", "1m"),
     "auto_standby": ("5m", "5m"),
     "auto_standby_cpu": ("0.5", 0.5),
+    "restore_pool": ("2", 2),
     "network.default": ("bridge", "bridge"),
     "network.bridge": ("tb0", "tb0"),
     "network.subnet": ("10.99.0.0/28", "10.99.0.0/28"),

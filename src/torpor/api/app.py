@@ -31,6 +31,7 @@ from torpor.api.bodylimit import BodyLimit
 from torpor.api.errors import http_status
 from torpor.api.metrics import Metrics
 from torpor.api.models import ErrorBody
+from torpor.api.pool import RestorePool
 from torpor.api.routes import images, instances, service, snapshots
 from torpor.api.sleeper import Sleeper
 from torpor.api.tracker import OperationTracker
@@ -107,7 +108,9 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop.set_debug(True)
         loop.slow_callback_duration = float(threshold)
     sleeper: Sleeper = app.state.sleeper
-    async with sleeper.running():  # the idle clock and wakes, for as long as we serve
+    pool: RestorePool = app.state.restore_pool
+    # The idle clock and wakes, and QEMUs waiting for restores, while we serve.
+    async with sleeper.running(), pool.running():
         yield
 
 
@@ -121,6 +124,8 @@ def create_app(manager: InstanceManager, token: str) -> FastAPI:
     app.state.metrics = Metrics(manager.data_root, manager.compression_states)
     app.state.tracker = OperationTracker(app.state.metrics)
     app.state.sleeper = Sleeper(manager, app.state.tracker, app.state.metrics)
+    app.state.restore_pool = RestorePool(manager)
+    app.state.metrics.count_waiting_qemus(app.state.restore_pool.waiting)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit)
     for router in (service.public, service.router, instances.router, snapshots.router,

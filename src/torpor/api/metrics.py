@@ -116,6 +116,11 @@ class Metrics:
             registry=self.registry)
         self.registry.register(_HeldConnections(data_root))
 
+    def count_waiting_qemus(self, waiting: Callable[[], int]) -> None:
+        """The restore pool's QEMUs (api/pool.py), counted at scrape time."""
+        Gauge("torpor_restore_pool_qemus", "QEMUs started ahead of a restore, waiting",
+              registry=self.registry).set_function(waiting)
+
     def operation_ended(self, kind: str, result: str, seconds: float,
                         observer: ProgressObserver) -> None:
         self.operations.labels(kind, result).inc()

@@ -33,6 +33,7 @@ class Settings:
     memory_compression_delay: float = 300.0
     auto_standby: float = 0.0  # seconds idle before the daemon's standby; 0: never
     auto_standby_cpu: float = 0.2  # a vCPU share above this in a round is not idle
+    restore_pool: int = 0  # the daemon's waiting QEMUs for memory-file standbys; 0: none
     network_default: NetworkMode = "user"
     network_bridge: str = "torpor0"
     network_subnet: str = "10.213.0.0/24"

@@ -39,6 +39,12 @@ class Action(StrEnum):
     EXEC = "exec"
     CONFIGURE = "configure"  # settings only (the compression policy): any state
     WAKE = "wake"  # traffic for a published port: restore if in standby, else nothing
+    PREPARE_RESTORE = "prepare restore"  # the daemon's restore pool starts its QEMU
+
+# Actions that keep a QEMU started ahead of the restore (operations/warm.py): the restore
+# claims it; every other action on the instance discards it first.
+KEEPS_WARM_QEMU = frozenset({Action.RESTORE, Action.WAKE, Action.CONFIGURE,
+                             Action.PREPARE_RESTORE})
 
 
 @dataclass(frozen=True)
@@ -81,6 +87,9 @@ RULES: dict[Action, Rule] = {
     Action.WAKE: Rule(
         LIVE | {S.STANDBY}, "instance {name} is {state}: only an instance in standby wakes"
         " on traffic"),
+    Action.PREPARE_RESTORE: Rule(
+        frozenset({S.STANDBY}), "instance {name} is {state}: only an instance in standby"
+        " has a QEMU waiting for its restore"),
 }
 
 

@@ -33,7 +33,7 @@ from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest, locate_state_file
 from torpor.network import dns, firewall, host
-from torpor.operations import lifecycle, network
+from torpor.operations import lifecycle, network, warm
 from torpor.operations.registry import Registry
 from torpor.operations.snapshots import AUTO_TAG, OWNER_TAG
 from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths
@@ -246,7 +246,8 @@ def _is_id(text: str) -> bool:
 
 
 def stray_qemus(root: DataRoot) -> Iterator[tuple[ProcessIdentity, str]]:
-    """QEMU processes of this data root that no instance's runtime record names."""
+    """QEMU processes of this data root that no instance's runtime record names, and no
+    live daemon's restore pool (operations/warm.py)."""
     marker = f"{root.instances_dir}/"
     for pid_dir in Path("/proc").iterdir():
         if not pid_dir.name.isdigit():
@@ -259,10 +260,13 @@ def stray_qemus(root: DataRoot) -> Iterator[tuple[ProcessIdentity, str]]:
             if marker not in text:
                 continue
             instance_id = text.split(marker, 1)[1].split("/", 1)[0]
-            record = load_runtime(root.instance(instance_id))
+            paths = root.instance(instance_id)
+            record = load_runtime(paths)
             identity = ProcessIdentity.of(int(pid_dir.name))
+            waiting = warm.owned_alive(paths)  # a restore pool's, its daemon alive
             if identity is not None and identity.is_alive() and (
-                    record is None or record.identity != identity):
+                    record is None or record.identity != identity) and (
+                    waiting is None or waiting.identity != identity):
                 yield identity, instance_id
 
 

@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Callable
 
 from torpor.errors import OperationFailed, TorporError
 from torpor.fsutil import remove_tree
@@ -52,21 +53,32 @@ def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: str | None =
                ready_timeout: float = LAUNCH_TIMEOUT) -> TrackedProcess:
     """Launch QEMU for this instance, recorded in runtime.json as soon as it has a pid (a
     QEMU that loads a large state takes a while to answer; it must not go unrecorded)."""
+    def record(identity: ProcessIdentity, launched: VMConfig) -> None:
+        save_runtime(ctx.paths, RuntimeRecord(identity=identity, vm_config=launched,
+                                              launched_at=utc_now()))
+    return launch_for(ctx, config, incoming=incoming, pass_fds=pass_fds,
+                      ready_timeout=ready_timeout, on_started=record)[0]
+
+
+def launch_for(ctx: InstanceContext, config: VMConfig, *, incoming: str | None,
+               on_started: Callable[[ProcessIdentity, VMConfig], None],
+               pass_fds: tuple[int, ...] = (), ready_timeout: float = LAUNCH_TIMEOUT
+               ) -> tuple[TrackedProcess, VMConfig]:
+    """QEMU for this instance (run/ cleared first), `on_started` told its identity and the
+    config it runs as soon as it has a pid; the process and that config."""
     clear_runtime(ctx.paths)
     ctx.paths.logs_dir.mkdir(parents=True, exist_ok=True)
     # A bridged instance's TAP (kept across standby), the relay of published ports.
-    config = network.attach(ctx, config)
-
-    def record(identity: ProcessIdentity) -> None:
-        save_runtime(ctx.paths, RuntimeRecord(identity=identity, vm_config=config,
-                                              launched_at=utc_now()))
+    launched = network.attach(ctx, config)
     try:
-        return launch(config, pidfile=ctx.paths.pidfile, log_file=ctx.paths.qemu_log,
-                      incoming=incoming, binary=ctx.settings.qemu_binary, pass_fds=pass_fds,
-                      ready_timeout=ready_timeout, on_started=record)
+        process = launch(launched, pidfile=ctx.paths.pidfile, log_file=ctx.paths.qemu_log,
+                         incoming=incoming, binary=ctx.settings.qemu_binary,
+                         pass_fds=pass_fds, ready_timeout=ready_timeout,
+                         on_started=lambda identity: on_started(identity, launched))
     except BaseException:
         clear_runtime(ctx.paths)  # launch leaves no QEMU behind when it fails
         raise
+    return process, launched
 
 
 async def spawn(ctx: InstanceContext, config: VMConfig, *, incoming: str | None = None,

@@ -22,8 +22,9 @@ from torpor.instances.info import InstanceInfo, NetworkInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import InstanceMetadata, InstanceState
 from torpor.instances.runtime import derive_state, exit_code
-from torpor.instances.states import Action, refuses_any, require
+from torpor.instances.states import KEEPS_WARM_QEMU, Action, refuses_any, require
 from torpor.jobs import compression as compression_jobs
+from torpor.operations import warm
 from torpor.operations.recover import recover
 from torpor.paths import DataRoot
 
@@ -34,6 +35,9 @@ def effective_auto_standby(meta: InstanceMetadata, settings: Settings) -> float:
     return meta.auto_standby if meta.auto_standby is not None else settings.auto_standby
 
 Wait = float | Literal["default"] | None
+
+
+BACKGROUND_HOLD_WAIT = 10.0  # s: a request's longest wait for a background holder
 
 
 class MetadataCache:
@@ -62,6 +66,9 @@ class Registry:
         self.settings = settings
         self.lock_wait = lock_wait  # None: wait for a busy instance; 0: fail at once
         self._cache = MetadataCache()
+        # Instances whose lock a background task of this process holds for a moment
+        # (the restore pool starting a QEMU): a request waits for it, not fails busy.
+        self._held_in_background: set[str] = set()
 
     def all_metadata(self) -> list[InstanceMetadata]:
         found = []
@@ -93,8 +100,11 @@ class Registry:
         if refuses_any(action):  # one QMP query saved for what every state allows
             state, _ = await derive_state(self.data_root.instance(meta.id))
             require(action, meta.name, state, locked=False)
+        timeout = self.lock_wait if wait == "default" else wait
+        if meta.id in self._held_in_background and timeout is not None:
+            timeout = max(timeout, BACKGROUND_HOLD_WAIT)
         async with file_lock(self.data_root.instance_lock(meta.id), what=f"instance {name}",
-                             wait=self.lock_wait if wait == "default" else wait):
+                             wait=timeout):
             paths = self.data_root.instance(meta.id)
             try:
                 fresh = await asyncio.to_thread(self._cache.load, paths.metadata)
@@ -102,9 +112,25 @@ class Registry:
                 raise NotFound(f"no instance named {name!r}") from None
             ctx = InstanceContext(self.data_root, self.settings, fresh, paths)
             await recover(ctx)  # whatever a killed operation left, put right first
+            if action not in KEEPS_WARM_QEMU:  # only a restore may use it
+                await asyncio.to_thread(warm.discard, paths)
             ctx.state, ctx.record = await derive_state(paths)
             require(action, ctx.name, ctx.state)
             yield ctx
+
+    @contextlib.asynccontextmanager
+    async def locked_in_background(self, name: str, action: Action
+                                   ) -> AsyncIterator[InstanceContext]:
+        """`locked` for a short background task that never waits for the lock: while it
+        holds it, requests on the instance wait for it (BACKGROUND_HOLD_WAIT at most)
+        instead of failing busy."""
+        meta = await asyncio.to_thread(self.find, name)
+        self._held_in_background.add(meta.id)
+        try:
+            async with self.locked(name, action, wait=0) as ctx:
+                yield ctx
+        finally:
+            self._held_in_background.discard(meta.id)
 
     async def info(self, meta: InstanceMetadata) -> InstanceInfo:
         paths = self.data_root.instance(meta.id)

@@ -23,20 +23,27 @@ from pathlib import Path
 
 from torpor import faults
 from torpor.codec import Codec
-from torpor.errors import IntegrityError, OperationFailed
+from torpor.errors import IntegrityError, OperationFailed, TorporError
 from torpor.fsutil import fsync_dir, prefetch, remove_tree
 from torpor.guest.agent import AgentError, GuestAgent
-from torpor.hypervisor.process import TrackedProcess
+from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
 from torpor.instances import observe
 from torpor.instances.context import InstanceContext
+from torpor.instances.metadata import utc_now
 from torpor.instances.record import PhaseRecorder
 from torpor.instances.vmspec import vm_config_for
 from torpor.jobs import compression as compression_jobs
-from torpor.machinestate.manifest import Manifest, locate_state_file, verify_memory_file
+from torpor.machinestate.manifest import (
+    FileIdentity,
+    Manifest,
+    locate_state_file,
+    verify_memory_file,
+)
 from torpor.machinestate.stream import exec_feed, load_state, reads_at_exec
-from torpor.operations import lifecycle
+from torpor.operations import lifecycle, warm
+from torpor.paths import InstancePaths
 from torpor.tasks import in_thread, task_group
 
 log = logging.getLogger(__name__)
@@ -103,6 +110,8 @@ async def restored(ctx: InstanceContext) -> AsyncIterator[tuple[GuestAgent, Phas
         async with contextlib.AsyncExitStack() as stack:
             load = (_load_at_exec if reads_at_exec(codec, manifest.x_ignore_shared)
                     else _load_deferred)
+            if load is _load_at_exec:  # a waiting QEMU reads from its monitor: not this one
+                await asyncio.to_thread(warm.discard, ctx.paths)
             mon = await load(ctx, stack, vm, op, config, manifest, path, codec)
             faults.point("restore.loaded")
             if vm.agent is not None:
@@ -150,6 +159,46 @@ async def restored(ctx: InstanceContext) -> AsyncIterator[tuple[GuestAgent, Phas
         raise failure from exc
     await op.persist(ctx.paths)
 
+
+
+def preparable(paths: InstancePaths) -> bool:
+    """Whether the standby state is one a QEMU can wait for: memory-file, its RAM file raw."""
+    try:
+        manifest = Manifest.load(paths.standby_dir)
+    except TorporError:
+        return False
+    memory = manifest.memory_file
+    return memory is not None and memory.codec is Codec.NONE
+
+
+async def prepare(ctx: InstanceContext) -> bool:
+    """For the daemon's restore pool, under the instance's lock (standby): start the
+    QEMU its restore will claim (operations/warm.py), waiting with `-incoming defer` and
+    the RAM file mapped. Only for a memory-file state whose RAM file is raw (a compressed
+    one is decompressed into a new file first). False if it has one already or cannot."""
+    if warm.load(ctx.paths) is not None or not preparable(ctx.paths):
+        return False
+    manifest = Manifest.load(ctx.paths.standby_dir)
+    config = check_compatible(ctx, manifest)
+    check_memory_file(ctx, config, manifest)
+    memory = config.memory_file
+    assert memory is not None
+    owner = ProcessIdentity.of(os.getpid())
+    assert owner is not None
+
+    def record(identity: ProcessIdentity, launched: VMConfig) -> None:
+        warm.save(ctx.paths, warm.WarmRecord(
+            identity=identity, owner=owner, requested=config, launched=launched,
+            memory=FileIdentity.of(memory.path), launched_at=utc_now()))
+
+    def start(_stop: object) -> TrackedProcess:
+        return lifecycle.launch_for(ctx, config, incoming=DEFERRED, on_started=record)[0]
+
+    def undo(_: TrackedProcess) -> None:  # cancelled meanwhile: nothing stays behind
+        warm.discard(ctx.paths)
+
+    await in_thread(start, undo=undo)
+    return True
 
 def consume_state(ctx: InstanceContext) -> None:
     """Set the loaded state aside, durably, before the guest runs: from here on no command
@@ -236,8 +285,9 @@ async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
                          manifest: Manifest, path: Path, codec: Codec) -> Monitor:
     """QEMU started with `-incoming defer`; the state (through a decompressor, or after
     setting x-ignore-shared) is handed to it through the monitor."""
-    with op.phase("spawn"):
-        vm.process = await lifecycle.spawn(ctx, config, incoming=DEFERRED)
+    with op.phase("spawn"):  # (a QEMU the daemon started ahead: claimed, ~0 ms)
+        vm.process = (await asyncio.to_thread(warm.claim, ctx.paths, config)
+                      or await lifecycle.spawn(ctx, config, incoming=DEFERRED))
     faults.point("restore.spawned")
     # Attached before the state is loaded, the agent's port stays "host connected"
     # (as the standby saved it): qemu-ga answers without its 100 ms retry sleep.
