@@ -78,7 +78,7 @@ def test_the_restore_claims_the_waiting_qemu(pooled: Daemon) -> None:
         call(api, "POST", "/instances/pool-a/standby", json={})
         again = waiting(paths)
         assert again.identity != ready.identity
-        call(api, "DELETE", "/instances/pool-a", params={"force": True})
+        call(api, "DELETE", "/instances/pool-a", 204, params={"force": True})
         assert not again.identity.is_alive()
 
 
@@ -93,8 +93,8 @@ def test_other_operations_discard_it_and_the_pool_refills(pooled: Daemon) -> Non
         assert second.identity != first.identity
         call(api, "POST", "/instances/pool-b/restore", json={})
         assert sh(api, "pool-b", MARKS) == marks
-        call(api, "DELETE", f"/snapshots/{snap['id']}")
-        call(api, "DELETE", "/instances/pool-b", params={"force": True})
+        call(api, "DELETE", f"/snapshots/{snap['id']}", 204)
+        call(api, "DELETE", "/instances/pool-b", 204, params={"force": True})
 
 
 def test_the_daemon_cleans_up_and_check_kills_those_of_a_dead_daemon() -> None:
