@@ -22,6 +22,7 @@ from torpor.instances.states import Action
 from torpor.manager import InstanceManager
 from torpor.operations import restore as restore_op
 from torpor.operations import warm
+from torpor.paths import InstancePaths
 
 log = logging.getLogger(__name__)
 TICK = 5.0
@@ -33,11 +34,17 @@ class RestorePool:
         self._size = manager.settings.restore_pool
         self._poke = asyncio.Event()
 
+    def _memory_file_instances(self) -> list[tuple[str, InstancePaths]]:
+        """(name, paths) of the instances that can have a waiting QEMU."""
+        root = self._manager.data_root
+        return [(meta.name, root.instance(meta.id))
+                for meta in self._manager.registry.all_metadata()
+                if meta.memory_backing == "file"]
+
     def waiting(self) -> int:
         """QEMUs of this daemon waiting for a restore now (a metric, read at scrape)."""
-        root = self._manager.data_root
-        return sum(1 for meta in self._manager.registry.all_metadata()
-                   if warm.owned_alive(root.instance(meta.id)) is not None)
+        return sum(1 for _, paths in self._memory_file_instances()
+                   if warm.owned_alive(paths) is not None)
 
     def poke(self) -> None:
         """An instance went into standby: fill now rather than at the next tick."""
@@ -90,29 +97,26 @@ class RestorePool:
         """(QEMUs waiting now, [(instance, has a stale one)] for the memory-file standbys
         that could have a waiting QEMU and have none, or one that is dead or maps a
         replaced RAM file)."""
-        root = self._manager.data_root
         waiting, found = 0, []
-        for meta in self._manager.registry.all_metadata():
-            paths = root.instance(meta.id)
-            if meta.memory_backing != "file" or not restore_op.preparable(paths):
+        for name, paths in self._memory_file_instances():
+            if restore_op.waitable_state(paths) is None:
                 continue
             record = warm.load(paths)
             if record is None:
-                found.append((meta.name, False))
+                found.append((name, False))
             elif warm.maps_current_memory(record) and warm.owned_alive(paths) is not None:
                 waiting += 1
             else:  # dead, or mapping a replaced RAM file: discarded, then started again
-                found.append((meta.name, True))
+                found.append((name, True))
         return waiting, found
 
     async def _discard_all(self) -> None:
         """The daemon stops: kill every waiting QEMU it started (under each instance's
         lock, not waiting: a restore holding it is claiming that QEMU)."""
-        root = self._manager.data_root
-        for meta in await asyncio.to_thread(self._manager.registry.all_metadata):
-            if warm.owned_alive(root.instance(meta.id)) is None:
+        for name, paths in await asyncio.to_thread(self._memory_file_instances):
+            if warm.owned_alive(paths) is None:
                 continue
             with contextlib.suppress(TorporError):
                 async with self._manager.registry.locked_in_background(
-                        meta.name, Action.PREPARE_RESTORE) as ctx:
+                        name, Action.PREPARE_RESTORE) as ctx:
                     await asyncio.to_thread(warm.discard, ctx.paths)

@@ -299,7 +299,6 @@ def feed(path: os.PathLike[str] | str, sink: int, stop: threading.Event,
         os.close(source)
 
 
-
 def _decompress_into(decompressor: zstandard.ZstdDecompressor, frame: memoryview,
                      out: bytearray) -> tuple[bytearray, int]:
     """One frame decompressed into `out` (grown if the frame holds more): (out, size)."""
@@ -312,6 +311,7 @@ def _decompress_into(decompressor: zstandard.ZstdDecompressor, frame: memoryview
         if not got:
             return out, size
         size += got
+
 
 class Hasher(Protocol):
     def update(self, data: bytes | memoryview, /) -> object: ...

@@ -112,7 +112,9 @@ class Registry:
                 raise NotFound(f"no instance named {name!r}") from None
             ctx = InstanceContext(self.data_root, self.settings, fresh, paths)
             await recover(ctx)  # whatever a killed operation left, put right first
-            if action not in KEEPS_WARM_QEMU:  # only a restore may use it
+            # A QEMU the restore pool started ahead (memory-file instances only): only a
+            # restore may use it.
+            if fresh.memory_backing == "file" and action not in KEEPS_WARM_QEMU:
                 await asyncio.to_thread(warm.discard, paths)
             ctx.state, ctx.record = await derive_state(paths)
             require(action, ctx.name, ctx.state)

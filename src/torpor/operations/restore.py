@@ -110,8 +110,6 @@ async def restored(ctx: InstanceContext) -> AsyncIterator[tuple[GuestAgent, Phas
         async with contextlib.AsyncExitStack() as stack:
             load = (_load_at_exec if reads_at_exec(codec, manifest.x_ignore_shared)
                     else _load_deferred)
-            if load is _load_at_exec:  # a waiting QEMU reads from its monitor: not this one
-                await asyncio.to_thread(warm.discard, ctx.paths)
             mon = await load(ctx, stack, vm, op, config, manifest, path, codec)
             faults.point("restore.loaded")
             if vm.agent is not None:
@@ -160,25 +158,24 @@ async def restored(ctx: InstanceContext) -> AsyncIterator[tuple[GuestAgent, Phas
     await op.persist(ctx.paths)
 
 
-
-def preparable(paths: InstancePaths) -> bool:
-    """Whether the standby state is one a QEMU can wait for: memory-file, its RAM file raw."""
+def waitable_state(paths: InstancePaths) -> Manifest | None:
+    """The standby state's manifest if a QEMU can wait for its restore (memory-file, the
+    RAM file raw: a compressed one is decompressed into a new file first), else None."""
     try:
         manifest = Manifest.load(paths.standby_dir)
     except TorporError:
-        return False
+        return None
     memory = manifest.memory_file
-    return memory is not None and memory.codec is Codec.NONE
+    return manifest if memory is not None and memory.codec is Codec.NONE else None
 
 
 async def prepare(ctx: InstanceContext) -> bool:
     """For the daemon's restore pool, under the instance's lock (standby): start the
     QEMU its restore will claim (operations/warm.py), waiting with `-incoming defer` and
-    the RAM file mapped. Only for a memory-file state whose RAM file is raw (a compressed
-    one is decompressed into a new file first). False if it has one already or cannot."""
-    if warm.load(ctx.paths) is not None or not preparable(ctx.paths):
+    the RAM file mapped. False if it has one already or its state cannot have one."""
+    manifest = None if warm.load(ctx.paths) is not None else waitable_state(ctx.paths)
+    if manifest is None:
         return False
-    manifest = Manifest.load(ctx.paths.standby_dir)
     config = check_compatible(ctx, manifest)
     check_memory_file(ctx, config, manifest)
     memory = config.memory_file
@@ -199,6 +196,7 @@ async def prepare(ctx: InstanceContext) -> bool:
 
     await in_thread(start, undo=undo)
     return True
+
 
 def consume_state(ctx: InstanceContext) -> None:
     """Set the loaded state aside, durably, before the guest runs: from here on no command
@@ -285,9 +283,12 @@ async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
                          manifest: Manifest, path: Path, codec: Codec) -> Monitor:
     """QEMU started with `-incoming defer`; the state (through a decompressor, or after
     setting x-ignore-shared) is handed to it through the monitor."""
-    with op.phase("spawn"):  # (a QEMU the daemon started ahead: claimed, ~0 ms)
-        vm.process = (await asyncio.to_thread(warm.claim, ctx.paths, config)
-                      or await lifecycle.spawn(ctx, config, incoming=DEFERRED))
+    with op.phase("spawn"):
+        # Memory-file mode: a QEMU the daemon started ahead (its restore pool) is claimed.
+        # (Only such states get one; they always load here, never at exec.)
+        waiting = (await asyncio.to_thread(warm.claim, ctx.paths, config)
+                   if config.memory_file is not None else None)
+        vm.process = waiting or await lifecycle.spawn(ctx, config, incoming=DEFERRED)
     faults.point("restore.spawned")
     # Attached before the state is loaded, the agent's port stays "host connected"
     # (as the standby saved it): qemu-ga answers without its 100 ms retry sleep.

@@ -280,14 +280,14 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
             kind: SnapshotKind = "running"
             mode: Literal["overlapped", "serial", "copy"] = "serial" if serial else "overlapped"
             # `auto` saves raw in the pause and compresses once the source runs again.
-            compress_after = compression_jobs.compressed_after_window(save_policy)
+            compress_level = (save_policy.effective_level() if
+                              compression_jobs.compressed_after_window(save_policy) else None)
             manifest, report = await _overlapped_pause(
                 ctx, record, staging, serial,
-                CompressionPolicy() if compress_after else save_policy, op)
+                save_policy if compress_level is None else CompressionPolicy(), op)
             with op.phase("flush"):  # outside the pause: durability before publishing
                 await in_thread(lambda stop: _finish_running_snapshot(
-                    staging, manifest, save_policy.effective_level() if compress_after
-                    else None, stop))
+                    staging, manifest, compress_level, stop))
         else:
             kind = "standby" if state is InstanceState.STANDBY else "stopped"
             mode = "copy"
