@@ -155,6 +155,11 @@ class InstancePaths:
         return self.run_dir / "agent.sock"
 
     @property
+    def identity_pipe(self) -> Path:
+        """The identity helper's port (guest/identity.py): FIFOs `identity.in`, `.out`."""
+        return self.run_dir / "identity"
+
+    @property
     def pidfile(self) -> Path:
         return self.run_dir / "qemu.pid"
 

@@ -84,7 +84,7 @@ def test_round_trip_keeps_ram_disk_and_processes(manager: InstanceManager, vm: s
     assert load.done_bytes == load.total_bytes == manifest.state.stored_bytes  # progress
     assert restored.last_operation is not None
     assert set(restored.last_operation.phases) == {"spawn", "load", "resume", "agent-ready",
-                                                   "clock", "clock_behind",
+                                                   "identity", "clock_behind",
                                                    "restore_to_running", "restore_to_agent",
                                                    "cleanup"}
     assert not latest.exists()  # consumed

@@ -61,3 +61,15 @@ def test_guest_visible_part_ignores_runtime_paths() -> None:
 def test_incoming_from_a_descriptor_at_exec() -> None:
     argv = render_argv(config(), incoming="fd:7")
     assert argv[-5:-2] == ["-S", "-incoming", "fd:7"]
+
+
+def test_the_identity_port_is_a_pipe_and_guest_visible() -> None:
+    with_port = config(identity_pipe=Path("/r/identity"))
+    joined = " ".join(render_argv(with_port))
+    assert "-chardev pipe,id=identity,path=/r/identity" in joined
+    assert "chardev=identity,name=org.torpor.identity" in joined
+    assert "org.torpor.identity" not in " ".join(render_argv(config()))
+    # A state saved without the port (before it existed) loads only without it.
+    saved_before = {k: v for k, v in config().guest_visible().items() if k != "identity_port"}
+    assert VMConfig.saved_guest_visible(saved_before) == config().guest_visible()
+    assert VMConfig.saved_guest_visible(saved_before) != with_port.guest_visible()

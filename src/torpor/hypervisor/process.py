@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from torpor.errors import OperationFailed
 from torpor.fsutil import read_proc_stat
-from torpor.hypervisor.vmconfig import VMConfig, render_argv
+from torpor.hypervisor.vmconfig import VMConfig, identity_fifos, render_argv
 from torpor.paths import UNIX_PATH_MAX
 
 LAUNCH_TIMEOUT = 30.0
@@ -190,10 +190,13 @@ def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: str | N
     _check_socket_paths(config)
     if shutil.which(binary) is None:
         raise OperationFailed(f"QEMU binary not found: {binary}")
-    for stale in (config.qmp_socket, config.qmp_query_socket, config.agent_socket, pidfile):
+    for stale in (config.qmp_socket, config.qmp_query_socket, config.agent_socket, pidfile,
+                  *(identity_fifos(config) or ())):
         if stale is not None:
             with contextlib.suppress(FileNotFoundError):
                 stale.unlink()
+    for fifo in identity_fifos(config) or ():  # QEMU opens them; it would make plain files
+        os.mkfifo(fifo, 0o600)
     argv = [*render_argv(config, binary=binary, incoming=incoming), *extra_args,
             "-pidfile", str(pidfile)]
     # QEMU holds the write end for its life: end of file on the read end means it exited.

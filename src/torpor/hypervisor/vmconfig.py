@@ -76,6 +76,9 @@ class VMConfig(BaseModel):
     qmp_socket: Path
     qmp_query_socket: Path | None = None
     agent_socket: Path
+    # The guest identity helper's port (a `pipe` chardev: FIFOs <path>.in and <path>.out,
+    # made by `launch`); None: no such port (guests made before it).
+    identity_pipe: Path | None = None
     serial_log: Path
     # An OCI image instance's main process output, and where its init writes the exit code.
     app_log: Path | None = None
@@ -101,11 +104,13 @@ class VMConfig(BaseModel):
             "free_page_reporting": self.free_page_reporting,
             "app_ports": self.app_log is not None,
             "nic": self.network != "none",
+            "identity_port": self.identity_pipe is not None,
         }
 
 
 # Keys guest_visible gained after states were saved, with the value those states have.
-GUEST_VISIBLE_ADDED: dict[str, object] = {"free_page_reporting": False}
+GUEST_VISIBLE_ADDED: dict[str, object] = {"free_page_reporting": False,
+                                           "identity_port": False}
 
 
 def _accel_args(accel: Accel) -> list[str]:
@@ -142,6 +147,26 @@ def _app_port_args(config: VMConfig) -> list[str]:
         "-chardev", f"file,id=appstatus,path={config.exit_status}",
         "-device", "virtserialport,bus=vser0.0,chardev=appstatus,name=org.torpor.status",
     ]
+
+
+def _identity_port_args(config: VMConfig) -> list[str]:
+    """The identity helper's port. A `pipe` chardev, not a socket: QEMU holds its FIFOs
+    read-write, so the guest sees the host always connected and its read blocks (with a
+    socket nobody is connected to, the guest's read returns end of file at once)."""
+    if config.identity_pipe is None:
+        return []
+    return [
+        "-chardev", f"pipe,id=identity,path={config.identity_pipe}",
+        "-device", "virtserialport,bus=vser0.0,chardev=identity,name=org.torpor.identity",
+    ]
+
+
+def identity_fifos(config: VMConfig) -> tuple[Path, Path] | None:
+    """The FIFOs QEMU opens for the identity port (host → guest, guest → host)."""
+    if config.identity_pipe is None:
+        return None
+    pipe = config.identity_pipe
+    return pipe.with_name(pipe.name + ".in"), pipe.with_name(pipe.name + ".out")
 
 
 def _memory_args(config: VMConfig) -> list[str]:
@@ -214,6 +239,7 @@ def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
         "-device", "virtio-serial-pci,id=vser0",
         "-device", "virtserialport,bus=vser0.0,chardev=agent,name=org.qemu.guest_agent.0",
         *_app_port_args(config),
+        *_identity_port_args(config),
         *_net_args(config),
         "-device", "virtio-rng-pci",
     ]

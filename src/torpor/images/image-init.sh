@@ -19,11 +19,17 @@ mkdir -p /.torpor/run && mount -t tmpfs -o mode=700 tmpfs /.torpor/run
 
 . /.torpor/config.sh
 
-hostname "$TORPOR_HOSTNAME"
-# The network: a bridged instance's address from the command line
-# (torpor.net=IP/PREFIX,GATEWAY); else QEMU's user mode (10.0.2.15, gateway .2, DNS .3).
+# The instance's name (torpor.hostname=: a fork's own, whatever config.sh says) and a
+# bridged instance's address (torpor.net=IP/PREFIX,GATEWAY) from the command line; else
+# QEMU's user mode network (10.0.2.15, gateway .2, DNS .3).
 net=
-for arg in $(cat /proc/cmdline); do case "$arg" in torpor.net=*) net=${arg#torpor.net=} ;; esac; done
+for arg in $(cat /proc/cmdline); do
+  case "$arg" in
+    torpor.net=*) net=${arg#torpor.net=} ;;
+    torpor.hostname=*) TORPOR_HOSTNAME=${arg#torpor.hostname=} ;;
+  esac
+done
+hostname "$TORPOR_HOSTNAME"
 ip link set lo up
 if [ -n "$net" ]; then
   ip link set eth0 up && ip addr add "${net%,*}" dev eth0 && ip route add default via "${net#*,}"
@@ -54,6 +60,12 @@ port() {
 agent=$(port org.qemu.guest_agent.0)
 app_log=$(port org.torpor.log)
 status=$(port org.torpor.status)
+identity=$(port org.torpor.identity)
+
+# The identity helper (the clock after a restore; a fork's name, MAC and randomness).
+if [ "$identity" != /dev/null ]; then
+  while :; do /.torpor/bin/torpor-identity "$identity"; sleep 0.2; done &
+fi
 
 # config.sh's run_agent and run_main exec with the image's environment (and run_main as
 # its user, in its working directory): `torpor exec` runs commands as the image would. The

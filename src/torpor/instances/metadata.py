@@ -170,6 +170,9 @@ class InstanceMetadata(BaseModel):
     # Instances created before it have no such device, and their states none either.
     free_page_reporting: bool = False
     network: NetworkSpec = Field(default_factory=NetworkSpec)
+    # The guest has torpor's identity helper on its own port (guest/identity.py): the
+    # default guest and OCI images built since it exists. Older instances: the agent.
+    identity_helper: bool = False
     last_operation: LastOperation | None = None
     guest_clock_source: str | None = None  # the guest kernel's clocksource, read at boot
     # Seconds idle before the daemon puts it in standby; 0: never; None: the server default.

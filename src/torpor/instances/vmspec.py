@@ -24,7 +24,9 @@ def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) ->
         memory_mib=meta.memory_mib,
         kernel=meta.image.kernel,
         initrd=meta.image.initrd,
-        cmdline=meta.image.cmdline + meta.network.kernel_arg(),
+        # the name at every boot: a fork keeps its own across reboots
+        cmdline=(meta.image.cmdline + meta.network.kernel_arg()
+                 + (f" torpor.hostname={meta.name}" if meta.identity_helper else "")),
         disks=(Disk(path=paths.disk, format="raw"),),
         mac=meta.mac,
         network={"user": "user", "bridge": "tap", "none": "none"}[meta.network.mode],
@@ -35,6 +37,7 @@ def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) ->
         qmp_socket=paths.qmp_socket,
         qmp_query_socket=paths.qmp_query_socket,
         agent_socket=paths.agent_socket,
+        identity_pipe=paths.identity_pipe if meta.identity_helper else None,
         serial_log=paths.serial_log,
         vmgenid=meta.vmgenid,
         free_page_reporting=meta.free_page_reporting,

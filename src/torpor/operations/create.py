@@ -108,7 +108,7 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
                 image=image_ref, accel=accel,
                 port_forwards=port_forwards, snapshot_policy=snapshot_policy,
                 vmgenid=new_vmgenid(), memory_backing=memory_backing, network=net,
-                free_page_reporting=memory_backing == "anonymous")
+                free_page_reporting=memory_backing == "anonymous", identity_helper=True)
             final = data_root.instance(instance_id).root
             await asyncio.to_thread(_publish, meta, staging, final)
         except BaseException:

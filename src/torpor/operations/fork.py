@@ -3,8 +3,9 @@
 Each fork is a copy (reflink where the filesystem can, sparse otherwise) that shares
 nothing writable with its source, and gets a new identity: id, name, MAC address, VM
 generation id (QEMU's vmgenid device writes the new GUID into the guest when the state is
-loaded), and, once it runs, its hostname and the MAC inside the guest (set through the
-agent, since the loaded device state still carries the source's MAC).
+loaded), and, as it resumes, its hostname, the MAC inside the guest (the loaded device
+state still carries the source's) and its randomness: set by the guest's identity helper
+in the restore's request (guest/identity.py), or else through the agent.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from torpor.errors import (
 )
 from torpor.fsutil import allocated_bytes, fsync_dir, owned_name, remove_tree
 from torpor.guest.agent import GuestAgent
+from torpor.guest.identity import Identity, new_identity
 from torpor.images.imagedisk import (
     CONFIG_PATH,
     GUEST_SHELL,
@@ -120,6 +122,15 @@ def materialise(data_root: DataRoot, settings: Settings, source_dir: Path, name:
             network.release_owner(data_root, settings, instance_id)
         raise
     return meta
+
+
+def helper_identity(meta: InstanceMetadata) -> Identity | None:
+    """What the guest's identity helper is asked to set as a fork resumes: name, MAC and
+    randomness, in one request and with no process started in the guest. A bridged fork's
+    address needs `ip`: the agent's script does it all (as for guests without a helper)."""
+    if not meta.identity_helper or meta.network.mode == "bridge":
+        return None
+    return new_identity(meta.name, None if meta.network.mode == "none" else meta.mac)
 
 
 async def apply_guest_identity(agent: GuestAgent, meta: InstanceMetadata) -> None:
@@ -286,10 +297,12 @@ async def _to_target(registry: Registry, meta: InstanceMetadata, has_state: bool
         if target_state == "stopped" and has_state:
             await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)
         elif target_state == "running" and has_state:
-            async with restore_op.restored(ctx) as (agent, _):  # on the restore's connection
-                await apply_guest_identity(agent, ctx.meta)
+            async with restore_op.restored(ctx, helper_identity(ctx.meta)) as done:
+                if not done.identity_applied:  # on the restore's connection
+                    await apply_guest_identity(done.agent, ctx.meta)
         elif target_state == "running":
             await lifecycle.start(ctx)
-            async with GuestAgent.connect(ctx.paths.agent_socket) as agent:
-                await apply_guest_identity(agent, ctx.meta)
+            if not ctx.meta.identity_helper:  # else it booted with its name, MAC and RNG
+                async with GuestAgent.connect(ctx.paths.agent_socket) as agent:
+                    await apply_guest_identity(agent, ctx.meta)
         return await registry.current_info(ctx)

@@ -25,7 +25,9 @@ from torpor import faults
 from torpor.codec import Codec
 from torpor.errors import IntegrityError, OperationFailed, TorporError
 from torpor.fsutil import fsync_dir, prefetch, remove_tree
+from torpor.guest import identity as guest_identity
 from torpor.guest.agent import AgentError, GuestAgent
+from torpor.guest.identity import Applied, Identity, IdentityError
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
 from torpor.hypervisor.vmconfig import DEFERRED, VMConfig
@@ -47,6 +49,9 @@ from torpor.paths import InstancePaths
 from torpor.tasks import in_thread, task_group
 
 log = logging.getLogger(__name__)
+# How long the guest's identity helper may stay silent once the agent has answered (it
+# answers first, in ms, when it runs at all).
+HELPER_GRACE = 2.0
 
 
 def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
@@ -88,15 +93,24 @@ class _Incoming:
 
 
 async def restore(ctx: InstanceContext) -> PhaseRecorder:
-    async with restored(ctx) as (_, op):
-        return op
+    async with restored(ctx) as done:
+        return done.op
+
+
+@dataclass
+class Restored:
+    agent: GuestAgent  # the connection the restore waited on
+    op: PhaseRecorder
+    identity_applied: bool  # the identity asked for is set (by the guest's helper)
 
 
 @contextlib.asynccontextmanager
-async def restored(ctx: InstanceContext) -> AsyncIterator[tuple[GuestAgent, PhaseRecorder]]:
-    """The instance restored and running, and the agent connection the restore waited on
-    for the block (a fork sets its identity there). The block is part of the operation:
-    if it fails, the restore fails (the VM runs). The caller holds the lock (standby)."""
+async def restored(ctx: InstanceContext,
+                   identity: Identity | None = None) -> AsyncIterator[Restored]:
+    """The instance restored and running, for the block (a fork sets its identity there,
+    unless the guest's helper did: `identity`, asked of it with the clock). The block is
+    part of the operation: if it fails, the restore fails (the VM runs). The caller holds
+    the lock (standby)."""
     started = time.monotonic()
     await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
     manifest = Manifest.load(ctx.paths.standby_dir)
@@ -125,6 +139,11 @@ async def restored(ctx: InstanceContext) -> AsyncIterator[tuple[GuestAgent, Phas
         await op.persist(ctx.paths, exc)
         raise
     op.add("restore_to_running", time.monotonic() - started)
+    # The guest's identity helper is asked at once: it sets the clock (and a fork's
+    # identity) while the agent wakes, with no process started in the guest.
+    pipe = config.identity_pipe
+    helper = None if pipe is None else asyncio.ensure_future(guest_identity.apply(
+        pipe, identity=identity, timeout=ctx.settings.agent_timeout))
     # Memory-file mode: the guest faults its RAM in from the file, which standby dropped
     # from the page cache; have it read in meanwhile (it usually ends before the agent
     # answers, and is waited for below either way).
@@ -135,20 +154,21 @@ async def restored(ctx: InstanceContext) -> AsyncIterator[tuple[GuestAgent, Phas
         faults.point("restore.resumed")
         with op.phase("agent-ready"):
             vm.agent = await lifecycle.agent_ready(ctx, vm.agent)
-            await set_guest_clock(vm.agent, op)
+            applied = await set_guest_clock(vm.agent, op, helper)
         op.add("restore_to_agent", time.monotonic() - started)  # what the user waits for
         if prefetching is not None:
             await prefetching
-        yield vm.agent, op
+        yield Restored(vm.agent, op, applied and identity is not None)
         await vm.agent.close()
         faults.point("restore.agent")
         with op.phase("cleanup"):
             await asyncio.to_thread(remove_tree, ctx.paths.standby_consumed_dir)
     except BaseException as exc:
-        if prefetching is not None and not prefetching.done():
-            prefetching.cancel()  # in_thread stops the thread and waits for it
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await prefetching
+        for pending in (prefetching, helper):
+            if pending is not None and not pending.done():
+                pending.cancel()  # (in_thread stops the thread and waits for it)
+                with contextlib.suppress(Exception, asyncio.CancelledError):
+                    await pending
         if vm.agent is not None:
             await vm.agent.close()
         await asyncio.to_thread(remove_tree, ctx.paths.standby_consumed_dir)
@@ -224,18 +244,46 @@ async def _resume_or_give_back(ctx: InstanceContext, mon: Monitor) -> None:
         raise
 
 
-async def set_guest_clock(agent: GuestAgent, op: PhaseRecorder) -> None:
+async def set_guest_clock(agent: GuestAgent, op: PhaseRecorder,
+                          helper: asyncio.Future[Applied] | None = None) -> bool:
     """The guest's wall clock continued from the moment it was paused: set it from the
-    host's (qemu-ga `guest-set-time`). How far behind it was goes into the record. A guest
-    whose agent cannot set the time keeps running, with a warning in the log."""
+    host's, by the guest's identity helper (`helper`, asked already) or else qemu-ga's
+    `guest-set-time` (which forks hwclock in the guest). How far behind it was goes into
+    the record. True if the helper did it (and the identity it was given). A guest whose
+    clock cannot be set keeps running, with a warning in the log."""
+    if helper is not None:
+        with op.phase("identity"):
+            applied = await _helper_result(helper, op.instance)
+        if applied is not None:
+            op.add("clock_behind", (applied.sent_time_ns - applied.guest_time_ns) / 1e9)
+            return True
     with op.phase("clock"):
         try:
             behind = time.time_ns() - await agent.get_time()
             await agent.set_time(time.time_ns())
         except AgentError as exc:
             log.warning("%s: the guest's clock was not set: %s", op.instance, exc)
-            return
+            return False
     op.add("clock_behind", behind / 1e9)
+    return False
+
+
+async def _helper_result(helper: asyncio.Future[Applied], instance: str) -> Applied | None:
+    """The helper's answer; None (logged) if it refused, or is still silent HELPER_GRACE
+    after the agent answered (a guest whose helper died or hangs: the agent does it)."""
+    await asyncio.wait({helper}, timeout=HELPER_GRACE)
+    if not helper.done():
+        helper.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await helper
+        log.warning("%s: the guest's identity helper did not answer; the agent sets the "
+                    "clock", instance)
+        return None
+    try:
+        return helper.result()
+    except IdentityError as exc:
+        log.warning("%s: %s; the agent sets the clock", instance, exc)
+        return None
 
 
 async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
