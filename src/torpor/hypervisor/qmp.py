@@ -120,6 +120,12 @@ class Monitor:
         with self._client.listener("MIGRATION") as listener:
             yield MigrationEvents(listener)
 
+    @contextlib.contextmanager
+    def stop_events(self) -> Iterator[StopEvents]:
+        """QEMU's STOP events (the VM stopped: its vCPUs are paused) while the block runs."""
+        with self._client.listener("STOP") as listener:
+            yield StopEvents(listener)
+
     async def query_migrate(self) -> dict[str, Any]:
         result = await self.execute("query-migrate")
         return dict(result)
@@ -131,6 +137,23 @@ class Monitor:
                         else await self.execute("query-version"))
         v = version["qemu"]
         return f"{v['major']}.{v['minor']}.{v['micro']}"
+
+
+class StopEvents:
+    """A STOP event listener (Monitor.stop_events)."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self._listener = listener
+        self._last: float | None = None
+
+    def stopped_at(self) -> float | None:
+        """When QEMU last reported the VM stopped, among the events received so far
+        (seconds since the epoch, QEMU's own timestamp), or None."""
+        for event in self._listener.clear():
+            stamp = event.get("timestamp")
+            if isinstance(stamp, dict):
+                self._last = int(stamp["seconds"]) + int(stamp["microseconds"]) / 1e6
+        return self._last
 
 
 class MigrationEvents:

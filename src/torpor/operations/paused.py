@@ -26,7 +26,7 @@ from collections.abc import AsyncIterator
 from torpor.errors import OperationFailed, TorporError
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import TrackedProcess
-from torpor.hypervisor.qmp import Monitor, QmpError
+from torpor.hypervisor.qmp import Monitor, QmpError, StopEvents
 from torpor.instances.context import InstanceContext
 from torpor.instances.record import PhaseRecorder
 
@@ -42,6 +42,7 @@ class PausedWindow:
         self._paused_at: float | None = None
         self._agent = contextlib.AsyncExitStack()  # held for the pause only: qemu-ga
                                                    # takes one client at a time
+        self._stops: StopEvents | None = None
 
     @property
     def open(self) -> bool:
@@ -50,15 +51,23 @@ class PausedWindow:
     async def _pause(self) -> None:
         await self._agent.enter_async_context(GuestAgent.attached(self.ctx.paths.agent_socket))
         self.was_running = await self.mon.status() == "running"
-        self._paused_at = time.monotonic()
         if self.stopped_by_migration:
-            return  # the caller's migration stops the VM: the window counts from here
+            # The caller's migration stops the VM itself, once it has set up: the window
+            # counts from QEMU's STOP event (its vCPUs paused), the guest ran until then.
+            self._stops = self._agent.enter_context(self.mon.stop_events())
+            self._paused_at = time.monotonic()
+            return
+        self._paused_at = time.monotonic()
         with self.op.phase("pause"):
             await self.mon.pause()
 
     async def _close(self) -> None:
         if self._paused_at is not None:
-            self.op.add("paused_window", time.monotonic() - self._paused_at)
+            window = time.monotonic() - self._paused_at
+            stopped = None if self._stops is None else self._stops.stopped_at()
+            if stopped is not None:  # (never more than counted from before the migration)
+                window = min(window, max(0.0, time.time() - stopped))
+            self.op.add("paused_window", window)
             self._paused_at = None
         await self._agent.aclose()
 
@@ -82,7 +91,8 @@ async def paused_window(ctx: InstanceContext, mon: Monitor, process: TrackedProc
     operation in the error a failure raises ("standby of web"). `stopped_by_migration`:
     no `stop`; the block's first command is a migration that stops the VM itself (one
     with nothing to copy while it runs: memory-file mode's device state), and the window
-    counts from just before it. A migration that fails has QEMU resume the VM itself."""
+    counts from QEMU's STOP event (from just before the migration if none came). A
+    migration that fails has QEMU resume the VM itself."""
     window = PausedWindow(ctx, mon, op, stopped_by_migration)
     try:
         await window._pause()
