@@ -4,9 +4,10 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# binutils: a unit test assembles the guest's identity helper and compares (images/).
 APT_PACKAGES := qemu-system-x86 qemu-utils busybox-static cpio zstd lz4 xfsprogs \
                 skopeo umoci docker-registry debootstrap dnsmasq-base \
-                e2fsprogs kmod util-linux
+                e2fsprogs kmod util-linux binutils iproute2
 
 .PHONY: demo test test-faults deps venv guest lint unit bench-copy bench-standby bench-codec \
         bench-snapshot bench-fork bench-cli bench-snapshot-compression bench-images bench-network bench-wake bench-memory bench-window bench-fleet bench-pool clean

@@ -173,6 +173,19 @@ def _fd_table_sizer() -> Iterator[int]:
         os.close(high)
 
 
+def prepare_endpoints(config: VMConfig, pidfile: Path | None = None) -> None:
+    """Before QEMU starts: the last run's sockets (and pidfile) gone, the identity port's
+    FIFOs made (QEMU's `pipe` chardev opens them; it would not create them)."""
+    fifos = identity_fifos(config) or ()
+    for stale in (config.qmp_socket, config.qmp_query_socket, config.agent_socket, pidfile,
+                  *fifos):
+        if stale is not None:
+            with contextlib.suppress(FileNotFoundError):
+                stale.unlink()
+    for fifo in fifos:
+        os.mkfifo(fifo, 0o600)
+
+
 def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: str | None = None,
            binary: str = "qemu-system-x86_64", extra_args: tuple[str, ...] = (),
            pass_fds: tuple[int, ...] = (), ready_timeout: float = LAUNCH_TIMEOUT,
@@ -190,13 +203,7 @@ def launch(config: VMConfig, *, pidfile: Path, log_file: Path, incoming: str | N
     _check_socket_paths(config)
     if shutil.which(binary) is None:
         raise OperationFailed(f"QEMU binary not found: {binary}")
-    for stale in (config.qmp_socket, config.qmp_query_socket, config.agent_socket, pidfile,
-                  *(identity_fifos(config) or ())):
-        if stale is not None:
-            with contextlib.suppress(FileNotFoundError):
-                stale.unlink()
-    for fifo in identity_fifos(config) or ():  # QEMU opens them; it would make plain files
-        os.mkfifo(fifo, 0o600)
+    prepare_endpoints(config, pidfile)
     argv = [*render_argv(config, binary=binary, incoming=incoming), *extra_args,
             "-pidfile", str(pidfile)]
     # QEMU holds the write end for its life: end of file on the read end means it exited.
