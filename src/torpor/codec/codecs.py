@@ -73,7 +73,10 @@ def compressor_argv(codec: Codec, level: int) -> list[str]:
         level_arg = f"--fast={-level}" if level < 0 else f"-{level}"
         return ["zstd", "-q", "-c", "-T1", level_arg]
     if codec is Codec.LZ4:
-        return ["lz4", "-q", "-c", f"-{max(level, 1)}"]  # lz4 levels 0 and 1 are the same
+        # levels 0 and 1 are the same. No content checksum: the stored file has its own
+        # (xxh3-128, checked at every load), and lz4's xxh32 over the output was half of
+        # `lz4 -d`'s time (0.17 against 0.08 s for 300 MB here).
+        return ["lz4", "-q", "-c", "--no-frame-crc", f"-{max(level, 1)}"]
     raise ValueError("no compressor for uncompressed state")
 
 
