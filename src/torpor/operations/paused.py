@@ -40,8 +40,9 @@ class PausedWindow:
         self.stopped_by_migration = stopped_by_migration
         self.was_running = False
         self._paused_at: float | None = None
-        self._agent = contextlib.AsyncExitStack()  # held for the pause only: qemu-ga
-                                                   # takes one client at a time
+        # Held for the pause only: the agent attached (qemu-ga takes one client at a
+        # time), and QEMU's STOP events where the migration stops the VM.
+        self._agent = contextlib.AsyncExitStack()
         self._stops: StopEvents | None = None
 
     @property
