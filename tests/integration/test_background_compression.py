@@ -113,7 +113,7 @@ def test_background_job_replaces_raw_then_restore(manager: InstanceManager, vm: 
     assert shown.compressed_bytes < shown.raw_bytes
     state = Manifest.load(latest).state
     assert state.codec is codec
-    # zstd: frames the restore feeds without a decompressor; lz4: its tool's stream
+    # zstd: frames; lz4: its tool's stream (both fed to QEMU in-process)
     assert state.layout == ("frames" if codec is Codec.ZSTD else "stream")
     assert run(manager.restore(vm)).state is InstanceState.RUNNING
     assert guest_hash(manager, vm) == before

@@ -7,6 +7,7 @@ import os
 import socket
 import subprocess
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -34,7 +35,8 @@ def write_frames(path: Path, data: bytes, *, auto: bool) -> FrameWriter:
     return writer
 
 
-def read_through_socket(path: Path, *, hashed: bool) -> tuple[bytes, str | None]:
+def read_through_socket(path: Path, *, hashed: bool,
+                        feeder: Callable[..., None] = feed) -> tuple[bytes, str | None]:
     reader, writer = socket.socketpair()
     hasher = stored_hasher() if hashed else None
     fd = writer.detach()
@@ -42,7 +44,7 @@ def read_through_socket(path: Path, *, hashed: bool) -> tuple[bytes, str | None]
 
     def feeding() -> None:
         try:
-            feed(path, fd, threading.Event(), hasher=hasher)
+            feeder(path, fd, threading.Event(), hasher=hasher)
         except BaseException as exc:
             failure.append(exc)
         finally:

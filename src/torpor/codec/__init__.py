@@ -1,5 +1,5 @@
-"""Compression codecs (zstd frames in-process, codec/frames.py; lz4 and the background
-job's zstd as native filter processes) and the stored-file checksum.
+"""Compression codecs (zstd frames written and read in-process, codec/frames.py; lz4
+written by its tool and read in-process, codec/lz4feed.py) and the stored-file checksum.
 
 Knows nothing of VMs or snapshots.
 """

@@ -203,9 +203,14 @@ def compress_file(source: int, sink: int, level: int, *, store_incompressible: b
 
 @dataclass
 class Frame:
+    """A piece of a compressed file, the pieces tiling it: a zstd frame here, an lz4 block
+    (codec/lz4feed.py). `raw`: the (offset, length) ranges that are its content as stored
+    (sent from the file); None: it is decoded."""
+
     offset: int  # in the file
     length: int
-    raw: list[tuple[int, int]] | None  # (offset, length) of its raw blocks, if all are raw
+    raw: list[tuple[int, int]] | None
+    packed: tuple[int, int] | None = None  # (offset, length) of what a decoder reads
 
 
 def frames(fd: int) -> Iterator[Frame]:
@@ -252,12 +257,31 @@ def feed(path: os.PathLike[str] | str, sink: int, stop: threading.Event,
          progress: Callable[[int], None] | None = None,
          hasher: Hasher | None = None) -> None:
     """Write the decompressed content of a zstd file to `sink` (a socket or pipe).
-    The file is mapped (`_mapped`): `hasher` (if any) sees each frame where it lies, the
-    whole file in order (one pass instead of a second reader hashing it, which measured
-    faster on 2 cores); raw blocks are sent from the file by the kernel (sendfile: no
-    copy here); other frames are decompressed from the mapping. Blocking (a thread);
+    `feed_pieces` with zstd frames; the file is mapped (`_mapped`): `hasher` (if any)
+    sees each frame where it lies, the whole file in order (one pass instead of a second
+    reader hashing it, which measured faster on 2 cores); raw blocks are sent from the
+    file by the kernel (sendfile: no copy here); other frames are decompressed from the
+    mapping. Blocking (a thread);
     `stop` makes it give up (a reader that stopped reading: FeedAbandoned); `progress`
     gets the stored bytes dealt with. `sink` is made non-blocking."""
+    decompressor = zstandard.ZstdDecompressor()
+
+    def decode(data: memoryview, _: Frame, out: bytearray) -> tuple[bytearray, int]:
+        return _decompress_into(decompressor, data, out)
+
+    feed_pieces(path, sink, stop, frames, decode, progress, hasher)
+
+
+Decode = Callable[[memoryview, Frame, bytearray], tuple[bytes | bytearray, int]]
+
+
+def feed_pieces(path: os.PathLike[str] | str, sink: int, stop: threading.Event,
+                pieces: Callable[[int], Iterator[Frame]], decode: Decode,
+                progress: Callable[[int], None] | None = None,
+                hasher: Hasher | None = None) -> None:
+    """`feed`'s walk over any compressed file `pieces(fd)` cuts into Frames: each hashed
+    where it lies, its raw ranges sent by sendfile, or `decode(its bytes, it, a reused
+    buffer)` → (the buffer or another, the bytes of content) written."""
     os.set_blocking(sink, False)
     writable = select.poll()
     writable.register(sink, select.POLLOUT)
@@ -267,7 +291,6 @@ def feed(path: os.PathLike[str] | str, sink: int, stop: threading.Event,
             if stop.is_set():
                 raise FeedAbandoned("the reader stopped reading")
 
-    decompressor = zstandard.ZstdDecompressor()
     # One reused buffer to decompress into: a fresh 4 MiB object per frame cost more than
     # the rest of the feed together (new memory is slow to fault in on a host that hands
     # freed memory back: bench/hostmem.py; 122-136 against 52-55 ms for 300 MB).
@@ -275,15 +298,17 @@ def feed(path: os.PathLike[str] | str, sink: int, stop: threading.Event,
     source = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
         with _mapped(source) as stored:
-            for frame in frames(source):
+            for frame in pieces(source):
                 data = stored[frame.offset:frame.offset + frame.length]
                 if len(data) < frame.length:
                     raise FrameError("the state file ended inside a frame")
                 if hasher is not None:
                     hasher.update(data)
                 if frame.raw is None:
-                    content, size = _decompress_into(decompressor, data, content)
-                    _write_parts(sink, [memoryview(content)[:size]], wait)
+                    decoded, size = decode(data, frame, content)
+                    if isinstance(decoded, bytearray):
+                        content = decoded  # (grown for a larger frame)
+                    _write_parts(sink, [memoryview(decoded)[:size]], wait)
                 else:
                     for start, length in frame.raw:
                         _send_all(source, start, length, sink, wait)

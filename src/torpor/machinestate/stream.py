@@ -6,8 +6,10 @@ the file, so there is never a second pass over a raw file. A standby's uncompres
 is hashed as the zero-page filter writes it; any other checksum is computed after QEMU
 has exited (`finalize_checksum`), outside the paused window.
 Load: QEMU (started with -S) reads from a descriptor: the file itself, inherited at exec
-(`-incoming fd:N`, see ExecFeed), or, passed with getfd after `-incoming defer`, a pipe
-from a decompressing process (or the file, when a capability must be set first). A thread
+(`-incoming fd:N`, see ExecFeed), or, passed with getfd after `-incoming defer`, a socket
+fed by a thread (zstd frames: codec/frames.py; lz4: codec/lz4feed.py), a pipe from a
+decompressing process (zstd written as one stream, by the tool, before frames), or the
+file (when a capability must be set first). A thread
 hashes the stored file meanwhile, and the verdict is in before the caller may resume.
 Every child process is waited for on every path.
 """
@@ -37,7 +39,9 @@ from torpor.codec import (
     decompressor_argv,
     stored_hasher,
 )
-from torpor.codec.frames import FeedAbandoned, FrameStats, FrameWriter, feed
+from torpor.codec.frames import FeedAbandoned, FrameStats, FrameWriter
+from torpor.codec.frames import feed as frames_feed
+from torpor.codec.lz4feed import feed as lz4_feed
 from torpor.errors import IntegrityError, OperationFailed
 from torpor.hypervisor.process import LAUNCH_TIMEOUT
 from torpor.hypervisor.qmp import MigrationEvents, Monitor
@@ -369,9 +373,10 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
     """Feed a stored state into an incoming QEMU; raise IntegrityError if its checksum
     does not match (the caller must then not resume the VM). ignore_shared: the stream
     was saved with x-ignore-shared (memory-file mode), so it is read with it too."""
-    if expected.layout == "frames":
+    if expected.layout == "frames" or codec is Codec.LZ4:
         await mon.set_migration_capabilities(events=True, x_ignore_shared=ignore_shared)
-        await _load_frames(mon, path, expected, progress)
+        await _load_fed(mon, path, expected, progress,
+                        frames_feed if codec is Codec.ZSTD else lz4_feed, str(codec))
         return
     if ignore_shared:
         await mon.set_migration_capabilities(x_ignore_shared=True)
@@ -422,11 +427,15 @@ class _DecompressorFailed(Exception):
     pass
 
 
-async def _load_frames(mon: Monitor, path: Path, expected: StateFile,
-                       progress: Progress | None) -> None:
-    """A frames-layout state fed to QEMU by a thread (codec/frames.feed), which hashes
-    the file as it reads it: the verdict is in when the feed ends. A feed cut short (QEMU
-    failed) has the rest of the file hashed, so a damaged file is still named as such."""
+Feed = Callable[[Path, int, threading.Event, Callable[[int], None], Hasher], None]
+
+
+async def _load_fed(mon: Monitor, path: Path, expected: StateFile,
+                    progress: Progress | None, feed: Feed, codec: str) -> None:
+    """A compressed state fed to QEMU by a thread (codec/frames.feed for zstd frames,
+    codec/lz4feed.feed), which hashes the file as it reads it: the verdict is in when the
+    feed ends. A feed cut short (QEMU failed) has the rest of the file hashed, so a
+    damaged file is still named as such."""
     fed = [0]
     hasher = stored_hasher()
 
@@ -465,7 +474,7 @@ async def _load_frames(mon: Monitor, path: Path, expected: StateFile,
     await _verdict(verifier, path, expected)  # the file is damaged: that is the error
     if feed_error is not None and not isinstance(feed_error, BrokenPipeError | FeedAbandoned):
         # the cause of whatever QEMU made of the stream (a state saved without checksum)
-        raise IntegrityError(f"zstd could not decompress {path.name}: {feed_error}")
+        raise IntegrityError(f"{codec} could not decompress {path.name}: {feed_error}")
     raise MigrationFailed(f"QEMU could not load the machine state: {load_error}")
 
 
