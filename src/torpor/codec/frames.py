@@ -261,9 +261,9 @@ def feed(path: os.PathLike[str] | str, sink: int, stop: threading.Event,
     sees each frame where it lies, the whole file in order (one pass instead of a second
     reader hashing it, which measured faster on 2 cores); raw blocks are sent from the
     file by the kernel (sendfile: no copy here); other frames are decompressed from the
-    mapping. Blocking (a thread);
-    `stop` makes it give up (a reader that stopped reading: FeedAbandoned); `progress`
-    gets the stored bytes dealt with. `sink` is made non-blocking."""
+    mapping. Blocking (a thread); `stop` makes it give up (a reader that stopped reading:
+    FeedAbandoned); `progress` gets the stored bytes dealt with. `sink` is made
+    non-blocking."""
     decompressor = zstandard.ZstdDecompressor()
 
     def decode(data: memoryview, _: Frame, out: bytearray) -> tuple[bytearray, int]:

@@ -25,7 +25,8 @@ SKIPPABLE, SKIPPABLE_MASK = 0x184D2A50, 0xFFFFFFF0
 _STORED = 0x80000000
 _INDEPENDENT, _BLOCK_CHECKSUM, _CONTENT_SIZE, _CONTENT_CHECKSUM, _DICT_ID = (
     0x20, 0x10, 0x08, 0x04, 0x01)
-MAX_BLOCK = {4: 64 << 10, 5: 256 << 10, 6: 1 << 20, 7: 4 << 20}
+BLOCK_SIZE_CODES = range(4, 8)  # 64 KiB, 256 KiB, 1 MiB, 4 MiB
+LARGEST_BLOCK = 4 << 20
 
 
 def _u32(fd: int, offset: int) -> int:
@@ -53,49 +54,32 @@ def pieces(fd: int) -> Iterator[Frame]:
 
 
 def _frame(fd: int, start: int) -> Generator[Frame, None, int]:
+    """The pieces of the lz4 frame at `start`; returns where it ends. Its header goes
+    with its first block (or with its end mark, if it has none)."""
     descriptor = os.pread(fd, 2, start + 4)
     if len(descriptor) < 2 or descriptor[0] >> 6 != 1:
         raise FrameError(f"an lz4 frame of an unknown version at byte {start}")
     flags = descriptor[0]
-    if descriptor[1] >> 4 & 7 not in MAX_BLOCK:
+    if descriptor[1] >> 4 & 7 not in BLOCK_SIZE_CODES:
         raise FrameError(f"an lz4 frame with an unknown block size at byte {start}")
     header = 7 + (8 if flags & _CONTENT_SIZE else 0) + (4 if flags & _DICT_ID else 0)
     block_extra = 4 if flags & _BLOCK_CHECKSUM else 0
-    position, linked = start + header, not flags & _INDEPENDENT
-    pending = [Frame(start, header, [])]  # the header goes with the first block
-    while True:
-        value = _u32(fd, position)
-        if value == 0:  # the end mark, and the content checksum
-            end = position + 4 + (4 if flags & _CONTENT_CHECKSUM else 0)
-            break
-        length = value & ~_STORED
-        data = (position + 4, length)
-        block = Frame(position, 4 + length + block_extra,
-                      [data] if value & _STORED else None,
-                      None if value & _STORED else data)
-        position += block.length
-        if linked:
-            continue
-        pending.append(block)
-        yield from _merged(pending)
-        pending = []
+    linked = not flags & _INDEPENDENT
+    position, piece_start = start + header, start
+    while (value := _u32(fd, position)) != 0:  # 0: the end mark
+        data = (position + 4, value & ~_STORED)
+        position = data[0] + data[1] + block_extra
+        if not linked:
+            stored = bool(value & _STORED)
+            yield Frame(piece_start, position - piece_start, [data] if stored else None,
+                        None if stored else data)
+            piece_start = position
+    end = position + 4 + (4 if flags & _CONTENT_CHECKSUM else 0)
     if linked:  # one piece, decompressed whole
         yield Frame(start, end - start, None)
-    else:
-        yield from _merged([*pending, Frame(position, end - position, [])])
+    else:  # the end mark and content checksum: hashed, nothing to send
+        yield Frame(piece_start, end - piece_start, [])
     return end
-
-
-def _merged(parts: list[Frame]) -> Iterator[Frame]:
-    """Header-only pieces folded into the block after them (fewer, larger pieces)."""
-    head = parts[0]
-    for part in parts[1:]:
-        if head.raw == [] and head.packed is None:
-            head = Frame(head.offset, head.length + part.length, part.raw, part.packed)
-        else:
-            yield head
-            head = part
-    yield head
 
 
 def decode(data: memoryview, piece: Frame, _: bytearray) -> tuple[bytes, int]:
@@ -107,7 +91,7 @@ def decode(data: memoryview, piece: Frame, _: bytearray) -> tuple[bytes, int]:
             start, length = piece.packed
             at = start - piece.offset
             content = lz4.block.decompress(data[at:at + length],
-                                           uncompressed_size=max(MAX_BLOCK.values()))
+                                           uncompressed_size=LARGEST_BLOCK)
     except (RuntimeError, lz4.block.LZ4BlockError) as exc:
         raise FrameError(f"an lz4 block at byte {piece.offset} does not decompress: "
                          f"{exc}") from None

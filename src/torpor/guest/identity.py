@@ -84,7 +84,7 @@ def decode(reply: bytes) -> tuple[int, int, int, int]:
     return nonce, step, result, seconds * 1_000_000_000 + nanoseconds
 
 
-async def apply(pipe: Path, *, clock: bool = True, identity: Identity | None = None,
+async def apply(pipe: Path, *, identity: Identity | None = None,
                 timeout: float = 10.0) -> Applied:
     """Have the helper behind `pipe` set the clock to the host's (and `identity`);
     IdentityError if it refused a step or did not answer within `timeout`."""
@@ -96,7 +96,7 @@ async def apply(pipe: Path, *, clock: bool = True, identity: Identity | None = N
     try:
         _drain(replies)  # what came after an earlier requester gave up
         sent = time.time_ns()
-        _send(pipe, encode(nonce, sent if clock else None, identity))
+        _send(pipe, encode(nonce, sent, identity))
         step, result, guest_time = await _reply(replies, nonce, timeout)
     finally:
         os.close(replies)
