@@ -58,8 +58,10 @@ POINTS: dict[str, str] = {
     "delete.killed": "the QEMU is killed; the directory is still there",
     "delete.removed": "the directory is gone; its job files and lock file are not",
     # snapshots in object storage
+    "push.locked": "the push's lock is in the bucket (remote/locks.py); no chunk yet",
     "push.uploaded": "a chunk is in the bucket (more may follow); the manifest is not",
     "pull.downloaded": "every file is downloaded and verified in .creating-*; not published",
+    "remote-delete.locked": "the delete's lock is in the bucket; nothing is deleted yet",
     # compression of a saved state (the background worker, or `auto` after the window)
     "compress.written": "the compressed file is complete as .tmp; nothing published",
     "compress.renamed": "the compressed file is in place beside the raw one",

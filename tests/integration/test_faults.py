@@ -121,9 +121,11 @@ def points(prefix: str) -> list[str]:
 
 
 def test_every_point_is_in_the_matrix() -> None:
-    # push. and pull.: tests/integration/test_remote_snapshots.py (against a real S3 server)
+    # push., pull. and remote-delete.: tests/integration/test_remote_snapshots.py (a real
+    # S3 server)
     covered = {p for group in ("standby.", "restore.", "snapshot.", "fork.", "delete.",
-                               "compress.", "push.", "pull.") for p in points(group)}
+                               "compress.", "push.", "pull.", "remote-delete.")
+               for p in points(group)}
     assert covered == set(faults.POINTS)
 
 

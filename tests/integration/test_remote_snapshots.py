@@ -8,8 +8,12 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
+import sys
 import tempfile
+import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -17,12 +21,13 @@ import pytest
 from tests.conftest import read_marks, run, sh, torpor_cli, write_marks
 from tests.s3_helpers import S3Server, seaweedfs
 from torpor import faults
-from torpor.errors import AlreadyExists, IntegrityError, NotFound, Unsupported
+from torpor.errors import AlreadyExists, Busy, IntegrityError, NotFound, Unsupported
 from torpor.instances.context import Settings
 from torpor.manager import InstanceManager
-from torpor.remote import chunks, transfer
+from torpor.remote import chunks, locks, transfer
 from torpor.remote.location import parse_location
 from torpor.remote.manifest import RemoteSnapshot
+from torpor.remote.store import ObjectStore
 
 pytestmark = pytest.mark.qemu
 
@@ -167,10 +172,16 @@ def test_a_killed_push_resumes_and_is_invisible_until_complete(
     with pytest.raises(NotFound):
         run(host_b.snapshot_pull(f"{prefix}/base"))
 
+    left = locks_in(s3, prefix)
+    assert len(left) == 1, left  # the killed push's lock stays behind...
+
     resumed = push_cli(data_root, prefix)
     assert resumed["skipped_chunks"] >= len(there)
     assert resumed["uploaded_bytes"] < resumed["total_bytes"]
     assert [i.name for i in run(host_b.remote_list(prefix))] == ["base"]
+    # ...but its process is gone from this host: a delete goes ahead, and removes it.
+    run(host_b.remote_delete(f"{prefix}/base"))
+    assert locks_in(s3, prefix) == [] and chunks_in(s3, prefix) == set()
 
 
 @pytest.mark.parametrize("action", ["error", "kill"])
@@ -250,6 +261,103 @@ def test_remote_delete_keeps_the_chunks_another_snapshot_uses(
     assert report.removed_chunks > 0 and report.kept_chunks == 0
     assert chunks_in(s3, prefix) == set() and run(host_b.remote_list(prefix)) == []
     run(host_b.snapshot_delete("kept"))
+
+
+# --- a push and a delete under one prefix (remote/locks.py) ---------------------------------
+
+def locks_in(s3: S3Server, url: str) -> list[str]:
+    location = parse_location(url)
+    answer = s3.client().list_objects_v2(Bucket=BUCKET, Prefix=location.locks_prefix)
+    return [item["Key"] for item in answer.get("Contents", [])]
+
+
+def cli_line(args: str, out: Path) -> str:
+    """A shell line running the torpor CLI (the caller's environment) into `out`, with
+    its exit status appended: what a fault point's `exec` runs mid-operation."""
+    return (f"{sys.executable} -m torpor.cli.main --local {args} > {out} 2>&1;"
+            f" echo exit=$? >> {out}")
+
+
+def test_a_remote_delete_is_refused_while_a_push_runs_under_the_prefix(
+        data_root: Path, host_b: InstanceManager, source: tuple[str, str], s3: S3Server,
+        prefix: str, tmp_path: Path) -> None:
+    push_cli(data_root, prefix, "base", "--name", "old")
+    out = tmp_path / "delete.out"
+    # Mid-push (its lock written, no chunk looked at yet), the delete of a snapshot whose
+    # chunks the push is about to find present and skip.
+    push_cli(data_root, prefix, "base", "--name", "new",
+             env={faults.ENV: "push.locked=exec",
+                  faults.EXEC_ENV: cli_line(f"snapshot remote-delete {prefix}/old", out)})
+    said = out.read_text()
+    assert "exit=5" in said and "a push is running there" in said, said  # Busy
+    assert len(said.splitlines()) == 2, said  # one line, and the exit status
+    assert sorted(i.name for i in run(host_b.remote_list(prefix))) == ["new", "old"]
+    assert locks_in(s3, prefix) == []  # the push took its lock away
+    report = run(host_b.remote_delete(f"{prefix}/old"))  # no push now: it goes through
+    assert report.removed_chunks == 0 and report.kept_chunks > 0  # "new" uses them all
+    info = run(host_b.snapshot_pull(f"{prefix}/new", name="after-delete"))
+    assert info.kind == "running"
+    run(host_b.snapshot_delete("after-delete"))
+
+
+def test_a_push_is_refused_while_a_remote_delete_runs_under_the_prefix(
+        data_root: Path, host_b: InstanceManager, source: tuple[str, str], s3: S3Server,
+        prefix: str, tmp_path: Path) -> None:
+    push_cli(data_root, prefix, "base", "--name", "old")
+    out = tmp_path / "push.out"
+    result = torpor_cli(
+        data_root, "--local", "snapshot", "remote-delete", f"{prefix}/old", "--json",
+        env={faults.ENV: "remote-delete.locked=exec",
+             faults.EXEC_ENV: cli_line(f"snapshot push base {prefix} --instance rsrc"
+                                       " --name new", out)})
+    assert result.returncode == 0, result.stderr
+    said = out.read_text()
+    assert "exit=5" in said and "a remote-delete is running there" in said, said
+    assert json.loads(result.stdout)["removed_chunks"] > 0
+    assert run(host_b.remote_list(prefix)) == [] and chunks_in(s3, prefix) == set()
+    assert locks_in(s3, prefix) == []
+
+
+def test_a_lock_counts_while_its_holder_lives_and_not_after(
+        data_root: Path, host_b: InstanceManager, source: tuple[str, str], s3: S3Server,
+        prefix: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    push_cli(data_root, prefix, "base", "--name", "old")
+    location = parse_location(prefix)
+    # A push on another host (its process cannot be checked from here): it counts...
+    elsewhere = locks.LockRecord(kind="push", host="elsewhere.example",
+                                 pid=1, start_time=1,
+                                 since=datetime.now(UTC))
+    s3.client().put_object(Bucket=BUCKET, Key=location.lock_key("push-elsewhere"),
+                           Body=elsewhere.model_dump_json().encode())
+    with pytest.raises(Busy, match=re.escape("a push is running there (from elsewhere.example")):
+        run(host_b.remote_delete(f"{prefix}/old"))
+    assert run(host_b.remote_list(prefix)) != []  # nothing deleted
+    # ...until it has not been rewritten for TTL (the server's clock): then it is removed.
+    monkeypatch.setattr(locks, "TTL", 0.0)
+    run(host_b.remote_delete(f"{prefix}/old"))
+    assert run(host_b.remote_list(prefix)) == [] and locks_in(s3, prefix) == []
+
+
+def test_a_held_lock_is_rewritten_until_released(s3: S3Server, prefix: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    location = parse_location(prefix)
+    store = ObjectStore(BUCKET)
+    rewritten = threading.Event()
+    puts: list[str] = []
+    real_put = store.put
+
+    def put(key: str, body: bytes) -> None:
+        real_put(key, body)
+        puts.append(key)
+        if len(puts) >= 3:  # written, then rewritten twice by the heartbeat
+            rewritten.set()
+
+    monkeypatch.setattr(store, "put", put)
+    monkeypatch.setattr(locks, "HEARTBEAT", 0.05)
+    with locks.held(store, location, "push"):
+        assert rewritten.wait(30), puts
+        assert locks_in(s3, prefix) == [puts[0]]
+    assert len(set(puts)) == 1 and locks_in(s3, prefix) == []
 
 
 @pytest.mark.parametrize(("argv", "message"), [

@@ -48,7 +48,7 @@ from torpor.instances.snapshotrecord import (
 from torpor.machinestate.manifest import MACHINE_STATE, Manifest, rebind_memory_file
 from torpor.operations import snapshots
 from torpor.paths import DataRoot, InstancePaths
-from torpor.remote import chunks, transfer
+from torpor.remote import chunks, locks, transfer
 from torpor.remote.location import Location, parse_location, parse_snapshot_url
 from torpor.remote.manifest import BootFiles, HostNeeds, RemoteSnapshot
 from torpor.remote.store import NoSuchObject, ObjectStore
@@ -136,13 +136,17 @@ def _push_blocking(data_root: DataRoot, record: SnapshotRecord, location: Locati
         files += [transfer.LocalFile(source=p, path=f"{BOOT}/{p.name}", cutting="block")
                   for p in paths]
     progress = observe.counter("upload", sum(f.source.stat().st_blocks * 512 for f in files))
-    remote_files, stats = transfer.upload(store, location, files, progress, stop=stop)
-    payload_count = len(files) - (len(boot[1]) if boot else 0)  # the boot files come last
-    manifest = RemoteSnapshot(
-        name=remote_name, pushed_at=utc_now(), record=record.model_dump(mode="json"),
-        needs=needs, files=remote_files[:payload_count],
-        boot=BootFiles(directory=boot[0], files=remote_files[payload_count:]) if boot else None)
-    store.put(location.manifest_key(remote_name), manifest.encode())  # last: now it exists
+    # From before the first chunk is found present to the manifest naming it: no delete.
+    with locks.held(store, location, "push"):
+        faults.point("push.locked")
+        remote_files, stats = transfer.upload(store, location, files, progress, stop=stop)
+        payload_count = len(files) - (len(boot[1]) if boot else 0)  # boot files come last
+        manifest = RemoteSnapshot(
+            name=remote_name, pushed_at=utc_now(), record=record.model_dump(mode="json"),
+            needs=needs, files=remote_files[:payload_count],
+            boot=(BootFiles(directory=boot[0], files=remote_files[payload_count:]) if boot
+                  else None))
+        store.put(location.manifest_key(remote_name), manifest.encode())  # now it exists
     return PushReport(url=location.snapshot_url(remote_name), **stats.as_dict())
 
 
@@ -354,18 +358,19 @@ async def remote_list(url: str) -> list[RemoteSnapshotInfo]:
 
 def _delete_blocking(url: str) -> RemoteDeleteReport:
     """The manifest first (the snapshot is gone from then on), then each of its chunks
-    that no other manifest under the prefix references. A push to the same prefix running
-    meanwhile may have found one of those chunks and skipped it: its pull would then name
-    the chunk missing, and pushing it again puts it back (docs/fleet.md)."""
+    that no other manifest under the prefix references. Never while a push to the prefix
+    runs (remote/locks.py): it may have found one of those chunks there and skipped it."""
     location, name = parse_snapshot_url(url)
     store = ObjectStore(location.bucket)
     doomed = fetch_manifest(store, location, name).digests()
-    store.delete([location.manifest_key(name)])
-    still_used: set[str] = set()
-    for other in _manifests(store, location):
-        still_used |= other.digests()
-    removed = sorted(doomed - still_used)
-    store.delete([location.chunk_key(d) for d in removed])
+    with locks.held(store, location, "delete"):
+        faults.point("remote-delete.locked")
+        store.delete([location.manifest_key(name)])
+        still_used: set[str] = set()
+        for other in _manifests(store, location):
+            still_used |= other.digests()
+        removed = sorted(doomed - still_used)
+        store.delete([location.chunk_key(d) for d in removed])
     return RemoteDeleteReport(removed_chunks=len(removed), kept_chunks=len(doomed) - len(removed))
 
 

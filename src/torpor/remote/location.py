@@ -20,6 +20,7 @@ SEGMENT_RE = re.compile(SEGMENT)
 SNAPSHOT_NAME_RE = re.compile(SNAPSHOT_NAME)
 CHUNKS = "chunks/"
 SNAPSHOTS = "snapshots/"
+LOCKS = "locks/"
 MANIFEST_SUFFIX = ".json"
 
 
@@ -43,6 +44,13 @@ class Location:
     @property
     def manifests_prefix(self) -> str:
         return self.prefix + SNAPSHOTS
+
+    @property
+    def locks_prefix(self) -> str:
+        return self.prefix + LOCKS
+
+    def lock_key(self, name: str) -> str:
+        return f"{self.prefix}{LOCKS}{name}"
 
     def manifest_key(self, name: str) -> str:
         return f"{self.prefix}{SNAPSHOTS}{name}{MANIFEST_SUFFIX}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from datetime import datetime
 from typing import Any
 
 from torpor.errors import InvalidArgument, NotFound, OperationFailed, TorporError
@@ -74,13 +75,19 @@ class ObjectStore:
     def keys(self, prefix: str, max_pages: int | None = None) -> Iterator[str]:
         """Every key under `prefix`; with `max_pages`, Truncated is raised once that many
         pages (1000 keys each) did not hold them all."""
+        for key, _ in self.listing(prefix, max_pages):
+            yield key
+
+    def listing(self, prefix: str, max_pages: int | None = None
+                ) -> Iterator[tuple[str, datetime]]:
+        """`keys`, each with its LastModified (the server's clock)."""
         token: dict[str, str] = {}
         pages = 0
         while True:
             page = self._call("list_objects_v2", Prefix=prefix, **token)
             pages += 1
             for item in page.get("Contents", []):
-                yield item["Key"]
+                yield item["Key"], item["LastModified"]
             if not page.get("IsTruncated"):
                 return
             if max_pages is not None and pages >= max_pages:
