@@ -60,6 +60,7 @@ POINTS: dict[str, str] = {
     # snapshots in object storage
     "push.locked": "the push's lock is in the bucket (remote/locks.py); no chunk yet",
     "push.uploaded": "a chunk is in the bucket (more may follow); the manifest is not",
+    "pull.fetched": "a chunk is written into .creating-* (more may follow)",
     "pull.downloaded": "every file is downloaded and verified in .creating-*; not published",
     "remote-delete.locked": "the delete's lock is in the bucket; nothing is deleted yet",
     # compression of a saved state (the background worker, or `auto` after the window)

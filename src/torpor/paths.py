@@ -213,6 +213,11 @@ class SnapshotPaths:
         """The payload laid out like an instance directory (disk, metadata, state)."""
         return InstancePaths(self.payload)
 
+    @property
+    def pull_mark(self) -> Path:
+        """While a pull builds it: which remote snapshot (operations/remote.PullMark)."""
+        return self.root / "pull.json"
+
 
 @dataclass(frozen=True)
 class DataRoot:

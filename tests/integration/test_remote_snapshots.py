@@ -184,18 +184,66 @@ def test_a_killed_push_resumes_and_is_invisible_until_complete(
     assert locks_in(s3, prefix) == [] and chunks_in(s3, prefix) == set()
 
 
+def fetched_count(out: Path) -> int:
+    return len(out.read_text().splitlines()) if out.exists() else 0
+
+
+def counting_fetches(out: Path) -> dict[str, str]:
+    """The environment that makes a pull append a line to `out` per chunk it fetches."""
+    return {faults.ENV: "pull.fetched=exec", faults.EXEC_ENV: f"echo >> {out}"}
+
+
 @pytest.mark.parametrize("action", ["error", "kill"])
-def test_a_failed_pull_imports_nothing(
-        data_root: Path, host_b: InstanceManager, source: tuple[str, str], prefix: str,
-        action: str) -> None:
+def test_a_failed_pull_imports_nothing_and_the_next_one_resumes(
+        data_root: Path, host_b: InstanceManager, source: tuple[str, str], s3: S3Server,
+        prefix: str, tmp_path: Path, action: str) -> None:
     push_cli(data_root, prefix)
-    result = torpor_cli(host_b.data_root.root, "--local", "snapshot", "pull", f"{prefix}/base",
+    url = f"{prefix}/base"
+    result = torpor_cli(host_b.data_root.root, "--local", "snapshot", "pull", url,
                         "--name", f"fail-{action}", env={faults.ENV: f"pull.downloaded={action}"})
     assert result.returncode == (-9 if action == "kill" else 1), result.stderr
     assert host_b.snapshot_list() == []
-    if action == "kill":  # a dead puller's staging directory: `check` removes it
-        assert any(p.repaired for p in run(host_b.check(repair=True)))
+    problems = run(host_b.check())  # what it left: named as a pull `check --repair` removes
+    assert [(p.kind, p.detail) for p in problems] == [
+        ("partial-snapshot", f"a pull of {url} that did not finish: pulling it again resumes it")]
+    fetched = tmp_path / "fetched"
+    result = torpor_cli(host_b.data_root.root, "--local", "snapshot", "pull", url, "--name",
+                        f"resumed-{action}", env=counting_fetches(fetched))
+    assert result.returncode == 0, result.stderr
+    # Every chunk was there; only what a pull rewrites after downloading it (the instance
+    # metadata's image paths, the RAM file's identity in the state's manifest) is not.
+    rewritten = sum(len(f.chunks) for f in remote_manifest(s3, prefix).files
+                    if f.path.endswith(("metadata.json", "manifest.json")))
+    assert fetched_count(fetched) <= rewritten, (fetched_count(fetched), rewritten)
+    assert [s.name for s in host_b.snapshot_list()] == [f"resumed-{action}"]
     assert run(host_b.check()) == []
+    run(host_b.snapshot_delete(f"resumed-{action}"))
+    nothing_imported(host_b)
+
+
+def test_a_pull_killed_mid_download_resumes_and_fetches_what_is_missing_or_wrong(
+        data_root: Path, host_b: InstanceManager, source: tuple[str, str], s3: S3Server,
+        prefix: str, tmp_path: Path) -> None:
+    _, marks = source
+    push_cli(data_root, prefix)
+    url = f"{prefix}/base"
+    total = sum(len(f.chunks) for f in remote_manifest(s3, prefix).files)
+    result = torpor_cli(host_b.data_root.root, "--local", "snapshot", "pull", url,
+                        env={faults.ENV: "pull.fetched=kill"})
+    assert result.returncode == -9, result.stderr
+    [partial] = host_b.data_root.snapshots_dir.glob(".creating-*")
+    state = partial / "payload" / "snapshots" / "latest" / "machine-state"
+    with open(state, "r+b") as f:  # what a crash could leave: bytes that are not the chunk's
+        f.write(b"\xff" * 4096)
+    fetched = tmp_path / "fetched"
+    result = torpor_cli(host_b.data_root.root, "--local", "snapshot", "pull", url,
+                        env=counting_fetches(fetched))
+    assert result.returncode == 0, result.stderr  # the state's checksum held: refetched
+    assert 0 < fetched_count(fetched) < total, (fetched_count(fetched), total)
+    [fork] = run(host_b.snapshot_fork("base", "resumed-fork"))
+    assert read_marks(host_b, fork.name) == marks  # RAM and disk as pushed
+    run(host_b.delete(fork.name, force=True))
+    run(host_b.snapshot_delete("base"))
     nothing_imported(host_b)
 
 

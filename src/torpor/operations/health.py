@@ -36,7 +36,7 @@ from torpor.network import dns, firewall, host
 from torpor.operations import lifecycle, network, warm
 from torpor.operations.registry import Registry
 from torpor.operations.snapshots import AUTO_TAG, OWNER_TAG
-from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths
+from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths, SnapshotPaths
 
 TMP_SUFFIX = ".tmp"
 
@@ -83,7 +83,7 @@ class Problem(BaseModel):
     repaired: bool = False
 
 
-def _owner_alive(name: str) -> bool:
+def owner_alive(name: str) -> bool:
     """Whether the process named in `name`'s owner tag still runs (untagged: no)."""
     owner = parse_owner(name)
     return owner is not None and ProcessIdentity(pid=owner[0], start_time=owner[1]).is_alive()
@@ -105,8 +105,17 @@ def _debris(root: DataRoot) -> Iterator[Problem]:
         if not directory.is_dir():
             continue
         for entry in sorted(directory.iterdir()):
-            if entry.name.startswith(prefix) and not _owner_alive(entry.name):
-                yield Problem(kind=kind, path=str(entry), detail=detail)
+            if entry.name.startswith(prefix) and not owner_alive(entry.name):
+                yield Problem(kind=kind, path=str(entry), detail=_partial_pull(entry) or detail)
+
+
+def _partial_pull(staging: Path) -> str | None:
+    """What a snapshot staging directory left by a pull says (operations/remote.py)."""
+    try:
+        url = read_json(SnapshotPaths(staging).pull_mark)["url"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return f"a pull of {url} that did not finish: pulling it again resumes it"
 
 
 def _instances(root: DataRoot) -> Iterator[tuple[InstanceMetadata | None, InstancePaths]]:
@@ -209,7 +218,7 @@ def _snapshot_problems(root: DataRoot, dependents: dict[str, list[str]]) -> Iter
     for record in all_records(root):
         owner = record.tags.get(OWNER_TAG)
         if (record.tags.get(AUTO_TAG) and not dependents.get(record.id)
-                and not (owner and _owner_alive(f"@{owner}"))):
+                and not (owner and owner_alive(f"@{owner}"))):
             yield Problem(kind=Kind.ORPHANED_SNAPSHOT, path=str(root.snapshot(record.id).root),
                           detail=f"{record.name}: made for forks that never came to be")
 

@@ -11,6 +11,9 @@ visible until it is whole.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
 import re
 import secrets
 import shutil
@@ -32,7 +35,13 @@ from torpor.errors import (
     OperationFailed,
     Unsupported,
 )
-from torpor.fsutil import fsync_tree, owned_name
+from torpor.fsutil import (
+    OWNER_SEPARATOR,
+    atomic_write_json,
+    fsync_dir,
+    fsync_tree,
+    owned_name,
+)
 from torpor.hypervisor.accel import kvm_device_usable
 from torpor.hypervisor.vmconfig import DEFAULT_CPU_MODEL, MACHINE_TYPE
 from torpor.instances import observe
@@ -47,12 +56,15 @@ from torpor.instances.snapshotrecord import (
 )
 from torpor.machinestate.manifest import MACHINE_STATE, Manifest, rebind_memory_file
 from torpor.operations import snapshots
-from torpor.paths import DataRoot, InstancePaths
+from torpor.operations.health import owner_alive
+from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths, SnapshotPaths
 from torpor.remote import chunks, locks, transfer
 from torpor.remote.location import Location, parse_location, parse_snapshot_url
 from torpor.remote.manifest import BootFiles, HostNeeds, RemoteSnapshot
 from torpor.remote.store import NoSuchObject, ObjectStore
 from torpor.tasks import in_thread
+
+log = logging.getLogger(__name__)
 
 PULLED_FROM_TAG = "torpor.pulled-from"
 BOOT = "boot"  # the boot files' directory inside a pushed snapshot
@@ -276,6 +288,46 @@ def _verify_state(payload: InstancePaths) -> None:
     rebind_memory_file(payload.standby_dir, payload.memory_file)
 
 
+class PullMark(BaseModel):
+    """In a pull's staging directory: which remote snapshot it is downloading, so that a
+    pull of the same one after it failed or was killed resumes it."""
+
+    url: str
+    manifest: str  # sha256 of the manifest: the same name re-pushed is another snapshot
+
+
+def _adopt_partial(data_root: DataRoot, mark: PullMark, staging: SnapshotPaths) -> bool:
+    """A staging directory of an earlier pull of the same snapshot whose process is gone
+    (killed, or failed and let go of it), renamed into this pull's. False if none."""
+    if not data_root.snapshots_dir.is_dir():
+        return False
+    for entry in sorted(data_root.snapshots_dir.glob(f"{SNAPSHOT_STAGING_PREFIX}*")):
+        if owner_alive(entry.name) or _mark_of(entry) != mark:
+            continue
+        try:
+            os.rename(entry, staging.root)  # atomic: of two pulls, one takes it
+        except FileNotFoundError:
+            continue
+        fsync_dir(data_root.snapshots_dir)
+        return True
+    return False
+
+
+def _mark_of(staging_root: Path) -> PullMark | None:
+    try:
+        return PullMark.model_validate_json(SnapshotPaths(staging_root).pull_mark.read_bytes())
+    except (OSError, ValueError):
+        return None
+
+
+def _let_go(staging: SnapshotPaths) -> None:
+    """A failed pull's staging directory, renamed without its owner's tag: the next pull
+    of the same snapshot resumes it; `torpor check --repair` removes it."""
+    name, _, _ = staging.root.name.rpartition(OWNER_SEPARATOR)
+    os.rename(staging.root, staging.root.with_name(name))
+    fsync_dir(staging.root.parent)
+
+
 def _pull_blocking(data_root: DataRoot, settings: Settings, url: str, local_name: str | None,
                    stop: threading.Event) -> SnapshotRecord:
     location, name = parse_snapshot_url(url)
@@ -295,12 +347,20 @@ def _pull_blocking(data_root: DataRoot, settings: Settings, url: str, local_name
     snapshot_id = secrets.token_hex(6)
     staging = data_root.snapshot_staging(owned_name(snapshot_id))
     final = data_root.snapshot(snapshot_id).root
+    mark = PullMark(url=url, manifest=hashlib.sha256(remote.encode()).hexdigest())
+    resumed = _adopt_partial(data_root, mark, staging)
+    if not resumed:
+        staging.root.mkdir()
+        atomic_write_json(staging.pull_mark, mark.model_dump(mode="json"))
     try:
         image_dir = _install_boot(store, location, data_root, remote.boot, stop) \
             if remote.boot else None
         payload = staging.payload_instance()
         progress = observe.counter("download", sum(f.stored_bytes() for f in remote.files))
-        transfer.download(store, location, remote.files, payload.root, progress, stop=stop)
+        found = transfer.download(store, location, remote.files, payload.root, progress,
+                                  stop=stop, resume=resumed)
+        if found:
+            log.info("pull of %s resumed: %d chunks were here already", url, found)
         if image_dir is not None:
             _rebind_boot(payload, image_dir)
         _verify_state(payload)
@@ -308,11 +368,16 @@ def _pull_blocking(data_root: DataRoot, settings: Settings, url: str, local_name
         tags = validate_tags({**pushed.tags, PULLED_FROM_TAG: url[:256]})
         record = pushed.model_copy(update={"id": snapshot_id, "name": snapshot_name,
                                            "tags": tags, "compression_plan": None})
+        staging.pull_mark.unlink()
         fsync_tree(staging.root)
         save_record(staging, record)
         snapshots.publish(staging, final)
-    except BaseException:
-        snapshots.discard(staging, final)
+    except BaseException as exc:
+        # What was downloaded stays for the next pull, unless it cannot be trusted.
+        if isinstance(exc, IntegrityError) or final.exists() or not staging.root.exists():
+            snapshots.discard(staging, final)
+        else:
+            _let_go(staging)
         raise
     return record
 

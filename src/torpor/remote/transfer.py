@@ -168,16 +168,31 @@ def _listed_chunks(store: ObjectStore, location: Location) -> set[str] | None:
 
 def download(store: ObjectStore, location: Location, files: list[RemoteFile], into: Path,
              progress: Progress | None = None, workers: int = WORKERS,
-             stop: threading.Event | None = None) -> None:
-    """The files under `into` (which must not hold them yet), sparse: each chunk fetched,
-    checked against its hash and written at its offset. Not flushed (the caller does)."""
+             stop: threading.Event | None = None, *, resume: bool = False) -> int:
+    """The files under `into`, sparse: each chunk fetched, checked against its hash and
+    written at its offset. Not flushed (the caller does). `resume`: `into` may hold them
+    in part already (an earlier pull's, killed or failed): a chunk whose bytes are there,
+    by its hash, is not fetched again. Returns how many chunks were found there."""
     fds: list[int] = []
+    found = [0]
+    lock = threading.Lock()
+
+    def fetch(remote: RemoteFile, ref: ChunkRef, fd: int) -> None:
+        if resume and _already_there(fd, ref):
+            with lock:
+                found[0] += 1
+            if progress is not None:
+                progress(ref.length)
+            return
+        _fetch(store, location, remote, ref, fd, progress)
+
     try:
         targets = []
         for remote in files:
             target = _inside(into, remote.path)
             target.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | (0 if resume else os.O_EXCL)
+            fd = os.open(target, flags, 0o644)
             fds.append(fd)
             os.ftruncate(fd, remote.size)
             targets.append((remote, fd))
@@ -187,12 +202,19 @@ def download(store: ObjectStore, location: Location, files: list[RemoteFile], in
                 for remote, fd in targets:
                     for ref in remote.chunks:
                         bounded.submit(lambda r=remote, c=ref, fd=fd:  # type: ignore[misc]
-                                       _fetch(store, location, r, c, fd, progress))
+                                       fetch(r, c, fd))
             finally:
                 bounded.finish()
     finally:
         for fd in fds:
             os.close(fd)
+    return found[0]
+
+
+def _already_there(fd: int, ref: ChunkRef) -> bool:
+    """Whether the file holds the chunk's bytes at its offset (its hash says so)."""
+    data = os.pread(fd, ref.length, ref.offset)
+    return len(data) == ref.length and chunks.digest_of(data) == ref.digest
 
 
 def _fetch(store: ObjectStore, location: Location, remote: RemoteFile, ref: ChunkRef,
@@ -214,6 +236,7 @@ def _fetch(store: ObjectStore, location: Location, remote: RemoteFile, ref: Chun
         if written <= 0:
             raise OperationFailed(f"{remote.path}: short write")
         view = view[written:]
+    faults.point("pull.fetched")
     if progress is not None:
         progress(ref.length)
 
