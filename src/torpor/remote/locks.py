@@ -77,7 +77,7 @@ def held(store: ObjectStore, location: Location, kind: Kind) -> Iterator[None]:
         _refuse_if_excluded(store, location, key, kind)
         stop = threading.Event()
         beat = threading.Thread(target=_heartbeat, args=(store, key, body, stop),
-                                name="torpor-remote-lock", daemon=True)
+                                name="torpor-remote-lock")
         beat.start()
         try:
             yield
