@@ -373,8 +373,10 @@ def _pull_blocking(data_root: DataRoot, settings: Settings, url: str, local_name
         save_record(staging, record)
         snapshots.publish(staging, final)
     except BaseException as exc:
-        # What was downloaded stays for the next pull, unless it cannot be trusted.
-        if isinstance(exc, IntegrityError) or final.exists() or not staging.root.exists():
+        # What was downloaded stays for the next pull, unless it cannot be trusted (or
+        # the pull had got past it: no mark, nothing a next pull would take up).
+        if (isinstance(exc, IntegrityError) or final.exists()
+                or not staging.pull_mark.exists()):
             snapshots.discard(staging, final)
         else:
             _let_go(staging)
