@@ -99,7 +99,7 @@ def test_standby_saves_device_state_only_and_releases_the_ram(
     # Read back and mapped into QEMU before the restore returned (hypervisor/guestram.py):
     # the guest's first touches of its data take no page faults.
     assert info.pid is not None and info.last_operation is not None
-    assert "map-in" in info.last_operation.phases
+    assert "read-back" in info.last_operation.phases
     allocated = paths.memory_file.stat().st_blocks * 512
     assert mapped_bytes(info.pid, paths.memory_file) >= 0.95 * allocated
     assert sh(manager, filevm, MARKS) == marks
