@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -91,6 +92,17 @@ def read_marks(manager: InstanceManager, name: str) -> str:
 
 
 _counter = iter(range(10_000))
+
+
+def mapped_bytes(pid: int, path: Path) -> int:
+    """Resident bytes of process `pid`'s mapping of `path` (its smaps Rss)."""
+    found, rss = False, 0
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's first line
+            found = line.split(maxsplit=5)[-1] == str(path)
+        elif found and line.startswith("Rss:"):
+            rss += int(line.split()[1]) << 10
+    return rss
 
 
 @pytest.fixture

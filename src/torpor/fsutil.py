@@ -78,6 +78,13 @@ def read_proc_stat(pid: int) -> tuple[str, int] | None:
     return fields[0], int(fields[19])
 
 
+def process_alive(pid: int, start_time: int) -> bool:
+    """True while that process (pid and start time: not a reuse of the pid) exists and
+    has not exited (zombies count as gone)."""
+    stat = read_proc_stat(pid)
+    return stat is not None and stat[1] == start_time and stat[0] not in ("Z", "X")
+
+
 def owner_tag() -> str:
     """`<pid>-<start time>` of this process. Put at the end of a temporary file or
     directory's name (after `@`), it lets a sweep tell a dead process's debris from work

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EMPTY_MD5, run, sh
+from tests.conftest import EMPTY_MD5, mapped_bytes, run, sh
 from torpor import faults
 from torpor.codec import Codec
 from torpor.errors import IntegrityError, OperationFailed
@@ -51,17 +50,6 @@ def resident_bytes(path: Path) -> int:
     out = subprocess.run(["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
                          capture_output=True, text=True, check=True).stdout
     return int(out.strip())
-
-
-def mapped_bytes(pid: int, path: Path) -> int:
-    """Resident bytes of process `pid`'s mapping of `path` (its smaps Rss)."""
-    found, rss = False, 0
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):  # a mapping's first line
-            found = line.split(maxsplit=5)[-1] == str(path)
-        elif found and line.startswith("Rss:"):
-            rss += int(line.split()[1]) << 10
-    return rss
 
 
 def file_hash(path: Path) -> str:

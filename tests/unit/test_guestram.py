@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -10,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import mapped_bytes
 from torpor.hypervisor import guestram
 
 MIB = 1 << 20
@@ -20,16 +20,6 @@ m = mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ)
 print("mapped", flush=True)
 sys.stdin.read()
 """
-
-
-def mapped_bytes(pid: int, path: Path) -> int:
-    found, rss = False, 0
-    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
-        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
-            found = line.split(maxsplit=5)[-1] == str(path)
-        elif found and line.startswith("Rss:"):
-            rss += int(line.split()[1]) << 10
-    return rss
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from torpor.errors import OperationFailed
-from torpor.fsutil import read_proc_stat
+from torpor.fsutil import process_alive, read_proc_stat
 from torpor.hypervisor.vmconfig import VMConfig, identity_fifos, render_argv
 from torpor.paths import UNIX_PATH_MAX
 
@@ -52,8 +52,7 @@ class ProcessIdentity(BaseModel):
 
     def is_alive(self) -> bool:
         """True while the same process exists and has not exited (zombies count as gone)."""
-        stat = read_proc_stat(self.pid)
-        return stat is not None and stat[1] == self.start_time and stat[0] not in ("Z", "X")
+        return process_alive(self.pid, self.start_time)
 
     def open_pidfd(self) -> int | None:
         """A pidfd for exactly this process, or None if it is gone."""

@@ -32,7 +32,7 @@ from typing import Literal
 from pydantic import BaseModel, ValidationError
 
 from torpor.errors import Busy, TorporError
-from torpor.fsutil import read_proc_stat
+from torpor.fsutil import process_alive, read_proc_stat
 from torpor.remote.location import Location
 from torpor.remote.store import NoSuchObject, ObjectStore
 
@@ -56,10 +56,7 @@ class LockRecord(BaseModel):
 
     def alive_here(self) -> bool:
         """False only when it was written on this host by a process that is gone."""
-        if self.host != socket.gethostname():
-            return True
-        stat = read_proc_stat(self.pid)
-        return stat is not None and stat[1] == self.start_time and stat[0] not in ("Z", "X")
+        return self.host != socket.gethostname() or process_alive(self.pid, self.start_time)
 
 
 @contextlib.contextmanager
