@@ -42,6 +42,9 @@ def test_a_guest_gives_freed_memory_back_and_its_standby_state_stays_small(
     try:
         run(manager.start(fresh_name))
         assert run(manager.get(fresh_name)).pid is not None
+        # The initrd shrank the guest's per-CPU free lists (pages there are never reported)
+        assert sh(manager, fresh_name,
+                  "cat /proc/sys/vm/percpu_pagelist_high_fraction").strip() == "1000000"
         booted_state = state_bytes(manager, fresh_name)
         pid = run(manager.get(fresh_name)).pid
         assert pid is not None
@@ -56,10 +59,11 @@ def test_a_guest_gives_freed_memory_back_and_its_standby_state_stays_small(
             assert time.monotonic() < deadline, (before_fill, rss_mib(pid))
             time.sleep(0.5)
         after = state_bytes(manager, fresh_name)
-        # Freed pieces down to 128 KiB are reported (the initrd sets the order): none of
-        # the freed data is left to save. Measured: -2.4 MiB; +2.6 MiB with 2 MiB blocks.
+        # Freed pieces down to 128 KiB are reported (the initrd sets the order and keeps
+        # the per-CPU lists small): none of the freed data is left to save. Measured:
+        # -2.4 MiB; +2.6 MiB with 2 MiB blocks.
         print("state before, after:", booted_state, after)
-        assert after <= booted_state + (1 << 19), (booted_state, after)
+        assert after <= booted_state, (booted_state, after)
         assert run(manager.get(fresh_name)).pid != pid  # it was standby + restore
     finally:
         run(manager.delete(fresh_name, force=True))
