@@ -14,10 +14,10 @@ from torpor.instances.context import Settings
 from torpor.manager import InstanceManager
 
 
-def scratch_manager(prefix: str) -> tuple[Path, InstanceManager]:
-    """A fresh work directory under /var/tmp (the caller removes it) and a manager on its
+def scratch_manager(prefix: str, parent: str = "/var/tmp") -> tuple[Path, InstanceManager]:
+    """A fresh work directory under `parent` (the caller removes it) and a manager on its
     data root, with the accelerator from $TORPOR_ACCEL (default: auto)."""
-    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     accel = os.environ.get("TORPOR_ACCEL", "auto")
     return workdir, InstanceManager(workdir / "data", Settings(accel=accel))  # type: ignore[arg-type]
 

@@ -6,21 +6,35 @@ running copies (each restored, with its own identity, agent answering). Then the
 memory of the 4 idle forks (PSS of their QEMU processes, which share the snapshot's RAM
 file in the page cache) against one idle guest with anonymous RAM.
 
-    .venv/bin/python -m bench.fork_bench [--runs 3] [--count 4]
+Both are timed as calls (wall time, what a user waits for), and the restore's own
+`restore_to_agent` phase is shown too. The CPU columns are what the QEMU processes used
+up to that point (their threads' run time, /proc/PID/task/*/schedstat) and torpor's own
+(this process): on a host with fewer cores than forks, (CPU of the fork) / cores is a
+floor under its wall time whatever torpor does.
+
+    .venv/bin/python -m bench.fork_bench [--runs 3] [--count 4] [--dir /var/tmp]
+
+`--dir`: where the scratch data root goes; a filesystem with reflink (XFS, btrfs) makes
+the fork's base snapshot and copies clones instead of copies.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import shutil
 import statistics
 import time
+from collections.abc import Awaitable
 from pathlib import Path
+from typing import TypeVar
 
 from bench.common import scratch_manager
 from torpor.manager import InstanceManager
 from torpor.units import format_size
+
+T = TypeVar("T")
 
 
 def pss_bytes(pid: int) -> int:
@@ -29,6 +43,22 @@ def pss_bytes(pid: int) -> int:
         if line.startswith("Pss:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError(f"no Pss for {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time all of a process's threads have run (schedstat: ns, not clock ticks)."""
+    tasks = Path(f"/proc/{pid}/task")
+    return sum(int((task / "schedstat").read_text().split()[0])
+               for task in tasks.iterdir()) / 1e9
+
+
+async def qemu_cpu(mgr: InstanceManager, names: list[str]) -> float:
+    total = 0.0
+    for name in names:
+        pid = (await mgr.get(name)).pid
+        assert pid is not None
+        total += cpu_seconds(pid)
+    return total
 
 
 async def settle(mgr: InstanceManager, names: list[str]) -> int:
@@ -42,29 +72,50 @@ async def settle(mgr: InstanceManager, names: list[str]) -> int:
     return total
 
 
+class Sample:
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.qemu_cpu: list[float] = []
+        self.own_cpu: list[float] = []
+
+
+async def timed(sample: Sample, call: Awaitable[T]) -> T:
+    start, own = time.monotonic(), time.process_time()
+    result = await call
+    sample.wall.append(time.monotonic() - start)
+    sample.own_cpu.append(time.process_time() - own)
+    return result
+
+
+def row(what: str, values: list[float]) -> str:
+    return (f"{what:46} {statistics.median(values):9.3f}  "
+            + " ".join(f"{v:.3f}" for v in values))
+
+
 async def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--count", type=int, default=4)
+    parser.add_argument("--dir", default="/var/tmp", help="parent of the scratch data root")
     args = parser.parse_args()
-    workdir, mgr = scratch_manager("tp-forkbench-")
+    workdir, mgr = scratch_manager("tp-forkbench-", args.dir)
+    restore, fork, to_agent = Sample(), Sample(), []
     try:
         await mgr.create("src", memory_backing="file")
         await mgr.create("anon")
         await mgr.start("src")
         await mgr.standby("src")
-        restores, forks = [], []
         for _ in range(args.runs):
-            info = await mgr.restore("src")
+            info = await timed(restore, mgr.restore("src"))
             assert info.last_operation is not None
-            restores.append(info.last_operation.phases["restore_to_agent"])
+            to_agent.append(info.last_operation.phases["restore_to_agent"])
+            restore.qemu_cpu.append(await qemu_cpu(mgr, ["src"]))
             await mgr.standby("src")
-            start = time.monotonic()
-            made = await mgr.fork("src", "fork", count=args.count)
-            forks.append(time.monotonic() - start)
+            made = await timed(fork, mgr.fork("src", "fork", count=args.count))
             names = [f.name for f in made]
-            if len(forks) == args.runs:
+            fork.qemu_cpu.append(await qemu_cpu(mgr, names))
+            if len(fork.wall) == args.runs:
                 fork_pss = await settle(mgr, names)
             for name in names:
                 await mgr.delete(name, force=True)
@@ -74,13 +125,22 @@ async def main() -> int:
         for info in await mgr.list_all():
             await mgr.delete(info.name, force=True)
         shutil.rmtree(workdir, ignore_errors=True)
-    restore, fork = statistics.median(restores), statistics.median(forks)
-    print(f"{'what':44} {'median s':>9}  runs")
-    print(f"{'one restore of the standby guest (to agent)':44} {restore:9.3f}  "
-          + " ".join(f"{r:.3f}" for r in restores))
-    print(f"{f'fork standby guest into {args.count} running copies':44} {fork:9.3f}  "
-          + " ".join(f"{f:.3f}" for f in forks))
-    print(f"ratio fork/restore: {fork / restore:.2f}x")
+    cores = os.cpu_count() or 1
+    one, many = statistics.median(restore.wall), statistics.median(fork.wall)
+    print(f"data root under {args.dir}; {cores} cores\n")
+    print(f"{'what':46} {'median s':>9}  runs")
+    print(row("one restore of the standby guest (call)", restore.wall))
+    print(row("  its restore_to_agent phase", to_agent))
+    print(row(f"fork standby guest into {args.count} running copies (call)", fork.wall))
+    print(row("CPU: the restored QEMU", restore.qemu_cpu))
+    print(row("CPU: torpor, for the restore", restore.own_cpu))
+    print(row(f"CPU: the {args.count} forks' QEMUs", fork.qemu_cpu))
+    print(row("CPU: torpor, for the fork", fork.own_cpu))
+    floor = [(q + o) / cores for q, o in zip(fork.qemu_cpu, fork.own_cpu, strict=True)]
+    print(row(f"fork's CPU / {cores} cores (a floor on its wall time)", floor))
+    print(f"\nratio fork/restore: {many / one:.2f}x (calls); "
+          f"{many / statistics.median(to_agent):.2f}x against restore_to_agent; "
+          f"the CPU floor alone is {statistics.median(floor) / one:.2f}x")
     print(f"\nPSS of {args.count} idle forks: {format_size(fork_pss)}; one idle guest "
           f"(anonymous RAM): {format_size(one_pss)}; ratio {fork_pss / one_pss:.2f}x "
           f"(vs {args.count}x if nothing were shared)")
