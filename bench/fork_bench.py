@@ -52,24 +52,20 @@ def cpu_seconds(pid: int) -> float:
                for task in tasks.iterdir()) / 1e9
 
 
+async def qemu_pids(mgr: InstanceManager, names: list[str]) -> list[int]:
+    pids = [(await mgr.get(name)).pid for name in names]
+    assert None not in pids
+    return [pid for pid in pids if pid is not None]
+
+
 async def qemu_cpu(mgr: InstanceManager, names: list[str]) -> float:
-    total = 0.0
-    for name in names:
-        pid = (await mgr.get(name)).pid
-        assert pid is not None
-        total += cpu_seconds(pid)
-    return total
+    return sum(cpu_seconds(pid) for pid in await qemu_pids(mgr, names))
 
 
 async def settle(mgr: InstanceManager, names: list[str]) -> int:
     """Total PSS of the instances' QEMU processes once they have idled a moment."""
     await asyncio.sleep(2)
-    total = 0
-    for name in names:
-        pid = (await mgr.get(name)).pid
-        assert pid is not None
-        total += pss_bytes(pid)
-    return total
+    return sum(pss_bytes(pid) for pid in await qemu_pids(mgr, names))
 
 
 class Sample:
