@@ -83,7 +83,8 @@ order=/sys/module/page_reporting/parameters/page_reporting_order
 # of the buddy allocator, so they are never reported, and their old data was saved by every
 # standby (two 2 GiB guests that wrote and freed 512 MiB: state 1.017x before the fill
 # with the default, 0.973x with this).
-echo 1000000 > /proc/sys/vm/percpu_pagelist_high_fraction
+pcp=/proc/sys/vm/percpu_pagelist_high_fraction
+[ -w $pcp ] && echo 1000000 > $pcp
 i=0
 while [ ! -b /dev/vda ] && [ $i -lt 200 ]; do /bin/busybox usleep 10000; i=$((i+1)); done
 /bin/busybox mount -t ext4 -o rw /dev/vda /newroot || { echo "torpor-initrd: cannot mount /dev/vda"; exec /bin/busybox sh; }
