@@ -14,6 +14,14 @@ from torpor.instances.context import Settings
 from torpor.manager import InstanceManager
 
 
+def pss_bytes(pid: int) -> int:
+    """A process's proportional set size: pages shared by n processes count 1/n each."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no Pss for process {pid}")
+
+
 def scratch_manager(prefix: str, parent: str = "/var/tmp") -> tuple[Path, InstanceManager]:
     """A fresh work directory under `parent` (the caller removes it) and a manager on its
     data root, with the accelerator from $TORPOR_ACCEL (default: auto)."""

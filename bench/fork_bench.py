@@ -30,19 +30,11 @@ from collections.abc import Awaitable
 from pathlib import Path
 from typing import TypeVar
 
-from bench.common import scratch_manager
+from bench.common import pss_bytes, scratch_manager
 from torpor.manager import InstanceManager
 from torpor.units import format_size
 
 T = TypeVar("T")
-
-
-def pss_bytes(pid: int) -> int:
-    """Proportional set size: shared pages count 1/n towards each of n sharers."""
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no Pss for {pid}")
 
 
 def cpu_seconds(pid: int) -> float:

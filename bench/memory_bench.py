@@ -15,9 +15,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from pathlib import Path
 
-from bench.common import remove_work, scratch_manager
+from bench.common import pss_bytes, remove_work, scratch_manager
 from torpor.manager import InstanceManager
 from torpor.units import parse_size
 
@@ -25,10 +24,7 @@ SETTLE = 20.0  # s after the free: the guest reports freed blocks after ~2 s, in
 
 
 def pss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
-        if line.startswith("Pss:"):
-            return int(line.split()[1]) / 1024
-    raise SystemExit(f"no Pss for {pid}")
+    return pss_bytes(pid) / (1 << 20)
 
 
 def state_mib(manager: InstanceManager, name: str) -> float:
