@@ -22,13 +22,10 @@ data in guest tmpfs) it measures, on the same running guest in the same run:
                        and `virsh restore`; libvirt is installed and started if missing
 
 torpor's anonymous-RAM methods and exec:cat take turns on the guest, in a random order each run.
-Before every restore, of every method, the bench waits 3 s (the host hands memory freed
-~2 s earlier back to its hypervisor) and then warms up as much memory as the largest
-guest's RAM (touched and freed): on such a host, whether a restore gets memory the
-hypervisor still backs decides more than the method does (bench/hostmem.py), and a
-restore right after a standby met memory in whatever state the previous cycle left it
-(raw restores of one 2 GiB guest 0.44-0.85 s warmed at once, 0.56-0.64 s settled).
-`--host-memory warm` warms at once, `as-is` does neither.
+Before every restore, of every method, the host memory it will allocate is warmed up
+(touched and freed; `--host-memory as-is` skips that): on a VM host that hands free memory
+back to its hypervisor, whether a restore gets memory the hypervisor still backs decides
+more than the method does (bench/hostmem.py).
 Columns: paused window (pause → QEMU exited), standby total, restore to running (QEMU
 resumed), restore to agent-responsive, time for the guest to read back its data after
 restore (half guests), host page cache the standby left resident (the RAM file in file
@@ -36,7 +33,7 @@ mode), state size; ratios against both baselines. A last table: guest memory-wri
 throughput with anonymous vs file-backed RAM (the cost of file mode while running).
 
     .venv/bin/python -m bench.standby_bench [--sizes 512M,2G,4G] [--kinds idle,half]
-        [--runs N] [--host-memory settled|warm|as-is] [--no-libvirt]
+        [--runs N] [--host-memory warm|as-is] [--no-libvirt]
 """
 
 from __future__ import annotations
@@ -104,24 +101,12 @@ Prepare = Callable[[int], None]  # run right before a measured restore, given it
 WARM_UP_MARGIN = 128 << 20  # QEMU's own allocations, pipe and codec buffers
 
 
-HOST_SETTLE = 3.0  # s: past the ~2 s after which the host hands freed memory back
-
-
-def prepare_host_memory(mode: str, largest_guest: int) -> Prepare:
-    """What runs before every restore, of every method (bench/hostmem.py says why):
-    `settled`, wait until the host has handed back what the standby freed, then warm up
-    as much memory as the largest guest's RAM, so that every restore meets the same host
-    memory whatever ran before it (as a restore long after its standby does); `warm`, at
-    once warm up as much as the state holds; `as-is`, nothing."""
-    if mode == "as-is":
+def prepare_host_memory(warm: bool) -> Prepare:
+    """What runs before every restore, of every method: nothing, or a warm-up of the host
+    memory the restore is about to allocate (bench/hostmem.py says why)."""
+    if not warm:
         return lambda state_bytes: None
-    if mode == "warm":
-        return lambda state_bytes: warm_up(state_bytes + WARM_UP_MARGIN)
-
-    def settle_then_warm(_state_bytes: int) -> None:
-        time.sleep(HOST_SETTLE)
-        warm_up(largest_guest + 2 * WARM_UP_MARGIN)
-    return settle_then_warm
+    return lambda state_bytes: warm_up(state_bytes + WARM_UP_MARGIN)
 
 
 async def torpor_cycle(mgr: InstanceManager, name: str, kind: str,
@@ -353,14 +338,12 @@ async def main() -> int:
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--no-libvirt", action="store_true", help="skip the virsh baseline")
     parser.add_argument(
-        "--host-memory", choices=("settled", "warm", "as-is"), default="settled",
-        help="settled (default): before every restore, of every method, wait until the host"
-             " has handed freed memory back, then touch and free as much as the largest"
-             " guest's RAM; warm: touch and free as much as the state holds, at once;"
-             " as-is: restore at once, on whatever memory the host gives")
+        "--host-memory", choices=("warm", "as-is"), default="warm",
+        help="warm (default): before every restore, of every method, touch and free as much"
+             " memory as it will allocate, so that none waits for a hypervisor to back"
+             " memory again; as-is: restore at once, on whatever memory the host gives")
     args = parser.parse_args()
-    prepare = prepare_host_memory(
-        args.host_memory, max(parse_size(size, "M") for size in args.sizes.split(",")))
+    prepare = prepare_host_memory(args.host_memory == "warm")
     print(f"host memory: {args.host_memory}; this host "
           f"{'hands' if reports_free_pages() else 'does not hand'} free memory back to a"
           " hypervisor (virtio-balloon free page reporting)", flush=True)
