@@ -61,7 +61,7 @@ def test_a_guest_gives_freed_memory_back_and_its_standby_state_stays_small(
         after = state_bytes(manager, fresh_name)
         # Freed pieces down to 128 KiB are reported (the initrd sets the order and keeps
         # the per-CPU lists small): none of the freed data is left to save. Measured:
-        # -2.4 MiB; +2.6 MiB with 2 MiB blocks.
+        # -3.6 MiB (-2.4 with the default per-CPU lists, +2.6 with 2 MiB blocks as well).
         print("state before, after:", booted_state, after)
         assert after <= booted_state, (booted_state, after)
         assert run(manager.get(fresh_name)).pid != pid  # it was standby + restore
