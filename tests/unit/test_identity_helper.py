@@ -90,7 +90,7 @@ def exchange(helper: Path, requests: list[bytes], replies: int, *, setup: str = 
     tty.setraw(slave)
     port = os.ttyname(slave)
     scratch = helper.parent / "hostname"
-    scratch.write_text("host\n")
+    scratch.write_text("an-old-name-longer-than-the-new\n")  # the rewrite must cut it
     script = (f"mount --bind {scratch} /etc/hostname\n{setup}\n{helper} {port} & pid=$!\n"
               f"read -r _\n{after}\nkill $pid")
     proc = subprocess.Popen(["unshare", "--uts", "--net", "--mount", "sh", "-c", script],

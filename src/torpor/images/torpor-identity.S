@@ -14,7 +14,7 @@
 #    16  struct timespec: clock_settime(CLOCK_REALTIME)   24  the guest's timespec before
 #    32  struct ifreq: ioctl(SIOCSIFHWADDR) (name, ARPHRD_ETHER, the MAC)
 #    72  u64 hostname length, 80 hostname[64] (a newline after it): sethostname, and
-#        /etc/hostname rewritten where /etc is writable
+#        /etc/hostname overwritten and cut to length where /etc is writable
 #   144  32 bytes written into /dev/urandom, then ioctl(RNDRESEEDCRNG): the crng rekeyed
 #
 # The guest has no compiler, so build-guest.sh writes the assembled bytes with printf;
@@ -29,6 +29,7 @@
         .set SYS_write, 1
         .set SYS_open, 2
         .set SYS_close, 3
+        .set SYS_ftruncate, 77
         .set SYS_ioctl, 16
         .set SYS_socket, 41
         .set SYS_exit, 60
@@ -99,9 +100,9 @@ fill:   xor eax, eax                    # read(port, request + got, REQUEST - go
         js answer
         mov eax, SYS_open               # and /etc/hostname, where /etc is writable
         lea rdi, [rip + etc_hostname]
-        mov esi, 0x241                  # O_WRONLY | O_CREAT | O_TRUNC
-        mov edx, 0x1a4                  # 0644
-        syscall
+        mov esi, 0x41                   # O_WRONLY | O_CREAT; no O_TRUNC: ext4 writes out a
+        mov edx, 0x1a4                  # file cut to 0 as it closes (auto_da_alloc), ~15 ms
+        syscall                         # of a fork under TCG; overwritten, then cut below
         test eax, eax
         js 2f
         mov ebp, eax
@@ -110,6 +111,11 @@ fill:   xor eax, eax                    # read(port, request + got, REQUEST - go
         lea rsi, [rip + request + 80]
         mov rdx, [rip + request + 72]
         inc rdx
+        syscall
+        mov eax, SYS_ftruncate          # what a longer old name left after them
+        mov edi, ebp
+        mov rsi, [rip + request + 72]
+        inc rsi
         syscall
         mov eax, SYS_close
         mov edi, ebp
