@@ -27,6 +27,7 @@ import shutil
 import statistics
 import time
 from collections.abc import Awaitable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -60,11 +61,13 @@ async def settle(mgr: InstanceManager, names: list[str]) -> int:
     return sum(pss_bytes(pid) for pid in await qemu_pids(mgr, names))
 
 
+@dataclass
 class Sample:
-    def __init__(self) -> None:
-        self.wall: list[float] = []
-        self.qemu_cpu: list[float] = []
-        self.own_cpu: list[float] = []
+    """One kind of call's runs: wall seconds, its QEMUs' CPU seconds, torpor's own."""
+
+    wall: list[float] = field(default_factory=list)
+    qemu_cpu: list[float] = field(default_factory=list)
+    own_cpu: list[float] = field(default_factory=list)
 
 
 async def timed(sample: Sample, call: Awaitable[T]) -> T:
