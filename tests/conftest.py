@@ -18,6 +18,7 @@ from typing import Any, TypeVar
 import pytest
 
 from torpor.images.builtin import GuestImage, ensure_builtin_image
+from torpor.instances import InstanceState
 from torpor.instances.context import Settings
 from torpor.manager import InstanceManager
 
@@ -54,6 +55,19 @@ def booted(manager: InstanceManager, name: str, memory: int = 512 << 20) -> Iter
     run(manager.start(name))
     yield name
     run(manager.delete(name, force=True))
+
+
+def running(manager: InstanceManager, name: str) -> str:
+    """`name` running again, whatever state an earlier (failed) test left it in."""
+    state = run(manager.get(name)).state
+    if state is InstanceState.STANDBY:
+        run(manager.restore(name))
+    elif state is InstanceState.PAUSED:
+        run(manager.resume(name))
+    elif state is not InstanceState.RUNNING:
+        run(manager.start(name))
+    assert run(manager.get(name)).state is InstanceState.RUNNING
+    return name
 
 
 @pytest.fixture(scope="session")

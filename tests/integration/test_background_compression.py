@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EMPTY_MD5, booted, run, sh
+from tests.conftest import EMPTY_MD5, booted, run, running, sh
 from torpor.codec import Codec
 from torpor.fsutil import read_json
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
@@ -30,8 +30,14 @@ pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="module")
-def vm(manager: InstanceManager) -> Iterator[str]:
+def booted_vm(manager: InstanceManager) -> Iterator[str]:
     yield from booted(manager, "bg")
+
+
+@pytest.fixture
+def vm(manager: InstanceManager, booted_vm: str) -> str:
+    """Running at each test's start, whatever a failed test before it left."""
+    return running(manager, booted_vm)
 
 
 def throttled(manager: InstanceManager, rate: int) -> InstanceManager:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EMPTY_MD5, booted, run, sh, torpor_cli
+from tests.conftest import EMPTY_MD5, booted, run, running, sh, torpor_cli
 from torpor import faults
 from torpor.codec import Codec
 from torpor.errors import WrongState
@@ -42,8 +42,14 @@ ACTIONS = ("error", "kill")
 
 
 @pytest.fixture(scope="module")
-def fm(manager: InstanceManager) -> Iterator[str]:
+def booted_fm(manager: InstanceManager) -> Iterator[str]:
     yield from booted(manager, "fm", memory=256 << 20)
+
+
+@pytest.fixture
+def fm(manager: InstanceManager, booted_fm: str) -> str:
+    """Running at each test's start, whatever a failed test before it left."""
+    return running(manager, booted_fm)
 
 
 def plant(manager: InstanceManager, name: str) -> dict[str, str]:
@@ -97,15 +103,6 @@ def settle(manager: InstanceManager, action: str, case: str = "") -> None:
     print(f"OUTCOME | {case} | {action} | {states} | {', '.join(repaired) or '-'}")
 
 
-def running_again(manager: InstanceManager, name: str) -> None:
-    state = run(manager.get(name)).state
-    if state is InstanceState.STANDBY:
-        run(manager.restore(name))
-    elif state in (InstanceState.CRASHED, InstanceState.STOPPED):
-        run(manager.start(name))
-    assert run(manager.get(name)).state is InstanceState.RUNNING
-
-
 def wait_for_job(manager: InstanceManager, name: str, timeout: float = 60) -> None:
     """Until the instance's worker has exited (it holds the job lock from its launch on;
     whatever it records, it records before it exits)."""
@@ -136,7 +133,7 @@ def test_standby(manager: InstanceManager, data_root: Path, fm: str, point: str,
     planted = plant(manager, fm)
     faulted(data_root, point, action, "standby", fm)
     settle(manager, action, point)
-    running_again(manager, fm)
+    running(manager, fm)
     verify(manager, fm, planted)
 
 
@@ -158,7 +155,7 @@ def test_auto_standby_compressing_after_the_window(manager: InstanceManager, dat
         assert f"stays uncompressed: injected fault at {point}" in result.stderr
     assert run(manager.get(fm)).state is InstanceState.STANDBY
     settle(manager, action, f"auto standby, {point}")
-    running_again(manager, fm)
+    running(manager, fm)
     verify(manager, fm, planted)
 
 @pytest.mark.parametrize("action", ACTIONS)
@@ -169,7 +166,7 @@ def test_restore(manager: InstanceManager, data_root: Path, fm: str, point: str,
     run(manager.standby(fm))
     faulted(data_root, point, action, "restore", fm)
     settle(manager, action, point)
-    running_again(manager, fm)
+    running(manager, fm)
     verify(manager, fm, planted)
     # The consumed state is never loaded again: whatever the fault, the VM now runs
     # its newest state and a stop leaves it stopped, not "in standby" with old RAM.
@@ -183,7 +180,7 @@ def test_snapshot(manager: InstanceManager, data_root: Path, fm: str, point: str
     planted = plant(manager, fm)
     faulted(data_root, point, action, "snapshot", "create", fm, "--name", "sf")
     settle(manager, action, point)
-    running_again(manager, fm)
+    running(manager, fm)
     verify(manager, fm, planted)
     snaps = manager.snapshot_list(fm)
     if action == "error":
@@ -202,12 +199,12 @@ def test_fork(manager: InstanceManager, data_root: Path, fm: str, point: str,
     planted = plant(manager, fm)
     faulted(data_root, point, action, "fork", fm, "fk")
     settle(manager, action, point)
-    running_again(manager, fm)
+    running(manager, fm)
     verify(manager, fm, planted)
     if action == "error":
         assert "fk" not in manager.instance_names()  # all or nothing
     if "fk" in manager.instance_names():  # a kill leaves the fork whole: it must run
-        running_again(manager, "fk")
+        running(manager, "fk")
         verify(manager, "fk", planted)
         run(manager.delete("fk", force=True))
     assert manager.snapshot_list() == []  # the temporary snapshot is gone either way
@@ -246,7 +243,7 @@ def test_compression_job(manager: InstanceManager, data_root: Path, fm: str, poi
     assert run(manager.check()) == []
     print(f"OUTCOME | {point} | {action} | compression {shown.state} |"
           f" {', '.join(repaired) or '-'}")
-    running_again(manager, fm)
+    running(manager, fm)
     verify(manager, fm, planted)
 
 
@@ -273,7 +270,7 @@ def test_qemu_dies_mid_save(manager: InstanceManager, data_root: Path, fm: str,
     problems = run(manager.check(repair=True))  # a crashed QEMU: cleared, disk kept
     assert "crashed" in {p.kind for p in problems}
     assert all(p.repaired for p in problems), problems
-    running_again(manager, fm)
+    running(manager, fm)
     verify(manager, fm, planted, ram_kept=False)
 
 
@@ -286,7 +283,7 @@ def test_qemu_dies_mid_load(manager: InstanceManager, data_root: Path, fm: str) 
     assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1
     assert run(manager.get(fm)).state is InstanceState.STANDBY  # the state is kept
     assert run(manager.check()) == []
-    running_again(manager, fm)
+    running(manager, fm)
     verify(manager, fm, planted)
 
 

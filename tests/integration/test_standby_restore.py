@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import EMPTY_MD5, booted, run, sh, torpor_cli
+from tests.conftest import EMPTY_MD5, booted, run, running, sh, torpor_cli
 from torpor import faults
 from torpor.codec import Codec, checksum_file
 from torpor.errors import IntegrityError, OperationFailed, WrongState
@@ -38,9 +38,15 @@ pytestmark = pytest.mark.qemu
 
 
 @pytest.fixture(scope="module")
-def vm(manager: InstanceManager) -> Iterator[str]:
+def booted_vm(manager: InstanceManager) -> Iterator[str]:
     """One guest for the module: standby/restore cycles leave it running."""
     yield from booted(manager, "sr")
+
+
+@pytest.fixture
+def vm(manager: InstanceManager, booted_vm: str) -> str:
+    """Running at each test's start, whatever a failed test before it left."""
+    return running(manager, booted_vm)
 
 
 def fill_guest(manager: InstanceManager, name: str, ram_mib: int = 24) -> dict[str, str]:

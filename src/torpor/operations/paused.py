@@ -40,6 +40,7 @@ class PausedWindow:
         self.stopped_by_migration = stopped_by_migration
         self.was_running = False
         self._paused_at: float | None = None
+        self._opened_wall = 0.0  # time.time() at _paused_at: QEMU stamps STOP by the wall clock
         # Held for the pause only: the agent attached (qemu-ga takes one client at a
         # time), and QEMU's STOP events where the migration stops the VM.
         self._agent = contextlib.AsyncExitStack()
@@ -56,7 +57,7 @@ class PausedWindow:
             # The caller's migration stops the VM itself, once it has set up: the window
             # counts from QEMU's STOP event (its vCPUs paused), the guest ran until then.
             self._stops = self._agent.enter_context(self.mon.stop_events())
-            self._paused_at = time.monotonic()
+            self._paused_at, self._opened_wall = time.monotonic(), time.time()
             return
         self._paused_at = time.monotonic()
         with self.op.phase("pause"):
@@ -68,6 +69,8 @@ class PausedWindow:
             stopped = None if self._stops is None else self._stops.stopped_at()
             if stopped is not None:  # (never more than counted from before the migration)
                 window = min(window, max(0.0, time.time() - stopped))
+                # The guest ran this long into the migration before QEMU stopped it.
+                self.op.add("ran_into_migration", max(0.0, stopped - self._opened_wall))
             self.op.add("paused_window", window)
             self._paused_at = None
         await self._agent.aclose()
