@@ -1,16 +1,17 @@
 """The libvirt baseline: the same guest as a libvirt domain, saved and restored with
 `virsh save` / `virsh restore`. Installs libvirt from Debian and starts its daemons
-(virtlogd before libvirtd) when they are not there yet."""
+(virtlogd before libvirtd) for the bench when they are not running, and stops those."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import shutil
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from xml.sax.saxutils import escape
 
@@ -28,20 +29,41 @@ def _virsh(*args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
     return result
 
 
-def ensure_libvirt() -> None:
+@contextlib.contextmanager
+def libvirt_running() -> Iterator[None]:
+    """libvirt for the block: installed from Debian if missing; its daemons (virtlogd
+    before libvirtd) started as our children if none answers, and stopped again after,
+    so a bench leaves the host as it found it."""
     if shutil.which("virsh") is None or not Path("/usr/sbin/libvirtd").exists():
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         subprocess.run(["apt-get", "install", "-y", "-qq", "libvirt-daemon-system",
                         "libvirt-clients"], check=True, env=env)
     if _virsh("version", check=False).returncode == 0:
+        yield  # someone else's daemons: left alone
         return
-    subprocess.run(["virtlogd", "-d"], check=False)
-    subprocess.run(["libvirtd", "-d"], check=True)
-    deadline = time.monotonic() + 30
-    while _virsh("version", check=False).returncode != 0:
-        if time.monotonic() > deadline:
-            raise RuntimeError("libvirtd did not come up")
-        time.sleep(0.2)
+    with contextlib.ExitStack() as daemons:
+        for command in (["virtlogd"], ["libvirtd"]):  # foreground: ours to stop and reap
+            daemons.enter_context(_daemon(command))
+        deadline = time.monotonic() + 30
+        while _virsh("version", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("libvirtd did not come up")
+            time.sleep(0.2)
+        yield
+
+
+@contextlib.contextmanager
+def _daemon(command: list[str]) -> Iterator[None]:
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        yield
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
 
 
 def domain_xml(name: str, config: VMConfig, disk: Path, agent_socket: Path,

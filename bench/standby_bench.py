@@ -53,7 +53,7 @@ from pathlib import Path
 
 from bench.common import fill_half, scratch_manager
 from bench.hostmem import reports_free_pages, warm_up
-from bench.libvirt_baseline import LibvirtGuest, ensure_libvirt
+from bench.libvirt_baseline import LibvirtGuest, libvirt_running
 from torpor.codec import Codec
 from torpor.errors import NotFound
 from torpor.guest.agent import GuestAgent
@@ -347,19 +347,20 @@ async def main() -> int:
     print(f"host memory: {args.host_memory}; this host "
           f"{'hands' if reports_free_pages() else 'does not hand'} free memory back to a"
           " hypervisor (virtio-balloon free page reporting)", flush=True)
-    if not args.no_libvirt:
-        ensure_libvirt()
-    workdir, mgr = scratch_manager("tp-bench-")
-    print(HEAD)
-    print("-" * len(HEAD), flush=True)
-    for size in args.sizes.split(","):
-        for kind in args.kinds.split(","):
-            mem = parse_size(size, "M")
-            print(f"benchmarking {size} {kind} ...", file=sys.stderr)
-            print_rows(f"{size} {kind}", await bench_guest(
-                mgr, mem, kind, workdir, args.runs, not args.no_libvirt, prepare))
-    print_footer()
-    shutil.rmtree(workdir, ignore_errors=True)
+    with contextlib.ExitStack() as stack:
+        if not args.no_libvirt:
+            stack.enter_context(libvirt_running())
+        workdir, mgr = scratch_manager("tp-bench-")
+        stack.callback(shutil.rmtree, workdir, ignore_errors=True)
+        print(HEAD)
+        print("-" * len(HEAD), flush=True)
+        for size in args.sizes.split(","):
+            for kind in args.kinds.split(","):
+                mem = parse_size(size, "M")
+                print(f"benchmarking {size} {kind} ...", file=sys.stderr)
+                print_rows(f"{size} {kind}", await bench_guest(
+                    mgr, mem, kind, workdir, args.runs, not args.no_libvirt, prepare))
+        print_footer()
     return 0
 
 
