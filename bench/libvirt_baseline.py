@@ -170,7 +170,7 @@ class LibvirtGuest:
         self.state_file.unlink()
         # virsh save pauses the guest first and ends with QEMU gone: all of it is paused.
         return {"paused": saved, "standby": saved, "running": running, "restore": restored,
-                "readback": 0.0, "resident": 0, "size": size}
+                "first_cmd": 0.0, "readback": 0.0, "resident": 0, "size": size}
 
     def destroy(self) -> None:
         _virsh("destroy", self.name, check=False)
