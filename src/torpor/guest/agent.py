@@ -1,5 +1,12 @@
 """qemu-guest-agent client.
 
+The agent's port is a `pipe` chardev (FIFOs `<path>.in`, `.out`, held open by QEMU), so
+the guest always sees a host connected: qemu-ga sleeps 100 ms after every read that
+finds no host (qga/main.c, `channel_event_cb`), and with a socket port each new client
+waited out one of those sleeps (a guest command took ~120 ms, ~20 ms now). A lock on the
+request FIFO gives one client at a time, as QEMU's socket did. QEMUs started before the
+pipe are reached on their socket (`<path>.sock`).
+
 The agent channel is a byte stream that may hold stale replies from an earlier client
 (or from before a snapshot), so every session starts with guest-sync-delimited: the
 agent answers with 0xFF followed by our random id, and everything before it is discarded.
@@ -142,10 +149,9 @@ class GuestAgent:
     async def attached(cls, path: Path, timeout: float = 0.25
                        ) -> AsyncIterator[GuestAgent | None]:
         """Best effort: a synced connection held for the block (None if the agent does not
-        answer in time). While no host is attached to its port, qemu-ga polls it with
-        100 ms sleeps; held across a save, the saved guest is waiting in its read with
-        the host connected, and a restore that attaches before loading the state (see
-        `attach_early`) finds it answering at once instead of up to 100 ms later."""
+        answer in time): the agent takes one client at a time, and the block has it.
+        (On a QEMU with the socket port, held across a save, it also keeps qemu-ga out of
+        its 100 ms reconnect sleeps after the restore: docs/design.md.)"""
         agent = await cls.attach_early(path, timeout)
         if agent is not None:
             try:
@@ -179,8 +185,8 @@ class GuestAgent:
     async def ready(cls, path: Path, timeout: float,
                     early: GuestAgent | None = None) -> GuestAgent:
         """A connection on which the agent has answered guest-sync (`early` first, if
-        given); the caller closes it. Handing it on saves the next user a reconnect, after
-        which qemu-ga would be back in its 100 ms retry sleeps."""
+        given); the caller closes it. Handing it on saves the next user a reconnect (on a
+        socket port, after which qemu-ga would be back in its 100 ms retry sleeps)."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         if early is not None:
