@@ -188,7 +188,7 @@ async def exec_cat_cycle(mgr: InstanceManager, name: str, workdir: Path, prepare
             if status != "running":
                 await mon.resume()
         running = time.monotonic() - t0
-        await GuestAgent.wait_ready(ctx.paths.agent_socket, 120)
+        await GuestAgent.wait_ready(ctx.paths.agent_pipe, 120)
         restore = time.monotonic() - t0
     size = state_file.stat().st_size
     state_file.unlink()

@@ -382,7 +382,7 @@ class InstanceManager:
         state, _ = await derive_state(paths)
         require(Action.EXEC, name, state, locked=False)  # not locked: runs beside others
         try:
-            async with GuestAgent.connect(paths.agent_socket) as agent:
+            async with GuestAgent.connect(paths.agent_pipe) as agent:
                 return await agent.exec(argv, input=input, timeout=timeout)
         except AgentError:
             # The VM left "running" under the command (a standby or stop in another

@@ -152,7 +152,15 @@ class InstancePaths:
 
     @property
     def agent_socket(self) -> Path:
+        """The guest agent's port as QEMUs started before session 17 served it (a unix
+        socket); guest/agent.py still reaches those through it."""
         return self.run_dir / "agent.sock"
+
+    @property
+    def agent_pipe(self) -> Path:
+        """The guest agent's port (a `pipe` chardev: FIFOs `agent.in`, `.out`). Clients
+        pass this path; a QEMU without the FIFOs is reached at `agent_socket`."""
+        return self.run_dir / "agent"
 
     @property
     def identity_pipe(self) -> Path:

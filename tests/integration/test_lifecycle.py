@@ -48,7 +48,7 @@ def test_agent_file_round_trip(manager: InstanceManager, shared_vm: str) -> None
     payload = os.urandom(300_000)
 
     async def round_trip() -> bytes:
-        async with GuestAgent.connect(manager.paths(shared_vm).agent_socket) as agent:
+        async with GuestAgent.connect(manager.paths(shared_vm).agent_pipe) as agent:
             await agent.write_file("/tmp/blob", payload)
             return await agent.read_file("/tmp/blob")
 

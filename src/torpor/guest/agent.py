@@ -1,5 +1,12 @@
 """qemu-guest-agent client.
 
+The agent's port is a `pipe` chardev (FIFOs `<path>.in`, `.out`, held open by QEMU), so
+the guest always sees a host connected: qemu-ga sleeps 100 ms after every read that
+finds no host (qga/main.c, `channel_event_cb`), and with a socket port each new client
+waited out one of those sleeps (a guest command took ~120 ms, ~20 ms now). A lock on the
+request FIFO gives one client at a time, as QEMU's socket did. QEMUs started before the
+pipe are reached on their socket (`<path>.sock`).
+
 The agent channel is a byte stream that may hold stale replies from an earlier client
 (or from before a snapshot), so every session starts with guest-sync-delimited: the
 agent answers with 0xFF followed by our random id, and everything before it is discarded.
@@ -11,7 +18,9 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import fcntl
 import json
+import os
 import random
 import time
 from collections.abc import AsyncIterator
@@ -20,11 +29,29 @@ from typing import Any
 
 from torpor.errors import OperationFailed
 from torpor.guest.result import ExecResult
+from torpor.hypervisor.vmconfig import pipe_fifos
 
 DELIMITER = b"\xff"
 # guest-exec has no completion event: its status is polled, every EXEC_POLL_SHORT for the
 # first EXEC_SHORT seconds, then backing off to EXEC_POLL_LONG.
 EXEC_POLL_SHORT, EXEC_SHORT, EXEC_POLL_LONG = 0.02, 1.0, 0.1
+
+
+READ_LIMIT = 16 << 20  # the longest reply line (guest-exec output, base64)
+
+
+async def _lock(fd: int, timeout: float, what: Path) -> None:
+    """An exclusive flock on `fd`, waiting up to `timeout` for the client holding it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise AgentError(f"the guest agent port {what} stayed busy with another"
+                                 f" client for {timeout:g} s") from None
+            await asyncio.sleep(0.005)
 
 
 def _raise_if_cancelled() -> None:
@@ -49,19 +76,63 @@ class AgentError(OperationFailed):
 class GuestAgent:
     """One connection to qemu-ga. Use `async with GuestAgent.connect(path) as agent:`."""
 
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 read_side: asyncio.BaseTransport | None = None) -> None:
         self._reader = reader
         self._writer = writer
+        self._read_side = read_side  # a pipe's own transport for the replies
         self._sent_sync: int | None = None  # a guest-sync already on its way
 
     @classmethod
     async def _open(cls, path: Path, timeout: float) -> GuestAgent:
+        """A connection to the agent port at `path` (paths.agent_pipe): its FIFOs, or for
+        a QEMU started before them, the unix socket beside them."""
+        requests, replies = pipe_fifos(path)
+        if requests.exists():
+            return await cls._open_pipe(requests, replies, timeout)
+        socket = path.with_name(path.name + ".sock")
         try:
             reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(path), limit=16 << 20), timeout)
+                asyncio.open_unix_connection(str(socket), limit=READ_LIMIT), timeout)
         except (OSError, TimeoutError) as exc:
-            raise AgentError(f"cannot connect to the guest agent socket {path}: {exc}") from exc
+            raise AgentError(f"cannot connect to the guest agent socket {socket}: {exc}") from exc
         return cls(reader, writer)
+
+    @classmethod
+    async def _open_pipe(cls, requests: Path, replies: Path, timeout: float) -> GuestAgent:
+        """The port's FIFOs, ours alone: QEMU serves a socket to one client at a time, and
+        a lock on the request FIFO does that here (the kernel drops it if we die)."""
+        try:
+            # ENXIO: no QEMU holds the FIFO (it has exited)
+            request_fd = os.open(requests, os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            raise AgentError(f"cannot open the guest agent port {requests}: {exc}") from exc
+        loop = asyncio.get_running_loop()
+        try:
+            await _lock(request_fd, timeout, requests)
+            reply_fd = os.open(replies, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except BaseException:
+            os.close(request_fd)
+            raise
+        # (wrapping descriptors opened non-blocking above: nothing here blocks)
+        reply_file, request_file = os.fdopen(reply_fd, "rb", 0), os.fdopen(request_fd, "wb", 0)
+        reader = asyncio.StreamReader(limit=READ_LIMIT)
+        try:
+            read_side, _ = await loop.connect_read_pipe(
+                lambda: asyncio.StreamReaderProtocol(reader), reply_file)
+        except BaseException:
+            reply_file.close()
+            request_file.close()
+            raise
+        try:
+            transport, protocol = await loop.connect_write_pipe(
+                asyncio.streams.FlowControlMixin, request_file)
+        except BaseException:
+            read_side.close()
+            request_file.close()
+            raise
+        writer = asyncio.StreamWriter(transport, protocol, reader, loop)
+        return cls(reader, writer, read_side)
 
     @classmethod
     @contextlib.asynccontextmanager
@@ -78,10 +149,9 @@ class GuestAgent:
     async def attached(cls, path: Path, timeout: float = 0.25
                        ) -> AsyncIterator[GuestAgent | None]:
         """Best effort: a synced connection held for the block (None if the agent does not
-        answer in time). While no host is attached to its port, qemu-ga polls it with
-        100 ms sleeps; held across a save, the saved guest is waiting in its read with
-        the host connected, and a restore that attaches before loading the state (see
-        `attach_early`) finds it answering at once instead of up to 100 ms later."""
+        answer in time): the agent takes one client at a time, and the block has it.
+        (On a QEMU with the socket port, held across a save, it also keeps qemu-ga out of
+        its 100 ms reconnect sleeps after the restore: docs/design.md.)"""
         agent = await cls.attach_early(path, timeout)
         if agent is not None:
             try:
@@ -106,6 +176,8 @@ class GuestAgent:
 
     async def close(self) -> None:
         self._writer.close()
+        if self._read_side is not None:
+            self._read_side.close()
         with contextlib.suppress(Exception):
             await self._writer.wait_closed()
 
@@ -113,8 +185,8 @@ class GuestAgent:
     async def ready(cls, path: Path, timeout: float,
                     early: GuestAgent | None = None) -> GuestAgent:
         """A connection on which the agent has answered guest-sync (`early` first, if
-        given); the caller closes it. Handing it on saves the next user a reconnect, after
-        which qemu-ga would be back in its 100 ms retry sleeps."""
+        given); the caller closes it. Handing it on saves the next user a reconnect (on a
+        socket port, after which qemu-ga would be back in its 100 ms retry sleeps)."""
         deadline = time.monotonic() + timeout
         last: Exception | None = None
         if early is not None:
@@ -173,7 +245,10 @@ class GuestAgent:
         """Put a guest-sync on its way now (e.g. before the guest runs); the next `sync`
         waits for its answer instead of sending another."""
         self._sent_sync = random.randrange(1, 2**31)
-        self._writer.write(self._request("guest-sync-delimited", {"id": self._sent_sync}))
+        # 0xFF first: qemu-ga drops what an earlier client left half-sent (its schema
+        # asks clients to do this), which would otherwise swallow our request.
+        self._writer.write(DELIMITER + self._request("guest-sync-delimited",
+                                                     {"id": self._sent_sync}))
         return self._sent_sync
 
     async def sync(self, timeout: float = 5.0) -> None:

@@ -27,7 +27,7 @@ from pydantic import BaseModel
 
 from torpor.errors import OperationFailed
 from torpor.fsutil import process_alive, read_proc_stat
-from torpor.hypervisor.vmconfig import VMConfig, identity_fifos, render_argv
+from torpor.hypervisor.vmconfig import VMConfig, chardev_fifos, render_argv
 from torpor.paths import UNIX_PATH_MAX
 
 LAUNCH_TIMEOUT = 30.0
@@ -173,9 +173,10 @@ def _fd_table_sizer() -> Iterator[int]:
 
 
 def prepare_endpoints(config: VMConfig, pidfile: Path | None = None) -> None:
-    """Before QEMU starts: the last run's sockets (and pidfile) gone, the identity port's
-    FIFOs made (QEMU's `pipe` chardev opens them; it would not create them)."""
-    fifos = identity_fifos(config) or ()
+    """Before QEMU starts: the last run's sockets (and pidfile) gone, the FIFOs of the
+    agent's and the identity helper's ports made (QEMU's `pipe` chardev opens them; it
+    would not create them)."""
+    fifos = chardev_fifos(config)
     for stale in (config.qmp_socket, config.qmp_query_socket, config.agent_socket, pidfile,
                   *fifos):
         if stale is not None:

@@ -76,6 +76,10 @@ class VMConfig(BaseModel):
     qmp_socket: Path
     qmp_query_socket: Path | None = None
     agent_socket: Path
+    # The guest agent's port as a `pipe` chardev (FIFOs <path>.in and <path>.out): the
+    # guest sees the host always connected, so qemu-ga never sleeps in its 100 ms
+    # reconnect poll. None: the socket (QEMUs started before).
+    agent_pipe: Path | None = None
     # The guest identity helper's port (a `pipe` chardev: FIFOs <path>.in and <path>.out,
     # made by `launch`); None: no such port (guests made before it).
     identity_pipe: Path | None = None
@@ -161,12 +165,21 @@ def _identity_port_args(config: VMConfig) -> list[str]:
     ]
 
 
-def identity_fifos(config: VMConfig) -> tuple[Path, Path] | None:
-    """The FIFOs QEMU opens for the identity port (host → guest, guest → host)."""
-    if config.identity_pipe is None:
-        return None
-    pipe = config.identity_pipe
+def pipe_fifos(pipe: Path) -> tuple[Path, Path]:
+    """The FIFOs of QEMU's `pipe` chardev at `pipe` (host → guest, guest → host)."""
     return pipe.with_name(pipe.name + ".in"), pipe.with_name(pipe.name + ".out")
+
+
+def chardev_fifos(config: VMConfig) -> tuple[Path, ...]:
+    """Every FIFO QEMU opens for its `pipe` chardevs (launch makes them first)."""
+    pipes = (config.agent_pipe, config.identity_pipe)
+    return tuple(fifo for pipe in pipes if pipe is not None for fifo in pipe_fifos(pipe))
+
+
+def _agent_chardev(config: VMConfig) -> str:
+    if config.agent_pipe is not None:
+        return f"pipe,id=agent,path={config.agent_pipe}"
+    return f"socket,id=agent,path={config.agent_socket},server=on,wait=off"
 
 
 def _memory_args(config: VMConfig) -> list[str]:
@@ -235,7 +248,7 @@ def render_argv(config: VMConfig, *, binary: str = "qemu-system-x86_64",
             "-device", f"virtio-blk-pci,drive={drive_id(index)}",
         ]
     argv += [
-        "-chardev", f"socket,id=agent,path={config.agent_socket},server=on,wait=off",
+        "-chardev", _agent_chardev(config),
         "-device", "virtio-serial-pci,id=vser0",
         "-device", "virtserialport,bus=vser0.0,chardev=agent,name=org.qemu.guest_agent.0",
         *_app_port_args(config),

@@ -37,6 +37,7 @@ def vm_config_for(meta: InstanceMetadata, paths: InstancePaths, accel: Accel) ->
         qmp_socket=paths.qmp_socket,
         qmp_query_socket=paths.qmp_query_socket,
         agent_socket=paths.agent_socket,
+        agent_pipe=paths.agent_pipe,
         identity_pipe=paths.identity_pipe if meta.identity_helper else None,
         serial_log=paths.serial_log,
         vmgenid=meta.vmgenid,

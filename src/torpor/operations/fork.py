@@ -303,6 +303,6 @@ async def _to_target(registry: Registry, meta: InstanceMetadata, has_state: bool
         elif target_state == "running":
             await lifecycle.start(ctx)
             if not ctx.meta.identity_helper:  # else it booted with its name, MAC and RNG
-                async with GuestAgent.connect(ctx.paths.agent_socket) as agent:
+                async with GuestAgent.connect(ctx.paths.agent_pipe) as agent:
                     await apply_guest_identity(agent, ctx.meta)
         return await registry.current_info(ctx)

@@ -95,7 +95,7 @@ async def spawn(ctx: InstanceContext, config: VMConfig, *, incoming: str | None 
 
 async def agent_ready(ctx: InstanceContext, early: GuestAgent | None = None) -> GuestAgent:
     """A connection the agent has answered on (the caller closes it)."""
-    return await GuestAgent.ready(ctx.paths.agent_socket, ctx.settings.agent_timeout, early)
+    return await GuestAgent.ready(ctx.paths.agent_pipe, ctx.settings.agent_timeout, early)
 
 
 async def resume(ctx: InstanceContext) -> None:
@@ -160,7 +160,7 @@ async def _agent_unless_powered_off(ctx: InstanceContext,
     deadline = time.monotonic() + ctx.settings.agent_timeout
     while process.is_alive():
         try:
-            return await GuestAgent.ready(ctx.paths.agent_socket,
+            return await GuestAgent.ready(ctx.paths.agent_pipe,
                                           min(AGENT_ROUND, deadline - time.monotonic()))
         except AgentError as exc:
             if time.monotonic() >= deadline:
@@ -223,7 +223,7 @@ async def _ask_guest_to_power_off(ctx: InstanceContext) -> bool:
     """The built-in guest shuts down through the agent; an image's init is sent SIGTERM,
     which it forwards to the image's command, and powers off once that has exited."""
     try:
-        async with GuestAgent.connect(ctx.paths.agent_socket, timeout=2.0) as agent:
+        async with GuestAgent.connect(ctx.paths.agent_pipe, timeout=2.0) as agent:
             if ctx.meta.image.kind == "oci":
                 result = await agent.exec([f"{GUEST_TOOLS_PATH}/kill", "-TERM", "1"],
                                           timeout=5)

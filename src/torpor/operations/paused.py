@@ -51,7 +51,7 @@ class PausedWindow:
         return self._paused_at is not None
 
     async def _pause(self) -> None:
-        await self._agent.enter_async_context(GuestAgent.attached(self.ctx.paths.agent_socket))
+        await self._agent.enter_async_context(GuestAgent.attached(self.ctx.paths.agent_pipe))
         self.was_running = await self.mon.status() == "running"
         if self.stopped_by_migration:
             # The caller's migration stops the VM itself, once it has set up: the window

@@ -327,7 +327,7 @@ async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
             await feed.until_read_from(launching)
         faults.point("restore.spawned")
         # Attached while QEMU loads, before the guest runs (see _load_deferred).
-        vm.agent = await GuestAgent.attach_early(ctx.paths.agent_socket)
+        vm.agent = await GuestAgent.attach_early(ctx.paths.agent_pipe)
         with op.phase("load"):
             await feed.followed(launching, progress)
             try:
@@ -351,9 +351,9 @@ async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
                    if config.memory_file is not None else None)
         vm.process = waiting or await lifecycle.spawn(ctx, config, incoming=DEFERRED)
     faults.point("restore.spawned")
-    # Attached before the state is loaded, the agent's port stays "host connected"
-    # (as the standby saved it): qemu-ga answers without its 100 ms retry sleep.
-    vm.agent = await GuestAgent.attach_early(ctx.paths.agent_socket)
+    # Attached before the state is loaded, the guest-sync goes out before `cont`, and
+    # (on a socket port) the port stays "host connected": no 100 ms retry sleep.
+    vm.agent = await GuestAgent.attach_early(ctx.paths.agent_pipe)
     mon = await stack.enter_async_context(Monitor.connect(ctx.paths.qmp_socket))
     await _check_version(ctx, mon, manifest)  # asked of the QEMU that loads: exact
     with op.phase("load"):
