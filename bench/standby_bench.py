@@ -86,9 +86,9 @@ def resident_bytes(path: Path) -> int:
 
 async def first_command(mgr: InstanceManager, name: str) -> float:
     """Seconds for the first guest command after a restore (`true`): a new connection to
-    qemu-ga, which answers it ~100 ms late (with no host attached it polls its port with
-    100 ms sleeps: docs/design.md, "The first agent command"). Taken apart from
-    `read_back` so that column times the memory, not the connection."""
+    qemu-ga (on a socket port it answered ~100 ms late, after one of its reconnect
+    sleeps: docs/design.md, "The first agent command"). Taken apart from `read_back` so
+    that column times the memory, not the connection."""
     t0 = time.monotonic()
     await mgr.exec(name, ["true"])
     return time.monotonic() - t0
