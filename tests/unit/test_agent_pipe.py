@@ -101,3 +101,18 @@ def test_fifos_nobody_holds_are_an_agent_error_at_once(tmp_path: Path) -> None:
         os.mkfifo(fifo)
     with pytest.raises(AgentError, match="cannot open the guest agent port"):
         asyncio.run(GuestAgent.wait_ready(pipe, 0.3))
+
+
+def test_a_port_half_replaced_by_a_new_launch_is_an_agent_error(tmp_path: Path) -> None:
+    """A restore's launch removes and remakes the FIFOs: a client that opened the
+    request FIFO just before finds no reply FIFO. An AgentError (the daemon answered 500
+    to this once, in the soak test), not an OSError."""
+    pipe = tmp_path / "agent"
+    requests, _ = pipe_fifos(pipe)
+    os.mkfifo(requests)
+    held = os.open(requests, os.O_RDWR | os.O_NONBLOCK)  # as QEMU holds it
+    try:
+        with pytest.raises(AgentError, match="cannot open the guest agent port"):
+            asyncio.run(GuestAgent.wait_ready(pipe, 0.3))
+    finally:
+        os.close(held)

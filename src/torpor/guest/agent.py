@@ -110,7 +110,11 @@ class GuestAgent:
         loop = asyncio.get_running_loop()
         try:
             await _lock(request_fd, timeout, requests)
+            # (gone if a new QEMU's launch is replacing them: a restore racing us)
             reply_fd = os.open(replies, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError as exc:
+            os.close(request_fd)
+            raise AgentError(f"cannot open the guest agent port {replies}: {exc}") from exc
         except BaseException:
             os.close(request_fd)
             raise
