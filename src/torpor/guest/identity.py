@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from torpor.errors import OperationFailed
+from torpor.hypervisor.vmconfig import pipe_fifos
 
 REQUEST = struct.Struct("<IIQqq40sQ64s32s")
 REPLY = struct.Struct("<IIQqqq")
@@ -90,7 +91,7 @@ async def apply(pipe: Path, *, identity: Identity | None = None,
     IdentityError if it refused a step or did not answer within `timeout`."""
     nonce = secrets.randbits(64)
     try:
-        replies = os.open(f"{pipe}.out", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        replies = os.open(pipe_fifos(pipe)[1], os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         raise IdentityError(f"the guest's identity port is missing: {exc}") from exc
     try:
@@ -108,7 +109,7 @@ async def apply(pipe: Path, *, identity: Identity | None = None,
 
 def _send(pipe: Path, request: bytes) -> None:
     try:
-        fd = os.open(f"{pipe}.in", os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(pipe_fifos(pipe)[0], os.O_WRONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:  # ENXIO: no QEMU holds the pipe
         raise IdentityError(f"the guest's identity port is not open: {exc}") from exc
     try:
