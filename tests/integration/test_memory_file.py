@@ -22,6 +22,7 @@ from torpor.instances.runtime import load_runtime
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest
 from torpor.manager import InstanceManager
+from torpor.operations import fork as fork_module
 from torpor.operations import snapshots as snapshots_module
 from torpor.operations.legs import LegFailed
 
@@ -206,6 +207,47 @@ def test_fork_of_a_running_file_mode_instance_keeps_a_base_until_the_last_fork(
     run(manager.delete(forks[0].name, force=True))
     assert [r.id for r in manager.snapshot_list(filevm)] == [bases[0].id]  # one fork left
     run(manager.delete(forks[1].name, force=True))
+    assert manager.snapshot_list(filevm) == []
+
+
+def fork_bases(manager: InstanceManager, name: str) -> list[str]:
+    return [r.id for r in manager.snapshot_list(name) if r.name.startswith("fork-base-")]
+
+
+def test_forks_of_an_unchanged_standby_source_share_one_base(
+        manager: InstanceManager, filevm: str) -> None:
+    marks = write_marks(manager, filevm, mib=8)
+    run(manager.standby(filevm))
+    forks = run(manager.fork(filevm, "fmwave", count=1))
+    (base,) = fork_bases(manager, filevm)
+    forks += run(manager.fork(filevm, "fmwave2", count=2))  # the first fork still maps it
+    assert fork_bases(manager, filevm) == [base]
+    for fork in forks:
+        assert sh(manager, fork.name, f"hostname; {MARKS}") == f"{fork.name}\n{marks}"
+    # Once the source has run, its next state is another: a fork of it needs a new base.
+    run(manager.restore(filevm))
+    run(manager.standby(filevm))
+    forks += run(manager.fork(filevm, "fmwave3", count=1))
+    assert len(fork_bases(manager, filevm)) == 2 and base in fork_bases(manager, filevm)
+    for fork in forks:
+        run(manager.delete(fork.name, force=True))
+    assert manager.snapshot_list(filevm) == []
+
+
+def test_a_kept_base_removed_before_the_fork_maps_it_is_made_anew(
+        manager: InstanceManager, filevm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    run(manager.standby(filevm))
+    first = run(manager.fork(filevm, "fmgone", count=1))
+    (stale,) = [r for r in manager.snapshot_list(filevm) if r.name.startswith("fork-base-")]
+    run(manager.delete(first[0].name, force=True))  # the base goes with its last fork
+    assert manager.snapshot_list(filevm) == []
+    # The race: the base was found kept, and its last fork deleted before this fork's copies.
+    monkeypatch.setattr(fork_module, "kept_base", lambda *_: stale)
+    (again,) = run(manager.fork(filevm, "fmgone2", count=1))
+    (base,) = fork_bases(manager, filevm)
+    assert base != stale.id
+    assert sh(manager, again.name, "hostname").strip() == again.name
+    run(manager.delete(again.name, force=True))
     assert manager.snapshot_list(filevm) == []
 
 

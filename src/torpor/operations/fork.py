@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import os
 import secrets
 import shutil
@@ -49,9 +50,10 @@ from torpor.instances.metadata import (
     utc_now,
     validate_name,
 )
-from torpor.instances.snapshotrecord import SnapshotRecord
+from torpor.instances.snapshotrecord import SnapshotRecord, all_records
 from torpor.instances.states import Action, TargetState, is_live
 from torpor.jobs import compression as compression_jobs
+from torpor.machinestate.manifest import MANIFEST
 from torpor.operations import delete as delete_op
 from torpor.operations import lifecycle, network, snapshots
 from torpor.operations import restore as restore_op
@@ -192,17 +194,7 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
         has_state = ctx.state is not InstanceState.STOPPED
         names = await _check(registry, new_name, count, target_state, has_state)
         if has_state and ctx.meta.memory_backing == "file":
-            # Memory-file mode: one snapshot (RAM copied once, outside any fork), kept
-            # while forks map its memory file privately; removed with the last of them.
-            base = await _auto_snapshot(ctx, "fork-base", snapshots.AUTO_BASE)
-            try:
-                faults.point("fork.based")
-                created = await _materialise_all(
-                    registry, registry.data_root.snapshot(base.id).payload, names, base.id,
-                    True)
-            except BaseException:
-                await delete_op.drop_auto_snapshot(registry, base.id)
-                raise
+            created = await _from_base(registry, ctx, names)
         elif is_live(ctx.state):
             # A temporary overlapped snapshot: the source pauses only for it.
             temp = await _auto_snapshot(ctx, "fork", snapshots.AUTO_TEMPORARY)
@@ -226,10 +218,65 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
     return await _bring_up(registry, created, has_state, target_state)
 
 
-async def _auto_snapshot(ctx: InstanceContext, prefix: str, purpose: str) -> SnapshotRecord:
+async def _from_base(registry: Registry, ctx: InstanceContext,
+                     names: list[str]) -> list[InstanceMetadata]:
+    """Memory-file mode: the forks map one snapshot's RAM file privately (the RAM copied
+    once, outside any fork); that base is kept while forks map it and removed with the
+    last of them. A standby source's base is tagged with what it was taken of: while it
+    is kept, the next fork of the unchanged source uses it again instead of copying the
+    source's RAM and disk once more (a template forked in waves)."""
+    key = (await asyncio.to_thread(standby_key, ctx.paths, ctx.meta)
+           if ctx.state is InstanceState.STANDBY else None)
+    if key is not None:
+        kept = await asyncio.to_thread(kept_base, registry.data_root, ctx.meta.id, key)
+        if kept is not None:
+            with contextlib.suppress(BaseGone):  # its last fork went meanwhile: a new one
+                return await _materialise_from(registry, kept, names, reused=True)
+    extra = {} if key is None else {snapshots.SOURCE_STATE_TAG: key}
+    base = await _auto_snapshot(ctx, "fork-base", snapshots.AUTO_BASE, extra)
+    return await _materialise_from(registry, base, names)
+
+
+async def _materialise_from(registry: Registry, base: SnapshotRecord, names: list[str], *,
+                            reused: bool = False) -> list[InstanceMetadata]:
+    try:
+        faults.point("fork.based")
+        return await _materialise_all(registry, registry.data_root.snapshot(base.id).payload,
+                                      names, base.id, True, reused=reused)
+    except BaseException:
+        await delete_op.drop_auto_snapshot(registry, base.id)  # if nothing maps it now
+        raise
+
+
+def standby_key(paths: InstancePaths, meta: InstanceMetadata) -> str:
+    """What a standby source's fork base is taken of: its saved state (the manifest, which
+    names the RAM file by identity and the state by checksum) and its settings. A base
+    with the source's current key holds what a new base would."""
+    digest = hashlib.sha256((paths.standby_dir / MANIFEST).read_bytes())
+    digest.update(meta.model_dump_json(exclude={"last_operation", "compression_plan"})
+                  .encode())
+    return digest.hexdigest()[:32]
+
+
+def kept_base(data_root: DataRoot, source_id: str, key: str) -> SnapshotRecord | None:
+    for record in all_records(data_root):
+        if (record.source_id == source_id
+                and record.tags.get(snapshots.AUTO_TAG) == snapshots.AUTO_BASE
+                and record.tags.get(snapshots.SOURCE_STATE_TAG) == key):
+            return record
+    return None
+
+
+class BaseGone(NotFound):
+    """A kept fork base was removed (with its last fork) before this fork mapped it."""
+
+
+async def _auto_snapshot(ctx: InstanceContext, prefix: str, purpose: str,
+                         extra_tags: dict[str, str] | None = None) -> SnapshotRecord:
     """A snapshot torpor makes for forks (never compressed: see NO_COMPRESSION)."""
     return await snapshots.create(ctx, f"{prefix}-{secrets.token_hex(4)}",
-                                  snapshots.auto_tags(purpose), compression=NO_COMPRESSION)
+                                  snapshots.auto_tags(purpose) | (extra_tags or {}),
+                                  compression=NO_COMPRESSION)
 
 
 async def _check(registry: Registry, new_name: str, count: int, target_state: TargetState,
@@ -245,9 +292,14 @@ async def _check(registry: Registry, new_name: str, count: int, target_state: Ta
 
 
 async def _materialise_all(registry: Registry, source_dir: Path, names: list[str],
-                           origin: str | None, keep_state: bool) -> list[InstanceMetadata]:
+                           origin: str | None, keep_state: bool, *,
+                           reused: bool = False) -> list[InstanceMetadata]:
     data_root = registry.data_root
     async with file_lock(data_root.registry_lock, what="the instance registry"):
+        # A kept base is removed under this lock when its last fork goes: once the forks
+        # are made here, they keep it.
+        if reused and not source_dir.exists():
+            raise BaseGone(f"fork base {origin} was removed")
         existing = await asyncio.to_thread(registry.instance_names)
         # Each copy is mostly waiting on I/O (and its fsync): all at once. A failing
         # copy does not stop the others; each ends, and then all are removed.

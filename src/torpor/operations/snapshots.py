@@ -87,6 +87,9 @@ AUTO_TAG = "torpor.auto"  # a snapshot torpor made for forks, removed with the l
 AUTO_BASE = "fork"  # memory-file mode: the forks map its RAM file; kept while they exist
 AUTO_TEMPORARY = "fork-temporary"  # a running source's state for the forks' copies
 OWNER_TAG = "torpor.owner"  # the process that made an automatic snapshot (fsutil.owner_tag)
+# A standby source's fork base: what it was taken of (fork.standby_key), so the next fork
+# of the unchanged source reuses it while it is kept.
+SOURCE_STATE_TAG = "torpor.source-state"
 
 
 def auto_tags(purpose: str) -> dict[str, str]:
