@@ -33,7 +33,7 @@ mode), state size; ratios against both baselines. A last table: guest memory-wri
 throughput with anonymous vs file-backed RAM (the cost of file mode while running).
 
     .venv/bin/python -m bench.standby_bench [--sizes 512M,2G,4G] [--kinds idle,half]
-        [--runs N] [--host-memory warm|as-is] [--no-libvirt]
+        [--runs N] [--host-memory warm|as-is] [--no-libvirt] [--seed N]
 """
 
 from __future__ import annotations
@@ -234,7 +234,7 @@ WRITE_RATES: dict[str, tuple[float, float]] = {}  # guest → (anonymous, file) 
 
 
 async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
-                      runs: int, with_libvirt: bool, prepare: Prepare
+                      runs: int, with_libvirt: bool, prepare: Prepare, seed: int
                       ) -> list[tuple[str, dict[str, float]]]:
     name = f"b{mem >> 20}-{kind}"
     await mgr.create(name, memory_bytes=mem)
@@ -257,7 +257,7 @@ async def bench_guest(mgr: InstanceManager, mem: int, kind: str, workdir: Path,
               for label, policy in MODES),
             ("exec:cat", functools.partial(exec_cat_cycle, mgr, name, workdir, prepare))]
         samples: dict[str, list[dict[str, float]]] = {label: [] for label, _ in cycles}
-        order = random.Random(mem + len(kind))  # the same orders every time
+        order = random.Random(f"{seed} {mem} {kind}")  # --seed replays a run's orders
         for _ in range(runs):
             for label, cycle in order.sample(cycles, len(cycles)):
                 await asyncio.sleep(SETTLE)
@@ -355,8 +355,12 @@ async def main() -> int:
         help="warm (default): before every restore, of every method, touch and free as much"
              " memory as it will allocate, so that none waits for a hypervisor to back"
              " memory again; as-is: restore at once, on whatever memory the host gives")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="the rounds' orders (printed; a new one each run by default)")
     args = parser.parse_args()
+    seed = random.randrange(1 << 32) if args.seed is None else args.seed
     prepare = prepare_host_memory(args.host_memory == "warm")
+    print(f"round orders: --seed {seed}")
     print(f"host memory: {args.host_memory}; this host "
           f"{'hands' if reports_free_pages() else 'does not hand'} free memory back to a"
           " hypervisor (virtio-balloon free page reporting)", flush=True)
@@ -372,7 +376,7 @@ async def main() -> int:
                 mem = parse_size(size, "M")
                 print(f"benchmarking {size} {kind} ...", file=sys.stderr)
                 print_rows(f"{size} {kind}", await bench_guest(
-                    mgr, mem, kind, workdir, args.runs, not args.no_libvirt, prepare))
+                    mgr, mem, kind, workdir, args.runs, not args.no_libvirt, prepare, seed))
         print_footer()
     return 0
 
