@@ -158,12 +158,13 @@ def test_auto_standby_compressing_after_the_window(manager: InstanceManager, dat
     running(manager, fm)
     verify(manager, fm, planted)
 
+@pytest.mark.parametrize("codec", [Codec.NONE, Codec.ZSTD])  # QEMU reads it; we feed it
 @pytest.mark.parametrize("action", ACTIONS)
 @pytest.mark.parametrize("point", points("restore."))
 def test_restore(manager: InstanceManager, data_root: Path, fm: str, point: str,
-                 action: str) -> None:
+                 action: str, codec: Codec) -> None:
     planted = plant(manager, fm)
-    run(manager.standby(fm))
+    run(manager.standby(fm, CompressionPolicy(codec=codec)))
     faulted(data_root, point, action, "restore", fm)
     settle(manager, action, point)
     running(manager, fm)

@@ -368,15 +368,25 @@ def finalize_checksum(directory: Path, state: StateFile) -> StateFile:
     return state
 
 
+def is_fed(codec: Codec, expected: StateFile) -> bool:
+    """Whether a thread of ours feeds the state to QEMU (zstd frames, lz4: `feeding`),
+    rather than QEMU reading the file or a decompressor tool's pipe."""
+    return expected.layout == "frames" or codec is Codec.LZ4
+
+
 async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile,
-                     progress: Progress | None = None, *, ignore_shared: bool = False) -> None:
+                     progress: Progress | None = None, *, ignore_shared: bool = False,
+                     stream: FedStream | None = None) -> None:
     """Feed a stored state into an incoming QEMU; raise IntegrityError if its checksum
     does not match (the caller must then not resume the VM). ignore_shared: the stream
-    was saved with x-ignore-shared (memory-file mode), so it is read with it too."""
-    if expected.layout == "frames" or codec is Codec.LZ4:
-        await mon.set_migration_capabilities(events=True, x_ignore_shared=ignore_shared)
-        await _load_fed(mon, path, expected, progress,
-                        frames_feed if codec is Codec.ZSTD else lz4_feed, str(codec))
+    was saved with x-ignore-shared (memory-file mode), so it is read with it too.
+    `stream`: the state's feed, started by the caller before QEMU (`feeding`)."""
+    if is_fed(codec, expected):
+        async with contextlib.AsyncExitStack() as stack:
+            if stream is None:
+                stream = await stack.enter_async_context(feeding(path, codec))
+            await mon.set_migration_capabilities(events=True, x_ignore_shared=ignore_shared)
+            await _load_fed(mon, path, expected, progress, stream, codec)
         return
     if ignore_shared:
         await mon.set_migration_capabilities(x_ignore_shared=True)
@@ -430,45 +440,82 @@ class _DecompressorFailed(Exception):
 Feed = Callable[[Path, int, threading.Event, Callable[[int], None], Hasher], None]
 
 
-async def _load_fed(mon: Monitor, path: Path, expected: StateFile,
-                    progress: Progress | None, feed: Feed, codec: str) -> None:
-    """A compressed state fed to QEMU by a thread (codec/frames.feed for zstd frames,
-    codec/lz4feed.feed), which hashes the file as it reads it: the verdict is in when the
-    feed ends. A feed cut short (QEMU failed) has the rest of the file hashed, so a
-    damaged file is still named as such."""
-    fed = [0]
-    hasher = stored_hasher()
+@dataclass
+class FedStream:
+    """A compressed state on its way into a socket, fed by a thread (codec/frames.feed
+    for zstd frames, codec/lz4feed.feed) that hashes the file as it reads it. Made by
+    `feeding`, which may start before QEMU does: the feeder then decodes the state's
+    first frames into the socket's buffer (STREAM_BUFFER) while QEMU starts, instead of
+    QEMU waiting for them once it reads."""
 
-    def count(stored: int) -> None:
-        fed[0] += stored
+    read_end: int | None  # for QEMU; None once handed over
+    hasher: Hasher
+    stop: threading.Event
+    feeder: asyncio.Future[None]
+    fed: list[int]  # stored bytes dealt with so far
 
-    def feeding(stop: threading.Event) -> None:
+    def hand_over(self) -> int:
+        fd, self.read_end = self.read_end, None
+        assert fd is not None, "a fed stream goes to one QEMU"
+        return fd
+
+    async def finish(self) -> BaseException | None:
+        """Stop the feeder if it still waits (QEMU gave up reading) and wait for it: its
+        failure, or None."""
+        self.stop.set()
         try:
-            feed(path, write_end, stop, count, hasher)
+            await self.feeder
+        except Exception as exc:
+            return exc
+        return None
+
+
+@contextlib.asynccontextmanager
+async def feeding(path: Path, codec: Codec) -> AsyncIterator[FedStream]:
+    """The state at `path` fed into a new socket by a thread, for the block: the feeder
+    is stopped and waited for on every path (`FedStream.finish`)."""
+    feed: Feed = frames_feed if codec is Codec.ZSTD else lz4_feed
+    read_end, write_end = _stream_socket()
+
+    def run(stop: threading.Event) -> None:
+        try:
+            feed(path, write_end, stop, count, stream.hasher)
         finally:
             os.close(write_end)  # QEMU sees the end of the stream
 
-    read_end, write_end = _stream_socket()
+    def count(stored: int) -> None:
+        stream.fed[0] += stored
+
     stop = threading.Event()
-    feeder = asyncio.ensure_future(in_thread(feeding, stop=stop))  # awaited on every path
-    load_error: BaseException | None = None
-    feed_error: BaseException | None = None
+    stream = FedStream(read_end, stored_hasher(), stop,
+                       asyncio.ensure_future(in_thread(run, stop=stop)), [0])
     try:
-        await mon.hand_over_fd(FD_NAME, read_end)
+        yield stream
+    finally:
+        if stream.read_end is not None:
+            os.close(stream.read_end)  # never handed over: the feeder sees a broken pipe
+        await stream.finish()  # the load has its outcome already, if it got that far
+
+
+async def _load_fed(mon: Monitor, path: Path, expected: StateFile,
+                    progress: Progress | None, stream: FedStream, codec: Codec) -> None:
+    """A compressed state fed to QEMU by `stream`'s thread: the verdict on its checksum
+    is in when the feed ends. A feed cut short (QEMU failed) has the rest of the file
+    hashed, so a damaged file is still named as such."""
+    load_error: BaseException | None = None
+    try:
+        await mon.hand_over_fd(FD_NAME, stream.hand_over())
         with mon.migration_events() as events:
             await mon.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
-            await wait_migration(mon, progress, lambda _: fed[0], EVENT_POLL_INTERVAL,
+            await wait_migration(mon, progress, lambda _: stream.fed[0], EVENT_POLL_INTERVAL,
                                  stall_timeout=LOAD_STALL_TIMEOUT, events=events)
     except Exception as exc:  # decided below, after the checksum
         load_error = exc
-    finally:
-        stop.set()  # QEMU gave up reading: the feeder must not wait on a full socket
-        try:
-            await feeder
-        except Exception as exc:
-            feed_error = exc
+    # QEMU gave up reading, or read it all: either way the feeder must not wait on a
+    # full socket
+    feed_error = await stream.finish()
     if load_error is None and feed_error is None:
-        _check_digest(path, expected, hasher.hexdigest())
+        _check_digest(path, expected, stream.hasher.hexdigest())
         return
     verifier = asyncio.ensure_future(asyncio.to_thread(checksum_file, path))
     await _verdict(verifier, path, expected)  # the file is damaged: that is the error

@@ -45,7 +45,13 @@ from torpor.machinestate.manifest import (
     locate_state_file,
     verify_memory_file,
 )
-from torpor.machinestate.stream import exec_feed, load_state, reads_at_exec
+from torpor.machinestate.stream import (
+    exec_feed,
+    feeding,
+    is_fed,
+    load_state,
+    reads_at_exec,
+)
 from torpor.operations import lifecycle, warm
 from torpor.paths import InstancePaths
 from torpor.tasks import in_thread, task_group
@@ -343,7 +349,10 @@ async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
                          vm: _Incoming, op: PhaseRecorder, config: VMConfig,
                          manifest: Manifest, path: Path, codec: Codec) -> Monitor:
     """QEMU started with `-incoming defer`; the state (through a decompressor, or after
-    setting x-ignore-shared) is handed to it through the monitor."""
+    setting x-ignore-shared) is handed to it through the monitor. A state fed by a thread
+    of ours starts feeding first: its first frames are decoded while QEMU starts."""
+    stream = (await stack.enter_async_context(feeding(path, codec))
+              if is_fed(codec, manifest.state) else None)
     with op.phase("spawn"):
         # Memory-file mode: a QEMU the daemon started ahead (its restore pool) is claimed.
         # (Only such states get one; they always load here, never at exec.)
@@ -359,7 +368,7 @@ async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
     with op.phase("load"):
         progress = observe.counter("load", manifest.state.stored_bytes)
         await load_state(mon, path, codec, manifest.state, progress,
-                         ignore_shared=manifest.x_ignore_shared)
+                         ignore_shared=manifest.x_ignore_shared, stream=stream)
     return mon
 
 
