@@ -14,7 +14,17 @@ import pytest
 import zstandard
 
 from torpor.codec import checksum_file, stored_hasher
-from torpor.codec.frames import CHUNK, FeedAbandoned, FrameError, FrameWriter, feed, frames
+from torpor.codec.frames import (
+    CHUNK,
+    PROBE,
+    FeedAbandoned,
+    FrameError,
+    FrameWriter,
+    compresses,
+    encode,
+    feed,
+    frames,
+)
 
 
 def mixed_stream() -> bytes:
@@ -63,7 +73,7 @@ def read_through_socket(path: Path, *, hashed: bool,
 
 
 @pytest.mark.parametrize("auto", [True, False])
-def test_frames_are_plain_zstd_and_auto_stores_raw_only_what_does_not_compress(
+def test_frames_are_plain_zstd_and_what_does_not_compress_is_stored_raw(
         tmp_path: Path, auto: bool) -> None:
     data = mixed_stream()
     path = tmp_path / "state.zst"
@@ -72,12 +82,30 @@ def test_frames_are_plain_zstd_and_auto_stores_raw_only_what_does_not_compress(
                          check=True).stdout
     assert out == data
     assert stats.chunks == 4 and stats.raw_bytes == len(data)
-    assert stats.stored_raw == (3 if auto else 0)  # the random ones: never the text
+    assert stats.stored_raw == 3  # the random ones (auto: without compressing them first)
     assert stats.stored_bytes == path.stat().st_size < len(data)
     with open(path, "rb") as f:
         kinds = [frame.raw is not None for frame in frames(f.fileno())]
     # zstd itself stores random data in raw blocks: the feeder sends those either way
     assert kinds == [True, True, False, True]
+
+
+@pytest.mark.parametrize("auto", [True, False])
+def test_a_frame_that_saves_little_is_stored_raw_and_decodes_the_same(auto: bool) -> None:
+    """A chunk mostly random with some text where the probe looks: the probe finds it
+    compressible, zstd stores its random blocks raw and compresses the rest, and the frame
+    would save ~2 %: not worth decompressing at every load. Half text: compressed."""
+    text = b"".join(b"line %d of a compressible guest page\n" % i for i in range(60_000))
+    quarter = CHUNK // 4
+    mostly_random = b"".join(text[:PROBE] + os.urandom(quarter - PROBE) for _ in range(4))
+    assert compresses(memoryview(mostly_random), 1)
+    for chunk, stored_raw in ((mostly_random, True),
+                              (os.urandom(CHUNK // 2) + text[:CHUNK // 2], False)):
+        parts, raw = encode(memoryview(chunk), 1, store_incompressible=auto)
+        assert raw is stored_raw
+        frame = b"".join(bytes(part) for part in parts)
+        assert zstandard.ZstdDecompressor().decompress(frame) == chunk
+        assert (len(frame) > len(chunk)) is stored_raw
 
 
 @pytest.mark.parametrize("hashed", [True, False])

@@ -475,20 +475,21 @@ async def feeding(path: Path, codec: Codec) -> AsyncIterator[FedStream]:
     """The state at `path` fed into a new socket by a thread, for the block: the feeder
     is stopped and waited for on every path (`FedStream.finish`)."""
     feed: Feed = frames_feed if codec is Codec.ZSTD else lz4_feed
+    hasher, fed = stored_hasher(), [0]
     read_end, write_end = _stream_socket()
 
     def run(stop: threading.Event) -> None:
         try:
-            feed(path, write_end, stop, count, stream.hasher)
+            feed(path, write_end, stop, count, hasher)
         finally:
             os.close(write_end)  # QEMU sees the end of the stream
 
     def count(stored: int) -> None:
-        stream.fed[0] += stored
+        fed[0] += stored
 
     stop = threading.Event()
-    stream = FedStream(read_end, stored_hasher(), stop,
-                       asyncio.ensure_future(in_thread(run, stop=stop)), [0])
+    feeder = asyncio.ensure_future(in_thread(run, stop=stop))  # awaited on every path
+    stream = FedStream(read_end, hasher, stop, feeder, fed)
     try:
         yield stream
     finally:
