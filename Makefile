@@ -78,6 +78,7 @@ bench-snapshot: guest
 
 bench-fork: guest
 	$(BIN)/python -m bench.fork_bench
+	$(BIN)/python -m bench.fork_bench --reflink
 
 # A compressed stored snapshot against a raw one: size, and fork time.
 bench-snapshot-compression: guest

@@ -3,11 +3,13 @@ namespace of their own for those that need bridges or guest addresses."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from torpor.instances.context import Settings
@@ -28,6 +30,27 @@ def scratch_manager(prefix: str, parent: str = "/var/tmp") -> tuple[Path, Instan
     workdir = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
     accel = os.environ.get("TORPOR_ACCEL", "auto")
     return workdir, InstanceManager(workdir / "data", Settings(accel=accel))  # type: ignore[arg-type]
+
+
+@contextlib.contextmanager
+def reflink_filesystem(parent: str | Path, size: int) -> Iterator[Path]:
+    """An XFS filesystem with reflink (copies are clones) on a loop device: a sparse image
+    of `size` bytes in a new directory under `parent`, mounted for the block, then
+    unmounted and removed. This host's own filesystems (ext4) have no reflink."""
+    work = Path(tempfile.mkdtemp(prefix="torpor-xfs-", dir=parent))
+    image, mountpoint = work / "xfs.img", work / "mnt"
+    try:
+        with open(image, "wb") as f:
+            f.truncate(size)
+        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(image)], check=True)
+        mountpoint.mkdir()
+        subprocess.run(["mount", "-o", "loop", str(image), str(mountpoint)], check=True)
+        try:
+            yield mountpoint
+        finally:
+            subprocess.run(["umount", str(mountpoint)], check=False)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 async def fill_half(mgr: InstanceManager, name: str, mem: int) -> None:

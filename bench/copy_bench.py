@@ -25,6 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.common import reflink_filesystem
 from torpor.copy import copy_file
 from torpor.units import format_size, parse_size
 
@@ -93,7 +94,6 @@ def main() -> int:
     args = parser.parse_args()
     size, data = parse_size(args.size), parse_size(args.data)
     work = Path(tempfile.mkdtemp(prefix="torpor-copy-bench-", dir=args.workdir))
-    xfs_img, xfs_mnt = work / "xfs.img", work / "xfs"
     rows = []
     try:
         print(f"image: {format_size(size)} apparent, {format_size(data)} data; "
@@ -103,12 +103,7 @@ def main() -> int:
         rows.append(measure("torpor sparse (ext4)", src, work / "copy.raw", args.runs, ours))
         rows.append(measure("cp --sparse=always (ext4)", src, work / "cp.raw", args.runs,
                             cp_sparse))
-        with open(xfs_img, "wb") as f:
-            f.truncate(size + 2 * data + (1 << 30))
-        subprocess.run(["mkfs.xfs", "-q", "-f", "-m", "reflink=1", str(xfs_img)], check=True)
-        xfs_mnt.mkdir()
-        subprocess.run(["mount", "-o", "loop", str(xfs_img), str(xfs_mnt)], check=True)
-        try:
+        with reflink_filesystem(work, size + 2 * data + (1 << 30)) as xfs_mnt:
             xsrc = xfs_mnt / "disk.raw"
             copy_file(src, xsrc)
             os.sync()
@@ -116,8 +111,6 @@ def main() -> int:
                                 ours))
             rows.append(measure("cp --sparse=always (xfs)", xsrc, xfs_mnt / "cp.raw",
                                 args.runs, cp_sparse))
-        finally:
-            subprocess.run(["umount", str(xfs_mnt)], check=False)
     finally:
         subprocess.run(["rm", "-rf", str(work)], check=False)
 

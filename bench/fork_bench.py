@@ -14,16 +14,19 @@ up to that point (their threads' run time, /proc/PID/task/*/schedstat) and torpo
 (this process): on a host with fewer cores than forks, (CPU of the fork) / cores is a
 floor under its wall time whatever torpor does.
 
-    .venv/bin/python -m bench.fork_bench [--runs 3] [--count 4] [--dir /var/tmp]
+    .venv/bin/python -m bench.fork_bench [--runs 3] [--count 4] [--dir /var/tmp] [--reflink]
 
 `--dir`: where the scratch data root goes; a filesystem with reflink (XFS, btrfs) makes
-the fork's base snapshot and copies clones instead of copies.
+the fork's base snapshot and copies clones instead of copies. `--reflink`: the data root
+on an XFS filesystem with reflink made for the run (a loop device, under `--dir`), as a
+host that forks would have it; `make bench-fork` runs both.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import shutil
 import statistics
@@ -33,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from bench.common import pss_bytes, scratch_manager
+from bench.common import pss_bytes, reflink_filesystem, scratch_manager
 from torpor.manager import InstanceManager
 from torpor.units import format_size
 
@@ -91,8 +94,17 @@ async def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--count", type=int, default=4)
     parser.add_argument("--dir", default="/var/tmp", help="parent of the scratch data root")
+    parser.add_argument("--reflink", action="store_true",
+                        help="the data root on an XFS (reflink) loop filesystem made for the run")
     args = parser.parse_args()
-    workdir, mgr = scratch_manager("tp-forkbench-", args.dir)
+    with contextlib.ExitStack() as stack:
+        parent = (stack.enter_context(reflink_filesystem(args.dir, 8 << 30)) if args.reflink
+                  else Path(args.dir))
+        return await bench(args, parent)
+
+
+async def bench(args: argparse.Namespace, parent: Path) -> int:
+    workdir, mgr = scratch_manager("tp-forkbench-", str(parent))
     restore, fork, again, to_agent = Sample(), Sample(), Sample(), []
     try:
         await mgr.create("src", memory_backing="file")
@@ -121,7 +133,8 @@ async def main() -> int:
         shutil.rmtree(workdir, ignore_errors=True)
     cores = os.cpu_count() or 1
     one, many = statistics.median(restore.wall), statistics.median(fork.wall)
-    print(f"data root under {args.dir}; {cores} cores\n")
+    print(f"data root under {parent}"
+          f"{' (XFS with reflink, on a loop device)' if args.reflink else ''}; {cores} cores\n")
     print(f"{'what':46} {'median s':>9}  runs")
     print(row("one restore of the standby guest (call)", restore.wall))
     print(row("  its restore_to_agent phase", to_agent))
