@@ -19,6 +19,7 @@ from torpor.errors import IntegrityError, OperationFailed
 from torpor.instances import InstanceState
 from torpor.instances.metadata import CompressionPolicy
 from torpor.instances.runtime import load_runtime
+from torpor.instances.snapshotrecord import SnapshotInfo
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest
 from torpor.manager import InstanceManager
@@ -196,11 +197,20 @@ def test_forks_map_the_snapshot_ram_privately_and_stay_isolated(
     run(manager.snapshot_delete("fm-snap"))
 
 
+def fork_base_records(manager: InstanceManager, name: str) -> list[SnapshotInfo]:
+    """The automatic snapshots `name`'s memory-file forks map (fork-base-…)."""
+    return [r for r in manager.snapshot_list(name) if r.name.startswith("fork-base-")]
+
+
+def fork_bases(manager: InstanceManager, name: str) -> list[str]:
+    return [r.id for r in fork_base_records(manager, name)]
+
+
 def test_fork_of_a_running_file_mode_instance_keeps_a_base_until_the_last_fork(
         manager: InstanceManager, filevm: str) -> None:
     marks = write_marks(manager, filevm, mib=8)
     forks = run(manager.fork(filevm, "fmlive", count=2))
-    bases = [r for r in manager.snapshot_list(filevm) if r.name.startswith("fork-base-")]
+    bases = fork_base_records(manager, filevm)
     assert len(bases) == 1 and bases[0].tags["torpor.auto"] == "fork"
     assert sh(manager, forks[0].name, MARKS) == marks
     assert run(manager.get(filevm)).state is InstanceState.RUNNING
@@ -208,10 +218,6 @@ def test_fork_of_a_running_file_mode_instance_keeps_a_base_until_the_last_fork(
     assert [r.id for r in manager.snapshot_list(filevm)] == [bases[0].id]  # one fork left
     run(manager.delete(forks[1].name, force=True))
     assert manager.snapshot_list(filevm) == []
-
-
-def fork_bases(manager: InstanceManager, name: str) -> list[str]:
-    return [r.id for r in manager.snapshot_list(name) if r.name.startswith("fork-base-")]
 
 
 def test_forks_of_an_unchanged_standby_source_share_one_base(
@@ -238,7 +244,7 @@ def test_a_kept_base_removed_before_the_fork_maps_it_is_made_anew(
         manager: InstanceManager, filevm: str, monkeypatch: pytest.MonkeyPatch) -> None:
     run(manager.standby(filevm))
     first = run(manager.fork(filevm, "fmgone", count=1))
-    (stale,) = [r for r in manager.snapshot_list(filevm) if r.name.startswith("fork-base-")]
+    (stale,) = fork_base_records(manager, filevm)
     run(manager.delete(first[0].name, force=True))  # the base goes with its last fork
     assert manager.snapshot_list(filevm) == []
     # The race: the base was found kept, and its last fork deleted before this fork's copies.
