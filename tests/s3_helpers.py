@@ -79,9 +79,11 @@ def seaweedfs(directory: Path) -> Iterator[S3Server]:
         "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
     data = directory / "data"
     data.mkdir()
-    argv = [_weed(), "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", f"-dir={data}",
+    argv = [_weed(), f"-logdir={directory}", "server", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+            f"-dir={data}",
             f"-master.port={master}", f"-volume.port={volume}", f"-filer.port={filer}",
             f"-filer.localSocket={directory}/filer.sock", "-s3", f"-s3.port={s3}",
+            f"-s3.localSocket={directory}/s3.sock",
             f"-s3.config={config}", "-s3.port.iceberg=0", "-s3.port.lance=0",
             "-volume.max=200", "-master.volumeSizeLimitMB=512", "-metricsPort=0"]
     log = open(directory / "weed.log", "wb")  # noqa: SIM115 - closed below
@@ -97,6 +99,15 @@ def seaweedfs(directory: Path) -> Iterator[S3Server]:
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
+        _remove_grpc_sockets({"master": master, "volume": volume, "filer": filer, "s3": s3})
+
+
+def _remove_grpc_sockets(ports: dict[str, int]) -> None:
+    """SeaweedFS puts a Unix socket per gRPC server in /tmp whatever it is told
+    (/tmp/seaweedfs-KIND-grpc-PORT.sock, PORT = the server's port + 10000): this run's
+    are removed, no other."""
+    for kind, port in ports.items():
+        Path(f"/tmp/seaweedfs-{kind}-grpc-{port + 10000}.sock").unlink(missing_ok=True)
 
 
 def _wait_ready(server: S3Server, proc: subprocess.Popen[bytes], log: Path) -> None:
