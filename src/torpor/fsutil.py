@@ -110,12 +110,21 @@ def parse_owner(name: str) -> tuple[int, int] | None:
 def remove_tree(path: Path) -> None:
     """Remove a directory tree by first renaming it aside, so it disappears at once (a
     process killed meanwhile leaves `.deleting-*` with its owner tag, for a sweep)."""
+    doomed = set_aside(path)
+    if doomed is not None:
+        shutil.rmtree(doomed, ignore_errors=True)
+
+
+def set_aside(path: Path) -> Path | None:
+    """`remove_tree`'s first step: the tree renamed, durably, to `.deleting-*` beside it
+    (tagged with this process, so a sweep leaves it alone while we live). None if there
+    was none."""
     if not path.exists():
-        return
+        return None
     doomed = path.with_name(owned_name(f"{DELETING_PREFIX}{path.name}"))
     os.replace(path, doomed)
     fsync_dir(path.parent)
-    shutil.rmtree(doomed, ignore_errors=True)
+    return doomed
 
 
 def allocated_bytes(root: Path, skip: tuple[str, ...] = ()) -> int:

@@ -198,7 +198,7 @@ class InstanceManager:
         from torpor.operations import restore as restore_op
 
         async with self.registry.locked(name, Action.RESTORE) as ctx:
-            await restore_op.restore(ctx)
+            await restore_op.restore(ctx, self.registry.reaper)
             return await self.registry.current_info(ctx)
 
     async def wake(self, name: str, *, wait: float) -> bool:
@@ -210,7 +210,7 @@ class InstanceManager:
 
         async with self.registry.locked(name, Action.WAKE, wait=wait) as ctx:
             if ctx.state is InstanceState.STANDBY:
-                await restore_op.restore(ctx)
+                await restore_op.restore(ctx, self.registry.reaper)
                 return True
             if ctx.state is InstanceState.PAUSED:  # left paused by someone: it runs again
                 await lifecycle.resume(ctx)

@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.api.conftest import Daemon
+from tests.api.conftest import Daemon, start_daemon, stop_daemon
 from tests.conftest import torpor_cli
+from torpor.fsutil import DELETING_PREFIX
 
 pytestmark = pytest.mark.qemu
 
@@ -300,3 +303,24 @@ def test_a_snapshot_compressed_in_the_background_through_the_api(api: httpx.Clie
             call(api, "DELETE", "/instances/bgapi-fork", 204, params={"force": True})
     finally:
         call(api, "DELETE", "/snapshots/bgapi", 204)
+
+
+def test_a_restored_state_is_removed_though_the_daemon_stops_right_after() -> None:
+    """The daemon removes a restore's loaded state after the call (its reaper): stopping
+    it at once still leaves nothing behind, for it waits for the removal."""
+    daemon = start_daemon()
+    try:
+        with daemon.client() as api:
+            call(api, "POST", "/instances", 201, json={"name": "reaped", "memory_mib": 256})
+            call(api, "POST", "/instances/reaped/start", json={})
+            sh(api, "reaped", "dd if=/dev/urandom of=/tmp/ram bs=1M count=96 2>/dev/null")
+            call(api, "POST", "/instances/reaped/standby", json={})
+            snapshots_dir = Path(call(api, "GET", "/instances/reaped")["path"]) / "snapshots"
+            assert [p.name for p in snapshots_dir.iterdir()] == ["latest"]
+            assert call(api, "POST", "/instances/reaped/restore")["state"] == "running"
+        daemon.process.send_signal(signal.SIGTERM)
+        assert daemon.process.wait(timeout=60) == 0, (daemon.data_root / "torpord.log").read_text()
+        assert list(snapshots_dir.iterdir()) == []
+        assert not list(daemon.data_root.rglob(f"{DELETING_PREFIX}*"))
+    finally:
+        stop_daemon(daemon)

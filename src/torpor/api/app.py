@@ -109,8 +109,10 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         loop.slow_callback_duration = float(threshold)
     sleeper: Sleeper = app.state.sleeper
     pool: RestorePool = app.state.restore_pool
-    # The idle clock and wakes, and QEMUs waiting for restores, while we serve.
-    async with sleeper.running(), pool.running():
+    reaper = app.state.manager.registry.reaper
+    # The idle clock and wakes, QEMUs waiting for restores, and the removal of what
+    # operations left behind, while we serve (the reaper stops last: it waits for them).
+    async with reaper.running(), sleeper.running(), pool.running():
         yield
 
 

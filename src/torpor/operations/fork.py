@@ -203,7 +203,7 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
                 created = await _materialise_all(
                     registry, registry.data_root.snapshot(temp.id).payload, names, None, True)
             finally:
-                await asyncio.to_thread(remove_tree, registry.data_root.snapshot(temp.id).root)
+                await registry.reaper.remove(registry.data_root.snapshot(temp.id).root)
         else:
             # A standby source's state is read: its job stops, and is queued again after.
             plan = (await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
@@ -349,7 +349,8 @@ async def _to_target(registry: Registry, meta: InstanceMetadata, has_state: bool
         if target_state == "stopped" and has_state:
             await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)
         elif target_state == "running" and has_state:
-            async with restore_op.restored(ctx, helper_identity(ctx.meta)) as done:
+            async with restore_op.restored(ctx, registry.reaper,
+                                          helper_identity(ctx.meta)) as done:
                 if not done.identity_applied:  # on the restore's connection
                     await apply_guest_identity(done.agent, ctx.meta)
         elif target_state == "running":

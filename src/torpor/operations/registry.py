@@ -27,6 +27,7 @@ from torpor.jobs import compression as compression_jobs
 from torpor.operations import warm
 from torpor.operations.recover import recover
 from torpor.paths import DataRoot
+from torpor.tasks import Reaper
 
 
 def effective_auto_standby(meta: InstanceMetadata, settings: Settings) -> float:
@@ -69,6 +70,9 @@ class Registry:
         # Instances whose lock a background task of this process holds for a moment
         # (the restore pool starting a QEMU): a request waits for it, not fails busy.
         self._held_in_background: set[str] = set()
+        # Removes what operations leave behind (a loaded state, a fork's temporary
+        # snapshot): after they return while the daemon runs it, else before.
+        self.reaper = Reaper()
 
     def all_metadata(self) -> list[InstanceMetadata]:
         found = []

@@ -54,7 +54,7 @@ from torpor.machinestate.stream import (
 )
 from torpor.operations import lifecycle, warm
 from torpor.paths import InstancePaths
-from torpor.tasks import in_thread, task_group
+from torpor.tasks import Reaper, in_thread, task_group
 
 log = logging.getLogger(__name__)
 # How long the guest's identity helper may stay silent once the agent has answered (it
@@ -100,8 +100,8 @@ class _Incoming:
     agent: GuestAgent | None = None
 
 
-async def restore(ctx: InstanceContext) -> PhaseRecorder:
-    async with restored(ctx) as done:
+async def restore(ctx: InstanceContext, reaper: Reaper) -> PhaseRecorder:
+    async with restored(ctx, reaper) as done:
         return done.op
 
 
@@ -113,12 +113,12 @@ class Restored:
 
 
 @contextlib.asynccontextmanager
-async def restored(ctx: InstanceContext,
+async def restored(ctx: InstanceContext, reaper: Reaper,
                    identity: Identity | None = None) -> AsyncIterator[Restored]:
     """The instance restored and running, for the block (a fork sets its identity there,
     unless the guest's helper did: `identity`, asked of it with the clock). The block is
     part of the operation: if it fails, the restore fails (the VM runs). The caller holds
-    the lock (standby)."""
+    the lock (standby). The loaded state goes to `reaper` once the guest runs."""
     started = time.monotonic()
     await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
     manifest = Manifest.load(ctx.paths.standby_dir)
@@ -158,10 +158,9 @@ async def restored(ctx: InstanceContext,
     try:
         async with task_group() as tasks:
             # The guest runs: the state it was loaded from is garbage whatever happens
-            # next. It goes while the guest wakes, not after: removing a 300 MB state
-            # (its page cache freed) took 65-80 ms of the call.
-            discard = tasks.create_task(
-                in_thread(lambda _: remove_tree(ctx.paths.standby_consumed_dir)))
+            # next. It goes while the guest wakes, not after (removing a 300 MB state
+            # took 65-80 ms of the call), and in the daemon after the call.
+            discard = tasks.create_task(reaper.remove(ctx.paths.standby_consumed_dir))
             faults.point("restore.resumed")
             with op.phase("agent-ready"):
                 vm.agent = await lifecycle.agent_ready(ctx, vm.agent)
@@ -189,7 +188,7 @@ async def restored(ctx: InstanceContext,
         if vm.agent is not None:
             await vm.agent.close()
         # (the removal, cancelled with the block, may not have begun)
-        await asyncio.to_thread(remove_tree, ctx.paths.standby_consumed_dir)
+        await reaper.remove(ctx.paths.standby_consumed_dir)
         failure = OperationFailed(f"restore of {ctx.name}: the VM runs again but {exc}")
         await op.persist(ctx.paths, failure)
         raise failure from exc

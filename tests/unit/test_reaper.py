@@ -1,0 +1,67 @@
+"""The reaper: a tree handed to it is gone from its place when `remove` returns; while
+the reaper runs, the rest of the removal happens after, and leaving `running` waits for
+it."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from pathlib import Path
+
+import pytest
+
+from torpor import tasks
+from torpor.fsutil import DELETING_PREFIX
+from torpor.tasks import Reaper
+
+
+def make_tree(root: Path) -> Path:
+    tree = root / "state"
+    (tree / "inner").mkdir(parents=True)
+    (tree / "inner" / "data").write_bytes(b"x" * 4096)
+    (tree / "manifest.json").write_text("{}")
+    return tree
+
+
+def leftovers(root: Path) -> list[str]:
+    return sorted(p.name for p in root.iterdir())
+
+
+def test_a_reaper_not_running_removes_before_returning(tmp_path: Path) -> None:
+    tree = make_tree(tmp_path)
+    asyncio.run(Reaper().remove(tree))
+    assert leftovers(tmp_path) == []
+
+
+def test_a_missing_tree_is_nothing_to_do(tmp_path: Path) -> None:
+    asyncio.run(Reaper().remove(tmp_path / "never-was"))
+    assert leftovers(tmp_path) == []
+
+
+def test_a_running_reaper_returns_at_once_and_waits_for_the_removal_when_it_stops(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tree = make_tree(tmp_path)
+    removing, may_finish = threading.Event(), threading.Event()
+    real_rmtree = tasks.shutil.rmtree
+
+    def slow_rmtree(path: Path, ignore_errors: bool = False) -> None:
+        removing.set()
+        assert may_finish.wait(10)
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(tasks.shutil, "rmtree", slow_rmtree)
+    seen: dict[str, list[str]] = {}
+
+    async def scenario() -> None:
+        reaper = Reaper()
+        async with reaper.running():
+            await reaper.remove(tree)
+            seen["returned"] = leftovers(tmp_path)
+            assert await asyncio.to_thread(removing.wait, 10)
+            may_finish.set()
+        seen["stopped"] = leftovers(tmp_path)
+
+    asyncio.run(scenario())
+    # set aside, not yet removed, when remove() returned; gone once the reaper stopped
+    assert len(seen["returned"]) == 1 and seen["returned"][0].startswith(DELETING_PREFIX)
+    assert seen["stopped"] == []
