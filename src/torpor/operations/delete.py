@@ -8,7 +8,6 @@ import contextlib
 
 from torpor import faults
 from torpor.errors import NotFound
-from torpor.fsutil import remove_tree
 from torpor.instances.locking import file_lock
 from torpor.instances.snapshotrecord import find_record
 from torpor.instances.states import Action
@@ -26,7 +25,7 @@ async def delete(registry: Registry, name: str, *, force: bool = False) -> None:
         faults.point("delete.killed")
         key = compression_jobs.instance_job_key(ctx.meta.id)
         await asyncio.to_thread(compression_jobs.cancel_and_wait, ctx.data_root, key)
-        await asyncio.to_thread(remove_tree, ctx.paths.root)
+        await registry.reaper.remove(ctx.paths.root)  # in the daemon: the bytes after the call
         try:
             faults.point("delete.removed")
         finally:  # the instance is gone: what is left of it goes too
