@@ -40,7 +40,7 @@ POINTS: dict[str, str] = {
     "restore.loaded": "the state is loaded and verified; the VM is paused",
     "restore.consumed": "the saved state is set aside as consumed; `cont` not yet sent",
     "restore.resumed": "the guest runs; the agent has not answered yet",
-    "restore.agent": "the agent answered; the consumed state is not yet removed",
+    "restore.agent": "the agent answered; the consumed state's removal may be under way",
     # snapshot of a running VM
     "snapshot.paused": "the source is paused; neither leg has started",
     "snapshot.frozen": "the disk is frozen under its overlay; the pause goes on",
@@ -54,6 +54,8 @@ POINTS: dict[str, str] = {
     "fork.based": "the snapshot the forks are copied from is published",
     "fork.copied": "the forks exist as instances with the saved state; none restored",
     "fork.restored": "the forks run; the operation has not returned",
+    # what an operation leaves behind (tasks.Reaper; in the daemon, after the call)
+    "reaper.set-aside": "a tree is renamed aside (.deleting-*); its removal has not begun",
     # delete
     "delete.killed": "the QEMU is killed; the directory is still there",
     "delete.removed": "the directory is gone; its job files and lock file are not",

@@ -27,6 +27,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import TypeVar
 
+from torpor import faults
 from torpor.fsutil import set_aside
 
 T = TypeVar("T")
@@ -101,8 +102,22 @@ class Reaper:
         doomed = await asyncio.to_thread(set_aside, path)
         if doomed is None:
             return
-        removal = in_thread(lambda _: shutil.rmtree(doomed, ignore_errors=True))
         if self._group is None:
-            await removal
+            await in_thread(lambda _: _remove(doomed))
         else:
-            self._group.create_task(removal)
+            self._group.create_task(_remove_in_background(doomed))
+
+
+def _remove(doomed: Path) -> None:
+    faults.point("reaper.set-aside")
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+async def _remove_in_background(doomed: Path) -> None:
+    """Never raises: a task failing in the reaper's group would end the daemon's serving.
+    What it could not remove stays set aside, for `torpor check` once we have exited."""
+    try:
+        await in_thread(lambda _: _remove(doomed))
+    except Exception:
+        log.exception("removing %s failed (`torpor check --repair` removes it once this "
+                      "process has exited)", doomed)

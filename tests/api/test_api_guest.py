@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.api.conftest import Daemon, start_daemon, stop_daemon
 from tests.conftest import torpor_cli
+from torpor import faults
 from torpor.fsutil import DELETING_PREFIX
 
 pytestmark = pytest.mark.qemu
@@ -322,5 +323,44 @@ def test_a_restored_state_is_removed_though_the_daemon_stops_right_after() -> No
         assert daemon.process.wait(timeout=60) == 0, (daemon.data_root / "torpord.log").read_text()
         assert list(snapshots_dir.iterdir()) == []
         assert not list(daemon.data_root.rglob(f"{DELETING_PREFIX}*"))
+    finally:
+        stop_daemon(daemon)
+
+
+@pytest.mark.parametrize("action", ["error", "kill"])
+def test_a_removal_after_the_call_that_fails_or_dies_leaves_the_guest_running(
+        action: str) -> None:
+    """The fault matrix's `reaper.` points, in the daemon (where removals outlive the
+    call): an error is logged and the daemon serves on; a kill ends it mid-restore. Either
+    way the guest runs with its RAM, and once the daemon is gone `check --repair` removes
+    what was set aside."""
+    daemon = start_daemon(env={faults.ENV: f"reaper.set-aside={action}"})
+    root = daemon.data_root
+    try:
+        with daemon.client() as api:
+            call(api, "POST", "/instances", 201, json={"name": "leftover", "memory_mib": 256})
+            call(api, "POST", "/instances/leftover/start", json={})
+            ram = sh(api, "leftover", "dd if=/dev/urandom of=/tmp/ram bs=1M count=16"
+                                      " 2>/dev/null; md5sum /tmp/ram | cut -c1-32")
+            call(api, "POST", "/instances/leftover/standby", json={})
+            if action == "error":
+                assert call(api, "POST", "/instances/leftover/restore")["state"] == "running"
+                assert sh(api, "leftover", "md5sum /tmp/ram | cut -c1-32") == ram
+                daemon.process.send_signal(signal.SIGTERM)
+                assert daemon.process.wait(timeout=60) == 0
+                assert "injected fault at reaper.set-aside" in (root / "torpord.log").read_text()
+            else:
+                with pytest.raises(httpx.TransportError):
+                    api.post("/instances/leftover/restore")
+                assert daemon.process.wait(timeout=60) == -signal.SIGKILL
+        found = json.loads(torpor_cli(root, "check", "--json").stdout)["problems"]
+        assert any(p["kind"] == "deleting" and ".latest.consumed" in p["path"] for p in found)
+        assert torpor_cli(root, "check", "--repair").returncode == 0
+        assert torpor_cli(root, "check").returncode == 0
+        shown = json.loads(torpor_cli(root, "show", "leftover", "--json").stdout)
+        assert shown["state"] == "running"
+        again = torpor_cli(root, "exec", "leftover", "--", "sh", "-c",
+                           "md5sum /tmp/ram | cut -c1-32")
+        assert again.returncode == 0 and again.stdout == ram, again.stderr
     finally:
         stop_daemon(daemon)

@@ -119,9 +119,9 @@ def points(prefix: str) -> list[str]:
 
 def test_every_point_is_in_the_matrix() -> None:
     # push., pull. and remote-delete.: tests/integration/test_remote_snapshots.py (a real
-    # S3 server)
+    # S3 server); reaper.: tests/api/test_api_guest.py (in the daemon, where it matters)
     covered = {p for group in ("standby.", "restore.", "snapshot.", "fork.", "delete.",
-                               "compress.", "push.", "pull.", "remote-delete.")
+                               "compress.", "push.", "pull.", "remote-delete.", "reaper.")
                for p in points(group)}
     assert covered == set(faults.POINTS)
 
