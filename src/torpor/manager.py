@@ -306,7 +306,7 @@ class InstanceManager:
         async with file_lock(self.data_root.registry_lock, what="the instance registry"):
             record = await asyncio.to_thread(self._snapshot_record, snapshot, source)
             users = await asyncio.to_thread(self.snapshot_dependents, record.id)
-            await asyncio.to_thread(snapshots.remove, self.data_root, record, users)
+            await snapshots.remove(self.data_root, record, users, self.registry.reaper)
 
     async def snapshot_restore(self, name: str, snapshot: str) -> InstanceInfo:
         """Replace the instance's disk and machine state with a snapshot of it."""

@@ -51,4 +51,4 @@ async def drop_auto_snapshot(registry: Registry, snapshot_id: str | None) -> Non
         users = snapshots.dependents(data_root, record.id,
                                      await asyncio.to_thread(registry.all_metadata))
         if record.tags.get(snapshots.AUTO_TAG) and not users:
-            await asyncio.to_thread(snapshots.remove, data_root, record, [])
+            await snapshots.remove(data_root, record, [], registry.reaper)

@@ -79,7 +79,7 @@ from torpor.operations.legs import run_legs
 from torpor.operations.paused import paused_window
 from torpor.operations.standby import build_manifest
 from torpor.paths import DataRoot, InstancePaths, SnapshotPaths
-from torpor.tasks import in_thread
+from torpor.tasks import Reaper, in_thread
 
 log = logging.getLogger(__name__)
 
@@ -400,13 +400,16 @@ def _record(ctx: InstanceContext, snapshot_id: str, name: str, kind: SnapshotKin
         state_codec=codec, state_bytes=state_bytes, phases=dict(op.phases))
 
 
-def remove(data_root: DataRoot, snap: SnapshotRecord, dependents: list[str]) -> None:
+async def remove(data_root: DataRoot, snap: SnapshotRecord, dependents: list[str],
+                 reaper: Reaper) -> None:
+    """The snapshot gone at once (its tree set aside; the bytes go through `reaper`)."""
     if dependents:
         raise WrongState(f"snapshot {snap.name} cannot be deleted: forks depend on it "
                          f"({', '.join(sorted(dependents))})")
     key = compression_jobs.Subject.snapshot(snap.id).key
-    compression_jobs.cancel_and_wait(data_root, key)  # its job reads the payload
-    remove_tree(data_root.snapshot(snap.id).root)
+    # its job reads the payload
+    await asyncio.to_thread(compression_jobs.cancel_and_wait, data_root, key)
+    await reaper.remove(data_root.snapshot(snap.id).root)
     compression_jobs.remove_job_files(data_root, key)
     data_root.snapshot_lock(snap.id).unlink(missing_ok=True)
 
