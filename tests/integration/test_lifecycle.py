@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -67,10 +68,13 @@ def test_cli_exec_show_and_errors(data_root: Path, shared_vm: str) -> None:
     assert again.returncode == 4
     assert again.stderr.strip() == f"torpor: error: instance {shared_vm} is already running"
     for args, code in ((["create", "Bad_Name"], 2), (["show", "nope"], 3),
-                       (["stop", "nope"], 3), (["create", "x" * 64], 2)):
+                       (["stop", "nope"], 3), (["create", "x" * 64], 2),
+                       (["create", "tiny", "--disk-size", "1K"], 2)):
         bad = torpor_cli(data_root, *args)
         assert bad.returncode == code, bad.stderr
         assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+    too_small = r"at least the image's size, [\d.]+ GiB \(\d+ bytes\)$"
+    assert re.search(too_small, bad.stderr.strip()), bad.stderr
 
 
 def test_start_stop_delete_leave_nothing(manager: InstanceManager, fresh_name: str) -> None:

@@ -45,6 +45,7 @@ from torpor.instances.metadata import (
 from torpor.operations import network
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
+from torpor.units import format_size
 
 MAX_CPUS = 64
 
@@ -76,7 +77,8 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
         image = image.model_copy(update={"rootfs": prepared.disk, "cmdline": IMAGE_CMDLINE})
     base_size = image.rootfs.stat().st_size
     if disk_bytes < base_size:
-        raise InvalidArgument(f"--disk-size must be at least the image's {base_size} bytes")
+        raise InvalidArgument(f"--disk-size must be at least the image's size, "
+                              f"{format_size(base_size)} ({base_size} bytes)")
     data_root = registry.data_root
     data_root.ensure()
     async with file_lock(data_root.registry_lock, what="the instance registry"):
