@@ -65,3 +65,48 @@ def test_a_running_reaper_returns_at_once_and_waits_for_the_removal_when_it_stop
     # set aside, not yet removed, when remove() returned; gone once the reaper stopped
     assert len(seen["returned"]) == 1 and seen["returned"][0].startswith(DELETING_PREFIX)
     assert seen["stopped"] == []
+
+
+def test_settled_waits_for_the_removals_below_a_path_and_no_others(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An instance's next operation waits for what its last one left (Registry.locked),
+    not for another instance's removals."""
+    mine, other = tmp_path / "mine", tmp_path / "other"
+    ours, theirs = make_tree(mine), make_tree(other)
+    released = {ours.parent: threading.Event(), theirs.parent: threading.Event()}
+    started = threading.Semaphore(0)
+    real_rmtree = tasks.shutil.rmtree
+
+    def held_rmtree(path: Path, ignore_errors: bool = False) -> None:
+        started.release()
+        assert released[Path(path).parent].wait(10)
+        real_rmtree(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(tasks.shutil, "rmtree", held_rmtree)
+    order: list[str] = []
+
+    async def scenario() -> None:
+        reaper = Reaper()
+        async with reaper.running():
+            await reaper.remove(ours)
+            await reaper.remove(theirs)
+            for _ in range(2):
+                assert await asyncio.to_thread(started.acquire, True, 10)
+            await reaper.settled(tmp_path / "elsewhere")  # nothing below it: at once
+            order.append("elsewhere settled")
+            waiting = asyncio.ensure_future(reaper.settled(mine))
+            for _ in range(3):  # the wait has begun (one turn would end a wrong one)
+                await asyncio.sleep(0)
+            assert not waiting.done()  # its removal is held
+            released[theirs.parent].set()
+            await reaper.settled(other)
+            assert leftovers(other) == []
+            assert not waiting.done()  # the other's ending changes nothing
+            order.append("mine still pending")
+            released[ours.parent].set()
+            await waiting
+            order.append("mine settled")
+            assert leftovers(mine) == []
+
+    asyncio.run(scenario())
+    assert order == ["elsewhere settled", "mine still pending", "mine settled"]

@@ -110,6 +110,7 @@ class Registry:
         async with file_lock(self.data_root.instance_lock(meta.id), what=f"instance {name}",
                              wait=timeout):
             paths = self.data_root.instance(meta.id)
+            await self.reaper.settled(paths.root)
             try:
                 fresh = await asyncio.to_thread(self._cache.load, paths.metadata)
             except FileNotFoundError:
