@@ -90,6 +90,11 @@ class Reaper:
         self._group: asyncio.TaskGroup | None = None
         self._pending: dict[Path, asyncio.Task[None]] = {}  # set-aside tree → its removal
 
+    @property
+    def active(self) -> bool:
+        """Whether a removal ends after `remove` returns (inside `running`)."""
+        return self._group is not None
+
     @contextlib.asynccontextmanager
     async def running(self) -> AsyncIterator[None]:
         async with asyncio.TaskGroup() as group:
