@@ -54,12 +54,15 @@ def test_a_running_reaper_returns_at_once_and_waits_for_the_removal_when_it_stop
 
     async def scenario() -> None:
         reaper = Reaper()
+        assert not reaper.active
         async with reaper.running():
+            assert reaper.active  # a restore then leaves its state to it (restore.py)
             await reaper.remove(tree)
             seen["returned"] = leftovers(tmp_path)
             assert await asyncio.to_thread(removing.wait, 10)
             may_finish.set()
         seen["stopped"] = leftovers(tmp_path)
+        assert not reaper.active
 
     asyncio.run(scenario())
     # set aside, not yet removed, when remove() returned; gone once the reaper stopped
