@@ -71,7 +71,8 @@ class Registry:
         # (the restore pool starting a QEMU): a request waits for it, not fails busy.
         self._held_in_background: set[str] = set()
         # Removes what operations leave behind (a loaded state, a fork's temporary
-        # snapshot): after they return while the daemon runs it, else before.
+        # snapshot, a deleted instance or snapshot): after they return while the daemon
+        # runs it, else before. An instance's next operation waits for its share.
         self.reaper = Reaper()
 
     def all_metadata(self) -> list[InstanceMetadata]:

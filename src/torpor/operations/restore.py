@@ -196,9 +196,10 @@ async def restored(ctx: InstanceContext, reaper: Reaper,
         await reaper.remove(ctx.paths.standby_consumed_dir)
         raise failure from exc
     await op.persist(ctx.paths)
-    # After the record: on a filesystem mounted with `discard` (this host's ext4) an
-    # fsync waits for the discards of blocks freed before it, and a large removal
-    # running alongside made the record's fsync take 33-50 ms instead of 1-2.
+    # The daemon's reaper gets the state after the record (in-process it is gone already):
+    # on a filesystem mounted with `discard` (this host's ext4) an fsync waits for the
+    # discards of blocks freed before it, and a large removal running alongside made the
+    # record's fsync take 33-50 ms instead of 1-2.
     await reaper.remove(ctx.paths.standby_consumed_dir)
 
 
