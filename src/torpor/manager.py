@@ -372,29 +372,10 @@ class InstanceManager:
 
     async def exec(self, name: str, argv: list[str], *, input: bytes | None = None,
                    timeout: float = 60.0) -> ExecResult:
-        from torpor.errors import WrongState
-        from torpor.guest.agent import AgentError, GuestAgent
-        from torpor.instances.runtime import derive_state, has_standby_state
-        from torpor.instances.states import require
+        """Run `argv` in a running guest (operations/guest_exec.py)."""
+        from torpor.operations.guest_exec import exec_command
 
-        meta = await asyncio.to_thread(self.registry.find, name)
-        paths = self.data_root.instance(meta.id)
-        state, _ = await derive_state(paths)
-        require(Action.EXEC, name, state, locked=False)  # not locked: runs beside others
-        try:
-            async with GuestAgent.connect(paths.agent_pipe) as agent:
-                return await agent.exec(argv, input=input, timeout=timeout)
-        except AgentError:
-            # The VM left "running" under the command (a standby or stop in another
-            # request): that is the conflict to report, not a failing guest. A published
-            # standby state counts even while its killed QEMU has not exited yet (it
-            # answers nothing then, and its state still derives as running).
-            now, _ = await derive_state(paths)
-            if now is state and has_standby_state(paths):
-                now = InstanceState.STANDBY
-            if now is not state:
-                raise WrongState(f"instance {name} went {now} during the command") from None
-            raise
+        return await exec_command(self.registry, name, argv, input=input, timeout=timeout)
 
     def console_path(self, name: str) -> Path:
         return self.data_root.instance(self.registry.find(name).id).serial_log

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import filecmp
 import json
 import os
@@ -23,6 +24,7 @@ from torpor.errors import IntegrityError, OperationFailed, WrongState
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.process import ProcessIdentity
 from torpor.hypervisor.qmp import Monitor
+from torpor.hypervisor.vmconfig import pipe_fifos
 from torpor.images.builtin import GuestImage
 from torpor.instances import InstanceState
 from torpor.instances.context import Settings
@@ -215,6 +217,38 @@ def test_exec_beside_a_published_standby_whose_qemu_is_not_gone_is_a_conflict(
         assert "Traceback" not in said
     finally:
         run(manager.restore(vm))
+
+def test_exec_whose_vm_is_stood_by_and_restored_while_it_waits_is_a_conflict(
+        manager: InstanceManager, data_root: Path, vm: str) -> None:
+    """What CI's soak test met: an exec waits for the agent (another client has it), and
+    meanwhile other requests stand the VM by and restore it. The exec reports the
+    conflict (409), not a broken agent (502). Ordered by events: the exec has opened the
+    agent's port (its descriptor is in our table) before the command line, run while our
+    event loop is blocked, stands the VM by and restores it."""
+    pipe = manager.paths(vm).agent_pipe
+    requests = str(pipe_fifos(pipe)[0])
+
+    def opened_here() -> int:
+        count = 0
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                count += os.readlink(f"/proc/self/fd/{fd}") == requests
+        return count
+
+    async def race() -> None:
+        async with GuestAgent.connect(pipe):  # another client has the agent
+            command = asyncio.create_task(manager.exec(vm, ["touch", "/tmp/ran"]))
+            while opened_here() < 2:  # the exec waits for the port
+                await asyncio.sleep(0.01)
+            for operation in ("standby", "restore"):  # (blocking: the exec runs after)
+                result = torpor_cli(data_root, "--local", operation, vm)
+                assert result.returncode == 0, result.stderr
+            with pytest.raises(WrongState, match="stood by and restored"):
+                await command
+
+    run(race())
+    assert sh(manager, vm, "test -e /tmp/ran && echo ran || echo not").strip() == "not"
+
 
 @pytest.mark.parametrize("codec", [Codec.NONE, Codec.ZSTD])
 def test_flipped_byte_is_refused_and_snapshot_kept(manager: InstanceManager, vm: str,
