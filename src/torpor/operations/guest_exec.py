@@ -69,8 +69,10 @@ async def _watch(name: str, paths: InstancePaths, on: ProcessIdentity) -> None:
 async def _left_running(name: str, paths: InstancePaths, on: ProcessIdentity, *,
                         quick: bool = False) -> WrongState | None:
     """Why the VM whose QEMU is `on` is no longer running, or None. A published standby
-    state counts even while its killed QEMU has not exited (it answers nothing then). A
-    VM merely paused (a snapshot) still runs here; `quick`: nothing else is asked then."""
+    state counts even while its killed QEMU has not exited (it answers nothing then).
+    `quick` (the watcher): QEMU is not asked, so a VM paused for a moment by a snapshot
+    still runs; after the agent failed, QEMU is asked, and paused or crashed is the
+    conflict too."""
     if has_standby_state(paths):
         return WrongState(f"instance {name} went standby during the command")
     now = load_runtime(paths)
