@@ -78,10 +78,11 @@ def job_worker(manager: InstanceManager, snapshot_id: str) -> ProcessIdentity:
     return ProcessIdentity.model_validate(read_json(path))
 
 
-def throttled(manager: InstanceManager) -> InstanceManager:
-    """The same data root with background jobs at 1 MiB/s: a job runs for many seconds."""
+def throttled(manager: InstanceManager, rate: int = 1 << 20) -> InstanceManager:
+    """The same data root with background jobs at `rate` bytes/s (1 MiB/s: a job runs for
+    many seconds)."""
     return InstanceManager(manager.data_root.root,
-                           Settings(accel=manager.settings.accel, compression_rate_limit=1 << 20))
+                           Settings(accel=manager.settings.accel, compression_rate_limit=rate))
 
 
 def test_the_instance_policy_compresses_a_snapshot_in_the_background(
@@ -140,7 +141,7 @@ def test_auto_saves_raw_in_the_pause_and_stores_frames(
 def test_a_fork_during_the_job_stops_it_and_the_job_goes_on_afterwards(
         manager: InstanceManager, vm: str) -> None:
     marks = write_marks(manager, vm, ram_mib=32)
-    slow = throttled(manager)
+    slow = throttled(manager, 4 << 20)  # still running at the fork; done in ~25 s after it
     preempted = load_stats(manager.data_root).preempted
     snap = run(slow.snapshot_create(vm, "bg-during", compression=CompressionPolicy(
         codec=Codec.ZSTD, mode="background")))
