@@ -116,10 +116,6 @@ def beside(calls: list[Call], call: Call) -> list[Call]:
             and other.started < call.ended and call.started < other.ended]
 
 
-def overlapping(calls: list[Call], call: Call) -> bool:
-    return bool(beside(calls, call))
-
-
 def state_before(calls: list[Call], call: Call) -> str:
     """The guest's state as the successful operations ended before `call` left it."""
     state = "running"
@@ -147,7 +143,7 @@ def test_three_clients_thirty_operations_each(daemon: Daemon, guests: dict[str, 
     assert not undocumented, undocumented
     conflicts = [c for c in calls if c.status == 409]
     for call in conflicts:
-        if overlapping(calls, call):
+        if beside(calls, call):
             continue
         assert "busy" not in call.body, call  # busy with nothing else running: not real
         assert state_before(calls, call) in REFUSES[call.op], call

@@ -218,6 +218,7 @@ def test_exec_beside_a_published_standby_whose_qemu_is_not_gone_is_a_conflict(
     finally:
         run(manager.restore(vm))
 
+
 def test_exec_whose_vm_is_stood_by_and_restored_while_it_waits_is_a_conflict(
         manager: InstanceManager, data_root: Path, vm: str) -> None:
     """What CI's soak test met: an exec waits for the agent (another client has it), and

@@ -85,4 +85,3 @@ async def _left_running(name: str, paths: InstancePaths, on: ProcessIdentity, *,
     if state is not InstanceState.RUNNING:
         return WrongState(f"instance {name} went {state} during the command")
     return None
-
