@@ -57,6 +57,13 @@ def booted(manager: InstanceManager, name: str, memory: int = 512 << 20) -> Iter
     run(manager.delete(name, force=True))
 
 
+def throttled(manager: InstanceManager, rate: int) -> InstanceManager:
+    """The same data root with background compression jobs capped at `rate` bytes/s (a
+    job that runs for many seconds, to be met mid-write)."""
+    return InstanceManager(manager.data_root.root,
+                           Settings(accel=manager.settings.accel, compression_rate_limit=rate))
+
+
 def running(manager: InstanceManager, name: str) -> str:
     """`name` running again, whatever state an earlier (failed) test left it in."""
     state = run(manager.get(name)).state

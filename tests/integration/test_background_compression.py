@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EMPTY_MD5, booted, run, running, sh
+from tests.conftest import EMPTY_MD5, booted, run, running, sh, throttled
 from torpor.codec import Codec
 from torpor.fsutil import read_json
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
@@ -38,12 +38,6 @@ def booted_vm(manager: InstanceManager) -> Iterator[str]:
 def vm(manager: InstanceManager, booted_vm: str) -> str:
     """Running at each test's start, whatever a failed test before it left."""
     return running(manager, booted_vm)
-
-
-def throttled(manager: InstanceManager, rate: int) -> InstanceManager:
-    """The same data root with background jobs capped at `rate` bytes/s."""
-    return InstanceManager(manager.data_root.root,
-                           Settings(accel=manager.settings.accel, compression_rate_limit=rate))
 
 
 def mark_guest(manager: InstanceManager, name: str) -> str:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import booted, read_marks, run, torpor_cli, write_marks
+from tests.conftest import booted, read_marks, run, throttled, torpor_cli, write_marks
 from torpor import faults
 from torpor.codec import Codec, checksum_file
 from torpor.fsutil import read_json
@@ -76,13 +76,6 @@ def job_worker(manager: InstanceManager, snapshot_id: str) -> ProcessIdentity:
         assert time.monotonic() < deadline, "no worker started"
         time.sleep(0.02)
     return ProcessIdentity.model_validate(read_json(path))
-
-
-def throttled(manager: InstanceManager, rate: int = 1 << 20) -> InstanceManager:
-    """The same data root with background jobs at `rate` bytes/s (1 MiB/s: a job runs for
-    many seconds)."""
-    return InstanceManager(manager.data_root.root,
-                           Settings(accel=manager.settings.accel, compression_rate_limit=rate))
 
 
 def test_the_instance_policy_compresses_a_snapshot_in_the_background(
@@ -167,7 +160,8 @@ def test_a_killed_job_is_requeued_by_the_next_manager(manager: InstanceManager,
     """What a daemon restart does: the plan is in the snapshot's record, so the next
     manager finds the job gone and queues it again."""
     marks = write_marks(manager, vm)
-    snap = run(throttled(manager).snapshot_create(vm, "bg-killed", compression=CompressionPolicy(
+    slow = throttled(manager, 1 << 20)  # 1 MiB/s: still writing when it is killed
+    snap = run(slow.snapshot_create(vm, "bg-killed", compression=CompressionPolicy(
         codec=Codec.LZ4, mode="background")))
     try:
         wait_for(manager, snap.id, CompressionState.COMPRESSING)

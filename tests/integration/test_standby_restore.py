@@ -201,8 +201,9 @@ def test_exec_beside_a_published_standby_whose_qemu_is_not_gone_is_a_conflict(
         manager: InstanceManager, data_root: Path, vm: str) -> None:
     """Between a standby publishing the state and its killed QEMU exiting, the QEMU still
     exists but answers nothing; an exec arriving then must be refused as the conflict
-    it is, not fail as a broken agent. The window is held open by stopping QEMU at the
-    fault point and running `torpor exec` from there."""
+    it is (the VM is in standby: its state is published), not fail as a broken agent.
+    The window is held open by stopping QEMU at the fault point and running `torpor exec`
+    from there."""
     record = load_runtime(manager.paths(vm))
     assert record is not None
     out = Path(tempfile.mkdtemp()) / "exec.out"
@@ -213,10 +214,32 @@ def test_exec_beside_a_published_standby_whose_qemu_is_not_gone_is_a_conflict(
         result = torpor_cli(data_root, "--local", "standby", vm, env=env)
         assert result.returncode == 0, result.stderr
         said = out.read_text()
-        assert "rc=4" in said and "went standby during the command" in said, said
+        assert "rc=4" in said and "is in standby, not running" in said, said
         assert "Traceback" not in said
     finally:
         run(manager.restore(vm))
+
+
+def test_a_vm_reads_as_standby_from_its_published_state_until_a_restore_consumes_it(
+        manager: InstanceManager, data_root: Path, vm: str) -> None:
+    """While a QEMU exists beside a standby state (standby's, not yet gone; a restore's,
+    started or loaded, the state not yet consumed) the guest has not run since the save,
+    and recovery would make it standby: anyone asking reads standby, not paused. Asked
+    with `torpor show` at the fault points, while the operation waits for it."""
+    out = Path(tempfile.mkdtemp()) / "states"
+    show = (f"{sys.executable} -m torpor.cli.main --local show {vm} --json | "
+            f"{sys.executable} -c 'import json, sys; print(json.load(sys.stdin)[\"state\"])'"
+            f" >> {out}")
+    try:
+        for operation, points in (("standby", "standby.published=exec"),
+                                  ("restore", "restore.spawned=exec,restore.loaded=exec")):
+            result = torpor_cli(data_root, "--local", operation, vm,
+                                env={faults.ENV: points, faults.EXEC_ENV: show})
+            assert result.returncode == 0, result.stderr
+        assert out.read_text().split() == ["standby"] * 3
+        assert run(manager.get(vm)).state is InstanceState.RUNNING
+    finally:
+        running(manager, vm)
 
 
 def test_exec_whose_vm_is_stood_by_and_restored_while_it_waits_is_a_conflict(

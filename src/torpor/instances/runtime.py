@@ -2,7 +2,8 @@
 
 runtime.json (in run/) is written right after QEMU has started and removed once torpor
 has stopped it. State is derived from what exists:
-  process alive      → ask QEMU (query monitor): running / paused / crashed
+  process alive      → ask QEMU (query monitor): running / paused / crashed; with a
+                       standby state present and QEMU not running, standby (below)
   process gone       → standby snapshot present → standby
                        runtime.json still there (QEMU died behind our back) → crashed
                        otherwise → stopped
@@ -92,6 +93,12 @@ async def derive_state(paths: InstancePaths) -> tuple[InstanceState, RuntimeReco
         status = await query_vm_status(paths)
         if status in FAILED_STATES:
             return InstanceState.CRASHED, record
+        if status != "running" and has_standby_state(paths):
+            # A standby published the state and its QEMU has not exited yet, or a restore's
+            # QEMU is starting or loading the state it has not consumed: the guest has not
+            # run since the state was saved, and recovery would make it standby. (Its
+            # monitor may not answer meanwhile: that is not "running" either.)
+            return InstanceState.STANDBY, None
         if status in PAUSED_STATES:
             return InstanceState.PAUSED, record
         return InstanceState.RUNNING, record

@@ -82,7 +82,9 @@ RULES: dict[Action, Rule] = {
         EVERY - LIVE, "instance {name} is {state}: stop it (or put it in standby) first"),
     Action.FORK: Rule(
         EVERY - {S.CRASHED}, "instance {name} is crashed: stop or start it first"),
-    Action.EXEC: Rule(frozenset({S.RUNNING}), "instance {name} is {state}, not running"),
+    Action.EXEC: Rule(
+        frozenset({S.RUNNING}), "instance {name} is {state}, not running",
+        {S.STANDBY: "instance {name} is in standby, not running: `torpor restore {name}` first"}),
     Action.CONFIGURE: Rule(EVERY, ""),
     Action.WAKE: Rule(
         LIVE | {S.STANDBY}, "instance {name} is {state}: only an instance in standby wakes"
