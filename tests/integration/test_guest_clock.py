@@ -21,6 +21,7 @@ from torpor.manager import InstanceManager
 
 pytestmark = pytest.mark.qemu
 ASLEEP_S = 20
+CLOCK_TOLERANCE_S = 1  # a guest's clock against the host's, read in whole seconds
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,11 @@ def test_guests_read_the_hosts_time_after_20_s_asleep(manager: InstanceManager,
     for name in guests:
         info = run(manager.restore(name))
         assert info.last_operation is not None
-        # The record says how far behind the guest was before it was set.
-        assert info.last_operation.phases["clock_behind"] >= ASLEEP_S
-        assert abs(guest_seconds_behind(manager, name)) <= 1, name
+        # The record says how far behind the guest was before it was set: the time asleep,
+        # give or take the guest's own offset before the standby, which the check after
+        # the restore allows too (CI once read 19.968 s here).
+        behind = info.last_operation.phases["clock_behind"]
+        assert behind >= ASLEEP_S - CLOCK_TOLERANCE_S, (name, behind)
+        assert abs(guest_seconds_behind(manager, name)) <= CLOCK_TOLERANCE_S, name
     fork = run(manager.snapshot_fork(snap.id, "clock-fork"))[0]
-    assert abs(guest_seconds_behind(manager, fork.name)) <= 1
+    assert abs(guest_seconds_behind(manager, fork.name)) <= CLOCK_TOLERANCE_S
