@@ -112,6 +112,16 @@ class Restored:
     identity_applied: bool  # the identity asked for is set (by the guest's helper)
 
 
+@dataclass
+class _Saved:
+    """The standby state as a restore found and checked it."""
+
+    manifest: Manifest
+    config: VMConfig  # the VM to start for it
+    path: Path  # the state file
+    codec: Codec
+
+
 @contextlib.asynccontextmanager
 async def restored(ctx: InstanceContext, reaper: Reaper,
                    identity: Identity | None = None) -> AsyncIterator[Restored]:
@@ -120,39 +130,16 @@ async def restored(ctx: InstanceContext, reaper: Reaper,
     part of the operation: if it fails, the restore fails (the VM runs). The caller holds
     the lock (standby). The loaded state goes to `reaper` once the guest runs."""
     started = time.monotonic()
-    await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
-    manifest = Manifest.load(ctx.paths.standby_dir)
-    config = check_compatible(ctx, manifest)
-    path, codec = locate_state_file(ctx.paths.standby_dir, manifest.state)
-    lifecycle.check_boot_files(ctx)
-    check_memory_file(ctx, config, manifest)
+    saved = await _checked_state(ctx)
     op = PhaseRecorder("restore", ctx.name)
-    vm = _Incoming()  # killed and closed on every failure before the guest runs
-    try:
-        async with contextlib.AsyncExitStack() as stack:
-            load = (_load_at_exec if reads_at_exec(codec, manifest.x_ignore_shared)
-                    else _load_deferred)
-            mon = await load(ctx, stack, vm, op, config, manifest, path, codec)
-            faults.point("restore.loaded")
-            if vm.agent is not None:
-                vm.agent.send_sync()  # waiting for the guest, not for `cont`'s reply
-            with op.phase("resume"):
-                await asyncio.to_thread(consume_state, ctx)
-                await _resume_or_give_back(ctx, mon)
-    except BaseException as exc:
-        if vm.agent is not None:
-            await vm.agent.close()
-        if vm.process is not None:
-            await lifecycle.terminate(ctx, vm.process)
-        await op.persist(ctx.paths, exc)
-        raise
+    vm = await _load_and_resume(ctx, op, saved)
     op.add("restore_to_running", time.monotonic() - started)
     # The guest's identity helper is asked at once: it sets the clock (and a fork's
     # identity) while the agent wakes, with no process started in the guest.
-    pipe = config.identity_pipe
+    pipe = saved.config.identity_pipe
     helper = None if pipe is None else asyncio.ensure_future(guest_identity.apply(
         pipe, identity=identity, timeout=ctx.settings.agent_timeout))
-    memory = config.memory_file
+    memory = saved.config.memory_file
     assert vm.process is not None
     pid = vm.process.pid
     try:
@@ -184,23 +171,70 @@ async def restored(ctx: InstanceContext, reaper: Reaper,
                 with op.phase("cleanup"):  # what is left of the removal
                     await discard
     except BaseException as exc:
-        if helper is not None and not helper.done():
-            helper.cancel()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await helper
-        if vm.agent is not None:
-            await vm.agent.close()
-        failure = OperationFailed(f"restore of {ctx.name}: the VM runs again but {exc}")
-        await op.persist(ctx.paths, failure)
-        # (a removal cancelled with the block may not have begun)
-        await reaper.remove(ctx.paths.standby_consumed_dir)
-        raise failure from exc
+        raise await _failed_running(ctx, reaper, vm, op, helper, exc) from exc
     await op.persist(ctx.paths)
     # The daemon's reaper gets the state after the record (in-process it is gone already):
     # on a filesystem mounted with `discard` (this host's ext4) an fsync waits for the
     # discards of blocks freed before it, and a large removal running alongside made the
     # record's fsync take 33-50 ms instead of 1-2.
     await reaper.remove(ctx.paths.standby_consumed_dir)
+
+
+async def _checked_state(ctx: InstanceContext) -> _Saved:
+    """The standby state, refused before anything starts if it cannot be restored here:
+    a VM config it does not fit, a missing state file, kernel or RAM file."""
+    await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+    manifest = Manifest.load(ctx.paths.standby_dir)
+    config = check_compatible(ctx, manifest)
+    path, codec = locate_state_file(ctx.paths.standby_dir, manifest.state)
+    lifecycle.check_boot_files(ctx)
+    check_memory_file(ctx, config, manifest)
+    return _Saved(manifest, config, path, codec)
+
+
+async def _load_and_resume(ctx: InstanceContext, op: PhaseRecorder, saved: _Saved
+                           ) -> _Incoming:
+    """QEMU started, the state loaded and verified, consumed, and the guest resumed. On a
+    failure before the guest runs, the QEMU is killed and the state stays (standby)."""
+    vm = _Incoming()
+    try:
+        async with contextlib.AsyncExitStack() as stack:
+            load = (_load_at_exec if reads_at_exec(saved.codec, saved.manifest.x_ignore_shared)
+                    else _load_deferred)
+            mon = await load(ctx, stack, vm, op, saved.config, saved.manifest, saved.path,
+                             saved.codec)
+            faults.point("restore.loaded")
+            if vm.agent is not None:
+                vm.agent.send_sync()  # waiting for the guest, not for `cont`'s reply
+            with op.phase("resume"):
+                await asyncio.to_thread(consume_state, ctx)
+                await _resume_or_give_back(ctx, mon)
+    except BaseException as exc:
+        if vm.agent is not None:
+            await vm.agent.close()
+        if vm.process is not None:
+            await lifecycle.terminate(ctx, vm.process)
+        await op.persist(ctx.paths, exc)
+        raise
+    return vm
+
+
+async def _failed_running(ctx: InstanceContext, reaper: Reaper, vm: _Incoming,
+                          op: PhaseRecorder, helper: asyncio.Future[Applied] | None,
+                          exc: BaseException) -> OperationFailed:
+    """A failure once the guest runs: the VM is left running (never killed: its state is
+    consumed), the helper's request and the agent let go, the failure recorded."""
+    if helper is not None and not helper.done():
+        helper.cancel()
+        with contextlib.suppress(Exception, asyncio.CancelledError):
+            await helper
+    if vm.agent is not None:
+        await vm.agent.close()
+    failure = OperationFailed(f"restore of {ctx.name}: the VM runs again but {exc}")
+    await op.persist(ctx.paths, failure)
+    # (a removal cancelled with the block may not have begun)
+    await reaper.remove(ctx.paths.standby_consumed_dir)
+    return failure
 
 
 def _read_back(path: Path, pid: int, stop: threading.Event) -> None:
