@@ -13,7 +13,7 @@ from tests.conftest import booted, run, sh
 from tests.integration.test_snapshots_fork import identity
 from torpor.instances.metadata import InstanceMetadata
 from torpor.manager import InstanceManager
-from torpor.operations.restore import HELPER_GRACE
+from torpor.operations.guest_clock import HELPER_GRACE
 
 pytestmark = pytest.mark.qemu
 

@@ -29,6 +29,7 @@ from torpor.instances.runtime import (
 from torpor.instances.vmspec import vm_config_for
 from torpor.jobs import compression as compression_jobs
 from torpor.operations import network
+from torpor.operations.guest_clock import ask_helper, cancel_helper, set_guest_clock
 from torpor.tasks import in_thread
 
 log = logging.getLogger(__name__)
@@ -130,9 +131,14 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecord
             with op.phase("agent-ready"):
                 agent = await _agent_unless_powered_off(ctx, process)
             if agent is not None:
+                # The booted guest's clock is the emulated RTC's whole second (up to a
+                # second off, either way): set from the host's, as a restore sets it.
+                helper = ask_helper(config, ctx.settings.agent_timeout)
                 try:
+                    await set_guest_clock(agent, op, helper)
                     await _record_clock_source(ctx, agent)
                 finally:
+                    await cancel_helper(helper)
                     await agent.close()
             else:  # its command ran to its end: a stopped VM publishes nothing
                 await asyncio.to_thread(network.stop_publisher, ctx.paths)

@@ -26,9 +26,8 @@ from torpor import faults
 from torpor.codec import Codec
 from torpor.errors import IntegrityError, OperationFailed, TorporError
 from torpor.fsutil import fsync_dir, prefetch, remove_tree
-from torpor.guest import identity as guest_identity
-from torpor.guest.agent import AgentError, GuestAgent
-from torpor.guest.identity import Applied, Identity, IdentityError
+from torpor.guest.agent import GuestAgent
+from torpor.guest.identity import Applied, Identity
 from torpor.hypervisor import guestram
 from torpor.hypervisor.process import ProcessIdentity, TrackedProcess
 from torpor.hypervisor.qmp import Monitor, QmpError
@@ -53,13 +52,11 @@ from torpor.machinestate.stream import (
     reads_at_exec,
 )
 from torpor.operations import lifecycle, warm
+from torpor.operations.guest_clock import ask_helper, cancel_helper, set_guest_clock
 from torpor.paths import InstancePaths
 from torpor.tasks import Reaper, in_thread, task_group
 
 log = logging.getLogger(__name__)
-# How long the guest's identity helper may stay silent once the agent has answered (it
-# answers first, in ms, when it runs at all).
-HELPER_GRACE = 2.0
 
 
 def check_compatible(ctx: InstanceContext, manifest: Manifest) -> VMConfig:
@@ -136,9 +133,7 @@ async def restored(ctx: InstanceContext, reaper: Reaper,
     op.add("restore_to_running", time.monotonic() - started)
     # The guest's identity helper is asked at once: it sets the clock (and a fork's
     # identity) while the agent wakes, with no process started in the guest.
-    pipe = saved.config.identity_pipe
-    helper = None if pipe is None else asyncio.ensure_future(guest_identity.apply(
-        pipe, identity=identity, timeout=ctx.settings.agent_timeout))
+    helper = ask_helper(saved.config, ctx.settings.agent_timeout, identity)
     memory = saved.config.memory_file
     assert vm.process is not None
     pid = vm.process.pid
@@ -224,10 +219,7 @@ async def _failed_running(ctx: InstanceContext, reaper: Reaper, vm: _Incoming,
                           exc: BaseException) -> OperationFailed:
     """A failure once the guest runs: the VM is left running (never killed: its state is
     consumed), the helper's request and the agent let go, the failure recorded."""
-    if helper is not None and not helper.done():
-        helper.cancel()
-        with contextlib.suppress(Exception, asyncio.CancelledError):
-            await helper
+    await cancel_helper(helper)
     if vm.agent is not None:
         await vm.agent.close()
     failure = OperationFailed(f"restore of {ctx.name}: the VM runs again but {exc}")
@@ -310,48 +302,6 @@ async def _resume_or_give_back(ctx: InstanceContext, mon: Monitor) -> None:
             if await mon.status() != "running":
                 await asyncio.to_thread(_give_back_state, ctx)
         raise
-
-
-async def set_guest_clock(agent: GuestAgent, op: PhaseRecorder,
-                          helper: asyncio.Future[Applied] | None = None) -> bool:
-    """The guest's wall clock continued from the moment it was paused: set it from the
-    host's, by the guest's identity helper (`helper`, asked already) or else qemu-ga's
-    `guest-set-time` (which forks hwclock in the guest). How far behind it was goes into
-    the record. True if the helper did it (and the identity it was given). A guest whose
-    clock cannot be set keeps running, with a warning in the log."""
-    if helper is not None:
-        with op.phase("identity"):
-            applied = await _helper_result(helper, op.instance)
-        if applied is not None:
-            op.add("clock_behind", (applied.sent_time_ns - applied.guest_time_ns) / 1e9)
-            return True
-    with op.phase("clock"):
-        try:
-            behind = time.time_ns() - await agent.get_time()
-            await agent.set_time(time.time_ns())
-        except AgentError as exc:
-            log.warning("%s: the guest's clock was not set: %s", op.instance, exc)
-            return False
-    op.add("clock_behind", behind / 1e9)
-    return False
-
-
-async def _helper_result(helper: asyncio.Future[Applied], instance: str) -> Applied | None:
-    """The helper's answer; None (logged) if it refused, or is still silent HELPER_GRACE
-    after the agent answered (a guest whose helper died or hangs: the agent does it)."""
-    await asyncio.wait({helper}, timeout=HELPER_GRACE)
-    if not helper.done():
-        helper.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await helper
-        log.warning("%s: the guest's identity helper did not answer; the agent sets the "
-                    "clock", instance)
-        return None
-    try:
-        return helper.result()
-    except IdentityError as exc:
-        log.warning("%s: %s; the agent sets the clock", instance, exc)
-        return None
 
 
 async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
