@@ -196,8 +196,7 @@ async def _load_and_resume(ctx: InstanceContext, op: PhaseRecorder, saved: _Save
         async with contextlib.AsyncExitStack() as stack:
             load = (_load_at_exec if reads_at_exec(saved.codec, saved.manifest.x_ignore_shared)
                     else _load_deferred)
-            mon = await load(ctx, stack, vm, op, saved.config, saved.manifest, saved.path,
-                             saved.codec)
+            mon = await load(ctx, stack, vm, op, saved)
             faults.point("restore.loaded")
             if vm.agent is not None:
                 vm.agent.send_sync()  # waiting for the guest, not for `cont`'s reply
@@ -305,12 +304,12 @@ async def _resume_or_give_back(ctx: InstanceContext, mon: Monitor) -> None:
 
 
 async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
-                        vm: _Incoming, op: PhaseRecorder, config: VMConfig,
-                        manifest: Manifest, path: Path, codec: Codec) -> Monitor:
+                        vm: _Incoming, op: PhaseRecorder, saved: _Saved) -> Monitor:
     """QEMU started with the state file on its command line: it loads as soon as it has
     initialised. `spawn` ends when it begins to read, `load` when the state is in and its
     checksum verified. Returns the monitor of the paused, loaded QEMU."""
-    feed = await stack.enter_async_context(exec_feed(path, manifest.state))
+    config, manifest = saved.config, saved.manifest
+    feed = await stack.enter_async_context(exec_feed(saved.path, manifest.state))
     progress = observe.counter("load", manifest.state.stored_bytes)
     # The launch's outcome, not its task: a task failing in the group would cancel us
     # before `feed` has said what the failure means (a state failing its checksum).
@@ -345,11 +344,11 @@ async def _load_at_exec(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
 
 
 async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
-                         vm: _Incoming, op: PhaseRecorder, config: VMConfig,
-                         manifest: Manifest, path: Path, codec: Codec) -> Monitor:
+                         vm: _Incoming, op: PhaseRecorder, saved: _Saved) -> Monitor:
     """QEMU started with `-incoming defer`; the state (through a decompressor, or after
     setting x-ignore-shared) is handed to it through the monitor. A state fed by a thread
     of ours starts feeding first: its first frames are decoded while QEMU starts."""
+    config, manifest, path, codec = saved.config, saved.manifest, saved.path, saved.codec
     stream = (await stack.enter_async_context(feeding(path, codec))
               if is_fed(codec, manifest.state) else None)
     with op.phase("spawn"):
