@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torpor.errors import InvalidArgument
+from torpor.fsutil import allocated_bytes
 from torpor.instances.context import Settings
 from torpor.instances.info import CompressionState, InstanceInfo
 from torpor.instances.metadata import DEFAULT_DISK, DEFAULT_MEMORY, InstanceState
@@ -64,9 +65,10 @@ class InstanceManager:
         return await self.registry.get(name)
 
     async def list_all(self) -> list[InstanceInfo]:
-        """Every instance; their QEMUs are asked for their state at the same time (one
-        slow or hung monitor costs its own 2 s query timeout once, not once per VM)."""
-        metas = await asyncio.to_thread(self.registry.all_metadata)
+        """Every instance, by name; their QEMUs are asked for their state at the same time
+        (one slow or hung monitor costs its own 2 s query timeout once, not once per VM)."""
+        metas = sorted(await asyncio.to_thread(self.registry.all_metadata),
+                       key=lambda meta: meta.name)
         return list(await asyncio.gather(*(self.registry.info(meta) for meta in metas)))
 
     def paths(self, name: str) -> InstancePaths:
@@ -291,7 +293,8 @@ class InstanceManager:
         stored = compression_jobs.snapshot_stored_state(self.data_root, record.id)
         if stored is not None:
             fields["state_codec"], fields["state_bytes"] = stored
-        return SnapshotInfo(**fields, compression=status)
+        stored_bytes = allocated_bytes(self.data_root.snapshot(record.id).root)
+        return SnapshotInfo(**fields, compression=status, stored_bytes=stored_bytes)
 
     def snapshot_dependents(self, snapshot_id: str) -> list[str]:
         """Instances forked from the snapshot, or mapping its memory file."""

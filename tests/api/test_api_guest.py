@@ -19,7 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.api.conftest import Daemon, start_daemon, stop_daemon
 from tests.conftest import torpor_cli
 from torpor import faults
-from torpor.fsutil import DELETING_PREFIX
+from torpor.fsutil import DELETING_PREFIX, allocated_bytes
+from torpor.paths import DataRoot
+from torpor.units import format_size
 
 pytestmark = pytest.mark.qemu
 
@@ -240,6 +242,14 @@ def test_cli_prints_the_same_through_the_daemon_as_in_process(api: httpx.Client,
         shown = torpor_cli(daemon.data_root, "show", vm).stdout
         assert "phases" in shown and "k=v" in torpor_cli(daemon.data_root, "snapshot",
                                                          "list").stdout
+        # What a snapshot occupies, not its sparse disk's size: 2 GiB logical here
+        listed = json.loads(torpor_cli(daemon.data_root, "snapshot", "list", "--json").stdout)
+        (s1,) = [s for s in listed if s["name"] == "s1"]
+        on_disk = allocated_bytes(DataRoot(daemon.data_root).snapshot(s1["id"]).root)
+        assert s1["stored_bytes"] == on_disk < s1["logical_bytes"] // 10
+        (row,) = [line for line in torpor_cli(daemon.data_root, "snapshot", "list"
+                                              ).stdout.splitlines() if " s1 " in f" {line} "]
+        assert format_size(on_disk) in row and format_size(s1["logical_bytes"]) not in row
     finally:
         torpor_cli(daemon.data_root, "snapshot", "delete", "s1")
         torpor_cli(daemon.data_root, "--local", "delete", "outvm")

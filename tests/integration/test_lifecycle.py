@@ -96,6 +96,23 @@ def test_start_stop_delete_leave_nothing(manager: InstanceManager, fresh_name: s
     assert fresh_name not in [i.name for i in run(manager.list_all())]
 
 
+def test_instances_are_listed_by_name(manager: InstanceManager, data_root: Path) -> None:
+    """By name, not by the random ids their directories are named after: six names
+    created out of order (the ids' order matches theirs one time in 720)."""
+    names = [f"order-{letter}" for letter in "fbdaec"]
+    try:
+        for name in names:
+            run(manager.create(name))
+        listed = [info.name for info in run(manager.list_all())]
+        assert [n for n in listed if n in names] == sorted(names)
+        assert listed == sorted(listed)
+        table = torpor_cli(data_root, "list").stdout
+        assert [line.split()[0] for line in table.splitlines()[1:]] == listed
+    finally:
+        for name in names:
+            run(manager.delete(name, force=True))
+
+
 def test_qemu_failing_to_start_reports_its_error(manager: InstanceManager, data_root: Path,
                                                 fresh_name: str) -> None:
     """QEMU's own message comes back (from its log) and nothing is left running."""

@@ -35,3 +35,12 @@ def test_help_renders(path: tuple[str, ...]) -> None:
     result = CliRunner().invoke(app, [*path, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage" in result.output
+
+
+def test_a_commands_summary_is_its_docstrings_first_paragraph_on_one_line() -> None:
+    """The docstring's line breaks (wrapped for the source) are not the terminal's: rich
+    markup mode kept them, and the group's list broke mid-sentence."""
+    result = CliRunner().invoke(app, ["snapshot", "--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert any("paused only while state and disk are taken. Its machine state is compressed"
+               in line for line in result.output.splitlines()), result.output

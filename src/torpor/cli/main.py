@@ -45,14 +45,17 @@ if TYPE_CHECKING:  # imported where used: a command loads only its own path (see
 
 T = TypeVar("T")
 
+# Plain help text: docstrings are wrapped at 92 columns, and the terminal wraps again
+# (rich markup mode kept each line break; it would also eat a literal "[...]").
 app = typer.Typer(
     name="torpor", no_args_is_help=True, add_completion=False,
-    pretty_exceptions_enable=False,
+    pretty_exceptions_enable=False, rich_markup_mode="markdown",
     help="Put QEMU VMs into standby, restore them and fork them.",
 )
-image_app = typer.Typer(no_args_is_help=True, help="Guest images.")
+image_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown", help="Guest images.")
 app.add_typer(image_app, name="image")
-snapshot_app = typer.Typer(no_args_is_help=True, help="Stored snapshots of instances.")
+snapshot_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
+                           help="Stored snapshots of instances.")
 app.add_typer(snapshot_app, name="snapshot")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]

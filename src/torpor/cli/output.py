@@ -68,12 +68,13 @@ def instances_table(infos: list[Any]) -> Table:
 
 def snapshots_table(records: list[Any]) -> Table:
     table = Table(box=None, header_style="bold")
-    for col in ("NAME", "SOURCE", "KIND", "MODE", "STATE", "SIZE", "CREATED", "TAGS", "ID"):
+    # DATA: what it occupies on disk (a 2 GiB sparse disk with 20 MiB written is 20 MiB)
+    for col in ("NAME", "SOURCE", "KIND", "MODE", "STATE", "DATA", "CREATED", "TAGS", "ID"):
         table.add_column(col)
     for r in records:
         tags = ",".join(f"{k}={v}" for k, v in r.tags.items()) or "-"
         table.add_row(r.name, r.source_name, r.kind, r.mode, stored_state(r),
-                      format_size(r.logical_bytes), r.created_at.isoformat(timespec="seconds"),
+                      format_size(r.stored_bytes), r.created_at.isoformat(timespec="seconds"),
                       tags, r.id)
     return table
 

@@ -53,9 +53,11 @@ class SnapshotRecord(SnapshotFields):
 
 class SnapshotInfo(SnapshotFields):
     """What `snapshot list` and `show` report: the record and its state's compression
-    (the plan itself stays internal, as an instance's does)."""
+    (the plan itself stays internal, as an instance's does), and what it occupies on disk
+    now (`logical_bytes` counts a sparse disk's holes; compression shrinks the state)."""
 
     compression: CompressionStatus
+    stored_bytes: int = 0
 
 
 def load_record(paths: SnapshotPaths) -> SnapshotRecord:
