@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import socket
 import subprocess
 from pathlib import Path
 
@@ -272,3 +273,14 @@ def test_cli_pull_list_rm_and_errors(tmp_path: Path, registry: str,
     gone = torpor_cli(root, "image", "rm", f"{registry}/test/web:1")
     assert gone.returncode == 3 and "no image" in gone.stderr
     assert os.path.isdir(root / "images" / "oci")
+
+
+def test_a_registry_that_cannot_be_reached_is_named_in_one_line(tmp_path: Path) -> None:
+    """skopeo calls a refused connection an error "parsing image name"."""
+    with socket.socket() as sock:  # a loopback port nothing listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    pulled = torpor_cli(tmp_path / "data", "image", "pull", f"127.0.0.1:{port}/nope:1")
+    assert pulled.returncode == 1
+    assert pulled.stderr == (f"torpor: error: pulling 127.0.0.1:{port}/nope:1 failed: cannot "
+                             f"reach the registry 127.0.0.1:{port}: connection refused\n")

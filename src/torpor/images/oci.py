@@ -391,6 +391,9 @@ class ImageStore:
 
 
 _MSG_RE = re.compile(r'msg="((?:[^"\\]|\\.)*)"')
+# skopeo 1.9 reports a registry it cannot reach as an error "parsing image name".
+_UNREACHABLE_RE = re.compile(r'^Error parsing image name "[^"]*": pinging container registry '
+                             r'(\S+): .*: ([^:]+)$')
 
 
 def skopeo_error(stderr: bytes) -> str:
@@ -399,4 +402,6 @@ def skopeo_error(stderr: bytes) -> str:
     found = _MSG_RE.findall(text)
     message = found[-1].encode().decode("unicode_escape") if found else text.strip()
     message = re.sub(r"^initializing source \S+: ", "", message)
+    if unreachable := _UNREACHABLE_RE.match(message):
+        message = f"cannot reach the registry {unreachable[1]}: {unreachable[2]}"
     return " ".join(message.split())[-600:] or "skopeo failed"
