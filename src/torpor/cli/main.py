@@ -792,16 +792,43 @@ def image_build() -> None:
     console.print(f"default guest ready in {builtin_image_dir()} (kernel {image.kernel.name})")
 
 
+# click's base exception, reached through one typer exports: typer 0.28 carries its own
+# copy of click (typer._click), earlier versions use click itself.
+ClickException: type[Exception] = next(
+    t for t in typer.BadParameter.__mro__ if t.__name__ == "ClickException")
+
+
+def usage_error_line(exc: Exception) -> str:
+    """A usage error (a missing argument, an unknown option, a bad value) in one line, like
+    torpor's own errors, with where the command's help is."""
+    message = " ".join(str(exc.format_message()).split()).rstrip(".")  # type: ignore[attr-defined]
+    message = message[:1].lower() + message[1:]  # "Missing argument": as torpor's own read
+    ctx = getattr(exc, "ctx", None)
+    where = f" (see `{ctx.command_path} --help`)" if ctx is not None else ""
+    return f"torpor: error: {message}{where}"
+
+
 def main() -> None:
-    # Typer handles usage errors itself (exit 2); torpor's own errors become one line.
+    # Errors, usage errors too, become one line on stderr with their exit code.
     try:
-        app()
+        code = app(standalone_mode=False)
     except TorporError as exc:
         print(f"torpor: error: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except ClickException as exc:
+        # A group called bare has printed its help already (typer does as it raises this)
+        if type(exc).__name__ != "NoArgsIsHelpError":
+            print(usage_error_line(exc), file=sys.stderr)
+        sys.exit(getattr(exc, "exit_code", 2))
+    except typer.Abort:
+        err_console.print("torpor: aborted")
+        sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("torpor: interrupted")
         sys.exit(130)
+    # What a command returned, or the code of the typer.Exit it raised (a command's own
+    # exit code: `exec`)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":
