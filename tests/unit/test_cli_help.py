@@ -49,7 +49,7 @@ def test_a_commands_summary_is_its_docstrings_first_paragraph_on_one_line() -> N
 
 
 @pytest.mark.parametrize(("argv", "line"), [
-    (["create"], "missing argument 'name' (see `torpor create --help`)"),
+    (["create"], "missing argument 'NAME' (see `torpor create --help`)"),
     (["create", "x", "--cpus", "two"],
      "invalid value for '--cpus': 'two' is not a valid int (see `torpor create --help`)"),
     (["frobnicate"], "no such command 'frobnicate' (see `torpor --help`)"),

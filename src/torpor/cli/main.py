@@ -59,7 +59,9 @@ snapshot_app = typer.Typer(no_args_is_help=True, rich_markup_mode="markdown",
 app.add_typer(snapshot_app, name="snapshot")
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
-NameArg = Annotated[str, typer.Argument(help="Instance name.")]
+NameArg = Annotated[str, typer.Argument(metavar="NAME", help="Instance name.")]
+ForkNameArg = Annotated[str, typer.Argument(metavar="NEWNAME", help="Name of the fork.")]
+SnapshotArg = Annotated[str, typer.Argument(metavar="SNAPSHOT", help="Snapshot name or id.")]
 
 
 def config(ctx: typer.Context) -> Config:
@@ -131,7 +133,7 @@ def main_options(
 @app.command()
 def serve(ctx: typer.Context,
           listen: Annotated[str | None, typer.Option(
-              help=help_for("listen"), show_default=False)] = None) -> None:
+              metavar="ADDRESS", help=help_for("listen"), show_default=False)] = None) -> None:
     """Run torpord, the daemon serving the REST API for the data root."""
     from torpor.api.server import serve as run_server
 
@@ -146,7 +148,8 @@ def serve(ctx: typer.Context,
 @app.command()
 def operations(ctx: typer.Context,
                instance: Annotated[str | None, typer.Option(
-                   help="Only this instance's operations.", show_default=False)] = None,
+                   metavar="NAME", help="Only this instance's operations.",
+                   show_default=False)] = None,
                json_out: JsonOpt = False) -> None:
     """List the daemon's recent operations, with their progress and phases."""
     backend = manager(ctx)
@@ -188,42 +191,49 @@ def config_cmd(ctx: typer.Context, json_out: JsonOpt = False) -> None:
 def create(
     ctx: typer.Context,
     name: NameArg,
-    memory: Annotated[str, typer.Option(help="Guest RAM, e.g. 512M or 2G.")] = "512M",
-    cpus: Annotated[int, typer.Option(help="Virtual CPUs.")] = 1,
-    disk_size: Annotated[str, typer.Option(help="Root disk size (sparse).")] = "2G",
+    memory: Annotated[str, typer.Option(
+        metavar="SIZE", help="Guest RAM, e.g. 512M or 2G.")] = "512M",
+    cpus: Annotated[int, typer.Option(metavar="N", help="Virtual CPUs.")] = 1,
+    disk_size: Annotated[str, typer.Option(
+        metavar="SIZE", help="Root disk size (sparse).")] = "2G",
     compress: CompressOpt = None,
     level: LevelOpt = None,
     memory_backing: Annotated[str, typer.Option(
-        help="Guest RAM: anonymous, or file (memory-file mode: standby and restore in "
-             "milliseconds, forks share RAM).")] = "anonymous",
+        metavar="MODE", help="Guest RAM: anonymous, or file (memory-file mode: standby and "
+                             "restore in milliseconds, forks share RAM).")] = "anonymous",
     image: Annotated[str | None, typer.Option(
-        help="An OCI image (pulled if missing), e.g. busybox or ghcr.io/o/app:1; "
+        metavar="REF", help="An OCI image (pulled if missing), e.g. busybox or ghcr.io/o/app:1; "
              "default: the built-in guest.", show_default=False)] = None,
     env: Annotated[list[str] | None, typer.Option(
-        "--env", "-e", help="KEY=VALUE for the image's command (repeatable).",
+        "--env", "-e", metavar="KEY=VALUE", help="KEY=VALUE for the image's command (repeatable).",
         show_default=False)] = None,
     cmd: Annotated[str | None, typer.Option(
-        help="Replaces the image's Cmd (split like a shell would).",
+        metavar="COMMAND", help="Replaces the image's Cmd (split like a shell would).",
         show_default=False)] = None,
     entrypoint: Annotated[str | None, typer.Option(
+        metavar="COMMAND",
         help="Replaces the image's Entrypoint (and drops its Cmd unless --cmd).",
         show_default=False)] = None,
     workdir: Annotated[str | None, typer.Option(
-        help="Replaces the image's WorkingDir.", show_default=False)] = None,
+        metavar="DIR", help="Replaces the image's WorkingDir.", show_default=False)] = None,
     user: Annotated[str | None, typer.Option(
-        help="Replaces the image's User (name or uid[:gid]).", show_default=False)] = None,
+        metavar="USER", help="Replaces the image's User (name or uid[:gid]).",
+        show_default=False)] = None,
     insecure: Annotated[bool, typer.Option(
-        help="Plain HTTP to a registry that is not on loopback.")] = False,
+        "--insecure", help="Plain HTTP to a registry that is not on loopback.")] = False,
     publish: Annotated[list[str] | None, typer.Option(
-        "--publish", "-p", help=r"\[HOST_IP:]HOST_PORT:GUEST_PORT\[/tcp] (repeatable): the host "
-        "port reaches the guest's (host address default 127.0.0.1).",
+        "--publish", "-p", metavar="PORTS",
+        help=r"\[HOST_IP:]HOST_PORT:GUEST_PORT\[/tcp] (repeatable): the host port reaches the "
+             "guest's (host address default 127.0.0.1).",
         show_default=False)] = None,
     network: Annotated[str | None, typer.Option(
-        help="user (QEMU user mode), bridge (an address of its own on torpor's bridge) or "
-             "none; default: network.default.", show_default=False)] = None,
+        metavar="MODE", help="user (QEMU user mode), bridge (an address of its own on "
+                             "torpor's bridge) or none; default: network.default.",
+        show_default=False)] = None,
     allow_peers: Annotated[bool, typer.Option(
-        help="Bridge: may reach, and be reached by, other instances that allow peer traffic "
-             "(guests are isolated from each other by default).")] = False,
+        "--allow-peers", help="Bridge: may reach, and be reached by, other instances that "
+                              "allow peer traffic (guests are isolated from each other by "
+                              "default).")] = False,
     json_out: JsonOpt = False,
 ) -> None:
     """Create an instance (stopped): of an OCI image, or of the built-in guest."""
@@ -283,8 +293,9 @@ def start(ctx: typer.Context, name: NameArg,
 
 @app.command()
 def stop(ctx: typer.Context, name: NameArg,
-         timeout: Annotated[float, typer.Option(help="Seconds to wait for a clean power-off "
-                                                "before QEMU is told to quit, then killed.")] = 10,
+         timeout: Annotated[float, typer.Option(
+             metavar="SECONDS", help="Seconds to wait for a clean power-off before QEMU is "
+                                     "told to quit, then killed.")] = 10,
          force: Annotated[bool, typer.Option("--force", help="Kill QEMU at once.")] = False,
          json_out: JsonOpt = False) -> None:
     """Shut an instance down (graceful power-off, then quit, then kill)."""
@@ -296,12 +307,13 @@ def stop(ctx: typer.Context, name: NameArg,
 
 
 CompressOpt = Annotated[str | None, typer.Option(
-    "--compress", help="Compress the machine state: auto (zstd storing raw what does not "
-                       "compress, done after the pause), zstd, lz4 or none.",
+    "--compress", metavar="CODEC",
+    help="Compress the machine state: auto (zstd storing raw what does not compress, done "
+         "after the pause), zstd, lz4 or none.",
     show_default=False)]
 LevelOpt = Annotated[int | None, typer.Option(
-    help="Compression level (zstd 1..19 or negative fast levels, default 1; lz4 0..12, "
-         "default 0).", show_default=False)]
+    metavar="N", help="Compression level (zstd 1..19 or negative fast levels, default 1; "
+                      "lz4 0..12, default 0).", show_default=False)]
 
 
 def compression_policy(compress: str | None, level: int | None, background: bool = False,
@@ -329,7 +341,7 @@ def compression_policy(compress: str | None, level: int | None, background: bool
 BackgroundOpt = Annotated[bool, typer.Option(
     "--background", help="Save raw now (shortest pause); compress later in a background job.")]
 DelayOpt = Annotated[str | None, typer.Option(
-    help="With --background: wait this long before compressing (e.g. 30s, 5m).",
+    metavar="DURATION", help="With --background: wait this long before compressing (e.g. 30s, 5m).",
     show_default=False)]
 
 
@@ -393,6 +405,7 @@ def policy(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
            clear: Annotated[bool, typer.Option(
                "--clear", help="Compression: use the default.")] = False,
            auto_standby: Annotated[str | None, typer.Option(
+               metavar="DURATION",
                help="Go into standby after this long idle (30s, 5m; 0 or off: never; "
                     "default: the daemon's auto_standby). Idle: no connection on its "
                     "published ports, no operation or exec on it, no hold.",
@@ -421,7 +434,7 @@ def policy(ctx: typer.Context, name: NameArg, compress: CompressOpt = None,
 @app.command()
 def hold(ctx: typer.Context, name: NameArg,
          for_: Annotated[str, typer.Option(
-             "--for", help="How long (30s, 10m, 2h; at most a week).")] = "10m",
+             "--for", metavar="DURATION", help="How long (30s, 10m, 2h; at most a week).")] = "10m",
          json_out: JsonOpt = False) -> None:
     """Keep an instance awake: no auto-standby until the hold ends or is released."""
     try:
@@ -480,8 +493,10 @@ def show(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
 @app.command("exec", context_settings={"allow_interspersed_args": False})
 def exec_cmd(
     ctx: typer.Context, name: NameArg,
-    command: Annotated[list[str], typer.Argument(help="Command and arguments (after --).")],
-    timeout: Annotated[float, typer.Option(help="Seconds before giving up.")] = 60,
+    command: Annotated[list[str], typer.Argument(metavar="COMMAND…",
+                                                   help="Command and arguments (after --).")],
+    timeout: Annotated[float, typer.Option(metavar="SECONDS",
+                                           help="Seconds before giving up.")] = 60,
 ) -> None:
     """Run a command in the guest through its agent; exits with the command's code."""
     if command and command[0] == "--":
@@ -532,10 +547,13 @@ app.registered_commands[-1].name = "console"
 
 
 TargetOpt = Annotated[str, typer.Option(
-    "--target-state", help="What each fork is left as: running, standby or stopped.")]
-CountOpt = Annotated[int, typer.Option(help="How many forks (named NEWNAME-1..N if > 1).")]
+    "--target-state", metavar="STATE",
+    help="What each fork is left as: running, standby or stopped.")]
+CountOpt = Annotated[int, typer.Option(
+    metavar="N", help="How many forks (named NEWNAME-1..N if > 1).")]
 SourceOpt = Annotated[str | None, typer.Option(
-    "--instance", help="The snapshot's source instance, when names clash.", show_default=False)]
+    "--instance", metavar="NAME", help="The snapshot's source instance, when names clash.",
+    show_default=False)]
 
 
 def target_state(value: str) -> TargetState:
@@ -554,8 +572,8 @@ def print_forks(infos: list[InstanceInfo], json_out: bool, started: float) -> No
 
 @app.command()
 def fork(ctx: typer.Context,
-         source: Annotated[str, typer.Argument(help="Instance to fork.")],
-         new_name: Annotated[str, typer.Argument(help="Name of the fork.")],
+         source: Annotated[str, typer.Argument(metavar="SOURCE", help="Instance to fork.")],
+         new_name: ForkNameArg,
          count: CountOpt = 1, target: TargetOpt = "running", json_out: JsonOpt = False) -> None:
     """Fork an instance (running, standby or stopped) into new instances."""
     started = time.monotonic()
@@ -569,8 +587,9 @@ def fork(ctx: typer.Context,
 def snapshot_create(
     ctx: typer.Context, name: NameArg,
     snapshot_name: Annotated[str | None, typer.Option(
-        "--name", help="Snapshot name (default: a timestamp).", show_default=False)] = None,
-    tag: Annotated[list[str] | None, typer.Option(help="key=value; repeatable.")] = None,
+        "--name", metavar="NAME", help="Snapshot name (default: a timestamp).",
+        show_default=False)] = None,
+    tag: Annotated[list[str] | None, typer.Option(metavar="KEY=VALUE", help="Repeatable.")] = None,
     serial: Annotated[bool, typer.Option(
         "--serial", help="Save, then copy (instead of both at once while paused).")] = False,
     compress: CompressOpt = None, level: LevelOpt = None, background: BackgroundOpt = False,
@@ -597,7 +616,7 @@ def snapshot_create(
 @snapshot_app.command("list")
 def snapshot_list(ctx: typer.Context,
                   instance: Annotated[str | None, typer.Argument(
-                      help="Only this instance's snapshots.")] = None,
+                      metavar="NAME", help="Only this instance's snapshots.")] = None,
                   json_out: JsonOpt = False) -> None:
     """List stored snapshots."""
     print_listing(manager(ctx).snapshot_list(instance), json_out, "snapshots",
@@ -605,14 +624,14 @@ def snapshot_list(ctx: typer.Context,
 
 
 @snapshot_app.command("show")
-def snapshot_show(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
+def snapshot_show(ctx: typer.Context, snapshot: SnapshotArg,
                   instance: SourceOpt = None) -> None:
     """Show one snapshot's record (JSON either way: it is a record)."""
     print_json(manager(ctx).snapshot_get(snapshot, instance))
 
 
 @snapshot_app.command("delete")
-def snapshot_delete(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
+def snapshot_delete(ctx: typer.Context, snapshot: SnapshotArg,
                     instance: SourceOpt = None) -> None:
     """Delete a snapshot (refused while forks depend on it)."""
     run(manager(ctx).snapshot_delete(snapshot, instance))
@@ -621,7 +640,7 @@ def snapshot_delete(ctx: typer.Context, snapshot: Annotated[str, typer.Argument(
 
 @snapshot_app.command("restore")
 def snapshot_restore(ctx: typer.Context, name: NameArg,
-                     snapshot: Annotated[str, typer.Argument()]) -> None:
+                     snapshot: SnapshotArg) -> None:
     """Replace a (not running) instance's disk and state with one of its snapshots."""
     info = run(manager(ctx).snapshot_restore(name, snapshot))
     console.print(f"{info.name} now holds snapshot {snapshot}: {info.state}"
@@ -629,8 +648,8 @@ def snapshot_restore(ctx: typer.Context, name: NameArg,
 
 
 @snapshot_app.command("fork")
-def snapshot_fork(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
-                  new_name: Annotated[str, typer.Argument(help="Name of the fork.")],
+def snapshot_fork(ctx: typer.Context, snapshot: SnapshotArg,
+                  new_name: ForkNameArg,
                   count: CountOpt = 1, target: TargetOpt = "running",
                   instance: SourceOpt = None, json_out: JsonOpt = False) -> None:
     """Create new instances from a snapshot."""
@@ -642,16 +661,19 @@ def snapshot_fork(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()]
 
 
 RemoteUrlArg = Annotated[str, typer.Argument(
+    metavar="URL",
     help="s3://BUCKET/PREFIX; endpoint and credentials from the AWS environment variables"
          " and config files (AWS_ENDPOINT_URL, AWS_PROFILE, AWS_ACCESS_KEY_ID, ...).")]
-RemoteSnapshotArg = Annotated[str, typer.Argument(help="s3://BUCKET/PREFIX/SNAPSHOT.")]
+RemoteSnapshotArg = Annotated[str, typer.Argument(metavar="URL",
+                                                  help="s3://BUCKET/PREFIX/SNAPSHOT.")]
 
 
 @snapshot_app.command("push")
-def snapshot_push(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()],
+def snapshot_push(ctx: typer.Context, snapshot: SnapshotArg,
                   url: RemoteUrlArg, instance: SourceOpt = None,
                   remote_name: Annotated[str | None, typer.Option(
-                      "--name", help="Its name in the bucket (default: the snapshot's).",
+                      "--name", metavar="NAME",
+                      help="Its name in the bucket (default: the snapshot's).",
                       show_default=False)] = None,
                   json_out: JsonOpt = False) -> None:
     """Upload a stored snapshot to S3-compatible storage: only the chunks the bucket does
@@ -672,7 +694,8 @@ def snapshot_push(ctx: typer.Context, snapshot: Annotated[str, typer.Argument()]
 @snapshot_app.command("pull")
 def snapshot_pull(ctx: typer.Context, url: RemoteSnapshotArg,
                   name: Annotated[str | None, typer.Option(
-                      "--name", help="Its name here (default: its name in the bucket).",
+                      "--name", metavar="NAME",
+                      help="Its name here (default: its name in the bucket).",
                       show_default=False)] = None,
                   json_out: JsonOpt = False) -> None:
     """Download a snapshot from S3-compatible storage (checked against this host first);
@@ -738,10 +761,11 @@ def _local_manager(ctx: typer.Context) -> InstanceManager:
 
 @image_app.command("pull")
 def image_pull(ctx: typer.Context,
-               reference: Annotated[str, typer.Argument(help="e.g. busybox, "
+               reference: Annotated[str, typer.Argument(metavar="REF", help="e.g. busybox, "
                                                         "ghcr.io/owner/app:1.2")],
                insecure: Annotated[bool, typer.Option(
-                   help="Plain HTTP to a registry that is not on loopback.")] = False,
+                   "--insecure", help="Plain HTTP to a registry that is not on loopback.")
+               ] = False,
                json_out: JsonOpt = False) -> None:
     """Pull an image from an OCI/Docker registry (linux/amd64; verified by digest)."""
     started = time.monotonic()
@@ -756,9 +780,11 @@ def image_pull(ctx: typer.Context,
 @image_app.command("import")
 def image_import(ctx: typer.Context,
                  path: Annotated[Path, typer.Argument(
+                     metavar="PATH",
                      help="A docker-archive or oci-archive tarball, or an OCI layout.")],
                  reference: Annotated[str | None, typer.Option(
-                     "--as", help="The reference to know it by.", show_default=False)] = None,
+                     "--as", metavar="REF", help="The reference to know it by.",
+                     show_default=False)] = None,
                  json_out: JsonOpt = False) -> None:
     """Import an image from a file (for hosts without registry access)."""
     info = run(_local_manager(ctx).image_import(path, reference))
@@ -776,7 +802,8 @@ def image_list(ctx: typer.Context, json_out: JsonOpt = False) -> None:
 
 @image_app.command("rm")
 def image_rm(ctx: typer.Context,
-             reference: Annotated[str, typer.Argument(help="Reference or digest.")]) -> None:
+             reference: Annotated[str, typer.Argument(metavar="REF",
+                                                      help="Reference or digest.")]) -> None:
     """Forget an image reference; its data goes with its last one (refused while
     instances use it)."""
     run(_local_manager(ctx).image_remove(reference))
