@@ -54,6 +54,9 @@ POINTS: dict[str, str] = {
     "fork.based": "the snapshot the forks are copied from is published",
     "fork.copied": "the forks exist as instances with the saved state; none restored",
     "fork.restored": "the forks run; the operation has not returned",
+    # a standby source's own copies of what a fork base linked (operations/unshare.py)
+    "unshare.copied": "the copy is complete beside the file; the manifest names both",
+    "unshare.replaced": "the copy is renamed over the file; the manifest still names both",
     # what an operation leaves behind (tasks.Reaper; in the daemon, after the call)
     "reaper.set-aside": "a tree is renamed aside (.deleting-*); its removal has not begun",
     # delete

@@ -228,3 +228,22 @@ def test_walk_skip_symlinks_modes_and_special_files(ext4_dir: Path) -> None:
     assert (out / "disk.raw").read_bytes() == b"d" * 8192
     os.chmod(src / "ro", 0o755)
     os.chmod(out / "ro", 0o755)
+
+
+def test_linked_files_are_the_source_files_and_another_filesystem_gets_copies(
+        xfs_dir: Path, ext4_dir: Path) -> None:
+    src = ext4_dir / "linked"
+    (src / "state").mkdir(parents=True)
+    disk_image(src / "disk.raw")
+    (src / "state/manifest.json").write_text("{}")
+    report = copy_tree(src, ext4_dir / "base", link=["disk.raw"], fsync=True)
+    base = ext4_dir / "base"
+    assert (base / "disk.raw").stat().st_ino == (src / "disk.raw").stat().st_ino
+    assert (base / "state/manifest.json").stat().st_ino != (
+        src / "state/manifest.json").stat().st_ino  # only what `link` names
+    assert (report.files_linked, report.bytes_linked) == (1, 64 * MiB)
+    assert report.bytes_written == 2 and report.method == "sparse+link"
+    # A link cannot cross filesystems: the file is copied there, whole.
+    report = copy_tree(src, xfs_dir / "elsewhere", link=["disk.raw"])
+    assert report.files_linked == 0 and report.files_cloned + report.files_sparse == 2
+    assert sha256(xfs_dir / "elsewhere/disk.raw") == sha256(src / "disk.raw")

@@ -119,9 +119,11 @@ def points(prefix: str) -> list[str]:
 
 def test_every_point_is_in_the_matrix() -> None:
     # push., pull. and remote-delete.: tests/integration/test_remote_snapshots.py (a real
-    # S3 server); reaper.: tests/api/test_api_guest.py (in the daemon, where it matters)
+    # S3 server); reaper.: tests/api/test_api_guest.py (in the daemon, where it matters);
+    # unshare.: tests/integration/test_memory_file.py (memory-file forks only)
     covered = {p for group in ("standby.", "restore.", "snapshot.", "fork.", "delete.",
-                               "compress.", "push.", "pull.", "remote-delete.", "reaper.")
+                               "compress.", "push.", "pull.", "remote-delete.", "reaper.",
+                               "unshare.")
                for p in points(group)}
     assert covered == set(faults.POINTS)
 

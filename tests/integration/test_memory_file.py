@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import EMPTY_MD5, mapped_bytes, run, running, sh
+from tests.conftest import EMPTY_MD5, mapped_bytes, run, running, sh, torpor_cli
 from torpor import faults
 from torpor.codec import Codec
 from torpor.errors import IntegrityError, OperationFailed
@@ -26,6 +26,7 @@ from torpor.manager import InstanceManager
 from torpor.operations import fork as fork_module
 from torpor.operations import snapshots as snapshots_module
 from torpor.operations.legs import LegFailed
+from torpor.paths import InstancePaths
 
 pytestmark = pytest.mark.qemu
 MARKS = "md5sum /tmp/ram.bin /root/disk.bin"
@@ -254,6 +255,78 @@ def test_a_kept_base_removed_before_the_fork_maps_it_is_made_anew(
     assert base != stale.id
     assert sh(manager, again.name, "hostname").strip() == again.name
     run(manager.delete(again.name, force=True))
+    assert manager.snapshot_list(filevm) == []
+
+
+def digest(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha1").hexdigest()
+
+
+def base_files(manager: InstanceManager, base_id: str) -> tuple[Path, Path]:
+    payload = InstancePaths(manager.data_root.snapshot(base_id).payload)
+    return payload.disk, payload.memory_file
+
+
+def test_a_standby_source_links_its_fork_base_and_gets_copies_of_its_own(
+        manager: InstanceManager, filevm: str) -> None:
+    marks = write_marks(manager, filevm, mib=8)
+    run(manager.standby(filevm))
+    paths = manager.paths(filevm)
+    inodes = [p.stat().st_ino for p in (paths.disk, paths.memory_file)]
+    forks = run(manager.fork(filevm, "fmlink", count=2))
+    (base,) = fork_bases(manager, filevm)
+    # The base holds the source's very files (linked, not copied); the source got its own.
+    assert [p.stat().st_ino for p in base_files(manager, base)] == inodes
+    for path in (paths.disk, paths.memory_file, *base_files(manager, base)):
+        assert path.stat().st_nlink == 1, path
+    held = {p: digest(p) for p in base_files(manager, base)}
+    # The source runs and writes over its RAM and disk: the base and its forks keep theirs.
+    run(manager.restore(filevm))
+    write_marks(manager, filevm, mib=8)
+    run(manager.standby(filevm))
+    assert {p: digest(p) for p in base_files(manager, base)} == held
+    run(manager.standby(forks[0].name))
+    run(manager.restore(forks[0].name))  # maps the base's RAM file again
+    for fork in forks:
+        assert sh(manager, fork.name, MARKS) == marks
+        run(manager.delete(fork.name, force=True))
+    assert manager.snapshot_list(filevm) == []
+
+
+@pytest.mark.parametrize(("point", "action"), [
+    ("unshare.copied", "error"), ("unshare.copied", "kill"), ("unshare.replaced", "kill")])
+def test_a_fork_cut_short_before_the_source_owns_its_files_leaves_both_whole(
+        manager: InstanceManager, data_root: Path, filevm: str, point: str,
+        action: str) -> None:
+    """Killed (or failing) while the source copies the files its base linked: the source
+    restores with its data (its RAM file the old or the new one, which the manifest names
+    as `replacing`), and only once it owns its files; the base keeps what it held."""
+    marks = write_marks(manager, filevm, mib=8)
+    run(manager.standby(filevm))
+    result = torpor_cli(data_root, "--local", "fork", filevm, "fmcut",
+                        env={faults.ENV: f"{point}={action}"})
+    if action == "kill":
+        assert result.returncode == -9, result.stderr
+        problems = run(manager.check(repair=True))
+        assert all(p.repaired for p in problems), problems
+    else:  # the forks stand; the source's copies are left to its next operation
+        assert result.returncode == 0, result.stderr
+        assert f"injected fault at {point}" in result.stderr
+        assert "fmcut" in manager.instance_names()
+    (base,) = fork_bases(manager, filevm)
+    held = {p: digest(p) for p in base_files(manager, base)}
+    run(manager.restore(filevm))
+    paths = manager.paths(filevm)
+    assert [p.stat().st_nlink for p in (paths.disk, paths.memory_file)] == [1, 1]
+    assert sh(manager, filevm, MARKS) == marks
+    write_marks(manager, filevm, mib=8)
+    run(manager.standby(filevm))
+    assert {p: digest(p) for p in base_files(manager, base)} == held
+    if "fmcut" in manager.instance_names():
+        assert sh(manager, running(manager, "fmcut"), MARKS) == marks
+        run(manager.delete("fmcut", force=True))
+    assert run(manager.check()) == []
     assert manager.snapshot_list(filevm) == []
 
 

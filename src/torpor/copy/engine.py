@@ -69,6 +69,8 @@ class CopyReport:
     bytes_cloned: int = 0  # logical size of the files cloned
     files_cloned: int = 0
     files_sparse: int = 0
+    files_linked: int = 0  # hard links (`link=`): nothing copied
+    bytes_linked: int = 0
     clone_attempts: int = 0
     clone_fallback_reason: str | None = None
     dirs: int = 0
@@ -80,8 +82,10 @@ class CopyReport:
     @property
     def method(self) -> str:
         if self.files_cloned and self.files_sparse:
-            return "mixed"
-        return "reflink" if self.files_cloned else "sparse"
+            copied = "mixed"
+        else:
+            copied = "reflink" if self.files_cloned else "sparse"
+        return f"{copied}+link" if self.files_linked else copied
 
     def merged(self, other: CopyReport) -> CopyReport:
         """One report for two copies that make up one destination: counts, lists and
@@ -100,6 +104,7 @@ class CopyReport:
             "logical_bytes": self.logical_bytes, "bytes_written": self.bytes_written,
             "bytes_cloned": self.bytes_cloned,
             "files_cloned": self.files_cloned, "files_sparse": self.files_sparse,
+            "files_linked": self.files_linked, "bytes_linked": self.bytes_linked,
             "clone_attempts": self.clone_attempts,
             "clone_fallback_reason": self.clone_fallback_reason, "dirs": self.dirs,
             "symlinks": self.symlinks, "skipped": self.skipped,
@@ -118,6 +123,7 @@ class _CopyCall:
     fsync: bool
     cancel: threading.Event | None = None
     clone_enabled: bool = True
+    link: frozenset[str] = frozenset()
 
     def inject(self, point: str, path: Path) -> None:
         if self.cancel is not None and self.cancel.is_set():
@@ -235,6 +241,31 @@ def _copy_regular(call: _CopyCall, src: Path, dst: Path) -> None:
         os.close(src_fd)
 
 
+def _link_regular(call: _CopyCall, src: Path, dst: Path) -> None:
+    """A second name for the source's file: instant, and shared (see copy_tree's `link`).
+    Another filesystem cannot link: the file is copied."""
+    call.inject("file", dst)
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_regular(call, src, dst)
+        return
+    size = os.stat(dst).st_size
+    if call.fsync:  # the data was the source's to make durable; cheap if it did
+        fd = os.open(dst, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    call.report.files_linked += 1
+    call.report.bytes_linked += size
+    call.report.logical_bytes += size
+    if call.progress is not None:
+        call.progress(size)
+
+
 def _staging_path(dst: Path) -> Path:
     return dst.with_name(f".{dst.name}.copying-{os.getpid()}")
 
@@ -304,6 +335,8 @@ def _copy_dir(call: _CopyCall, src: Path, dst: Path, rel: str, skip: set[str]) -
                 call.report.symlinks += 1
             elif entry.is_dir(follow_symlinks=False):
                 _copy_dir(call, Path(entry.path), target, entry_rel, skip)
+            elif entry.is_file(follow_symlinks=False) and entry_rel in call.link:
+                _link_regular(call, Path(entry.path), target)
             elif entry.is_file(follow_symlinks=False):
                 _copy_regular(call, Path(entry.path), target)
             else:  # sockets, FIFOs, device nodes: runtime objects, never copied
@@ -322,15 +355,20 @@ def copy_tree(src: str | os.PathLike[str], dst: str | os.PathLike[str], *,
               skip: Iterable[str | os.PathLike[str]] = (), replace: bool = False,
               fsync: bool = False, fault: FaultHook | None = None,
               progress: Callable[[int], None] | None = None,
-              cancel: threading.Event | None = None) -> CopyReport:
+              cancel: threading.Event | None = None,
+              link: Iterable[str | os.PathLike[str]] = ()) -> CopyReport:
     """Copy a directory tree. It is built beside `dst` and renamed into place, so the
-    destination is complete or absent: a failed copy leaves nothing behind."""
+    destination is complete or absent: a failed copy leaves nothing behind.
+    `link`: regular files (relative paths, like `skip`) hard-linked instead of copied.
+    Both names are then one file: the caller must see that neither is written in place
+    while the other needs its content (replace a file by renaming a copy over it)."""
     src_p, dst_p = Path(src), Path(dst)
     started = time.monotonic()
     if not src_p.is_dir() or src_p.is_symlink():
         raise OperationFailed(f"not a directory: {src_p}")
     _prepare_destination(dst_p, replace)
-    call = _CopyCall(CopyReport(), fault, progress, fsync, cancel)
+    call = _CopyCall(CopyReport(), fault, progress, fsync, cancel,
+                     link=frozenset(_normalise_skip(link)))
     staging = _staging_path(dst_p)
     try:
         _copy_dir(call, src_p, staging, "", _normalise_skip(skip))

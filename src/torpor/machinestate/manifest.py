@@ -102,6 +102,9 @@ class MemoryFileRecord(BaseModel):
     level: int = 0
     stored_bytes: int | None = None
     identity: FileIdentity | None = None
+    # A copy of the file torpor is renaming over it (unshare.py): either file is the RAM,
+    # so a kill between the rename and the manifest's next save leaves it restorable.
+    replacing: FileIdentity | None = None
     samples: list[PageSample] = Field(default_factory=list)
 
 
@@ -200,7 +203,8 @@ def verify_memory_file(path: Path, record: MemoryFileRecord, *, same_file: bool 
     if identity.size != record.size_bytes:
         raise IntegrityError(f"the memory file {path} has {identity.size} bytes; the saved"
                              f" state needs {record.size_bytes}")
-    if same_file and record.identity is not None and identity != record.identity:
+    if (same_file and record.identity is not None
+            and identity not in (record.identity, record.replacing)):
         raise IntegrityError(f"the memory file {path} was replaced or written to since the"
                              " state was saved (inode or modification time differ)")
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
@@ -223,4 +227,5 @@ def rebind_memory_file(directory: Path, path: Path) -> None:
     if not manifest.memory_file.samples:  # a snapshot's save does not sample: do it here
         manifest.memory_file.samples = sample_pages(path)
     manifest.memory_file.identity = FileIdentity.of(path)
+    manifest.memory_file.replacing = None
     manifest.save(directory)

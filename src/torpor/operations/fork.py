@@ -13,10 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import secrets
 import shutil
 from pathlib import Path
+from typing import Any
 
 from torpor import faults
 from torpor.copy import copy_tree
@@ -25,6 +27,7 @@ from torpor.errors import (
     InvalidArgument,
     NotFound,
     OperationFailed,
+    TorporError,
 )
 from torpor.fsutil import allocated_bytes, fsync_dir, owned_name, remove_tree
 from torpor.guest.agent import GuestAgent
@@ -53,18 +56,20 @@ from torpor.instances.metadata import (
 from torpor.instances.snapshotrecord import SnapshotRecord, all_records
 from torpor.instances.states import Action, TargetState, is_live
 from torpor.jobs import compression as compression_jobs
-from torpor.machinestate.manifest import MANIFEST
+from torpor.machinestate.manifest import Manifest
 from torpor.operations import delete as delete_op
-from torpor.operations import lifecycle, network, snapshots
+from torpor.operations import lifecycle, network, snapshots, unshare
 from torpor.operations import restore as restore_op
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
+from torpor.tasks import in_thread, task_group
 
 # A fork's own snapshots are never compressed: a temporary one is read at once, and forks
 # map a base's RAM file, which must stay raw.
 NO_COMPRESSION = CompressionPolicy()
 # Copied from a payload or source: everything but the runtime and the source's logs.
 FORK_SKIP = ("run", "logs", "publish", "hold.json")
+log = logging.getLogger(__name__)
 
 
 def fork_names(base: str, count: int) -> list[str]:
@@ -195,6 +200,8 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
         names = await _check(registry, new_name, count, target_state, has_state)
         if has_state and ctx.meta.memory_backing == "file":
             created = await _from_base(registry, ctx, names)
+            if unshare.shared(ctx.paths):  # its base linked its files: still holding it
+                return await _bring_up_unsharing(registry, ctx, created, target_state)
         elif is_live(ctx.state):
             # A temporary overlapped snapshot: the source pauses only for it.
             temp = await _auto_snapshot(ctx, "fork", snapshots.AUTO_TEMPORARY)
@@ -233,7 +240,10 @@ async def _from_base(registry: Registry, ctx: InstanceContext,
             with contextlib.suppress(BaseGone):  # its last fork went meanwhile: a new one
                 return await _materialise_from(registry, kept, names, reused=True)
     extra = {} if key is None else {snapshots.SOURCE_STATE_TAG: key}
-    base = await _auto_snapshot(ctx, "fork-base", snapshots.AUTO_BASE, extra)
+    # A standby source's disk and RAM file are linked into the base, not copied; the
+    # source gets its own copies while the forks come up (_bring_up_unsharing).
+    base = await _auto_snapshot(ctx, "fork-base", snapshots.AUTO_BASE, extra,
+                                link=key is not None)
     return await _materialise_from(registry, base, names)
 
 
@@ -249,10 +259,13 @@ async def _materialise_from(registry: Registry, base: SnapshotRecord, names: lis
 
 
 def standby_key(paths: InstancePaths, meta: InstanceMetadata) -> str:
-    """What a standby source's fork base is taken of: its saved state (the manifest, which
-    names the RAM file by identity and the state by checksum) and its settings. A base
-    with the source's current key holds what a new base would."""
-    digest = hashlib.sha256((paths.standby_dir / MANIFEST).read_bytes())
+    """What a standby source's fork base is taken of: its saved state (the manifest: the
+    state by checksum, the RAM by its sampled pages) and its settings. A base with the
+    source's current key holds what a new base would. Not which file holds the RAM: its
+    own copy (unshare.py) holds the same."""
+    manifest = Manifest.load(paths.standby_dir)
+    exclude: dict[str, Any] = {"memory_file": {"identity", "replacing"}}
+    digest = hashlib.sha256(manifest.model_dump_json(exclude=exclude).encode())
     digest.update(meta.model_dump_json(exclude={"last_operation", "compression_plan"})
                   .encode())
     return digest.hexdigest()[:32]
@@ -272,11 +285,12 @@ class BaseGone(NotFound):
 
 
 async def _auto_snapshot(ctx: InstanceContext, prefix: str, purpose: str,
-                         extra_tags: dict[str, str] | None = None) -> SnapshotRecord:
+                         extra_tags: dict[str, str] | None = None, *,
+                         link: bool = False) -> SnapshotRecord:
     """A snapshot torpor makes for forks (never compressed: see NO_COMPRESSION)."""
     return await snapshots.create(ctx, f"{prefix}-{secrets.token_hex(4)}",
                                   snapshots.auto_tags(purpose) | (extra_tags or {}),
-                                  compression=NO_COMPRESSION)
+                                  compression=NO_COMPRESSION, link=link)
 
 
 async def _check(registry: Registry, new_name: str, count: int, target_state: TargetState,
@@ -336,6 +350,25 @@ async def _bring_up(registry: Registry, forks: list[InstanceMetadata], has_state
                 await delete_op.delete(registry, meta.id, force=True)
         raise
     return [r for r in results if not isinstance(r, BaseException)]
+
+
+async def _bring_up_unsharing(registry: Registry, source: InstanceContext,
+                              forks: list[InstanceMetadata], target_state: TargetState
+                              ) -> list[InstanceInfo]:
+    """`_bring_up`, while the source (whose lock the caller holds) gets copies of its own
+    of the files its fork base linked. The forks do not wait for them. If the copies fail
+    (no space, say), the forks stand: the source keeps sharing its files with the base
+    until its next operation, whose recovery makes them before anything can write."""
+    async def own_copies() -> None:
+        try:
+            await in_thread(lambda stop: unshare.unshare(source, stop))
+        except (TorporError, OSError) as exc:
+            log.warning("instance %s shares its disk and RAM file with its fork base until"
+                        " its next operation makes copies of its own: %s", source.name, exc)
+
+    async with task_group() as group:
+        group.create_task(own_copies())
+        return await _bring_up(registry, forks, True, target_state)
 
 
 async def _to_target(registry: Registry, meta: InstanceMetadata, has_state: bool,

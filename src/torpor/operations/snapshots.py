@@ -127,11 +127,11 @@ async def copy_leg(ctx: InstanceContext, payload: Path) -> CopyReport:
 
 
 async def _copy_instance(ctx: InstanceContext, payload: Path, skip: tuple[str, ...], *,
-                         fsync: bool) -> CopyReport:
+                         fsync: bool, link: tuple[str, ...] = ()) -> CopyReport:
     progress = observe.counter("copy", allocated_bytes(ctx.paths.root, skip))
     report = await in_thread(lambda stop: copy_tree(ctx.paths.root, payload, skip=skip,
                                                     fsync=fsync, cancel=stop,
-                                                    progress=progress))
+                                                    progress=progress, link=link))
     return observe.copied(report)
 
 
@@ -260,12 +260,14 @@ def _finish_running_snapshot(staging: SnapshotPaths, manifest: Manifest,
 
 
 async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
-                 serial: bool = False, compression: CompressionPolicy | None = None
-                 ) -> SnapshotRecord:
+                 serial: bool = False, compression: CompressionPolicy | None = None,
+                 link: bool = False) -> SnapshotRecord:
     """Snapshot the instance (running, paused, standby or stopped); caller holds its lock.
     Compression follows standby's rules (`snapshot_compression`): a running source's
     state is compressed as it is saved (`sync`), or saved raw and compressed by a
-    background job on the stored payload (`background`)."""
+    background job on the stored payload (`background`). `link` (a standby source): its
+    disk and RAM file are hard-linked into the payload, not copied; the caller gives the
+    source copies of its own (operations/unshare.py) before it runs again."""
     validate_snapshot_name(name)
     validate_tags(tags)
     save_policy, plan = snapshot_compression(ctx, compression)
@@ -294,7 +296,7 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
         else:
             kind = "standby" if state is InstanceState.STANDBY else "stopped"
             mode = "copy"
-            report = await _copy_at_rest(ctx, staging, kind, op)
+            report = await _copy_at_rest(ctx, staging, kind, op, link=link)
         snap = _record(ctx, snapshot_id, name, kind, mode, tags, report, staging, op)
         if plan is not None and _raw_state(staging.payload_instance()):
             # In the record before it is published: a restart then re-queues it.
@@ -365,16 +367,20 @@ def discard(staging: SnapshotPaths, final: Path) -> None:
 
 
 async def _copy_at_rest(ctx: InstanceContext, staging: SnapshotPaths, kind: SnapshotKind,
-                        op: PhaseRecorder) -> CopyReport:
-    """A standby or stopped source: a plain copy. A standby source's state is read, so its
-    background job stops first, and is queued again afterwards (the state stays)."""
+                        op: PhaseRecorder, *, link: bool = False) -> CopyReport:
+    """A standby or stopped source: a plain copy (its disk and RAM file linked, with
+    `link`). A standby source's state is read, so its background job stops first, and is
+    queued again afterwards (the state stays; a job replaces the RAM file, never writes
+    it in place, so a linked one is safe)."""
     plan = None
     if kind == "standby":
         plan = await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
     try:
         skip = _skip(ctx.paths) if kind == "standby" else _running_skip(ctx.paths)
         with op.phase("copy"):
-            report = await _copy_instance(ctx, staging.payload, skip, fsync=True)
+            linked = ((ctx.paths.disk.name, ctx.paths.memory_file.name)
+                      if link and kind == "standby" else ())
+            report = await _copy_instance(ctx, staging.payload, skip, fsync=True, link=linked)
         payload = staging.payload_instance()
         if kind == "standby":
             await asyncio.to_thread(rebind_memory_file, payload.standby_dir, payload.memory_file)
