@@ -9,6 +9,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -281,6 +282,10 @@ def test_a_standby_source_links_its_fork_base_and_gets_copies_of_its_own(
     for path in (paths.disk, paths.memory_file, *base_files(manager, base)):
         assert path.stat().st_nlink == 1, path
     held = {p: digest(p) for p in base_files(manager, base)}
+    # A fork left in standby maps the base's RAM file too: it has none of its own to miss.
+    forks += run(manager.fork(filevm, "fmlinksb", target_state="standby"))
+    assert fork_bases(manager, filevm) == [base]
+    assert run(manager.check()) == []
     # The source runs and writes over its RAM and disk: the base and its forks keep theirs.
     run(manager.restore(filevm))
     write_marks(manager, filevm, mib=8)
@@ -289,7 +294,7 @@ def test_a_standby_source_links_its_fork_base_and_gets_copies_of_its_own(
     run(manager.standby(forks[0].name))
     run(manager.restore(forks[0].name))  # maps the base's RAM file again
     for fork in forks:
-        assert sh(manager, fork.name, MARKS) == marks
+        assert sh(manager, running(manager, fork.name), MARKS) == marks
         run(manager.delete(fork.name, force=True))
     assert manager.snapshot_list(filevm) == []
 
@@ -314,20 +319,46 @@ def test_a_fork_cut_short_before_the_source_owns_its_files_leaves_both_whole(
         assert result.returncode == 0, result.stderr
         assert f"injected fault at {point}" in result.stderr
         assert "fmcut" in manager.instance_names()
-    (base,) = fork_bases(manager, filevm)
-    held = {p: digest(p) for p in base_files(manager, base)}
+    # Killed before its fork was made, the base had no user: `check --repair` removed it.
+    bases = fork_bases(manager, filevm)
+    assert len(bases) == ("fmcut" in manager.instance_names())
+    held = {p: digest(p) for base in bases for p in base_files(manager, base)}
     run(manager.restore(filevm))
     paths = manager.paths(filevm)
     assert [p.stat().st_nlink for p in (paths.disk, paths.memory_file)] == [1, 1]
     assert sh(manager, filevm, MARKS) == marks
     write_marks(manager, filevm, mib=8)
     run(manager.standby(filevm))
-    assert {p: digest(p) for p in base_files(manager, base)} == held
+    assert {p: digest(p) for p in held} == held
     if "fmcut" in manager.instance_names():
         assert sh(manager, running(manager, "fmcut"), MARKS) == marks
         run(manager.delete("fmcut", force=True))
     assert run(manager.check()) == []
     assert manager.snapshot_list(filevm) == []
+
+
+def test_a_fork_whose_second_copy_fails_leaves_no_fork(
+        manager: InstanceManager, filevm: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fork is restored as soon as its copy is done: a later copy failing cancels the
+    first fork's restore and deletes it (all or nothing); the source is as it was."""
+    marks = write_marks(manager, filevm, mib=8)
+    run(manager.standby(filevm))
+    real, copied = fork_module.materialise, []
+
+    def second_fails(*args: Any, **kwargs: Any) -> Any:
+        copied.append(args[3])
+        if len(copied) == 2:
+            raise OperationFailed("injected: the second copy fails")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fork_module, "materialise", second_fails)
+    with pytest.raises(OperationFailed, match="the second copy fails"):
+        run(manager.fork(filevm, "fmhalf", count=3))
+    assert copied == ["fmhalf-1", "fmhalf-2"]
+    assert not {"fmhalf-1", "fmhalf-2", "fmhalf-3"} & manager.instance_names()
+    assert manager.snapshot_list(filevm) == []
+    assert run(manager.check()) == []
+    assert sh(manager, running(manager, filevm), MARKS) == marks
 
 
 def test_stop_discards_the_ram_file_and_start_boots_afresh(

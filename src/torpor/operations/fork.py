@@ -17,6 +17,8 @@ import logging
 import os
 import secrets
 import shutil
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +86,7 @@ def fork_names(base: str, count: int) -> list[str]:
 
 def materialise(data_root: DataRoot, settings: Settings, source_dir: Path, name: str,
                 existing_names: set[str], origin_snapshot: str | None,
-                keep_state: bool) -> InstanceMetadata:
+                keep_state: bool, cancel: threading.Event | None = None) -> InstanceMetadata:
     """Copy `source_dir` (laid out like an instance) into a new instance with a new
     identity. The caller holds the registry lock. Returns the new metadata.
     From a stored snapshot (`origin_snapshot`) in memory-file mode, the RAM is not copied:
@@ -104,7 +106,8 @@ def materialise(data_root: DataRoot, settings: Settings, source_dir: Path, name:
             memory_origin = source_paths.memory_file
     try:
         progress = observe.counter("copy", allocated_bytes(source_dir, skip))
-        observe.copied(copy_tree(source_dir, staging, skip=skip, fsync=True, progress=progress))
+        observe.copied(copy_tree(source_dir, staging, skip=skip, fsync=True, progress=progress,
+                                 cancel=cancel))
         paths = InstancePaths(staging)
         for d in (paths.run_dir, paths.logs_dir, paths.snapshots_dir):
             d.mkdir(exist_ok=True)
@@ -188,9 +191,8 @@ async def from_snapshot(registry: Registry, record: SnapshotRecord, new_name: st
         return bool(snapshots.dependents(data_root, record.id, registry.all_metadata()))
 
     async with snapshots.reading(registry.settings, data_root, record.id, mapped):
-        created = await _materialise_all(registry, data_root.snapshot(record.id).payload,
-                                         names, record.id, has_state)
-    return await _bring_up(registry, created, has_state, target_state)
+        return await _fork_each(registry, data_root.snapshot(record.id).payload, names,
+                                record.id, has_state, target_state)
 
 
 async def from_instance(registry: Registry, source: str, new_name: str, *, count: int,
@@ -199,34 +201,30 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
         has_state = ctx.state is not InstanceState.STOPPED
         names = await _check(registry, new_name, count, target_state, has_state)
         if has_state and ctx.meta.memory_backing == "file":
-            created = await _from_base(registry, ctx, names)
-            if unshare.shared(ctx.paths):  # its base linked its files: still holding it
-                return await _bring_up_unsharing(registry, ctx, created, target_state)
-        elif is_live(ctx.state):
+            return await _from_base(registry, ctx, names, target_state)
+        if is_live(ctx.state):
             # A temporary overlapped snapshot: the source pauses only for it.
             temp = await _auto_snapshot(ctx, "fork", snapshots.AUTO_TEMPORARY)
             try:
                 faults.point("fork.based")
-                created = await _materialise_all(
-                    registry, registry.data_root.snapshot(temp.id).payload, names, None, True)
+                return await _fork_each(registry, registry.data_root.snapshot(temp.id).payload,
+                                        names, None, True, target_state)
             finally:
                 await registry.reaper.remove(registry.data_root.snapshot(temp.id).root)
-        else:
-            # A standby source's state is read: its job stops, and is queued again after.
-            plan = (await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
-                    if has_state else None)
-            try:
-                created = await _materialise_all(registry, ctx.paths.root, names, None,
-                                                 has_state)
-            finally:
-                await asyncio.to_thread(
-                    compression_jobs.resume_plan, ctx, plan, slots=ctx.settings.compression_jobs,
-                    rate_limit=ctx.settings.compression_rate_limit)
-    return await _bring_up(registry, created, has_state, target_state)
+        # A standby source's state is read: its job stops, and is queued again after.
+        plan = (await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+                if has_state else None)
+        try:
+            return await _fork_each(registry, ctx.paths.root, names, None, has_state,
+                                    target_state)
+        finally:
+            await asyncio.to_thread(
+                compression_jobs.resume_plan, ctx, plan, slots=ctx.settings.compression_jobs,
+                rate_limit=ctx.settings.compression_rate_limit)
 
 
-async def _from_base(registry: Registry, ctx: InstanceContext,
-                     names: list[str]) -> list[InstanceMetadata]:
+async def _from_base(registry: Registry, ctx: InstanceContext, names: list[str],
+                     target_state: TargetState) -> list[InstanceInfo]:
     """Memory-file mode: the forks map one snapshot's RAM file privately (the RAM copied
     once, outside any fork); that base is kept while forks map it and removed with the
     last of them. A standby source's base is tagged with what it was taken of: while it
@@ -238,21 +236,37 @@ async def _from_base(registry: Registry, ctx: InstanceContext,
         kept = await asyncio.to_thread(kept_base, registry.data_root, ctx.meta.id, key)
         if kept is not None:
             with contextlib.suppress(BaseGone):  # its last fork went meanwhile: a new one
-                return await _materialise_from(registry, kept, names, reused=True)
+                return await _fork_from(registry, kept, names, target_state, reused=True)
     extra = {} if key is None else {snapshots.SOURCE_STATE_TAG: key}
     # A standby source's disk and RAM file are linked into the base, not copied; the
-    # source gets its own copies while the forks come up (_bring_up_unsharing).
+    # source gets its own copies while the forks are made (it is still locked).
     base = await _auto_snapshot(ctx, "fork-base", snapshots.AUTO_BASE, extra,
                                 link=key is not None)
-    return await _materialise_from(registry, base, names)
+    if not unshare.shared(ctx.paths):
+        return await _fork_from(registry, base, names, target_state)
+    async with task_group() as group:
+        group.create_task(_own_copies(ctx))
+        return await _fork_from(registry, base, names, target_state)
 
 
-async def _materialise_from(registry: Registry, base: SnapshotRecord, names: list[str], *,
-                            reused: bool = False) -> list[InstanceMetadata]:
+async def _own_copies(source: InstanceContext) -> None:
+    """The source's own copies of the files its base linked, beside the forks' copies and
+    restores (the copies are I/O, the restores CPU). If they fail (no space, say), the
+    forks stand: the source shares its files with the base until its next operation, whose
+    recovery makes the copies before anything can write to them."""
+    try:
+        await in_thread(lambda stop: unshare.unshare(source, stop))
+    except (TorporError, OSError) as exc:
+        log.warning("instance %s shares its disk and RAM file with its fork base until its"
+                    " next operation makes copies of its own: %s", source.name, exc)
+
+
+async def _fork_from(registry: Registry, base: SnapshotRecord, names: list[str],
+                     target_state: TargetState, *, reused: bool = False) -> list[InstanceInfo]:
     try:
         faults.point("fork.based")
-        return await _materialise_all(registry, registry.data_root.snapshot(base.id).payload,
-                                      names, base.id, True, reused=reused)
+        return await _fork_each(registry, registry.data_root.snapshot(base.id).payload,
+                                names, base.id, True, target_state, reused=reused)
     except BaseException:
         await delete_op.drop_auto_snapshot(registry, base.id)  # if nothing maps it now
         raise
@@ -305,70 +319,53 @@ async def _check(registry: Registry, new_name: str, count: int, target_state: Ta
     return names
 
 
-async def _materialise_all(registry: Registry, source_dir: Path, names: list[str],
-                           origin: str | None, keep_state: bool, *,
-                           reused: bool = False) -> list[InstanceMetadata]:
+async def _fork_each(registry: Registry, source_dir: Path, names: list[str],
+                     origin: str | None, has_state: bool, target_state: TargetState, *,
+                     reused: bool = False) -> list[InstanceInfo]:
+    """Each fork copied from `source_dir`, and brought to `target_state` as soon as its
+    copy is done: the copies go one after the other, so the first fork restores (CPU)
+    while the next is copied (I/O). All or nothing: if one step fails, the steps under way
+    are cancelled and every fork made is deleted."""
+    made: list[InstanceMetadata] = []
+    try:
+        async with task_group() as group:
+            def bring_up(meta: InstanceMetadata) -> asyncio.Task[InstanceInfo]:
+                return group.create_task(_to_target(registry, meta, has_state, target_state))
+
+            ups = await _copy_each(registry, source_dir, names, origin, has_state, made,
+                                   bring_up, reused=reused)
+        faults.point("fork.restored")
+    except BaseException:
+        for meta in made:  # no half-made fork left
+            with contextlib.suppress(NotFound):
+                await delete_op.delete(registry, meta.id, force=True)
+        raise
+    return [up.result() for up in ups]
+
+
+async def _copy_each(registry: Registry, source_dir: Path, names: list[str],
+                     origin: str | None, keep_state: bool, made: list[InstanceMetadata],
+                     bring_up: Callable[[InstanceMetadata], asyncio.Task[InstanceInfo]], *,
+                     reused: bool) -> list[asyncio.Task[InstanceInfo]]:
+    """The copies, under the registry lock (names are unique); each fork is in `made` as
+    soon as it exists, and handed to `bring_up`."""
     data_root = registry.data_root
+    ups = []
     async with file_lock(data_root.registry_lock, what="the instance registry"):
         # A kept base is removed under this lock when its last fork goes: once the forks
         # are made here, they keep it.
         if reused and not source_dir.exists():
             raise BaseGone(f"fork base {origin} was removed")
         existing = await asyncio.to_thread(registry.instance_names)
-        # Each copy is mostly waiting on I/O (and its fsync): all at once. A failing
-        # copy does not stop the others; each ends, and then all are removed.
-        results = await asyncio.gather(
-            *(asyncio.to_thread(materialise, data_root, registry.settings, source_dir, name,
-                                existing, origin, keep_state) for name in names),
-            return_exceptions=True)
-    created = [r for r in results if isinstance(r, InstanceMetadata)]
-    failures = [r for r in results if isinstance(r, BaseException)]
-    if failures:
-        for meta in created:  # all or nothing
-            await asyncio.to_thread(remove_tree, data_root.instance(meta.id).root)
-            await asyncio.to_thread(network.release, data_root, registry.settings, meta)
-        raise failures[0]
-    return created
+        for name in names:
+            def copy(stop: threading.Event, name: str = name) -> InstanceMetadata:
+                return materialise(data_root, registry.settings, source_dir, name, existing,
+                                   origin, keep_state, cancel=stop)
 
-
-async def _bring_up(registry: Registry, forks: list[InstanceMetadata], has_state: bool,
-                    target_state: TargetState) -> list[InstanceInfo]:
-    """Each fork to its target state, in parallel. All or nothing: if one fails, every
-    fork of the operation is deleted."""
-    try:
-        faults.point("fork.copied")
-        results = await asyncio.gather(
-            *(_to_target(registry, m, has_state, target_state) for m in forks),
-            return_exceptions=True)
-        failures = [r for r in results if isinstance(r, BaseException)]
-        if failures:
-            raise failures[0]
-        faults.point("fork.restored")
-    except BaseException:
-        for meta in forks:  # no half-made fork left
-            with contextlib.suppress(NotFound):
-                await delete_op.delete(registry, meta.id, force=True)
-        raise
-    return [r for r in results if not isinstance(r, BaseException)]
-
-
-async def _bring_up_unsharing(registry: Registry, source: InstanceContext,
-                              forks: list[InstanceMetadata], target_state: TargetState
-                              ) -> list[InstanceInfo]:
-    """`_bring_up`, while the source (whose lock the caller holds) gets copies of its own
-    of the files its fork base linked. The forks do not wait for them. If the copies fail
-    (no space, say), the forks stand: the source keeps sharing its files with the base
-    until its next operation, whose recovery makes them before anything can write."""
-    async def own_copies() -> None:
-        try:
-            await in_thread(lambda stop: unshare.unshare(source, stop))
-        except (TorporError, OSError) as exc:
-            log.warning("instance %s shares its disk and RAM file with its fork base until"
-                        " its next operation makes copies of its own: %s", source.name, exc)
-
-    async with task_group() as group:
-        group.create_task(own_copies())
-        return await _bring_up(registry, forks, True, target_state)
+            made.append(await in_thread(copy, undo=made.append))
+            faults.point("fork.copied")
+            ups.append(bring_up(made[-1]))
+    return ups
 
 
 async def _to_target(registry: Registry, meta: InstanceMetadata, has_state: bool,

@@ -183,15 +183,16 @@ async def _instance_problems(root: DataRoot, meta: InstanceMetadata | None,
         add(Kind.ORPHANED_PLAN, paths.metadata, "a background compression with no worker")
     if standby and not alive:
         found += [Problem(kind=p.kind, path=p.path, detail=f"{meta.name}: {p.detail}")
-                  for p in _state_problems(paths)]
+                  for p in _state_problems(paths, meta.memory_origin)]
     if meta.memory_origin is not None and not meta.memory_origin.exists():
         add(Kind.MISSING_ORIGIN, meta.memory_origin, "the snapshot RAM file this fork maps is gone")
     return found
 
 
-def _state_problems(paths: InstancePaths) -> Iterator[Problem]:
+def _state_problems(paths: InstancePaths, memory_origin: Path | None) -> Iterator[Problem]:
     """A saved state whose manifest does not match its files (never repaired: the
-    state is refused by restore and kept for whoever wants to look at it)."""
+    state is refused by restore and kept for whoever wants to look at it). A fork that
+    maps a base's RAM file (`memory_origin`) has none of its own: MISSING_ORIGIN covers it."""
     try:
         manifest = Manifest.load(paths.standby_dir)
     except TorporError as exc:
@@ -208,7 +209,7 @@ def _state_problems(paths: InstancePaths) -> Iterator[Problem]:
                           detail=f"{named.stat().st_size} bytes, the manifest says"
                                  f" {manifest.state.stored_bytes}")
     memory = manifest.memory_file
-    if memory is not None:
+    if memory is not None and memory_origin is None:
         stored = paths.memory_file.with_name(memory.name + SUFFIXES.get(memory.codec, ""))
         if not stored.exists():
             yield Problem(kind=Kind.MISSING_STATE, path=str(stored), detail="the RAM file is gone")
