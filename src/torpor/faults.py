@@ -52,8 +52,7 @@ POINTS: dict[str, str] = {
     "snapshot.published": "the snapshot is published; its record is not yet persisted",
     # fork
     "fork.based": "the snapshot the forks are copied from is published",
-    "fork.copied": "a fork exists as an instance with the saved state; its restore has not"
-                   " begun (an earlier fork's may have)",
+    "fork.copied": "the forks exist as instances with the saved state; none restored",
     "fork.restored": "the forks run; the operation has not returned",
     # a standby source's own copies of what a fork base linked (operations/unshare.py)
     "unshare.copied": "the copy is complete beside the file; the manifest names both",

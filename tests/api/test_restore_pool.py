@@ -16,6 +16,7 @@ import pytest
 from tests.api.conftest import Daemon, start_daemon, stop_daemon
 from tests.api.test_api_guest import call, metric, sh
 from tests.conftest import torpor_cli
+from torpor.machinestate.manifest import FileIdentity
 from torpor.operations import warm
 from torpor.operations.warm import WarmRecord
 from torpor.paths import DataRoot, InstancePaths
@@ -95,6 +96,27 @@ def test_other_operations_discard_it_and_the_pool_refills(pooled: Daemon) -> Non
         assert sh(api, "pool-b", MARKS) == marks
         call(api, "DELETE", f"/snapshots/{snap['id']}", 204)
         call(api, "DELETE", "/instances/pool-b", 204, params={"force": True})
+
+
+def test_after_a_fork_the_pool_gives_the_source_its_own_files_before_its_qemu_maps_them(
+        pooled: Daemon) -> None:
+    """A fork's base links a standby source's disk and RAM file; the pool's next QEMU for
+    the source maps its own copy (made in the background), never the base's file."""
+    with pooled.client() as api:
+        marks = booted_in_standby(api, "pool-src")
+        paths = paths_of(pooled, api, "pool-src")
+        first = waiting(paths)
+        call(api, "POST", "/instances/pool-src/fork", 201, json={"new_name": "pool-fk"})
+        assert not first.identity.is_alive()  # the fork discarded it
+        second = waiting(paths)
+        assert [p.stat().st_nlink for p in (paths.disk, paths.memory_file)] == [1, 1]
+        assert second.memory == FileIdentity.of(paths.memory_file)
+        restored = call(api, "POST", "/instances/pool-src/restore", json={})
+        assert restored["pid"] == second.identity.pid
+        sh(api, "pool-src", "dd if=/dev/urandom of=/tmp/ram.bin bs=1M count=8 2>/dev/null")
+        assert sh(api, "pool-fk", MARKS) == marks  # the base's RAM, not the source's
+        for name in ("pool-fk", "pool-src"):
+            call(api, "DELETE", f"/instances/{name}", 204, params={"force": True})
 
 
 def test_the_daemon_cleans_up_and_check_kills_those_of_a_dead_daemon() -> None:

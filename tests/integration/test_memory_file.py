@@ -9,7 +9,6 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -269,7 +268,7 @@ def base_files(manager: InstanceManager, base_id: str) -> tuple[Path, Path]:
     return payload.disk, payload.memory_file
 
 
-def test_a_standby_source_links_its_fork_base_and_gets_copies_of_its_own(
+def test_a_standby_source_links_its_fork_base_and_gets_copies_of_its_own_to_run(
         manager: InstanceManager, filevm: str) -> None:
     marks = write_marks(manager, filevm, mib=8)
     run(manager.standby(filevm))
@@ -277,17 +276,19 @@ def test_a_standby_source_links_its_fork_base_and_gets_copies_of_its_own(
     inodes = [p.stat().st_ino for p in (paths.disk, paths.memory_file)]
     forks = run(manager.fork(filevm, "fmlink", count=2))
     (base,) = fork_bases(manager, filevm)
-    # The base holds the source's very files (linked, not copied); the source got its own.
+    # The base holds the source's very files: linked, not copied.
     assert [p.stat().st_ino for p in base_files(manager, base)] == inodes
-    for path in (paths.disk, paths.memory_file, *base_files(manager, base)):
-        assert path.stat().st_nlink == 1, path
     held = {p: digest(p) for p in base_files(manager, base)}
     # A fork left in standby maps the base's RAM file too: it has none of its own to miss.
     forks += run(manager.fork(filevm, "fmlinksb", target_state="standby"))
-    assert fork_bases(manager, filevm) == [base]
+    assert fork_bases(manager, filevm) == [base]  # forking only reads: still linked
+    assert [p.stat().st_nlink for p in (paths.disk, paths.memory_file)] == [2, 2]
     assert run(manager.check()) == []
-    # The source runs and writes over its RAM and disk: the base and its forks keep theirs.
+    # To run, the source gets its own copies; it writes over its RAM and disk, and the
+    # base and its forks keep theirs.
     run(manager.restore(filevm))
+    for path in (paths.disk, paths.memory_file, *base_files(manager, base)):
+        assert path.stat().st_nlink == 1, path
     write_marks(manager, filevm, mib=8)
     run(manager.standby(filevm))
     assert {p: digest(p) for p in base_files(manager, base)} == held
@@ -299,66 +300,51 @@ def test_a_standby_source_links_its_fork_base_and_gets_copies_of_its_own(
     assert manager.snapshot_list(filevm) == []
 
 
+def test_forks_gone_before_the_source_runs_cost_it_no_copy(
+        manager: InstanceManager, filevm: str) -> None:
+    run(manager.standby(filevm))
+    paths = manager.paths(filevm)
+    inodes = [p.stat().st_ino for p in (paths.disk, paths.memory_file)]
+    (fork,) = run(manager.fork(filevm, "fmbrief", count=1))
+    run(manager.delete(fork.name, force=True))  # its base goes with it
+    run(manager.restore(filevm))
+    assert [p.stat().st_ino for p in (paths.disk, paths.memory_file)] == inodes
+
+
 @pytest.mark.parametrize(("point", "action"), [
     ("unshare.copied", "error"), ("unshare.copied", "kill"), ("unshare.replaced", "kill")])
-def test_a_fork_cut_short_before_the_source_owns_its_files_leaves_both_whole(
+def test_a_restore_cut_short_while_the_source_takes_its_own_files_leaves_both_whole(
         manager: InstanceManager, data_root: Path, filevm: str, point: str,
         action: str) -> None:
     """Killed (or failing) while the source copies the files its base linked: the source
     restores with its data (its RAM file the old or the new one, which the manifest names
-    as `replacing`), and only once it owns its files; the base keeps what it held."""
+    as `replacing`); the base keeps what it held, whatever the source writes afterwards."""
     marks = write_marks(manager, filevm, mib=8)
     run(manager.standby(filevm))
-    result = torpor_cli(data_root, "--local", "fork", filevm, "fmcut",
+    (fork,) = run(manager.fork(filevm, "fmcut", count=1))
+    (base,) = fork_bases(manager, filevm)
+    held = {p: digest(p) for p in base_files(manager, base)}
+    result = torpor_cli(data_root, "--local", "restore", filevm,
                         env={faults.ENV: f"{point}={action}"})
     if action == "kill":
         assert result.returncode == -9, result.stderr
         problems = run(manager.check(repair=True))
         assert all(p.repaired for p in problems), problems
-    else:  # the forks stand; the source's copies are left to its next operation
-        assert result.returncode == 0, result.stderr
-        assert f"injected fault at {point}" in result.stderr
-        assert "fmcut" in manager.instance_names()
-    # Killed before its fork was made, the base had no user: `check --repair` removed it.
-    bases = fork_bases(manager, filevm)
-    assert len(bases) == ("fmcut" in manager.instance_names())
-    held = {p: digest(p) for base in bases for p in base_files(manager, base)}
+    else:
+        assert result.returncode == 1, result.stderr
+        assert result.stderr.strip() == f"torpor: error: injected fault at {point}"
+    assert run(manager.check()) == []
+    assert run(manager.get(filevm)).state is InstanceState.STANDBY
     run(manager.restore(filevm))
     paths = manager.paths(filevm)
     assert [p.stat().st_nlink for p in (paths.disk, paths.memory_file)] == [1, 1]
     assert sh(manager, filevm, MARKS) == marks
     write_marks(manager, filevm, mib=8)
     run(manager.standby(filevm))
-    assert {p: digest(p) for p in held} == held
-    if "fmcut" in manager.instance_names():
-        assert sh(manager, running(manager, "fmcut"), MARKS) == marks
-        run(manager.delete("fmcut", force=True))
-    assert run(manager.check()) == []
+    assert {p: digest(p) for p in base_files(manager, base)} == held
+    assert sh(manager, fork.name, MARKS) == marks
+    run(manager.delete(fork.name, force=True))
     assert manager.snapshot_list(filevm) == []
-
-
-def test_a_fork_whose_second_copy_fails_leaves_no_fork(
-        manager: InstanceManager, filevm: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each fork is restored as soon as its copy is done: a later copy failing cancels the
-    first fork's restore and deletes it (all or nothing); the source is as it was."""
-    marks = write_marks(manager, filevm, mib=8)
-    run(manager.standby(filevm))
-    real, copied = fork_module.materialise, []
-
-    def second_fails(*args: Any, **kwargs: Any) -> Any:
-        copied.append(args[3])
-        if len(copied) == 2:
-            raise OperationFailed("injected: the second copy fails")
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(fork_module, "materialise", second_fails)
-    with pytest.raises(OperationFailed, match="the second copy fails"):
-        run(manager.fork(filevm, "fmhalf", count=3))
-    assert copied == ["fmhalf-1", "fmhalf-2"]
-    assert not {"fmhalf-1", "fmhalf-2", "fmhalf-3"} & manager.instance_names()
-    assert manager.snapshot_list(filevm) == []
-    assert run(manager.check()) == []
-    assert sh(manager, running(manager, filevm), MARKS) == marks
 
 
 def test_stop_discards_the_ram_file_and_start_boots_afresh(

@@ -45,6 +45,11 @@ class Action(StrEnum):
 # claims it; every other action on the instance discards it first.
 KEEPS_WARM_QEMU = frozenset({Action.RESTORE, Action.WAKE, Action.CONFIGURE,
                              Action.PREPARE_RESTORE})
+# Actions that neither run the instance nor write its disk or RAM file: they leave those
+# linked into a fork base (operations/unshare.py). Every other action, whatever it does,
+# has its recovery give the instance copies of its own first.
+LEAVES_FILES_SHARED = frozenset({Action.FORK, Action.SNAPSHOT, Action.DELETE,
+                                 Action.DELETE_FORCE, Action.CONFIGURE})
 
 
 @dataclass(frozen=True)

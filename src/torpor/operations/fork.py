@@ -13,12 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
-import logging
 import os
 import secrets
 import shutil
-import threading
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +26,6 @@ from torpor.errors import (
     InvalidArgument,
     NotFound,
     OperationFailed,
-    TorporError,
 )
 from torpor.fsutil import allocated_bytes, fsync_dir, owned_name, remove_tree
 from torpor.guest.agent import GuestAgent
@@ -60,18 +56,16 @@ from torpor.instances.states import Action, TargetState, is_live
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import Manifest
 from torpor.operations import delete as delete_op
-from torpor.operations import lifecycle, network, snapshots, unshare
+from torpor.operations import lifecycle, network, snapshots
 from torpor.operations import restore as restore_op
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
-from torpor.tasks import in_thread, task_group
 
 # A fork's own snapshots are never compressed: a temporary one is read at once, and forks
 # map a base's RAM file, which must stay raw.
 NO_COMPRESSION = CompressionPolicy()
 # Copied from a payload or source: everything but the runtime and the source's logs.
 FORK_SKIP = ("run", "logs", "publish", "hold.json")
-log = logging.getLogger(__name__)
 
 
 def fork_names(base: str, count: int) -> list[str]:
@@ -86,7 +80,7 @@ def fork_names(base: str, count: int) -> list[str]:
 
 def materialise(data_root: DataRoot, settings: Settings, source_dir: Path, name: str,
                 existing_names: set[str], origin_snapshot: str | None,
-                keep_state: bool, cancel: threading.Event | None = None) -> InstanceMetadata:
+                keep_state: bool) -> InstanceMetadata:
     """Copy `source_dir` (laid out like an instance) into a new instance with a new
     identity. The caller holds the registry lock. Returns the new metadata.
     From a stored snapshot (`origin_snapshot`) in memory-file mode, the RAM is not copied:
@@ -106,8 +100,7 @@ def materialise(data_root: DataRoot, settings: Settings, source_dir: Path, name:
             memory_origin = source_paths.memory_file
     try:
         progress = observe.counter("copy", allocated_bytes(source_dir, skip))
-        observe.copied(copy_tree(source_dir, staging, skip=skip, fsync=True, progress=progress,
-                                 cancel=cancel))
+        observe.copied(copy_tree(source_dir, staging, skip=skip, fsync=True, progress=progress))
         paths = InstancePaths(staging)
         for d in (paths.run_dir, paths.logs_dir, paths.snapshots_dir):
             d.mkdir(exist_ok=True)
@@ -191,8 +184,9 @@ async def from_snapshot(registry: Registry, record: SnapshotRecord, new_name: st
         return bool(snapshots.dependents(data_root, record.id, registry.all_metadata()))
 
     async with snapshots.reading(registry.settings, data_root, record.id, mapped):
-        return await _fork_each(registry, data_root.snapshot(record.id).payload, names,
-                                record.id, has_state, target_state)
+        created = await _materialise_all(registry, data_root.snapshot(record.id).payload,
+                                         names, record.id, has_state)
+    return await _bring_up(registry, created, has_state, target_state)
 
 
 async def from_instance(registry: Registry, source: str, new_name: str, *, count: int,
@@ -201,30 +195,32 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
         has_state = ctx.state is not InstanceState.STOPPED
         names = await _check(registry, new_name, count, target_state, has_state)
         if has_state and ctx.meta.memory_backing == "file":
-            return await _from_base(registry, ctx, names, target_state)
-        if is_live(ctx.state):
+            created = await _from_base(registry, ctx, names)
+        elif is_live(ctx.state):
             # A temporary overlapped snapshot: the source pauses only for it.
             temp = await _auto_snapshot(ctx, "fork", snapshots.AUTO_TEMPORARY)
             try:
                 faults.point("fork.based")
-                return await _fork_each(registry, registry.data_root.snapshot(temp.id).payload,
-                                        names, None, True, target_state)
+                created = await _materialise_all(
+                    registry, registry.data_root.snapshot(temp.id).payload, names, None, True)
             finally:
                 await registry.reaper.remove(registry.data_root.snapshot(temp.id).root)
-        # A standby source's state is read: its job stops, and is queued again after.
-        plan = (await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
-                if has_state else None)
-        try:
-            return await _fork_each(registry, ctx.paths.root, names, None, has_state,
-                                    target_state)
-        finally:
-            await asyncio.to_thread(
-                compression_jobs.resume_plan, ctx, plan, slots=ctx.settings.compression_jobs,
-                rate_limit=ctx.settings.compression_rate_limit)
+        else:
+            # A standby source's state is read: its job stops, and is queued again after.
+            plan = (await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+                    if has_state else None)
+            try:
+                created = await _materialise_all(registry, ctx.paths.root, names, None,
+                                                 has_state)
+            finally:
+                await asyncio.to_thread(
+                    compression_jobs.resume_plan, ctx, plan, slots=ctx.settings.compression_jobs,
+                    rate_limit=ctx.settings.compression_rate_limit)
+    return await _bring_up(registry, created, has_state, target_state)
 
 
-async def _from_base(registry: Registry, ctx: InstanceContext, names: list[str],
-                     target_state: TargetState) -> list[InstanceInfo]:
+async def _from_base(registry: Registry, ctx: InstanceContext,
+                     names: list[str]) -> list[InstanceMetadata]:
     """Memory-file mode: the forks map one snapshot's RAM file privately (the RAM copied
     once, outside any fork); that base is kept while forks map it and removed with the
     last of them. A standby source's base is tagged with what it was taken of: while it
@@ -236,37 +232,21 @@ async def _from_base(registry: Registry, ctx: InstanceContext, names: list[str],
         kept = await asyncio.to_thread(kept_base, registry.data_root, ctx.meta.id, key)
         if kept is not None:
             with contextlib.suppress(BaseGone):  # its last fork went meanwhile: a new one
-                return await _fork_from(registry, kept, names, target_state, reused=True)
+                return await _materialise_from(registry, kept, names, reused=True)
     extra = {} if key is None else {snapshots.SOURCE_STATE_TAG: key}
-    # A standby source's disk and RAM file are linked into the base, not copied; the
-    # source gets its own copies while the forks are made (it is still locked).
+    # A standby source's disk and RAM file are linked into the base, not copied: the
+    # source gets copies of its own only before something may write them (unshare.py).
     base = await _auto_snapshot(ctx, "fork-base", snapshots.AUTO_BASE, extra,
                                 link=key is not None)
-    if not unshare.shared(ctx.paths):
-        return await _fork_from(registry, base, names, target_state)
-    async with task_group() as group:
-        group.create_task(_own_copies(ctx))
-        return await _fork_from(registry, base, names, target_state)
+    return await _materialise_from(registry, base, names)
 
 
-async def _own_copies(source: InstanceContext) -> None:
-    """The source's own copies of the files its base linked, beside the forks' copies and
-    restores (the copies are I/O, the restores CPU). If they fail (no space, say), the
-    forks stand: the source shares its files with the base until its next operation, whose
-    recovery makes the copies before anything can write to them."""
-    try:
-        await in_thread(lambda stop: unshare.unshare(source, stop))
-    except (TorporError, OSError) as exc:
-        log.warning("instance %s shares its disk and RAM file with its fork base until its"
-                    " next operation makes copies of its own: %s", source.name, exc)
-
-
-async def _fork_from(registry: Registry, base: SnapshotRecord, names: list[str],
-                     target_state: TargetState, *, reused: bool = False) -> list[InstanceInfo]:
+async def _materialise_from(registry: Registry, base: SnapshotRecord, names: list[str], *,
+                            reused: bool = False) -> list[InstanceMetadata]:
     try:
         faults.point("fork.based")
-        return await _fork_each(registry, registry.data_root.snapshot(base.id).payload,
-                                names, base.id, True, target_state, reused=reused)
+        return await _materialise_all(registry, registry.data_root.snapshot(base.id).payload,
+                                      names, base.id, True, reused=reused)
     except BaseException:
         await delete_op.drop_auto_snapshot(registry, base.id)  # if nothing maps it now
         raise
@@ -319,53 +299,51 @@ async def _check(registry: Registry, new_name: str, count: int, target_state: Ta
     return names
 
 
-async def _fork_each(registry: Registry, source_dir: Path, names: list[str],
-                     origin: str | None, has_state: bool, target_state: TargetState, *,
-                     reused: bool = False) -> list[InstanceInfo]:
-    """Each fork copied from `source_dir`, and brought to `target_state` as soon as its
-    copy is done: the copies go one after the other, so the first fork restores (CPU)
-    while the next is copied (I/O). All or nothing: if one step fails, the steps under way
-    are cancelled and every fork made is deleted."""
-    made: list[InstanceMetadata] = []
-    try:
-        async with task_group() as group:
-            def bring_up(meta: InstanceMetadata) -> asyncio.Task[InstanceInfo]:
-                return group.create_task(_to_target(registry, meta, has_state, target_state))
-
-            ups = await _copy_each(registry, source_dir, names, origin, has_state, made,
-                                   bring_up, reused=reused)
-        faults.point("fork.restored")
-    except BaseException:
-        for meta in made:  # no half-made fork left
-            with contextlib.suppress(NotFound):
-                await delete_op.delete(registry, meta.id, force=True)
-        raise
-    return [up.result() for up in ups]
-
-
-async def _copy_each(registry: Registry, source_dir: Path, names: list[str],
-                     origin: str | None, keep_state: bool, made: list[InstanceMetadata],
-                     bring_up: Callable[[InstanceMetadata], asyncio.Task[InstanceInfo]], *,
-                     reused: bool) -> list[asyncio.Task[InstanceInfo]]:
-    """The copies, under the registry lock (names are unique); each fork is in `made` as
-    soon as it exists, and handed to `bring_up`."""
+async def _materialise_all(registry: Registry, source_dir: Path, names: list[str],
+                           origin: str | None, keep_state: bool, *,
+                           reused: bool = False) -> list[InstanceMetadata]:
     data_root = registry.data_root
-    ups = []
     async with file_lock(data_root.registry_lock, what="the instance registry"):
         # A kept base is removed under this lock when its last fork goes: once the forks
         # are made here, they keep it.
         if reused and not source_dir.exists():
             raise BaseGone(f"fork base {origin} was removed")
         existing = await asyncio.to_thread(registry.instance_names)
-        for name in names:
-            def copy(stop: threading.Event, name: str = name) -> InstanceMetadata:
-                return materialise(data_root, registry.settings, source_dir, name, existing,
-                                   origin, keep_state, cancel=stop)
+        # Each copy is mostly waiting on I/O (and its fsync): all at once. A failing
+        # copy does not stop the others; each ends, and then all are removed.
+        results = await asyncio.gather(
+            *(asyncio.to_thread(materialise, data_root, registry.settings, source_dir, name,
+                                existing, origin, keep_state) for name in names),
+            return_exceptions=True)
+    created = [r for r in results if isinstance(r, InstanceMetadata)]
+    failures = [r for r in results if isinstance(r, BaseException)]
+    if failures:
+        for meta in created:  # all or nothing
+            await asyncio.to_thread(remove_tree, data_root.instance(meta.id).root)
+            await asyncio.to_thread(network.release, data_root, registry.settings, meta)
+        raise failures[0]
+    return created
 
-            made.append(await in_thread(copy, undo=made.append))
-            faults.point("fork.copied")
-            ups.append(bring_up(made[-1]))
-    return ups
+
+async def _bring_up(registry: Registry, forks: list[InstanceMetadata], has_state: bool,
+                    target_state: TargetState) -> list[InstanceInfo]:
+    """Each fork to its target state, in parallel. All or nothing: if one fails, every
+    fork of the operation is deleted."""
+    try:
+        faults.point("fork.copied")
+        results = await asyncio.gather(
+            *(_to_target(registry, m, has_state, target_state) for m in forks),
+            return_exceptions=True)
+        failures = [r for r in results if isinstance(r, BaseException)]
+        if failures:
+            raise failures[0]
+        faults.point("fork.restored")
+    except BaseException:
+        for meta in forks:  # no half-made fork left
+            with contextlib.suppress(NotFound):
+                await delete_op.delete(registry, meta.id, force=True)
+        raise
+    return [r for r in results if not isinstance(r, BaseException)]
 
 
 async def _to_target(registry: Registry, meta: InstanceMetadata, has_state: bool,

@@ -18,8 +18,6 @@ an operation leaves only while it runs is debris here:
   → removed.
 - no QEMU, its runtime record and a `latest/`: QEMU died or quit with its state saved →
   the record is cleared (standby).
-- a disk or RAM file with a second name: a fork linked them into its base and was killed
-  before the instance had copies of its own → it gets them now (operations/unshare.py).
 
 A state is never loaded twice: a restore renames `latest/` aside before the guest runs.
 """
@@ -34,8 +32,6 @@ from torpor.fsutil import remove_tree
 from torpor.hypervisor.qmp import PAUSED_STATES, Monitor, QmpError
 from torpor.instances.context import InstanceContext
 from torpor.instances.runtime import clear_runtime, has_standby_state, load_runtime
-from torpor.operations import unshare
-from torpor.tasks import in_thread
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
@@ -56,10 +52,6 @@ async def recover(ctx: InstanceContext) -> list[str]:
         if leftover.exists():
             await asyncio.to_thread(remove_tree, leftover)
             done.append(f"removed {what} ({leftover.name})")
-    if unshare.shared(ctx.paths):
-        replaced = await in_thread(lambda stop: unshare.unshare(ctx, stop))
-        done.append(f"gave it its own {' and '.join(p.name for p in replaced)}, which an"
-                    " interrupted fork had shared with its base")
     if ctx.paths.disk_overlay.exists():
         from torpor.operations.snapshots import fold_back_frozen_disk  # rare: loaded if needed
 

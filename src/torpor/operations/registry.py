@@ -22,9 +22,15 @@ from torpor.instances.info import InstanceInfo, NetworkInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import InstanceMetadata, InstanceState
 from torpor.instances.runtime import derive_state, exit_code
-from torpor.instances.states import KEEPS_WARM_QEMU, Action, refuses_any, require
+from torpor.instances.states import (
+    KEEPS_WARM_QEMU,
+    LEAVES_FILES_SHARED,
+    Action,
+    refuses_any,
+    require,
+)
 from torpor.jobs import compression as compression_jobs
-from torpor.operations import warm
+from torpor.operations import unshare, warm
 from torpor.operations.recover import recover
 from torpor.paths import DataRoot
 from torpor.tasks import Reaper
@@ -118,6 +124,8 @@ class Registry:
                 raise NotFound(f"no instance named {name!r}") from None
             ctx = InstanceContext(self.data_root, self.settings, fresh, paths)
             await recover(ctx)  # whatever a killed operation left, put right first
+            if action not in LEAVES_FILES_SHARED:  # its own, before anything may write them
+                await unshare.own_files(ctx)
             # A QEMU the restore pool started ahead (memory-file instances only): only a
             # restore may use it.
             if fresh.memory_backing == "file" and action not in KEEPS_WARM_QEMU:

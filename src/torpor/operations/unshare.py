@@ -1,15 +1,16 @@
 """A standby memory-file instance's own disk and RAM file again, after a fork base linked them.
 
 A fork of a standby memory-file instance takes its base (the snapshot its forks map) as
-hard links to the source's disk and RAM file: nothing is copied before the forks start.
-The base must keep that content, and the source's next run writes both in place (QEMU
-maps the RAM file shared and opens the disk read-write), so the source gets copies of
-its own: each copied beside it and renamed over it, while the forks come up (the copy is
-I/O, their restores CPU). The base keeps the original files, the ones its forks map.
-
-Until then the source must not run: the fork holds its lock throughout, and a fork
-killed before the end leaves files with two names, which recovery (first in every locked
-operation, and in `check --repair`) gives their own copies the same way.
+hard links to the source's disk and RAM file: nothing is copied for the base, and if the
+forks (and so the base) are gone before the source runs again, nothing ever is. The base
+must keep that content, and a run of the source writes both in place (QEMU maps the RAM
+file shared and opens the disk read-write). So before any operation on the source that
+is not known to only read them (states.LEAVES_FILES_SHARED: fork, snapshot, delete,
+configure), the instance guard (Registry.locked, after recovery) gives it copies of its
+own: each copied beside the file and renamed over it, the base keeping the original
+inodes, the ones its forks map. Every way to run or write an instance is a locked
+operation; the daemon's restore pool makes the copies in the background as it prepares
+a restore. A kill during the copies leaves the files shared: the next one makes them.
 
 The RAM file's manifest names the file by identity (inode): the copy's identity is
 recorded as `replacing` before the rename, so a kill between the rename and the final
@@ -18,6 +19,7 @@ record leaves a RAM file that restore accepts.
 
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from pathlib import Path
@@ -29,7 +31,9 @@ from torpor.instances.context import InstanceContext
 from torpor.jobs import compression as compression_jobs
 from torpor.machinestate.manifest import FileIdentity, Manifest, rebind_memory_file
 from torpor.paths import InstancePaths
+from torpor.tasks import in_thread
 
+log = logging.getLogger(__name__)
 OWN_COPY = ".own-copy.tmp"  # ends in .tmp: `check` sweeps one a killed process left
 
 
@@ -43,6 +47,15 @@ def _links(path: Path) -> int:
         return path.stat().st_nlink
     except FileNotFoundError:
         return 0
+
+
+async def own_files(ctx: InstanceContext) -> None:
+    """The instance's own disk and RAM file, if a fork base shares them (cheap if not:
+    two stat calls). The caller holds its lock."""
+    if shared(ctx.paths):
+        replaced = await in_thread(lambda stop: unshare(ctx, stop))
+        log.info("instance %s: made its own %s, shared with a fork base until now",
+                 ctx.name, " and ".join(path.name for path in replaced))
 
 
 def unshare(ctx: InstanceContext, stop: threading.Event) -> list[Path]:
@@ -65,12 +78,16 @@ def unshare(ctx: InstanceContext, stop: threading.Event) -> list[Path]:
 def _replace_with_copy(paths: InstancePaths, path: Path, stop: threading.Event) -> None:
     copy = path.with_name(f".{path.name}{OWN_COPY}")
     copy_file(path, copy, fsync=True, cancel=stop)
-    manifest = _manifest_naming(paths, path)
-    if manifest is not None and manifest.memory_file is not None:
-        manifest.memory_file.replacing = FileIdentity.of(copy)  # a rename keeps it
-        manifest.save(paths.standby_dir)
-    faults.point("unshare.copied")
-    os.replace(copy, path)
+    try:
+        manifest = _manifest_naming(paths, path)
+        if manifest is not None and manifest.memory_file is not None:
+            manifest.memory_file.replacing = FileIdentity.of(copy)  # a rename keeps it
+            manifest.save(paths.standby_dir)
+        faults.point("unshare.copied")
+        os.replace(copy, path)
+    except BaseException:
+        copy.unlink(missing_ok=True)
+        raise
     fsync_dir(path.parent)
     faults.point("unshare.replaced")
     if manifest is not None:
