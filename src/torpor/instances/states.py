@@ -46,8 +46,8 @@ class Action(StrEnum):
 KEEPS_WARM_QEMU = frozenset({Action.RESTORE, Action.WAKE, Action.CONFIGURE,
                              Action.PREPARE_RESTORE})
 # Actions that neither run the instance nor write its disk or RAM file: they leave those
-# linked into a fork base (operations/unshare.py). Every other action, whatever it does,
-# has its recovery give the instance copies of its own first.
+# linked into a fork base (operations/unshare.py). Before every other action, whatever it
+# does, the instance guard (Registry.locked) gives the instance copies of its own.
 LEAVES_FILES_SHARED = frozenset({Action.FORK, Action.SNAPSHOT, Action.DELETE,
                                  Action.DELETE_FORCE, Action.CONFIGURE})
 

@@ -266,8 +266,8 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
     Compression follows standby's rules (`snapshot_compression`): a running source's
     state is compressed as it is saved (`sync`), or saved raw and compressed by a
     background job on the stored payload (`background`). `link` (a standby source): its
-    disk and RAM file are hard-linked into the payload, not copied; recovery gives the
-    source copies of its own before anything may write them (operations/unshare.py)."""
+    disk and RAM file are hard-linked into the payload, not copied; the instance guard
+    gives the source copies of its own before anything may write them (unshare.py)."""
     validate_snapshot_name(name)
     validate_tags(tags)
     save_policy, plan = snapshot_compression(ctx, compression)

@@ -53,16 +53,14 @@ async def own_files(ctx: InstanceContext) -> None:
     """The instance's own disk and RAM file, if a fork base shares them (cheap if not:
     two stat calls). The caller holds its lock."""
     if shared(ctx.paths):
-        replaced = await in_thread(lambda stop: unshare(ctx, stop))
+        replaced = await in_thread(lambda stop: _unshare(ctx, stop))
         log.info("instance %s: made its own %s, shared with a fork base until now",
                  ctx.name, " and ".join(path.name for path in replaced))
 
 
-def unshare(ctx: InstanceContext, stop: threading.Event) -> list[Path]:
+def _unshare(ctx: InstanceContext, stop: threading.Event) -> list[Path]:
     """Blocking; the caller holds the instance's lock. Returns the files it replaced."""
     _sweep(ctx.paths)
-    if not shared(ctx.paths):
-        return []
     # The compression job replaces the RAM file too: stopped first, queued again after.
     plan = compression_jobs.prepare_for_read(ctx)
     try:
