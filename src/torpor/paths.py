@@ -54,6 +54,12 @@ def cache_home() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "torpor"
 
 
+def host_accel_cache(kernel_sha256: str) -> Path:
+    """The KVM probe's verdict for a guest kernel (by content) on this host, shared by
+    every data root: each new one would otherwise boot the kernel once more."""
+    return cache_home() / "accel" / f"{kernel_sha256}.json"
+
+
 @dataclass(frozen=True)
 class InstancePaths:
     root: Path

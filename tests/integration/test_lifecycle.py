@@ -4,18 +4,21 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.conftest import run, torpor_cli
 from torpor.errors import OperationFailed
+from torpor.fsutil import atomic_write_json, read_json
 from torpor.guest.agent import GuestAgent
-from torpor.hypervisor.accel import probe_kvm, resolve_accel
+from torpor.hypervisor.accel import AccelChoice, resolve_accel
 from torpor.images.builtin import GuestImage
 from torpor.instances import InstanceState
 from torpor.instances.context import Settings
@@ -182,20 +185,42 @@ def test_two_processes_starting_one_instance_are_serialised(
         run(manager.delete(fresh_name, force=True))
 
 
-def test_kvm_probe_falls_back_and_is_cached(guest_image: GuestImage, tmp_path: Path,
-                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    works, reason = probe_kvm(guest_image.kernel, guest_image.initrd, timeout=6)
-    cache = tmp_path / "accel.json"
-    chosen = resolve_accel("auto", kernel=guest_image.kernel, initrd=guest_image.initrd,
-                           cache_file=cache)
-    assert chosen == ("kvm" if works else "tcg"), reason
-    # The verdict is cached: a second resolution must not probe again.
+def test_kvm_probe_falls_back_and_is_cached_for_the_data_root_and_the_host(
+        guest_image: GuestImage, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import torpor.hypervisor.accel as accel
 
-    def no_probe(*a: object, **k: object) -> tuple[bool, str]:
-        raise AssertionError("probed twice")
+    probes: list[tuple[bool, str]] = []
+    real_probe = accel.probe_kvm
 
-    monkeypatch.setattr(accel, "probe_kvm", no_probe)
-    assert resolve_accel("auto", kernel=guest_image.kernel, initrd=guest_image.initrd,
-                         cache_file=cache) == chosen
-    assert resolve_accel("tcg", kernel=guest_image.kernel, initrd=None, cache_file=cache) == "tcg"
+    def counted(*args: Any, **kwargs: Any) -> tuple[bool, str]:
+        probes.append(real_probe(*args, **kwargs))
+        return probes[-1]
+
+    monkeypatch.setattr(accel, "probe_kvm", counted)
+    kernels = []  # each data root has its own copy of the kernel
+    for root in ("a", "b"):
+        (tmp_path / root).mkdir()
+        kernels.append(Path(shutil.copy2(guest_image.kernel, tmp_path / root / "vmlinux")))
+    host = tmp_path / "host"
+
+    def resolve(root: int, choice: AccelChoice = "auto") -> str:
+        return resolve_accel(choice, kernel=kernels[root], initrd=guest_image.initrd,
+                             cache_file=tmp_path / f"root{root}.json",
+                             host_cache=lambda digest: host / f"{digest}.json")
+
+    chosen = resolve(0)
+    assert len(probes) == 1 and chosen == ("kvm" if probes[0][0] else "tcg"), probes
+    # Another data root with the same kernel: the host's verdict, no probe; kept there.
+    assert resolve(1) == chosen and len(probes) == 1
+    assert read_json(tmp_path / "root1.json")["kvm_works"] is probes[0][0]
+    (host_file,) = host.iterdir()
+    host_file.unlink()
+    assert resolve(1) == chosen and len(probes) == 1  # its own verdict now
+    assert resolve(0, "tcg") == "tcg"
+    # A verdict taken under another host kernel (its KVM) holds no more: probed again.
+    stale = read_json(tmp_path / "root0.json")
+    stale["key"]["host_kernel"] = "another"
+    atomic_write_json(tmp_path / "root0.json", stale)
+    assert resolve(0) == chosen and len(probes) == 2
+    assert read_json(tmp_path / "root0.json")["key"]["host_kernel"] == os.uname().release
+    assert host_file.exists()

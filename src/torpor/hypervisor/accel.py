@@ -2,17 +2,22 @@
 
 /dev/kvm existing is not enough: on nested hosts (kvm_pvm here) stock guest kernels
 never finish booting. `auto` therefore boots the given kernel once under KVM with a
-short timeout and keeps KVM only if the guest reports in; the verdict is cached.
+short timeout and keeps KVM only if the guest reports in; the verdict is cached, in
+the data root and for the host (a test suite or a host with many data roots probes once).
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
+import shutil
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from torpor.fsutil import atomic_write_json, read_json
 from torpor.hypervisor.vmconfig import DEFAULT_CPU_MODEL, Accel
@@ -69,20 +74,65 @@ def probe_kvm(kernel: Path, initrd: Path | None, binary: str = "qemu-system-x86_
 
 
 def resolve_accel(choice: AccelChoice, *, kernel: Path, initrd: Path | None,
-                  cache_file: Path, binary: str = "qemu-system-x86_64") -> Accel:
-    """kvm/tcg are taken as given; auto probes once and caches the verdict."""
+                  cache_file: Path, host_cache: Callable[[str], Path] | None = None,
+                  binary: str = "qemu-system-x86_64") -> Accel:
+    """kvm/tcg are taken as given; auto probes once and caches the verdict in
+    `cache_file` (the data root's, keyed by the kernel's path). `host_cache` (the kernel's
+    SHA-256 → a file outside any data root) keeps it for the host: a new data root with
+    the same kernel reads it there instead of booting the kernel for 6 s once more."""
     if choice != "auto":
         return choice
-    key = {"kernel": str(kernel), "kernel_mtime": kernel.stat().st_mtime_ns,
-           "kvm_device": kvm_device_usable(), "binary": binary}
+    host = _host_facts(binary)
+    key = {**host, "kernel": str(kernel), "kernel_mtime": kernel.stat().st_mtime_ns}
+    verdict = _cached(cache_file, key)
+    if verdict is None:
+        verdict = _host_verdict(host, kernel, initrd, binary, host_cache)
+        _store(cache_file, key, verdict)
+    return "kvm" if verdict.kvm_works else "tcg"
+
+
+@dataclass(frozen=True)
+class Verdict:
+    kvm_works: bool
+    reason: str
+
+
+def _host_verdict(host: dict[str, Any], kernel: Path, initrd: Path | None, binary: str,
+                  host_cache: Callable[[str], Path] | None) -> Verdict:
+    """The host's verdict for this kernel (by content: each data root has its own copy),
+    probed if there is none."""
+    if host_cache is None:
+        return Verdict(*probe_kvm(kernel, initrd, binary))
+    with open(kernel, "rb") as f:
+        digest = hashlib.file_digest(f, "sha256").hexdigest()
+    cache, key = host_cache(digest), {**host, "kernel_sha256": digest}
+    verdict = _cached(cache, key)
+    if verdict is None:
+        verdict = Verdict(*probe_kvm(kernel, initrd, binary))
+        _store(cache, key, verdict)
+    return verdict
+
+
+def _host_facts(binary: str) -> dict[str, Any]:
+    """What a verdict holds for besides the kernel: a new QEMU or host kernel (its KVM)
+    may decide otherwise."""
+    path = shutil.which(binary)
+    return {"kvm_device": kvm_device_usable(), "binary": path or binary,
+            "binary_mtime": Path(path).stat().st_mtime_ns if path else None,
+            "host_kernel": os.uname().release}
+
+
+def _cached(cache_file: Path, key: dict[str, Any]) -> Verdict | None:
     try:
         cached = read_json(cache_file)
         if cached.get("key") == key:
-            return "kvm" if cached["kvm_works"] else "tcg"
-    except (FileNotFoundError, ValueError, KeyError):
-        pass
-    works, reason = probe_kvm(kernel, initrd, binary)
+            return Verdict(bool(cached["kvm_works"]), str(cached.get("reason", "")))
+    except (OSError, ValueError, KeyError, AttributeError):
+        pass  # none, unreadable or another shape: probe
+    return None
+
+
+def _store(cache_file: Path, key: dict[str, Any], verdict: Verdict) -> None:
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(cache_file, {"key": key, "kvm_works": works, "reason": reason,
-                                   "probed_at": time.time()})
-    return "kvm" if works else "tcg"
+    atomic_write_json(cache_file, {"key": key, "kvm_works": verdict.kvm_works,
+                                   "reason": verdict.reason, "probed_at": time.time()})

@@ -30,6 +30,7 @@ from torpor.instances.vmspec import vm_config_for
 from torpor.jobs import compression as compression_jobs
 from torpor.operations import network
 from torpor.operations.guest_clock import ask_helper, cancel_helper, set_guest_clock
+from torpor.paths import host_accel_cache
 from torpor.tasks import in_thread
 
 log = logging.getLogger(__name__)
@@ -40,7 +41,8 @@ def effective_accel(ctx: InstanceContext) -> Accel:
     image = ctx.meta.image
     choice = ctx.meta.accel if ctx.meta.accel != "auto" else ctx.settings.accel
     return resolve_accel(choice, kernel=image.kernel, initrd=image.initrd,
-                         cache_file=ctx.data_root.accel_cache, binary=ctx.settings.qemu_binary)
+                         cache_file=ctx.data_root.accel_cache, host_cache=host_accel_cache,
+                         binary=ctx.settings.qemu_binary)
 
 
 def check_boot_files(ctx: InstanceContext) -> None:
