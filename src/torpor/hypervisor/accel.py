@@ -74,7 +74,7 @@ def probe_kvm(kernel: Path, initrd: Path | None, binary: str = "qemu-system-x86_
 
 
 def resolve_accel(choice: AccelChoice, *, kernel: Path, initrd: Path | None,
-                  cache_file: Path, host_cache: Callable[[str], Path] | None = None,
+                  cache_file: Path, host_cache: Callable[[str], Path],
                   binary: str = "qemu-system-x86_64") -> Accel:
     """kvm/tcg are taken as given; auto probes once and caches the verdict in
     `cache_file` (the data root's, keyed by the kernel's path). `host_cache` (the kernel's
@@ -98,11 +98,9 @@ class Verdict:
 
 
 def _host_verdict(host: dict[str, Any], kernel: Path, initrd: Path | None, binary: str,
-                  host_cache: Callable[[str], Path] | None) -> Verdict:
+                  host_cache: Callable[[str], Path]) -> Verdict:
     """The host's verdict for this kernel (by content: each data root has its own copy),
     probed if there is none."""
-    if host_cache is None:
-        return Verdict(*probe_kvm(kernel, initrd, binary))
     with open(kernel, "rb") as f:
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     cache, key = host_cache(digest), {**host, "kernel_sha256": digest}
