@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from typing import Any
 import pytest
 
 from tests.conftest import run, torpor_cli
-from torpor.errors import OperationFailed
+from torpor.errors import OperationFailed, WrongState
 from torpor.fsutil import atomic_write_json, read_json
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.accel import AccelChoice, resolve_accel
@@ -159,6 +160,45 @@ def test_qemu_killed_behind_our_back_is_crashed(manager: InstanceManager,
         assert run(manager.start(fresh_name)).state is InstanceState.RUNNING
         assert run(manager.exec(fresh_name, ["true"])).exit_code == 0
     finally:
+        run(manager.delete(fresh_name, force=True))
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except FileNotFoundError:
+        return b""
+
+
+def test_a_hung_qemu_is_unresponsive_and_stop_kills_it(manager: InstanceManager,
+                                                       fresh_name: str) -> None:
+    """A QEMU that runs but does not answer its monitor (stopped here with SIGSTOP) is
+    `unresponsive`: every command but stop and delete --force is refused at once, and
+    stop kills it (recovery used to fail on its monitor: nothing could free it)."""
+    run(manager.create(fresh_name))
+    pid = run(manager.start(fresh_name)).pid
+    assert pid
+    try:
+        os.kill(pid, signal.SIGSTOP)
+        info = run(manager.get(fresh_name))
+        assert (info.state, info.pid) == (InstanceState.UNRESPONSIVE, pid)
+        refusal = f"instance {fresh_name} is unresponsive: .*`torpor stop {fresh_name}` kills it"
+        with pytest.raises(WrongState, match=refusal):
+            run(manager.standby(fresh_name))
+        with pytest.raises(WrongState, match=refusal):
+            run(manager.snapshot_create(fresh_name, "s"))
+        with pytest.raises(WrongState, match=refusal):
+            run(manager.delete(fresh_name))
+        os.kill(pid, signal.SIGCONT)  # derived, never stored: it answers again
+        assert run(manager.get(fresh_name)).state is InstanceState.RUNNING
+        os.kill(pid, signal.SIGSTOP)
+        assert run(manager.stop(fresh_name)).state is InstanceState.STOPPED
+        assert not _cmdline(pid)  # killed (a zombie at most)
+        assert run(manager.start(fresh_name)).state is InstanceState.RUNNING
+        assert run(manager.exec(fresh_name, ["true"])).exit_code == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGCONT)
         run(manager.delete(fresh_name, force=True))
 
 

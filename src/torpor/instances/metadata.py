@@ -31,6 +31,7 @@ class InstanceState(StrEnum):
     STOPPED = "stopped"
     STANDBY = "standby"
     CRASHED = "crashed"
+    UNRESPONSIVE = "unresponsive"  # QEMU runs but does not answer its monitor (hung)
 
 
 def validate_name(name: str) -> str:

@@ -3,7 +3,8 @@
 runtime.json (in run/) is written right after QEMU has started and removed once torpor
 has stopped it. State is derived from what exists:
   process alive      → ask QEMU (query monitor): running / paused / crashed; with a
-                       standby state present and QEMU not running, standby (below)
+                       standby state present and QEMU not running, standby (below);
+                       no answer and no standby state: unresponsive (a hung QEMU)
   process gone       → standby snapshot present → standby
                        runtime.json still there (QEMU died behind our back) → crashed
                        otherwise → stopped
@@ -101,6 +102,8 @@ async def derive_state(paths: InstancePaths) -> tuple[InstanceState, RuntimeReco
             return InstanceState.STANDBY, None
         if status in PAUSED_STATES:
             return InstanceState.PAUSED, record
+        if status is None:  # alive, yet no answer within query_vm_status's timeout
+            return InstanceState.UNRESPONSIVE, record
         return InstanceState.RUNNING, record
     if has_standby_state(paths):
         return InstanceState.STANDBY, None

@@ -18,8 +18,13 @@ from torpor.errors import WrongState
 from torpor.instances.metadata import InstanceState
 
 S = InstanceState
-LIVE = frozenset({S.RUNNING, S.PAUSED})  # a QEMU process holds the guest
+LIVE = frozenset({S.RUNNING, S.PAUSED})  # a QEMU process holds the guest and answers
+# A QEMU process holds the guest's disk and RAM, whether it answers or not.
+HOLDS_QEMU = LIVE | {S.UNRESPONSIVE}
 EVERY = frozenset(S)
+# An unresponsive QEMU (hung: it runs, its monitor does not answer) can only be killed.
+UNRESPONSIVE_REFUSAL = ("instance {name} is unresponsive: its QEMU does not answer its"
+                        " monitor; `torpor stop {name}` kills it")
 # What a fork is brought to once copied.
 TargetState = Literal["running", "standby", "stopped"]
 
@@ -66,10 +71,11 @@ RULES: dict[Action, Rule] = {
         frozenset({S.STOPPED, S.CRASHED}), "instance {name} is already {state}",
         {S.STANDBY: "instance {name} is in standby: use `torpor restore {name}`"}),
     Action.STOP: Rule(
-        LIVE | {S.CRASHED}, "instance {name} is not running",
+        HOLDS_QEMU | {S.CRASHED}, "instance {name} is not running",
         {S.STANDBY: "instance {name} is in standby: restore it, or discard its saved state"
                     " with `stop --force`"}),
-    Action.STOP_FORCE: Rule(LIVE | {S.CRASHED, S.STANDBY}, "instance {name} is not running"),
+    Action.STOP_FORCE: Rule(HOLDS_QEMU | {S.CRASHED, S.STANDBY},
+                            "instance {name} is not running"),
     Action.STANDBY: Rule(
         LIVE, "instance {name} is {state}: only a running VM can go into standby",
         {S.STANDBY: "instance {name} is already in standby"}),
@@ -79,14 +85,15 @@ RULES: dict[Action, Rule] = {
         frozenset({S.PAUSED}), "instance {name} is {state}, not paused",
         done_in=frozenset({S.RUNNING})),
     Action.DELETE: Rule(
-        EVERY - LIVE, "instance {name} is {state}: stop it first, or use --force"),
+        EVERY - HOLDS_QEMU, "instance {name} is {state}: stop it first, or use --force"),
     Action.DELETE_FORCE: Rule(EVERY, ""),
     Action.SNAPSHOT: Rule(
-        EVERY - {S.CRASHED}, "instance {name} is crashed: stop it (or start it) first"),
+        EVERY - {S.CRASHED, S.UNRESPONSIVE},
+        "instance {name} is crashed: stop it (or start it) first"),
     Action.SNAPSHOT_RESTORE: Rule(
-        EVERY - LIVE, "instance {name} is {state}: stop it (or put it in standby) first"),
+        EVERY - HOLDS_QEMU, "instance {name} is {state}: stop it (or put it in standby) first"),
     Action.FORK: Rule(
-        EVERY - {S.CRASHED}, "instance {name} is crashed: stop or start it first"),
+        EVERY - {S.CRASHED, S.UNRESPONSIVE}, "instance {name} is crashed: stop or start it first"),
     Action.EXEC: Rule(
         frozenset({S.RUNNING}), "instance {name} is {state}, not running",
         {S.STANDBY: "instance {name} is in standby, not running: `torpor restore {name}` first"}),
@@ -106,7 +113,8 @@ def require(action: Action, name: str, state: InstanceState, *, locked: bool = T
     rule = RULES[action]
     if state in rule.allowed or (locked and state in rule.done_in):
         return
-    template = rule.hints.get(state, rule.refusal)
+    default = UNRESPONSIVE_REFUSAL if state is S.UNRESPONSIVE else rule.refusal
+    template = rule.hints.get(state, default)
     raise WrongState(template.format(name=name, state=state))
 
 

@@ -68,6 +68,7 @@ class Kind(StrEnum):
     MISSING_STATE = "missing-state"
     STATE_SIZE = "state-size"
     MISSING_ORIGIN = "missing-origin"
+    UNRESPONSIVE = "unresponsive"  # a hung QEMU: killing the VM is its user's call (`stop`)
 
 
 DEBRIS = {Kind.STAGING, Kind.PARTIAL_SNAPSHOT, Kind.DELETING, Kind.ORPHANED_JOB,
@@ -165,6 +166,10 @@ async def _instance_problems(root: DataRoot, meta: InstanceMetadata | None,
             add(Kind.PAUSED_VM, paths.root, f"QEMU is {status}, left by an interrupted operation")
         elif status == "running" and standby:
             add(Kind.STALE_STATE, paths.standby_dir, "a saved state the running VM moved on from")
+        elif status is None and not standby and record is not None:
+            add(Kind.UNRESPONSIVE, paths.runtime,
+                f"QEMU (pid {record.identity.pid}) does not answer its monitor:"
+                f" `torpor stop {meta.name}` kills it")
     elif record is not None and not standby:
         add(Kind.CRASHED, paths.runtime, "QEMU died behind torpor's back")
     for leftover in (paths.standby_partial_dir, paths.standby_consumed_dir):

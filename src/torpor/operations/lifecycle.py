@@ -260,7 +260,7 @@ async def shutdown(ctx: InstanceContext, process: TrackedProcess, timeout: float
 
 async def stop(ctx: InstanceContext, *, timeout: float | None = None,
                force: bool = False) -> PhaseRecorder:
-    """running/paused/crashed → stopped; with `force`, standby → stopped too (the saved
+    """running/paused/crashed/unresponsive → stopped; with `force`, standby → stopped too (the saved
     state discarded). The caller holds the instance lock."""
     state, record = ctx.state, ctx.record
     op = PhaseRecorder("stop", ctx.name)
@@ -273,8 +273,8 @@ async def stop(ctx: InstanceContext, *, timeout: float | None = None,
         assert record is not None
         process = record.process()
         with op.phase("shutdown"):
-            if force or state is InstanceState.CRASHED:
-                await asyncio.to_thread(process.kill)
+            if force or state in (InstanceState.CRASHED, InstanceState.UNRESPONSIVE):
+                await asyncio.to_thread(process.kill)  # nothing to ask it: it is gone or hung
             else:
                 how = await shutdown(ctx, process, timeout or ctx.settings.stop_timeout)
                 log.info("%s: %s", ctx.name, how)

@@ -12,6 +12,8 @@ an operation leaves only while it runs is debris here:
   that set its state aside before `cont` → QEMU is resumed (`cont` also re-activates the
   disks a completed save inactivated).
 - QEMU running with a `latest/`: the VM has moved on from that state → it is removed.
+- QEMU alive but its monitor does not answer (hung) → left alone: its state is
+  unresponsive, and `stop` kills it.
 - a disk overlay: a snapshot froze the disk and did not fold it back → folded back, after
   the resume.
 - `.latest.partial/`, `.latest.consumed/`: a standby cut short, a state a restore loaded
@@ -35,6 +37,7 @@ from torpor.instances.runtime import clear_runtime, has_standby_state, load_runt
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
+MONITOR_TIMEOUT = 2.0  # as long as a state query waits (instances/runtime.py)
 
 
 async def recover(ctx: InstanceContext) -> list[str]:
@@ -55,16 +58,24 @@ async def recover(ctx: InstanceContext) -> list[str]:
     if ctx.paths.disk_overlay.exists():
         from torpor.operations.snapshots import fold_back_frozen_disk  # rare: loaded if needed
 
-        await fold_back_frozen_disk(ctx)
-        done.append("folded back the disk overlay of an interrupted snapshot")
+        if await fold_back_frozen_disk(ctx):
+            done.append("folded back the disk overlay of an interrupted snapshot")
     for line in done:
         log.warning("instance %s: %s", ctx.name, line)
     return done
 
 
 async def _settle_live_qemu(ctx: InstanceContext) -> list[str]:
-    async with Monitor.connect(ctx.paths.qmp_socket) as mon:
-        status = await mon.status()
+    async with contextlib.AsyncExitStack() as stack:
+        try:
+            mon = await stack.enter_async_context(
+                Monitor.connect(ctx.paths.qmp_socket, timeout=MONITOR_TIMEOUT))
+            status = await mon.status()
+        except QmpError as exc:
+            # Hung (its state says unresponsive): nothing here can be asked of it, and
+            # failing would keep every command, `stop` too, from freeing it.
+            log.warning("instance %s: its QEMU does not answer its monitor: %s", ctx.name, exc)
+            return []
         if status == "running":
             if has_standby_state(ctx.paths):
                 await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)

@@ -219,21 +219,26 @@ async def _thaw_after_failure(freeze: DiskFreeze, error: BaseException) -> None:
         log.error("after %s: %s (torpor folds it back at the next operation)", error, exc)
 
 
-async def fold_back_frozen_disk(ctx: InstanceContext) -> None:
+async def fold_back_frozen_disk(ctx: InstanceContext) -> bool:
     """A snapshot interrupted between freeze and thaw (torpor killed) leaves the guest's
     recent writes in the disk overlay: fold them back before anything else touches the
-    instance (online if QEMU still runs, with qemu-img if it does not)."""
+    instance (online if QEMU still runs, with qemu-img if it does not). False if it has
+    to wait: a hung QEMU still holds the overlay (once it is killed, the next operation
+    folds it back offline)."""
     overlay = ctx.paths.disk_overlay
     if not overlay.exists():
-        return
+        return False
+    state, _ = await derive_state(ctx.paths)  # recovery runs before the guard: derived here
+    if state is InstanceState.UNRESPONSIVE:
+        return False
     log.warning("instance %s: folding back the disk overlay of an interrupted snapshot",
                 ctx.name)
-    state, _ = await derive_state(ctx.paths)  # recovery runs before the guard: derived here
     if is_live(state):
         async with Monitor.connect(ctx.paths.qmp_socket) as mon:
             await thaw(mon, drive_id(0), overlay)
     else:
         await asyncio.to_thread(thaw_offline, overlay)
+    return True
 
 
 def _state_staging(staging: SnapshotPaths) -> Path:
