@@ -109,10 +109,14 @@ RULES: dict[Action, Rule] = {
 
 def require(action: Action, name: str, state: InstanceState, *, locked: bool = True) -> None:
     """WrongState (exit code 4) unless `action` may run on an instance in `state`.
-    `locked`: the check under the lock, where recovery may already have done the work."""
+    `locked`: the check under the lock, where recovery may already have done the work,
+    and where a monitor that does not answer is a hung QEMU (before the lock it may be one
+    busy with another request's operation)."""
     rule = RULES[action]
     if state in rule.allowed or (locked and state in rule.done_in):
         return
+    if not locked and state is S.UNRESPONSIVE:
+        return  # maybe only busy with an operation in flight: decided under the lock
     default = UNRESPONSIVE_REFUSAL if state is S.UNRESPONSIVE else rule.refusal
     template = rule.hints.get(state, default)
     raise WrongState(template.format(name=name, state=state))
