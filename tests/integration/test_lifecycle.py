@@ -163,6 +163,21 @@ def test_qemu_killed_behind_our_back_is_crashed(manager: InstanceManager,
         run(manager.delete(fresh_name, force=True))
 
 
+def test_a_missing_disk_is_named_and_nothing_starts(manager: InstanceManager,
+                                                    fresh_name: str) -> None:
+    run(manager.create(fresh_name))
+    disk = manager.paths(fresh_name).disk
+    try:
+        disk.rename(disk.with_suffix(".aside"))
+        with pytest.raises(OperationFailed,
+                           match=f"^the disk of instance {fresh_name} is missing: {disk}$"):
+            run(manager.start(fresh_name))
+        assert run(manager.get(fresh_name)).state is InstanceState.STOPPED
+        assert load_runtime(manager.paths(fresh_name)) is None  # no QEMU was launched
+    finally:
+        run(manager.delete(fresh_name, force=True))
+
+
 def _cmdline(pid: int) -> bytes:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes()

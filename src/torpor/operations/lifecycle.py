@@ -46,9 +46,12 @@ def effective_accel(ctx: InstanceContext) -> Accel:
 
 
 def check_boot_files(ctx: InstanceContext) -> None:
+    """What QEMU opens at start: said by name here, not in QEMU's words after a launch."""
     for f in (ctx.meta.image.kernel, ctx.meta.image.initrd):
         if f is not None and not f.exists():
             raise OperationFailed(f"boot file of instance {ctx.name} is missing: {f}")
+    if not ctx.paths.disk.exists():
+        raise OperationFailed(f"the disk of instance {ctx.name} is missing: {ctx.paths.disk}")
 
 
 def spawn_qemu(ctx: InstanceContext, config: VMConfig, *, incoming: str | None = None,
