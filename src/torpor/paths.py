@@ -334,6 +334,11 @@ class DataRoot:
         return self.locks_dir / "registry.lock"
 
     @property
+    def daemon_lock(self) -> Path:
+        """Held by the one daemon that serves this data root (its pid inside)."""
+        return self.locks_dir / "daemon.lock"
+
+    @property
     def accel_cache(self) -> Path:
         return self.cache_dir / "accel.json"
 

@@ -7,6 +7,8 @@ import json
 import re
 import socket
 import stat
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -61,13 +63,30 @@ def test_socket_and_token_are_private(daemon: Daemon) -> None:
     assert stat.S_ISSOCK(sock.stat().st_mode) and stat.S_IMODE(sock.stat().st_mode) == 0o600
 
 
-def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon) -> None:
-    import subprocess
-    import sys
-    result = subprocess.run([sys.executable, "-m", "torpor.cli.main", "--data-root",
-                             str(daemon.data_root), "serve"], capture_output=True, text=True,
-                            timeout=60, check=False)
-    assert result.returncode == 5 and "already listening" in result.stderr
+def _serve(data_root: Path, listen: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "torpor.cli.main", "--data-root",
+                           str(data_root), "serve", "--listen", listen],
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+@pytest.mark.parametrize("socket_name", ["torpord.sock", "other.sock"])
+def test_a_second_daemon_on_the_same_data_root_is_refused(daemon: Daemon,
+                                                          socket_name: str) -> None:
+    """Whatever it listens on: two would each run an idle clock, a restore pool and the
+    published ports' relays for the same instances."""
+    result = _serve(daemon.data_root, f"unix:{daemon.data_root / socket_name}")
+    pid = daemon.process.pid
+    assert (result.returncode, result.stderr) == (
+        5, f"torpor: error: another torpord (pid {pid}) serves the data root"
+           f" {daemon.data_root}\n")
+    assert not (daemon.data_root / "other.sock").exists()
+
+
+def test_a_second_daemon_on_the_same_socket_is_refused(daemon: Daemon, tmp_path: Path) -> None:
+    result = _serve(tmp_path, daemon.listen)  # another data root, the first one's socket
+    path = daemon.listen.removeprefix("unix:")
+    assert (result.returncode, result.stderr) == (
+        5, f"torpor: error: a daemon is already listening on {path}\n")
 
 
 def test_daemon_stops_cleanly_and_keeps_its_token() -> None:

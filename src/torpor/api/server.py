@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import gc
 import logging
 import os
 import secrets
 import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 
 import uvicorn
@@ -21,7 +23,7 @@ from torpor.api.listen import ListenAddress, address_family, daemon_listening
 from torpor.config import Config
 from torpor.errors import Busy, InvalidArgument
 from torpor.manager import InstanceManager
-from torpor.paths import UNIX_PATH_MAX
+from torpor.paths import UNIX_PATH_MAX, DataRoot
 
 log = logging.getLogger("torpor.api")
 TOKEN_BYTES = 32
@@ -74,9 +76,35 @@ def bind(address: ListenAddress) -> socket.socket:
     return sock
 
 
+@contextlib.contextmanager
+def serving_alone(root: DataRoot) -> Iterator[None]:
+    """The data root's daemon lock, for the daemon's life: a second daemon would run a
+    second idle clock, restore pool, reaper and relay for the same instances."""
+    path = root.daemon_lock
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise Busy(f"another torpord (pid {holder}) serves the data root {root.root}"
+                       ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # the lock goes with it
+
+
 def serve(config: Config) -> None:
     root = config.root
     root.ensure()
+    with serving_alone(root):
+        _serve(config, root)
+
+
+def _serve(config: Config, root: DataRoot) -> None:
     token = ensure_token(config.token_path)
     # Busy instead of waiting: a second client racing on an instance gets a 409 at once.
     manager = InstanceManager(root.root, config.settings(), lock_wait=0)
