@@ -174,6 +174,8 @@ def test_a_missing_disk_is_named_and_nothing_starts(manager: InstanceManager,
             run(manager.start(fresh_name))
         assert run(manager.get(fresh_name)).state is InstanceState.STOPPED
         assert load_runtime(manager.paths(fresh_name)) is None  # no QEMU was launched
+        found = [(p.kind, p.path) for p in run(manager.check(repair=True))]
+        assert found == [("missing-disk", str(disk))]  # reported, never "repaired"
     finally:
         run(manager.delete(fresh_name, force=True))
 

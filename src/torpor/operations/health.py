@@ -68,6 +68,7 @@ class Kind(StrEnum):
     MISSING_STATE = "missing-state"
     STATE_SIZE = "state-size"
     MISSING_ORIGIN = "missing-origin"
+    MISSING_DISK = "missing-disk"
     UNRESPONSIVE = "unresponsive"  # a hung QEMU: killing the VM is its user's call (`stop`)
 
 
@@ -191,6 +192,8 @@ async def _instance_problems(root: DataRoot, meta: InstanceMetadata | None,
                   for p in _state_problems(paths, meta.memory_origin)]
     if meta.memory_origin is not None and not meta.memory_origin.exists():
         add(Kind.MISSING_ORIGIN, meta.memory_origin, "the snapshot RAM file this fork maps is gone")
+    if not paths.disk.exists():
+        add(Kind.MISSING_DISK, paths.disk, "the disk is gone: nothing can start or restore it")
     return found
 
 
