@@ -18,7 +18,10 @@ every case; forks and snapshots a case makes are deleted after it.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -374,3 +377,23 @@ def test_delete_leaves_no_job_files_of_the_instance(manager: InstanceManager, fm
     run(manager.delete("jobs-gone", force=True))
     assert not list(manager.data_root.jobs_dir.glob(f"{key}.*"))
     assert run(manager.check()) == []
+
+
+def test_a_silent_qemu_beside_its_saved_state_is_killed_and_the_state_restores(
+        manager: InstanceManager, data_root: Path, fm: str) -> None:
+    """Standby killed once its state is published: its QEMU (paused, the guest saved)
+    outlives it. If that QEMU also stops answering, recovery kills it, as it would quit one
+    that answered, and the restore goes on (it used to fail on the monitor instead)."""
+    planted = plant(manager, fm)
+    faulted(data_root, "standby.published", "kill", "standby", fm)
+    record = load_runtime(manager.paths(fm))
+    assert record is not None and record.identity.is_alive()
+    os.kill(record.identity.pid, signal.SIGSTOP)
+    try:
+        assert run(manager.get(fm)).state is InstanceState.STANDBY
+        run(manager.restore(fm))
+        assert not record.identity.is_alive()
+        verify(manager, fm, planted)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(record.identity.pid, signal.SIGCONT)

@@ -12,8 +12,9 @@ an operation leaves only while it runs is debris here:
   that set its state aside before `cont` → QEMU is resumed (`cont` also re-activates the
   disks a completed save inactivated).
 - QEMU running with a `latest/`: the VM has moved on from that state → it is removed.
-- QEMU alive but its monitor does not answer (hung) → left alone: its state is
-  unresponsive, and `stop` kills it.
+- QEMU alive but its monitor does not answer: with a complete `latest/`, killed (as a
+  paused one is quit: the guest has not run since the save); without, left alone (hung:
+  its state is unresponsive, and `stop` kills it).
 - a disk overlay: a snapshot froze the disk and did not fold it back → folded back, after
   the resume.
 - `.latest.partial/`, `.latest.consumed/`: a standby cut short, a state a restore loaded
@@ -72,6 +73,12 @@ async def _settle_live_qemu(ctx: InstanceContext) -> list[str]:
                 Monitor.connect(ctx.paths.qmp_socket, timeout=MONITOR_TIMEOUT))
             status = await mon.status()
         except QmpError as exc:
+            if has_standby_state(ctx.paths):
+                # Standby's QEMU not yet gone, or a restore's still loading: the guest has
+                # not run since the save, and a QEMU that answered would be quit here.
+                await _kill(ctx)
+                return [f"stopped a QEMU that does not answer beside its saved state ({exc}):"
+                        " it is in standby"]
             # Hung (its state says unresponsive): nothing here can be asked of it, and
             # failing would keep every command, `stop` too, from freeing it.
             log.warning("instance %s: its QEMU does not answer its monitor: %s", ctx.name, exc)
@@ -90,6 +97,13 @@ async def _settle_live_qemu(ctx: InstanceContext) -> list[str]:
             await mon.execute("migrate_cancel", timeout=5)
         await mon.resume()
         return [f"resumed a VM left {status} by an interrupted operation"]
+
+
+async def _kill(ctx: InstanceContext) -> None:
+    record = load_runtime(ctx.paths)
+    if record is not None:
+        await asyncio.to_thread(record.process().kill)
+    clear_runtime(ctx.paths)
 
 
 async def _quit(ctx: InstanceContext, mon: Monitor) -> None:
