@@ -122,9 +122,14 @@ def test_qemu_failing_to_start_reports_its_error(manager: InstanceManager, data_
     """QEMU's own message comes back (from its log) and nothing is left running."""
     run(manager.create(fresh_name))
     paths = manager.paths(fresh_name)
-    paths.disk.unlink()
-    with pytest.raises(OperationFailed, match=r"QEMU failed to start: .*disk\.raw"):
-        run(manager.start(fresh_name))
+    # There, but QEMU cannot open it for writing, not even as root (a missing disk is
+    # torpor's own error).
+    subprocess.run(["chattr", "+i", str(paths.disk)], check=True)
+    try:
+        with pytest.raises(OperationFailed, match=r"QEMU failed to start: .*disk\.raw"):
+            run(manager.start(fresh_name))
+    finally:
+        subprocess.run(["chattr", "-i", str(paths.disk)], check=True)
     assert run(manager.get(fresh_name)).state is InstanceState.STOPPED
     assert load_runtime(paths) is None and not paths.pidfile.exists()
     missing = InstanceManager(data_root, Settings(accel="tcg", qemu_binary="/no/such/qemu"))
