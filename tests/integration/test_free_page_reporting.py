@@ -19,6 +19,7 @@ FILL = (f"mkdir -p /mnt/fill && mount -t tmpfs -o size={FILL_MIB + 32}m tmpfs /m
         f"dd if=/dev/urandom of=/mnt/fill/x bs=1M count={FILL_MIB} 2>/dev/null && "
         "echo filled")  # random: neither QEMU nor the zero-page filter can skip it
 FREE = "rm /mnt/fill/x && umount /mnt/fill && echo freed"
+RETURN_SLACK_MIB = 16  # what the host may not have back yet when the wait ends
 
 
 def rss_mib(pid: int) -> float:
@@ -55,15 +56,19 @@ def test_a_guest_gives_freed_memory_back_and_its_standby_state_stays_small(
         # The guest reports freed blocks about 2 s after they are freed, in batches, and
         # QEMU discards each: wait until the host has (nearly) all of it back.
         deadline = time.monotonic() + 60
-        while rss_mib(pid) > before_fill + 16:
+        while rss_mib(pid) > before_fill + RETURN_SLACK_MIB:
             assert time.monotonic() < deadline, (before_fill, rss_mib(pid))
             time.sleep(0.5)
         after = state_bytes(manager, fresh_name)
         # Freed pieces down to 128 KiB are reported (the initrd sets the order and keeps
         # the per-CPU lists small): none of the freed data is left to save. Measured:
-        # -3.6 MiB (-2.4 with the default per-CPU lists, +2.6 with 2 MiB blocks as well).
+        # -3.6 MiB (-2.4 with the default per-CPU lists, +2.6 with 2 MiB blocks as well);
+        # but up to RETURN_SLACK_MIB of it may not be reported yet when the wait ends,
+        # and the guest's own work between the two saves (the commands' page cache,
+        # slab) moves the state a little either way (CI once: +1.4 MiB). Kept, the freed
+        # data would add FILL_MIB. (The bar "no larger" is make bench-memory's.)
         print("state before, after:", booted_state, after)
-        assert after <= booted_state, (booted_state, after)
+        assert after <= booted_state + (RETURN_SLACK_MIB << 20), (booted_state, after)
         assert run(manager.get(fresh_name)).pid != pid  # it was standby + restore
     finally:
         run(manager.delete(fresh_name, force=True))

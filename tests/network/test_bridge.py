@@ -386,13 +386,17 @@ def _eventually(fetch: Callable[[], str], timeout: float = 30) -> str:
 def test_a_start_that_fails_publishes_nothing(manager: InstanceManager,
                                               fresh_name: str) -> None:
     """The relay is up before QEMU starts; a QEMU that cannot start (here: its disk is
-    gone) takes it down again, so a stopped instance holds no host port."""
+    immutable, so it cannot open it for writing) takes it down again, so a stopped
+    instance holds no host port."""
     port = free_port()
     run(manager.create(fresh_name, publish=[f"{port}:8080"]))
     paths = manager.paths(fresh_name)
-    paths.disk.unlink()
-    with pytest.raises(TorporError):
-        run(manager.start(fresh_name))
+    subprocess.run(["chattr", "+i", str(paths.disk)], check=True)
+    try:
+        with pytest.raises(TorporError, match="QEMU failed to start"):
+            run(manager.start(fresh_name))
+    finally:
+        subprocess.run(["chattr", "-i", str(paths.disk)], check=True)
     assert run(manager.get(fresh_name)).state is InstanceState.STOPPED
     assert (paths.publish_dir / "targets.json").exists()  # the relay had been set up
     assert not paths.publisher_identity.exists()
