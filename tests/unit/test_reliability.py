@@ -261,3 +261,28 @@ def test_check_finds_the_job_and_lock_of_a_deleted_snapshot(tmp_path: Path) -> N
         ("orphaned-job", f"snapshot-{gone}.log", "of a deleted snapshot"),
         ("orphaned-lock", f"snapshot-{gone}.lock", "of a deleted snapshot"),
     ]
+
+
+def test_check_takes_an_instance_with_damaged_metadata_for_damaged_not_gone(
+        tmp_path: Path) -> None:
+    """Its metadata unreadable, the instance is reported (bad-metadata, never repaired);
+    its lock, job file and leased address are still its own, not a deleted instance's
+    (repair used to remove them, and release the address of a VM that may be running)."""
+    import asyncio
+
+    from torpor.fsutil import atomic_write_json
+    from torpor.operations import health
+
+    root = DataRoot(tmp_path / "data")
+    root.ensure()
+    damaged = "a1b2c3d4e5f6"
+    paths = root.instance(damaged)
+    paths.root.mkdir(parents=True)
+    paths.metadata.write_text('{"torn')
+    root.instance_lock(damaged).parent.mkdir(parents=True, exist_ok=True)
+    root.instance_lock(damaged).write_text("")
+    root.job_log(Subject.instance(damaged).key).write_text("")
+    root.network_leases.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(root.network_leases, {"10.77.0.2": damaged})
+    problems = asyncio.run(health.scan(root))
+    assert [(p.kind, p.path) for p in problems] == [("bad-metadata", str(paths.metadata))]

@@ -120,13 +120,17 @@ def _partial_pull(staging: Path) -> str | None:
     return f"a pull of {url} that did not finish: pulling it again resumes it"
 
 
-def _instances(root: DataRoot) -> Iterator[tuple[InstanceMetadata | None, InstancePaths]]:
+def present_ids(root: DataRoot) -> set[str]:
+    """The ids of the instance directories there, readable metadata or not."""
     if not root.instances_dir.is_dir():
-        return
-    for entry in sorted(root.instances_dir.iterdir()):
-        if entry.name.startswith("."):
-            continue
-        paths = root.instance(entry.name)
+        return set()
+    return {entry.name for entry in root.instances_dir.iterdir()
+            if not entry.name.startswith(".")}
+
+
+def _instances(root: DataRoot) -> Iterator[tuple[InstanceMetadata | None, InstancePaths]]:
+    for instance_id in sorted(present_ids(root)):
+        paths = root.instance(instance_id)
         try:
             yield InstanceMetadata.load(paths.metadata), paths
         except (FileNotFoundError, ValueError):
@@ -293,6 +297,7 @@ async def scan(root: DataRoot, bridge: str | None = None) -> list[Problem]:
     side too."""
     problems = list(_debris(root))
     metas: list[InstanceMetadata] = []
+    present = present_ids(root)
     for meta, paths in _instances(root):
         problems += await _instance_problems(root, meta, paths)
         if meta is not None:
@@ -303,11 +308,13 @@ async def scan(root: DataRoot, bridge: str | None = None) -> list[Problem]:
             dependents.setdefault(snapshot_id, []).append(meta.name)
     problems += _snapshot_problems(root, dependents)
     snapshot_ids = {r.id for r in all_records(root)}
-    problems += _job_problems(root, {m.id for m in metas}, snapshot_ids)
-    problems += _lock_problems(root, {m.id for m in metas}, snapshot_ids)
-    problems += _address_problems(root, {m.id for m in metas})
+    # An instance whose metadata is unreadable is damaged, not gone: its lock, jobs,
+    # address and TAP are still its own (bad-metadata is reported, never repaired).
+    problems += _job_problems(root, present, snapshot_ids)
+    problems += _lock_problems(root, present, snapshot_ids)
+    problems += _address_problems(root, present)
     if bridge is not None:
-        problems += _bridge_problems(root, bridge, metas)
+        problems += _bridge_problems(root, bridge, present)
     problems += [Problem(kind=Kind.STRAY_QEMU, path=str(root.instance(instance_id).root),
                          detail=f"QEMU pid {identity.pid} is no instance's")
                  for identity, instance_id in stray_qemus(root)]
@@ -326,14 +333,13 @@ def _address_problems(root: DataRoot, ids: set[str]) -> Iterator[Problem]:
                           detail=f"leased to deleted instance {owner}")
 
 
-def _bridge_problems(root: DataRoot, bridge: str,
-                     metas: list[InstanceMetadata]) -> Iterator[Problem]:
+def _bridge_problems(root: DataRoot, bridge: str, present: set[str]) -> Iterator[Problem]:
     """The host side of the bridge against the data root: read from sysfs, nft and the
     DNS pid file only when the bridge exists (a host without bridged instances pays
     nothing)."""
     if not host.link_exists(bridge):
         return
-    for port in network.orphaned_taps(bridge, metas):
+    for port in network.orphaned_taps(bridge, present):
         yield Problem(kind=Kind.ORPHANED_TAP, path=f"net:{port}",
                       detail=f"TAP {port} on {bridge} is no instance's")
     try:
@@ -386,7 +392,8 @@ async def _fix(registry: Registry, root: DataRoot, problem: Problem) -> None:
             await asyncio.to_thread(network.release_owner, root, registry.settings, owner)
     elif problem.kind in (Kind.ORPHANED_TAP, Kind.BRIDGE_SERVICES, Kind.IDLE_BRIDGE):
         metas = await asyncio.to_thread(registry.all_metadata)
-        await asyncio.to_thread(network.repair_bridge, root, registry.settings, metas)
+        await asyncio.to_thread(network.repair_bridge, root, registry.settings, metas,
+                                present_ids(root))
     elif problem.kind is Kind.STRAY_QEMU:
         for identity, instance_id in stray_qemus(root):
             if str(root.instance(instance_id).root) == problem.path:

@@ -105,21 +105,22 @@ def bring_up(data_root: DataRoot, settings: Settings, bridge: str) -> None:
                list(settings.network_dns))
 
 
-def orphaned_taps(bridge: str, metas: list[InstanceMetadata]) -> list[str]:
-    """TAPs on the bridge that no bridged instance of these has (a crash's leftovers)."""
-    taps = {tap_name(m.id) for m in metas if m.network.mode == "bridge"}
+def orphaned_taps(bridge: str, instance_ids: set[str]) -> list[str]:
+    """TAPs on the bridge that none of these instances has (a crash's leftovers)."""
+    taps = {tap_name(instance_id) for instance_id in instance_ids}
     return [port for port in host.bridge_ports(bridge)
             if port.startswith("tp") and port not in taps]
 
 
 def repair_bridge(data_root: DataRoot, settings: Settings,
-                  metas: list[InstanceMetadata]) -> None:
-    """`torpor check`: TAPs no instance has removed; the rules (with the peers) and DNS
+                  metas: list[InstanceMetadata], present: set[str]) -> None:
+    """`torpor check`: TAPs no instance has removed (`present`: the ids of every
+    instance directory, its metadata readable or not); the rules (with the peers) and DNS
     put back while an address is leased, else the bridge torn down."""
     bridge = settings.network_bridge
     bridged = [m for m in metas if m.network.mode == "bridge"]
     with pool(data_root, settings).locked() as leases:
-        for port in orphaned_taps(bridge, metas):
+        for port in orphaned_taps(bridge, present):
             host.remove_link(port)
         if not leases:
             tear_down(data_root, settings, bridge)
