@@ -297,8 +297,9 @@ async def scan(root: DataRoot, bridge: str | None = None) -> list[Problem]:
     side too."""
     problems = list(_debris(root))
     metas: list[InstanceMetadata] = []
-    present = present_ids(root)
+    present: set[str] = set()  # every instance directory, its metadata readable or not
     for meta, paths in _instances(root):
+        present.add(paths.root.name)
         problems += await _instance_problems(root, meta, paths)
         if meta is not None:
             metas.append(meta)

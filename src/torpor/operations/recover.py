@@ -32,6 +32,7 @@ import contextlib
 import logging
 
 from torpor.fsutil import remove_tree
+from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES, Monitor, QmpError
 from torpor.instances.context import InstanceContext
 from torpor.instances.runtime import clear_runtime, has_standby_state, load_runtime
@@ -47,7 +48,7 @@ async def recover(ctx: InstanceContext) -> list[str]:
     record = load_runtime(ctx.paths)
     process = record.process() if record is not None else None
     if process is not None and process.is_alive():
-        done += await _settle_live_qemu(ctx)
+        done += await _settle_live_qemu(ctx, process)
     elif record is not None and has_standby_state(ctx.paths):
         clear_runtime(ctx.paths)
         done.append("cleared the record of a QEMU that is gone (the state is saved)")
@@ -66,7 +67,7 @@ async def recover(ctx: InstanceContext) -> list[str]:
     return done
 
 
-async def _settle_live_qemu(ctx: InstanceContext) -> list[str]:
+async def _settle_live_qemu(ctx: InstanceContext, process: TrackedProcess) -> list[str]:
     async with contextlib.AsyncExitStack() as stack:
         try:
             mon = await stack.enter_async_context(
@@ -76,7 +77,9 @@ async def _settle_live_qemu(ctx: InstanceContext) -> list[str]:
             if has_standby_state(ctx.paths):
                 # Standby's QEMU not yet gone, or a restore's still loading: the guest has
                 # not run since the save, and a QEMU that answered would be quit here.
-                await _kill(ctx)
+                from torpor.operations.lifecycle import terminate  # rare: loaded if needed
+
+                await terminate(ctx, process)
                 return [f"stopped a QEMU that does not answer beside its saved state ({exc}):"
                         " it is in standby"]
             # Hung (its state says unresponsive): nothing here can be asked of it, and
@@ -97,13 +100,6 @@ async def _settle_live_qemu(ctx: InstanceContext) -> list[str]:
             await mon.execute("migrate_cancel", timeout=5)
         await mon.resume()
         return [f"resumed a VM left {status} by an interrupted operation"]
-
-
-async def _kill(ctx: InstanceContext) -> None:
-    record = load_runtime(ctx.paths)
-    if record is not None:
-        await asyncio.to_thread(record.process().kill)
-    clear_runtime(ctx.paths)
 
 
 async def _quit(ctx: InstanceContext, mon: Monitor) -> None:
