@@ -21,10 +21,11 @@ from torpor.fsutil import atomic_write_json, read_json
 from torpor.guest.agent import GuestAgent
 from torpor.hypervisor.accel import AccelChoice, resolve_accel
 from torpor.images.builtin import GuestImage
-from torpor.instances import InstanceState
+from torpor.instances import InstanceState, runtime
 from torpor.instances.context import Settings
 from torpor.instances.runtime import load_runtime
 from torpor.manager import InstanceManager
+from torpor.paths import InstancePaths
 
 pytestmark = pytest.mark.qemu
 
@@ -193,10 +194,13 @@ def _cmdline(pid: int) -> bytes:
 
 
 def test_a_hung_qemu_is_unresponsive_and_stop_kills_it(manager: InstanceManager,
-                                                       fresh_name: str) -> None:
+                                                       fresh_name: str,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A QEMU that runs but does not answer its monitor (stopped here with SIGSTOP) is
     `unresponsive`: every command but stop and delete --force is refused at once, and
-    stop kills it (recovery used to fail on its monitor: nothing could free it)."""
+    stop kills it (recovery used to fail on its monitor: nothing could free it). Stop
+    waits for the silent monitor twice, not three times: once briefly before the lock,
+    once in recovery, whose verdict the state under the lock takes."""
     run(manager.create(fresh_name))
     pid = run(manager.start(fresh_name)).pid
     assert pid
@@ -210,7 +214,18 @@ def test_a_hung_qemu_is_unresponsive_and_stop_kills_it(manager: InstanceManager,
         os.kill(pid, signal.SIGCONT)  # derived, never stored: it answers again
         assert run(manager.get(fresh_name)).state is InstanceState.RUNNING
         os.kill(pid, signal.SIGSTOP)
+        queries: list[float] = []
+        real_query = runtime.query_vm_status
+
+        async def counted(paths: InstancePaths, timeout: float = runtime.QUERY_TIMEOUT
+                          ) -> str | None:
+            queries.append(timeout)
+            return await real_query(paths, timeout)
+
+        monkeypatch.setattr(runtime, "query_vm_status", counted)
         assert run(manager.stop(fresh_name)).state is InstanceState.STOPPED
+        assert queries == [runtime.PRE_LOCK_QUERY_TIMEOUT]
+        monkeypatch.undo()
         assert not _cmdline(pid)  # killed (a zombie at most)
         assert run(manager.start(fresh_name)).state is InstanceState.RUNNING
         assert run(manager.exec(fresh_name, ["true"])).exit_code == 0

@@ -62,7 +62,14 @@ def has_standby_state(paths: InstancePaths) -> bool:
     return paths.standby_dir.exists()
 
 
-async def query_vm_status(paths: InstancePaths, timeout: float = 2.0) -> str | None:
+# How long a state query waits for QEMU's monitor: past it, a live QEMU is unresponsive.
+QUERY_TIMEOUT = 2.0
+# Before an operation's lock: an unresponsive QEMU is never refused there (its monitor may
+# be busy with the operation holding the lock), so a longer wait would decide nothing.
+PRE_LOCK_QUERY_TIMEOUT = 0.5
+
+
+async def query_vm_status(paths: InstancePaths, timeout: float = QUERY_TIMEOUT) -> str | None:
     """QEMU's run state through the query monitor; None if it cannot be reached."""
     with contextlib.suppress(QmpError):
         async with Monitor.connect(paths.qmp_query_socket, timeout=timeout) as mon:
@@ -88,10 +95,14 @@ def main_process_exited(paths: InstancePaths, record: RuntimeRecord) -> bool:
     return written >= record.launched_at.timestamp() and exit_code(paths) is not None
 
 
-async def derive_state(paths: InstancePaths) -> tuple[InstanceState, RuntimeRecord | None]:
+async def derive_state(paths: InstancePaths, *, timeout: float = QUERY_TIMEOUT,
+                       known_silent: bool = False
+                       ) -> tuple[InstanceState, RuntimeRecord | None]:
+    """The instance's state from its files and its QEMU's answer. `known_silent`: its
+    QEMU has just failed to answer (recovery, under the same lock): not asked again."""
     record = load_runtime(paths)
     if record is not None and record.identity.is_alive():
-        status = await query_vm_status(paths)
+        status = None if known_silent else await query_vm_status(paths, timeout)
         if status in FAILED_STATES:
             return InstanceState.CRASHED, record
         if status != "running" and has_standby_state(paths):

@@ -2,7 +2,7 @@
 
 `scan` walks a data root and names every inconsistency it knows, read-only. `repair`
 fixes what is safe: debris whose owner process is gone, and per instance whatever
-recovery (instances/recover.py) does under the instance's lock; then it scans again and
+recovery (operations/recover.py) does under the instance's lock; then it scans again and
 marks each problem repaired or not. The fault-matrix tests use the same scan as their
 invariant: after any fault and the next command, it must come back empty.
 

@@ -30,25 +30,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from dataclasses import dataclass, field
 
 from torpor.fsutil import remove_tree
 from torpor.hypervisor.process import TrackedProcess
 from torpor.hypervisor.qmp import PAUSED_STATES, Monitor, QmpError
 from torpor.instances.context import InstanceContext
-from torpor.instances.runtime import clear_runtime, has_standby_state, load_runtime
+from torpor.instances.runtime import (
+    QUERY_TIMEOUT,
+    clear_runtime,
+    has_standby_state,
+    load_runtime,
+)
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
-MONITOR_TIMEOUT = 2.0  # as long as a state query waits (instances/runtime.py)
 
 
-async def recover(ctx: InstanceContext) -> list[str]:
-    """Put the instance right (the caller holds its lock); what was done, one line each."""
-    done: list[str] = []
+@dataclass
+class Recovery:
+    """What recovery did, one line each, and whether a live QEMU left alone did not
+    answer its monitor (hung: the caller's state is unresponsive without asking again)."""
+
+    done: list[str] = field(default_factory=list)
+    qemu_silent: bool = False
+
+
+async def recover(ctx: InstanceContext) -> Recovery:
+    """Put the instance right (the caller holds its lock)."""
+    result = Recovery()
+    done = result.done
     record = load_runtime(ctx.paths)
     process = record.process() if record is not None else None
     if process is not None and process.is_alive():
-        done += await _settle_live_qemu(ctx, process)
+        done += await _settle_live_qemu(ctx, process, result)
     elif record is not None and has_standby_state(ctx.paths):
         clear_runtime(ctx.paths)
         done.append("cleared the record of a QEMU that is gone (the state is saved)")
@@ -64,14 +79,15 @@ async def recover(ctx: InstanceContext) -> list[str]:
             done.append("folded back the disk overlay of an interrupted snapshot")
     for line in done:
         log.warning("instance %s: %s", ctx.name, line)
-    return done
+    return result
 
 
-async def _settle_live_qemu(ctx: InstanceContext, process: TrackedProcess) -> list[str]:
+async def _settle_live_qemu(ctx: InstanceContext, process: TrackedProcess,
+                            result: Recovery) -> list[str]:
     async with contextlib.AsyncExitStack() as stack:
         try:
             mon = await stack.enter_async_context(
-                Monitor.connect(ctx.paths.qmp_socket, timeout=MONITOR_TIMEOUT))
+                Monitor.connect(ctx.paths.qmp_socket, timeout=QUERY_TIMEOUT))
             status = await mon.status()
         except QmpError as exc:
             if has_standby_state(ctx.paths):
@@ -85,6 +101,7 @@ async def _settle_live_qemu(ctx: InstanceContext, process: TrackedProcess) -> li
             # Hung (its state says unresponsive): nothing here can be asked of it, and
             # failing would keep every command, `stop` too, from freeing it.
             log.warning("instance %s: its QEMU does not answer its monitor: %s", ctx.name, exc)
+            result.qemu_silent = True
             return []
         if status == "running":
             if has_standby_state(ctx.paths):

@@ -21,7 +21,7 @@ from torpor.instances.hold import held_until
 from torpor.instances.info import InstanceInfo, NetworkInfo
 from torpor.instances.locking import file_lock
 from torpor.instances.metadata import InstanceMetadata, InstanceState
-from torpor.instances.runtime import derive_state, exit_code
+from torpor.instances.runtime import PRE_LOCK_QUERY_TIMEOUT, derive_state, exit_code
 from torpor.instances.states import (
     KEEPS_WARM_QEMU,
     LEAVES_FILES_SHARED,
@@ -109,7 +109,8 @@ class Registry:
         that is wrong anyway never holds the lock against one that is right."""
         meta = await asyncio.to_thread(self.find, name)
         if refuses_any(action):  # one QMP query saved for what every state allows
-            state, _ = await derive_state(self.data_root.instance(meta.id))
+            state, _ = await derive_state(self.data_root.instance(meta.id),
+                                          timeout=PRE_LOCK_QUERY_TIMEOUT)
             require(action, meta.name, state, locked=False)
         timeout = self.lock_wait if wait == "default" else wait
         if meta.id in self._held_in_background and timeout is not None:
@@ -123,14 +124,15 @@ class Registry:
             except FileNotFoundError:
                 raise NotFound(f"no instance named {name!r}") from None
             ctx = InstanceContext(self.data_root, self.settings, fresh, paths)
-            await recover(ctx)  # whatever a killed operation left, put right first
+            recovery = await recover(ctx)  # whatever a killed operation left, put right first
             if action not in LEAVES_FILES_SHARED:  # its own, before anything may write them
                 await unshare.own_files(ctx)
             # A QEMU the restore pool started ahead (memory-file instances only): only a
             # restore may use it.
             if fresh.memory_backing == "file" and action not in KEEPS_WARM_QEMU:
                 await asyncio.to_thread(warm.discard, paths)
-            ctx.state, ctx.record = await derive_state(paths)
+            ctx.state, ctx.record = await derive_state(paths,
+                                                       known_silent=recovery.qemu_silent)
             require(action, ctx.name, ctx.state)
             yield ctx
 
