@@ -50,6 +50,10 @@ from torpor.units import format_size
 MAX_CPUS = 64
 
 
+def host_memory_bytes() -> int:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
 async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_MEMORY,
                  cpus: int = 1, disk_bytes: int = DEFAULT_DISK, image: GuestImage | None = None,
                  oci: OciSource | None = None,
@@ -66,6 +70,11 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
         raise InvalidArgument(f"--cpus must be between 1 and {MAX_CPUS}")
     if memory_bytes < 64 << 20 or memory_bytes % (1 << 20):
         raise InvalidArgument("--memory must be a whole number of MiB, at least 64M")
+    if memory_bytes > host_memory_bytes():
+        # Guests together may overcommit the host; one larger than it never starts (QEMU
+        # cannot set up its RAM, or the guest's kernel exhausts the host at boot).
+        raise InvalidArgument(f"--memory {format_size(memory_bytes)} is more than this "
+                              f"host's {format_size(host_memory_bytes())} of RAM")
     if snapshot_policy is not None:
         snapshot_policy.effective_level()
     port_forwards = [*(port_forwards or []), *map(network.parse_publish, publish or [])]
@@ -183,7 +192,8 @@ def _make_disk(rootfs: Path, disk: Path, size: int) -> None:
         try:
             os.truncate(disk, size)
         except OSError as exc:  # e.g. EFBIG: past the filesystem's largest file
-            raise InvalidArgument(f"--disk-size {size} bytes: {exc.strerror}") from None
+            raise InvalidArgument(f"--disk-size {format_size(size)}: {exc.strerror} "
+                                  f"(on the data root's filesystem)") from None
         result = subprocess.run(["resize2fs", "-f", str(disk)], capture_output=True,
                                 check=False)
         if result.returncode != 0:
