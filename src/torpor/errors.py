@@ -63,3 +63,11 @@ class IntegrityError(OperationFailed):
     """Saved state does not match its manifest (checksum, version, config)."""
 
     code = "integrity_error"
+
+
+class Interrupted(TorporError):
+    """The user interrupted the command (Ctrl-C): the operation was cancelled and its own
+    cleanup ran, so the instance is as `list` shows it."""
+
+    exit_code = 130  # 128 + SIGINT, as a shell reports it
+    code = "interrupted"

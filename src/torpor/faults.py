@@ -8,7 +8,9 @@
 The fail-point pattern of etcd's gofail and TiKV's fail-rs, reduced to what torpor's
 tests need: `error` raises `InjectedFault` (an OperationFailed, so the operation's own
 failure handling runs), `kill` sends SIGKILL to the process itself (what a crash, an OOM
-kill or `kill -9` of the CLI or daemon does: no handler, no cleanup), `exec` runs the
+kill or `kill -9` of the CLI or daemon does: no handler, no cleanup), `interrupt` sends
+SIGINT to the process itself (a Ctrl-C: the operation is cancelled at its next await and
+its cleanup runs), `exec` runs the
 shell command in TORPOR_FAULT_EXEC and carries on (a test kills QEMU there: QEMU dying
 mid-save, mid-load, mid-snapshot). The variable is read
 at every point, so a test can enable a point in-process for one call; nothing is read or
@@ -26,7 +28,7 @@ from torpor.errors import InvalidArgument, OperationFailed
 
 ENV = "TORPOR_FAULTS"
 EXEC_ENV = "TORPOR_FAULT_EXEC"
-ACTIONS = ("error", "kill", "exec")
+ACTIONS = ("error", "kill", "interrupt", "exec")
 
 # Every point, in the order an operation passes them, with what has happened by then.
 POINTS: dict[str, str] = {
@@ -85,8 +87,8 @@ def _enabled() -> dict[str, str]:
     for item in filter(None, (part.strip() for part in spec.split(","))):
         name, _, action = item.partition("=")
         if name not in POINTS or action not in ACTIONS:
-            raise InvalidArgument(f"{ENV}: {item!r} is not POINT=error|kill|exec with a known"
-                                  " point")
+            raise InvalidArgument(f"{ENV}: {item!r} is not POINT={'|'.join(ACTIONS)} with a"
+                                  " known point")
         wanted[name] = action
     return wanted
 
@@ -99,6 +101,8 @@ def point(name: str) -> None:
     action = _enabled().get(name)
     if action == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "interrupt":
+        os.kill(os.getpid(), signal.SIGINT)
     elif action == "error":
         raise InjectedFault(f"injected fault at {name}")
     elif action == "exec":

@@ -25,6 +25,7 @@ from torpor.instances.states import Action
 from torpor.jobs import compression as compression_jobs
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
+from torpor.tasks import to_thread
 
 if TYPE_CHECKING:
     from torpor.guest.result import ExecResult
@@ -67,7 +68,7 @@ class InstanceManager:
     async def list_all(self) -> list[InstanceInfo]:
         """Every instance, by name; their QEMUs are asked for their state at the same time
         (one slow or hung monitor costs its own 2 s query timeout once, not once per VM)."""
-        metas = sorted(await asyncio.to_thread(self.registry.all_metadata),
+        metas = sorted(await to_thread(self.registry.all_metadata),
                        key=lambda meta: meta.name)
         return list(await asyncio.gather(*(self.registry.info(meta) for meta in metas)))
 
@@ -226,7 +227,7 @@ class InstanceManager:
             raise InvalidArgument("--auto-standby cannot be negative")
         async with self.registry.locked(name, Action.CONFIGURE) as ctx:
             ctx.meta.auto_standby = seconds
-            await asyncio.to_thread(ctx.meta.save, ctx.paths.metadata)
+            await to_thread(ctx.meta.save, ctx.paths.metadata)
 
     async def hold(self, name: str, seconds: float) -> InstanceInfo:
         """Keep the instance awake for `seconds` (replacing any hold it has)."""
@@ -234,15 +235,15 @@ class InstanceManager:
 
         if not 0 < seconds <= MAX_HOLD:
             raise InvalidArgument(f"a hold lasts more than 0 s and at most {MAX_HOLD:.0f} s")
-        meta = await asyncio.to_thread(self.registry.find, name)
-        await asyncio.to_thread(hold.hold, self.data_root.instance(meta.id), seconds)
+        meta = await to_thread(self.registry.find, name)
+        await to_thread(hold.hold, self.data_root.instance(meta.id), seconds)
         return await self.registry.info(meta)
 
     async def release(self, name: str) -> InstanceInfo:
         from torpor.instances import hold
 
-        meta = await asyncio.to_thread(self.registry.find, name)
-        await asyncio.to_thread(hold.release, self.data_root.instance(meta.id))
+        meta = await to_thread(self.registry.find, name)
+        await to_thread(hold.release, self.data_root.instance(meta.id))
         return await self.registry.info(meta)
 
     async def resume(self, name: str) -> InstanceInfo:
@@ -258,7 +259,7 @@ class InstanceManager:
             policy.effective_level()
         async with self.registry.locked(name, Action.CONFIGURE) as ctx:
             ctx.meta.snapshot_policy = policy
-            await asyncio.to_thread(ctx.meta.save, ctx.paths.metadata)
+            await to_thread(ctx.meta.save, ctx.paths.metadata)
 
     # --- stored snapshots and forks -------------------------------------------------------
 
@@ -307,8 +308,8 @@ class InstanceManager:
         from torpor.operations import snapshots
 
         async with file_lock(self.data_root.registry_lock, what="the instance registry"):
-            record = await asyncio.to_thread(self._snapshot_record, snapshot, source)
-            users = await asyncio.to_thread(self.snapshot_dependents, record.id)
+            record = await to_thread(self._snapshot_record, snapshot, source)
+            users = await to_thread(self.snapshot_dependents, record.id)
             await snapshots.remove(self.data_root, record, users, self.registry.reaper)
 
     async def snapshot_restore(self, name: str, snapshot: str) -> InstanceInfo:
@@ -325,7 +326,7 @@ class InstanceManager:
                             source: str | None = None) -> list[InstanceInfo]:
         from torpor.operations import fork as fork_op
 
-        record = await asyncio.to_thread(self._snapshot_record, snapshot, source)
+        record = await to_thread(self._snapshot_record, snapshot, source)
         return await fork_op.from_snapshot(self.registry, record, new_name, count=count,
                                            target_state=target_state)
 
@@ -336,7 +337,7 @@ class InstanceManager:
         """Upload a stored snapshot to s3://BUCKET/PREFIX (the chunks the bucket lacks)."""
         from torpor.operations import remote, snapshots
 
-        record = await asyncio.to_thread(self._snapshot_record, snapshot, source)
+        record = await to_thread(self._snapshot_record, snapshot, source)
 
         def mapped() -> bool:
             return bool(snapshots.dependents(self.data_root, record.id,
@@ -400,7 +401,7 @@ class InstanceManager:
 
     async def _read_log(self, where: Callable[[str], Path], name: str, offset: int,
                         limit: int) -> bytes:
-        path = await asyncio.to_thread(where, name)
+        path = await to_thread(where, name)
 
         def read() -> bytes:
             try:
@@ -412,4 +413,4 @@ class InstanceManager:
             except FileNotFoundError:
                 return b""
 
-        return await asyncio.to_thread(read)
+        return await to_thread(read)

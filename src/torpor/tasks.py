@@ -7,6 +7,11 @@ started it.
   and callers catch them by type. The block's own error wins over a task's (it is the
   one that says what happened; the task's is usually its consequence); any other is
   logged.
+- `to_thread(func, ...)`: `asyncio.to_thread`, always joined (below); every blocking
+  call of torpor's goes through it or `in_thread`.
+- `threads(calls, undo=...)`: several, all at once, joined the same way.
+- `to_the_end(step)`: a coroutine that must not stop halfway, finished even when its
+  caller is cancelled.
 - `in_thread(work)`: blocking work in a thread, cancellable and always joined. `work`
   takes a threading.Event that asks it to stop; if the caller is cancelled, the event is
   set and the thread waited for (a thread cannot be killed: it must look at the event),
@@ -23,14 +28,15 @@ import contextlib
 import logging
 import shutil
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import TypeVar
+from typing import ParamSpec, TypeVar
 
 from torpor import faults
 from torpor.fsutil import set_aside
 
 T = TypeVar("T")
+P = ParamSpec("P")
 log = logging.getLogger(__name__)
 
 
@@ -58,6 +64,45 @@ def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
     for exc in group.exceptions:
         found += _leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc]
     return found
+
+
+async def to_thread(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """`asyncio.to_thread`, joined: a cancelled caller waits for the call to end, then the
+    cancellation goes on. A thread cannot be stopped, and one left running acts after its
+    caller's cleanup: a Ctrl-C in standby's paused window discarded the saved state while
+    the thread publishing it ran on (a state the resumed VM had moved on from)."""
+    return await in_thread(lambda _: func(*args, **kwargs))
+
+
+async def to_the_end(step: Awaitable[T]) -> T:
+    """`step` run to its end even if the caller is cancelled meanwhile, and then the
+    cancellation goes on: a step that must not stop halfway (a disk overlay's fold-back)."""
+    task = asyncio.ensure_future(step)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            await task
+        except Exception:
+            log.exception("a step run to its end after a cancellation failed")
+        raise
+
+
+async def threads(calls: list[Callable[[], T]], *,
+                  undo: Callable[[T], None]) -> list[T | BaseException]:
+    """Each call in a thread of its own, all at once: their outcomes (a result or what it
+    raised), in order. A cancelled caller waits for every call to end, hands each result
+    to `undo` (what was made is unmade), then the cancellation goes on."""
+    jobs = [asyncio.ensure_future(asyncio.to_thread(call)) for call in calls]
+    everything = asyncio.gather(*jobs, return_exceptions=True)
+    try:
+        return await asyncio.shield(everything)
+    except asyncio.CancelledError:
+        with contextlib.suppress(BaseException):
+            for outcome in await everything:
+                if not isinstance(outcome, BaseException):
+                    await asyncio.to_thread(undo, outcome)
+        raise
 
 
 async def in_thread(work: Callable[[threading.Event], T], *,
@@ -105,11 +150,24 @@ class Reaper:
                 self._group = None
 
     async def remove(self, path: Path) -> None:
-        doomed = await asyncio.to_thread(set_aside, path)
-        if doomed is None:
-            return
+        """`path` renamed aside, and removed: now, or (`active`) after the operation. A
+        cancelled caller still waits for the rename and, outside `running`, the removal
+        (one thread does both); inside, a tree set aside is handed over even then, so
+        nothing is left set aside by a process that lives on (it was by a Ctrl-C)."""
         if self._group is None:
-            await in_thread(lambda _: _remove(doomed))
+            await in_thread(lambda _: _set_aside_and_remove(path))
+            return
+        renaming = asyncio.ensure_future(asyncio.to_thread(set_aside, path))
+        try:
+            doomed = await asyncio.shield(renaming)
+        except asyncio.CancelledError:
+            with contextlib.suppress(BaseException):
+                self._hand_over(await renaming)
+            raise
+        self._hand_over(doomed)
+
+    def _hand_over(self, doomed: Path | None) -> None:
+        if doomed is None or self._group is None:
             return
         removal = self._group.create_task(_remove_in_background(doomed))
         self._pending[doomed] = removal
@@ -129,6 +187,12 @@ class Reaper:
 def _remove(doomed: Path) -> None:
     faults.point("reaper.set-aside")
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _set_aside_and_remove(path: Path) -> None:
+    doomed = set_aside(path)
+    if doomed is not None:
+        _remove(doomed)
 
 
 async def _remove_in_background(doomed: Path) -> None:

@@ -1,9 +1,13 @@
-"""The fault matrix: every fault point × {error, kill} on real guests, one invariant.
+"""The fault matrix: every fault point × {error, kill, interrupt} on real guests, one
+invariant.
 
 Each case runs the real CLI (a process of its own, so `kill` is a real SIGKILL of it, as a
-crash or `kill -9` would be) with one fault point enabled, then checks:
+crash or `kill -9` would be, and `interrupt` a real SIGINT, as a Ctrl-C) with one fault
+point enabled, then checks:
 - the error was one line, `torpor: error: …`, naming the injected fault (no traceback);
-- after an error, the data root is already clean (`check` finds nothing); after a kill,
+  an interrupt's, `torpor: interrupted` with exit status 130;
+- after an error or an interrupt, the data root is already clean (`check` finds
+  nothing); after a kill,
   `check --repair` repairs everything it finds and a second scan is clean (no QEMU, lock,
   temp file, partial or `.creating-*` directory left);
 - the VM is running or restorable, and once running its RAM (a file in tmpfs and the
@@ -41,7 +45,7 @@ from torpor.jobs import compression as compression_jobs
 from torpor.manager import InstanceManager
 
 pytestmark = pytest.mark.qemu
-ACTIONS = ("error", "kill")
+ACTIONS = ("error", "kill", "interrupt")
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +95,9 @@ def faulted(data_root: Path, point: str, action: str, *argv: str,
         assert result.returncode == 1, result.stderr
         assert len(lines) == 1 and lines[0].startswith("torpor: error: "), result.stderr
         assert f"injected fault at {point}" in lines[0]
+    else:  # interrupted: cancelled at the next await, its cleanup run, then exit 130
+        assert (result.returncode, result.stderr.strip().splitlines()[-1:]) == (
+            130, ["torpor: interrupted"]), (result.returncode, result.stderr)
 
 
 def settle(manager: InstanceManager, action: str, case: str = "") -> None:
@@ -155,6 +162,8 @@ def test_auto_standby_compressing_after_the_window(manager: InstanceManager, dat
                         env={faults.ENV: f"{point}={action}"})
     if action == "kill":
         assert result.returncode == -9, result.stderr
+    elif action == "interrupt":  # the standby is done: the compression is what stops
+        assert result.returncode == 130, result.stderr
     else:
         assert result.returncode == 0, result.stderr
         assert f"stays uncompressed: injected fault at {point}" in result.stderr
@@ -189,8 +198,8 @@ def test_snapshot(manager: InstanceManager, data_root: Path, fm: str, point: str
     running(manager, fm)
     verify(manager, fm, planted)
     snaps = manager.snapshot_list(fm)
-    if action == "error":
-        assert snaps == []  # all or nothing
+    if action == "error" or (action == "interrupt" and point != "snapshot.published"):
+        assert snaps == []  # all or nothing (interrupted once published: all)
     for snap in snaps:  # a kill after publishing leaves a whole snapshot: it must fork
         infos = run(manager.snapshot_fork(snap.id, "sfk"))
         verify(manager, "sfk", planted)
@@ -207,8 +216,9 @@ def test_fork(manager: InstanceManager, data_root: Path, fm: str, point: str,
     settle(manager, action, point)
     running(manager, fm)
     verify(manager, fm, planted)
-    if action == "error":
-        assert "fk" not in manager.instance_names()  # all or nothing
+    if action == "error" or (action == "interrupt" and point != "fork.restored"):
+        assert "fk" not in manager.instance_names()  # all or nothing (interrupted once
+        # every fork runs: all)
     if "fk" in manager.instance_names():  # a kill leaves the fork whole: it must run
         running(manager, "fk")
         verify(manager, "fk", planted)
@@ -228,7 +238,7 @@ def test_delete(manager: InstanceManager, data_root: Path, fm: str, point: str,
     assert run(manager.check()) == []
 
 
-@pytest.mark.parametrize("action", ACTIONS)
+@pytest.mark.parametrize("action", ["error", "kill"])  # a detached worker: no Ctrl-C
 @pytest.mark.parametrize("point", points("compress."))
 def test_compression_job(manager: InstanceManager, data_root: Path, fm: str, point: str,
                          action: str) -> None:

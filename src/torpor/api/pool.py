@@ -23,6 +23,7 @@ from torpor.manager import InstanceManager
 from torpor.operations import restore as restore_op
 from torpor.operations import warm
 from torpor.paths import InstancePaths
+from torpor.tasks import to_thread
 
 log = logging.getLogger(__name__)
 TICK = 5.0
@@ -77,10 +78,11 @@ class RestorePool:
             except Exception:
                 log.exception("filling the restore pool failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._poke.wait(), TICK)
+                async with asyncio.timeout(TICK):  # not wait_for: see hypervisor/qmp.py
+                    await self._poke.wait()
 
     async def _fill(self, stop: asyncio.Event) -> None:
-        waiting, candidates = await asyncio.to_thread(self._candidates)
+        waiting, candidates = await to_thread(self._candidates)
         for name, stale in candidates:
             if waiting >= self._size or stop.is_set():
                 return
@@ -88,7 +90,7 @@ class RestorePool:
                 async with self._manager.registry.locked_in_background(
                         name, Action.PREPARE_RESTORE) as ctx:
                     if stale:  # its RAM file was replaced (compressed): it holds the old
-                        await asyncio.to_thread(warm.discard, ctx.paths)
+                        await to_thread(warm.discard, ctx.paths)
                     waiting += await restore_op.prepare(ctx)
             except TorporError as exc:
                 log.info("restore pool: %s: %s", name, exc)
@@ -113,10 +115,10 @@ class RestorePool:
     async def _discard_all(self) -> None:
         """The daemon stops: kill every waiting QEMU it started (under each instance's
         lock, not waiting: a restore holding it is claiming that QEMU)."""
-        for name, paths in await asyncio.to_thread(self._memory_file_instances):
+        for name, paths in await to_thread(self._memory_file_instances):
             if warm.owned_alive(paths) is None:
                 continue
             with contextlib.suppress(TorporError):
                 async with self._manager.registry.locked_in_background(
                         name, Action.PREPARE_RESTORE) as ctx:
-                    await asyncio.to_thread(warm.discard, ctx.paths)
+                    await to_thread(warm.discard, ctx.paths)

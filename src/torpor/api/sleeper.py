@@ -34,6 +34,7 @@ from torpor.manager import InstanceManager
 from torpor.network.activity import read_activity
 from torpor.operations.registry import effective_auto_standby
 from torpor.paths import InstancePaths
+from torpor.tasks import to_thread
 
 log = logging.getLogger("torpor.sleeper")
 TICK = 1.0  # how often the idle clock looks (a policy is at least this coarse)
@@ -130,10 +131,11 @@ class Sleeper:
             except Exception:
                 log.exception("the idle clock's round failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), TICK)
+                async with asyncio.timeout(TICK):  # not wait_for: see hypervisor/qmp.py
+                    await stop.wait()
 
     async def _tick(self) -> None:
-        metas = await asyncio.to_thread(self._manager.registry.all_metadata)
+        metas = await to_thread(self._manager.registry.all_metadata)
         for meta in metas:
             policy = effective_auto_standby(meta, self._manager.settings)
             if policy <= 0 or meta.name in self._sleeping or meta.name in self._wakes:

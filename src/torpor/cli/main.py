@@ -27,7 +27,7 @@ from torpor.cli.output import (
     stored_state,
 )
 from torpor.cli.progress import run, with_progress
-from torpor.errors import InvalidArgument, TorporError, Unsupported
+from torpor.errors import Interrupted, InvalidArgument, TorporError, Unsupported
 from torpor.settings import SETTINGS, help_for
 from torpor.units import format_size, parse_duration, parse_idle, parse_size
 
@@ -839,6 +839,9 @@ def main() -> None:
     # Errors, usage errors too, become one line on stderr with their exit code.
     try:
         code = app(standalone_mode=False)
+    except Interrupted as exc:
+        print(f"torpor: {exc.message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
     except TorporError as exc:
         print(f"torpor: error: {exc.message}", file=sys.stderr)
         sys.exit(exc.exit_code)
@@ -850,8 +853,8 @@ def main() -> None:
     except typer.Abort:
         err_console.print("torpor: aborted")
         sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("torpor: interrupted")
+    except KeyboardInterrupt:  # outside a command (typer makes one inside it exit 130)
+        print("torpor: interrupted", file=sys.stderr)
         sys.exit(130)
     # What a command returned, or the code of the typer.Exit it raised (a command's own
     # exit code: `exec`)

@@ -13,7 +13,7 @@ from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any, TypeVar, cast, overload
 
 from torpor.cli.output import err_console
-from torpor.errors import TorporError
+from torpor.errors import Interrupted, TorporError
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -40,7 +40,10 @@ def run(result: Any) -> Any:
     if isinstance(result, Coroutine):
         import asyncio
 
-        return asyncio.run(result)
+        try:
+            return asyncio.run(result)  # a Ctrl-C cancels the operation: its cleanup runs
+        except KeyboardInterrupt:  # (typer would make it exit 130 without a word)
+            raise Interrupted("interrupted") from None
     return result
 
 
@@ -97,13 +100,17 @@ def _remote(backend: RemoteManager, label: str, work: Callable[[], T]) -> T:
     worker = threading.Thread(target=call, name="torpor-call", daemon=True)
     worker.start()
     bars = _Bars(label)
-    with bars.progress:
-        while worker.is_alive():
-            worker.join(REFRESH)
-            try:
-                bars.update(backend.operation(op_id).progress)
-            except TorporError:  # not registered yet, or already forgotten
-                pass
+    try:
+        with bars.progress:
+            while worker.is_alive():
+                worker.join(REFRESH)
+                try:
+                    bars.update(backend.operation(op_id).progress)
+                except TorporError:  # not registered yet, or already forgotten
+                    pass
+    except KeyboardInterrupt:
+        raise Interrupted("interrupted: the daemon finishes the operation (`torpor "
+                          "list` shows how it ends)") from None
     if failure:
         raise failure[0]
     return cast(T, outcome[0])

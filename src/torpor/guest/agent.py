@@ -92,8 +92,9 @@ class GuestAgent:
             return await cls._open_pipe(requests, replies, timeout)
         socket = path.with_name(path.name + ".sock")
         try:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_unix_connection(str(socket), limit=READ_LIMIT), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see hypervisor/qmp.py
+                reader, writer = await asyncio.open_unix_connection(str(socket),
+                                                                    limit=READ_LIMIT)
         except (OSError, TimeoutError) as exc:
             raise AgentError(f"cannot connect to the guest agent socket {socket}: {exc}") from exc
         return cls(reader, writer)
@@ -259,7 +260,8 @@ class GuestAgent:
         try:
             token = self._sent_sync or self.send_sync()
             self._sent_sync = None
-            await asyncio.wait_for(self._await_sync(token), timeout)
+            async with asyncio.timeout(timeout):  # not wait_for: see hypervisor/qmp.py
+                await self._await_sync(token)
         except TimeoutError as exc:
             raise AgentError(f"guest agent did not answer guest-sync within {timeout} s") from exc
         except _TRANSPORT_ERRORS as exc:
@@ -279,7 +281,8 @@ class GuestAgent:
                       timeout: float = 10.0) -> Any:
         try:
             await self._send(command, arguments)
-            reply = await asyncio.wait_for(self._read_message(), timeout)
+            async with asyncio.timeout(timeout):
+                reply = await self._read_message()
         except TimeoutError as exc:
             raise AgentError(f"guest agent: {command} timed out after {timeout} s") from exc
         except _TRANSPORT_ERRORS as exc:

@@ -45,8 +45,13 @@ class Monitor:
     @classmethod
     @contextlib.asynccontextmanager
     async def connect(cls, path: Path, timeout: float = 5.0) -> AsyncIterator[Monitor]:
+        # Timeouts by asyncio.timeout, never asyncio.wait_for: on Python 3.11, wait_for
+        # whose awaitable ends as the caller is cancelled returns its result and loses the
+        # cancellation (CPython gh-86296, fixed in 3.12): a Ctrl-C in a QMP poll let a
+        # standby run on.
         try:
-            client = await asyncio.wait_for(_session(path), timeout)
+            async with asyncio.timeout(timeout):
+                client = await _session(path)
         except TimeoutError as exc:
             raise QmpError(f"QEMU's monitor at {path} did not answer within {timeout:g} s"
                            ) from exc
@@ -61,7 +66,8 @@ class Monitor:
     async def execute(self, command: str, arguments: dict[str, Any] | None = None,
                       timeout: float = 30.0) -> Any:
         try:
-            return await asyncio.wait_for(self._client.execute(command, arguments), timeout)
+            async with asyncio.timeout(timeout):
+                return await self._client.execute(command, arguments)
         except ExecuteError as exc:
             raise QmpError(f"QMP {command} failed: {exc}") from exc
         except TimeoutError as exc:
@@ -192,7 +198,8 @@ class MigrationEvents:
     async def next_or_timeout(self, timeout: float) -> str | None:
         """Until the next status change (its status), or `timeout` seconds (None)."""
         try:
-            event = await asyncio.wait_for(self._listener.get(), timeout)
+            async with asyncio.timeout(timeout):
+                event = await self._listener.get()
         except TimeoutError:
             return None
         data = event.get("data")

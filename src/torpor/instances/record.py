@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -11,6 +10,7 @@ from collections.abc import Callable, Iterator
 from torpor.instances import observe
 from torpor.instances.metadata import InstanceMetadata, LastOperation, utc_now
 from torpor.paths import InstancePaths
+from torpor.tasks import to_thread
 
 log = logging.getLogger("torpor.operations")
 
@@ -52,7 +52,7 @@ class PhaseRecorder:
     async def persist(self, paths: InstancePaths, error: BaseException | None = None) -> None:
         """`record` in a thread: its fsync (tens of ms when other copies are flushing) must
         not hold up the other operations of this process (parallel forks, the daemon)."""
-        await asyncio.to_thread(self.record, paths, error)
+        await to_thread(self.record, paths, error)
 
     def record(self, paths: InstancePaths, error: BaseException | None = None) -> None:
         """Persist into metadata.json; silently skipped if the instance is gone."""

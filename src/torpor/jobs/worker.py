@@ -75,7 +75,8 @@ class Job:
 
     async def sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.cancel.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: see hypervisor/qmp.py
+                await self.cancel.wait()
         self.check()
 
     @contextlib.asynccontextmanager

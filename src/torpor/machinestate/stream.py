@@ -48,7 +48,7 @@ from torpor.hypervisor.qmp import MigrationEvents, Monitor
 from torpor.hypervisor.vmconfig import VMConfig
 from torpor.machinestate.manifest import LeftOutZeroPages, StateFile
 from torpor.machinestate.zeropages import StreamAbandoned, pump, write_all
-from torpor.tasks import in_thread
+from torpor.tasks import in_thread, to_thread
 
 UNLIMITED_BANDWIDTH = 1 << 40  # bytes/s: lifts QEMU 7.2's 128 MiB/s default cap
 PIPE_SIZE = 1 << 20
@@ -230,7 +230,7 @@ async def save_state(mon: Monitor, directory: Path, codec: Codec, level: int,
             left_out = await _save_through_compressor(mon, out, codec, level, progress,
                                                       fresh_block)
         if fsync:
-            await asyncio.to_thread(os.fsync, out.fileno())
+            await to_thread(os.fsync, out.fileno())
         state.stored_bytes = os.fstat(out.fileno()).st_size
     if codec is Codec.NONE:
         state.raw_bytes = state.stored_bytes
@@ -319,10 +319,10 @@ async def _save_as_frames(mon: Monitor, sink: int, level: int, progress: Progres
     try:
         left_out = await _migrate_into(mon, writer.write, fresh_block, progress)
     except BaseException:
-        await asyncio.to_thread(writer.abort)
+        await to_thread(writer.abort)
         raise
     try:
-        return left_out, await asyncio.to_thread(writer.close)
+        return left_out, await to_thread(writer.close)
     except OSError as write_error:
         raise OperationFailed(f"could not write the machine state: {write_error}") from None
 
@@ -390,7 +390,7 @@ async def load_state(mon: Monitor, path: Path, codec: Codec, expected: StateFile
         return
     if ignore_shared:
         await mon.set_migration_capabilities(x_ignore_shared=True)
-    verifier = asyncio.create_task(asyncio.to_thread(checksum_file, path))
+    verifier = asyncio.create_task(to_thread(checksum_file, path))
     proc: asyncio.subprocess.Process | None = None
     load_error: BaseException | None = None
     try:
@@ -518,7 +518,7 @@ async def _load_fed(mon: Monitor, path: Path, expected: StateFile,
     if load_error is None and feed_error is None:
         _check_digest(path, expected, stream.hasher.hexdigest())
         return
-    verifier = asyncio.ensure_future(asyncio.to_thread(checksum_file, path))
+    verifier = asyncio.ensure_future(to_thread(checksum_file, path))
     await _verdict(verifier, path, expected)  # the file is damaged: that is the error
     if feed_error is not None and not isinstance(feed_error, BrokenPipeError | FeedAbandoned):
         # the cause of whatever QEMU made of the stream (a state saved without checksum)
@@ -631,7 +631,7 @@ class ExecFeed:
 async def exec_feed(path: Path, expected: StateFile) -> AsyncIterator[ExecFeed]:
     """The state file opened for an incoming QEMU to inherit, its hash under way."""
     with open(path, "rb") as state:  # noqa: ASYNC230 - instant
-        verifier = asyncio.ensure_future(asyncio.to_thread(checksum_file, path))
+        verifier = asyncio.ensure_future(to_thread(checksum_file, path))
         try:
             yield ExecFeed(state.fileno(), path, expected, verifier)
         finally:

@@ -106,7 +106,9 @@ class Waker:
         generation."""
         if self._wake is None or self._wake.done():
             self.generation += 1
-            self._wake = asyncio.ensure_future(asyncio.to_thread(self._ask_wake))
+            # Shared by every connection waiting for it, and never cancelled by one that
+            # leaves (asyncio.wait): this relay imports nothing of torpor's (it starts fast).
+            self._wake = asyncio.ensure_future(asyncio.to_thread(self._ask_wake))  # noqa: TID251
         generation, wake = self.generation, self._wake
         self.held += 1
         self._write()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 import shutil
 import subprocess
@@ -45,6 +44,7 @@ from torpor.instances.metadata import (
 from torpor.operations import network
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
+from torpor.tasks import to_thread
 from torpor.units import format_size
 
 MAX_CPUS = 64
@@ -80,8 +80,8 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
     port_forwards = [*(port_forwards or []), *map(network.parse_publish, publish or [])]
     # Blocking work goes to threads: in the daemon, other requests keep being served.
     if image is None:
-        image = await asyncio.to_thread(lambda: ensure_builtin_image(quiet=True))
-    prepared = await asyncio.to_thread(_prepare_oci, registry, oci) if oci else None
+        image = await to_thread(lambda: ensure_builtin_image(quiet=True))
+    prepared = await to_thread(_prepare_oci, registry, oci) if oci else None
     if prepared is not None:
         image = image.model_copy(update={"rootfs": prepared.disk, "cmdline": IMAGE_CMDLINE})
     base_size = image.rootfs.stat().st_size
@@ -91,24 +91,24 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
     data_root = registry.data_root
     data_root.ensure()
     async with file_lock(data_root.registry_lock, what="the instance registry"):
-        if name in await asyncio.to_thread(registry.instance_names):
+        if name in await to_thread(registry.instance_names):
             raise AlreadyExists(f"an instance named {name!r} already exists")
-        await asyncio.to_thread(network.check_publishable, port_forwards,
+        await to_thread(network.check_publishable, port_forwards,
                                 registry.all_metadata())
         instance_id = new_instance_id()
         staging = data_root.staging(owned_name(f"create-{instance_id}"))
         try:
-            net = await asyncio.to_thread(
+            net = await to_thread(
                 lambda: network.assign(data_root, registry.settings, instance_id, network_mode,
                                        allow_peers=allow_peers))
             staging.mkdir(parents=True)
             paths = InstancePaths(staging)
             for d in (paths.logs_dir, paths.run_dir, paths.snapshots_dir):
                 d.mkdir()
-            await asyncio.to_thread(_make_disk, image.rootfs, paths.disk, disk_bytes)
-            image_ref = await asyncio.to_thread(_import_image, data_root, image)
+            await to_thread(_make_disk, image.rootfs, paths.disk, disk_bytes)
+            image_ref = await to_thread(_import_image, data_root, image)
             if prepared is not None:
-                await asyncio.to_thread(write_run_config, paths.disk,
+                await to_thread(write_run_config, paths.disk,
                                         render_run_config(prepared.run, name))
                 image_ref = image_ref.model_copy(update={
                     "kind": "oci", "reference": prepared.reference,
@@ -121,10 +121,10 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
                 vmgenid=new_vmgenid(), memory_backing=memory_backing, network=net,
                 free_page_reporting=memory_backing == "anonymous", identity_helper=True)
             final = data_root.instance(instance_id).root
-            await asyncio.to_thread(_publish, meta, staging, final)
+            await to_thread(_publish, meta, staging, final)
         except BaseException:
-            await asyncio.to_thread(shutil.rmtree, staging, ignore_errors=True)
-            await asyncio.to_thread(network.release_owner, data_root, registry.settings,
+            await to_thread(shutil.rmtree, staging, ignore_errors=True)
+            await to_thread(network.release_owner, data_root, registry.settings,
                                     instance_id)
             raise
     return meta

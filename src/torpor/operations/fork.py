@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import secrets
@@ -60,6 +61,7 @@ from torpor.operations import lifecycle, network, snapshots
 from torpor.operations import restore as restore_op
 from torpor.operations.registry import Registry
 from torpor.paths import DataRoot, InstancePaths
+from torpor.tasks import threads, to_thread
 
 # A fork's own snapshots are never compressed: a temporary one is read at once, and forks
 # map a base's RAM file, which must stay raw.
@@ -207,13 +209,13 @@ async def from_instance(registry: Registry, source: str, new_name: str, *, count
                 await registry.reaper.remove(registry.data_root.snapshot(temp.id).root)
         else:
             # A standby source's state is read: its job stops, and is queued again after.
-            plan = (await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+            plan = (await to_thread(compression_jobs.prepare_for_read, ctx)
                     if has_state else None)
             try:
                 created = await _materialise_all(registry, ctx.paths.root, names, None,
                                                  has_state)
             finally:
-                await asyncio.to_thread(
+                await to_thread(
                     compression_jobs.resume_plan, ctx, plan, slots=ctx.settings.compression_jobs,
                     rate_limit=ctx.settings.compression_rate_limit)
     return await _bring_up(registry, created, has_state, target_state)
@@ -226,10 +228,10 @@ async def _from_base(registry: Registry, ctx: InstanceContext,
     last of them. A standby source's base is tagged with what it was taken of: while it
     is kept, the next fork of the unchanged source uses it again instead of copying the
     source's RAM and disk once more (a template forked in waves)."""
-    key = (await asyncio.to_thread(standby_key, ctx.paths, ctx.meta)
+    key = (await to_thread(standby_key, ctx.paths, ctx.meta)
            if ctx.state is InstanceState.STANDBY else None)
     if key is not None:
-        kept = await asyncio.to_thread(kept_base, registry.data_root, ctx.meta.id, key)
+        kept = await to_thread(kept_base, registry.data_root, ctx.meta.id, key)
         if kept is not None:
             with contextlib.suppress(BaseGone):  # its last fork went meanwhile: a new one
                 return await _materialise_from(registry, kept, names, reused=True)
@@ -293,7 +295,7 @@ async def _check(registry: Registry, new_name: str, count: int, target_state: Ta
     if target_state == "standby" and not has_state:
         raise InvalidArgument("a stopped source has no machine state: fork it to "
                               "--target-state running or stopped")
-    taken = await asyncio.to_thread(registry.instance_names) & set(names)
+    taken = await to_thread(registry.instance_names) & set(names)
     if taken:
         raise AlreadyExists(f"instance names already taken: {', '.join(sorted(taken))}")
     return names
@@ -308,19 +310,24 @@ async def _materialise_all(registry: Registry, source_dir: Path, names: list[str
         # are made here, they keep it.
         if reused and not source_dir.exists():
             raise BaseGone(f"fork base {origin} was removed")
-        existing = await asyncio.to_thread(registry.instance_names)
+        existing = await to_thread(registry.instance_names)
+
+        def discard(meta: InstanceMetadata) -> None:
+            remove_tree(data_root.instance(meta.id).root)
+            network.release(data_root, registry.settings, meta)
+
         # Each copy is mostly waiting on I/O (and its fsync): all at once. A failing
-        # copy does not stop the others; each ends, and then all are removed.
-        results = await asyncio.gather(
-            *(asyncio.to_thread(materialise, data_root, registry.settings, source_dir, name,
-                                existing, origin, keep_state) for name in names),
-            return_exceptions=True)
+        # copy does not stop the others; each ends, and then all are removed (if the
+        # fork is cancelled too: `threads`).
+        results = await threads(
+            [functools.partial(materialise, data_root, registry.settings, source_dir, name,
+                               existing, origin, keep_state) for name in names],
+            undo=discard)
     created = [r for r in results if isinstance(r, InstanceMetadata)]
     failures = [r for r in results if isinstance(r, BaseException)]
     if failures:
         for meta in created:  # all or nothing
-            await asyncio.to_thread(remove_tree, data_root.instance(meta.id).root)
-            await asyncio.to_thread(network.release, data_root, registry.settings, meta)
+            await to_thread(discard, meta)
         raise failures[0]
     return created
 
@@ -355,7 +362,7 @@ async def _to_target(registry: Registry, meta: InstanceMetadata, has_state: bool
         action = Action.RESTORE if has_state else Action.START
     async with registry.locked(meta.id, action) as ctx:
         if target_state == "stopped" and has_state:
-            await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)
+            await to_thread(remove_tree, ctx.paths.standby_dir)
         elif target_state == "running" and has_state:
             async with restore_op.restored(ctx, registry.reaper,
                                           helper_identity(ctx.meta)) as done:

@@ -23,7 +23,7 @@ from torpor.instances.runtime import derive_state, has_standby_state, load_runti
 from torpor.instances.states import Action, require
 from torpor.operations.registry import Registry
 from torpor.paths import InstancePaths
-from torpor.tasks import task_group
+from torpor.tasks import task_group, to_thread
 
 # How often the watcher looks at the instance's files (a stat, a small JSON, /proc).
 WATCH_INTERVAL = 0.2
@@ -31,7 +31,7 @@ WATCH_INTERVAL = 0.2
 
 async def exec_command(registry: Registry, name: str, argv: list[str], *,
                        input: bytes | None = None, timeout: float = 60.0) -> ExecResult:
-    meta = await asyncio.to_thread(registry.find, name)
+    meta = await to_thread(registry.find, name)
     paths = registry.data_root.instance(meta.id)
     state, record = await derive_state(paths)
     require(Action.EXEC, name, state, locked=False)  # not locked: runs beside others

@@ -12,7 +12,6 @@ process that made them (fsutil.owned_name), so a sweep never touches work in pro
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import Iterator
@@ -37,6 +36,7 @@ from torpor.operations import lifecycle, network, warm
 from torpor.operations.registry import Registry
 from torpor.operations.snapshots import AUTO_TAG, OWNER_TAG
 from torpor.paths import SNAPSHOT_STAGING_PREFIX, DataRoot, InstancePaths, SnapshotPaths
+from torpor.tasks import to_thread
 
 TMP_SUFFIX = ".tmp"
 
@@ -385,20 +385,20 @@ async def repair(registry: Registry) -> list[Problem]:
 async def _fix(registry: Registry, root: DataRoot, problem: Problem) -> None:
     path = Path(problem.path)
     if problem.kind in DEBRIS:
-        await asyncio.to_thread(_remove, path)
+        await to_thread(_remove, path)
     elif problem.kind is Kind.ORPHANED_ADDRESS:
         address = problem.path.rsplit(":", 1)[1]
-        owner = (await asyncio.to_thread(read_json, root.network_leases)).get(address)
+        owner = (await to_thread(read_json, root.network_leases)).get(address)
         if owner is not None:
-            await asyncio.to_thread(network.release_owner, root, registry.settings, owner)
+            await to_thread(network.release_owner, root, registry.settings, owner)
     elif problem.kind in (Kind.ORPHANED_TAP, Kind.BRIDGE_SERVICES, Kind.IDLE_BRIDGE):
-        metas = await asyncio.to_thread(registry.all_metadata)
-        await asyncio.to_thread(network.repair_bridge, root, registry.settings, metas,
+        metas = await to_thread(registry.all_metadata)
+        await to_thread(network.repair_bridge, root, registry.settings, metas,
                                 present_ids(root))
     elif problem.kind is Kind.STRAY_QEMU:
         for identity, instance_id in stray_qemus(root):
             if str(root.instance(instance_id).root) == problem.path:
-                await asyncio.to_thread(TrackedProcess(identity).kill)
+                await to_thread(TrackedProcess(identity).kill)
     elif problem.kind in PER_INSTANCE:
         instance_id = path.relative_to(root.instances_dir).parts[0]
         with contextlib.suppress(Busy, NotFound):  # busy: an operation puts it right itself
@@ -417,7 +417,7 @@ async def _repair_instance(registry: Registry, instance_id: str, kind: Kind,
         elif kind is Kind.STALE_TEMP:
             path.unlink(missing_ok=True)
         elif kind is Kind.ORPHANED_PLAN:
-            await asyncio.to_thread(
+            await to_thread(
                 compression_jobs.requeue, ctx.data_root,
                 compression_jobs.Subject.instance(ctx.meta.id), ctx.meta.compression_plan,
                 ctx.settings)

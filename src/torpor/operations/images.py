@@ -3,7 +3,6 @@ module adds what only the instance registry knows: which instances use an image)
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
@@ -13,6 +12,7 @@ from pydantic import BaseModel
 from torpor.images.imagedisk import carry_hash
 from torpor.images.oci import ImageConfig, ImageRecord, ImageStore
 from torpor.operations.registry import Registry
+from torpor.tasks import to_thread
 
 Progress = Callable[[int, int], None]
 
@@ -48,14 +48,14 @@ def describe(registry: Registry, record: ImageRecord) -> ImageInfo:
 
 async def pull(registry: Registry, ref: str, *, insecure: bool = False,
                progress: Progress | None = None) -> ImageInfo:
-    record = await asyncio.to_thread(
+    record = await to_thread(
         lambda: store(registry).pull(ref, insecure=insecure, progress=progress))
     return describe(registry, record)
 
 
 async def import_archive(registry: Registry, path: Path,
                          reference: str | None = None) -> ImageInfo:
-    record = await asyncio.to_thread(
+    record = await to_thread(
         lambda: store(registry).import_archive(path, reference))
     return describe(registry, record)
 
@@ -63,7 +63,7 @@ async def import_archive(registry: Registry, path: Path,
 async def list_images(registry: Registry) -> list[ImageInfo]:
     def collect() -> list[ImageInfo]:
         return [describe(registry, r) for r in store(registry).records()]
-    return await asyncio.to_thread(collect)
+    return await to_thread(collect)
 
 
 async def remove(registry: Registry, ref: str) -> None:
@@ -71,4 +71,4 @@ async def remove(registry: Registry, ref: str) -> None:
         images = store(registry)
         record = images.get(ref)
         images.remove(ref, users(registry, record.digest))
-    await asyncio.to_thread(drop)
+    await to_thread(drop)

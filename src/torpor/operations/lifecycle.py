@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import time
@@ -31,7 +30,7 @@ from torpor.jobs import compression as compression_jobs
 from torpor.operations import network
 from torpor.operations.guest_clock import ask_helper, cancel_helper, set_guest_clock
 from torpor.paths import host_accel_cache
-from torpor.tasks import in_thread
+from torpor.tasks import in_thread, to_thread
 
 log = logging.getLogger(__name__)
 AGENT_ROUND = 1.0  # seconds of waiting for the agent between checks that QEMU still runs
@@ -122,14 +121,14 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecord
     ctx.paths.exit_status.unlink(missing_ok=True)  # the last run's exit code is history
     if ctx.meta.memory_origin is not None:  # a fork booting afresh needs no origin's RAM
         ctx.meta.memory_origin = None
-        await asyncio.to_thread(ctx.meta.save, ctx.paths.metadata)
+        await to_thread(ctx.meta.save, ctx.paths.metadata)
     op = PhaseRecorder("start", ctx.name)
     process: TrackedProcess | None = None
     try:
         with op.phase("spawn"):
             # The first start on a host probes KVM by booting the kernel (seconds): a
             # thread, so the daemon goes on serving meanwhile.
-            accel = await asyncio.to_thread(effective_accel, ctx)
+            accel = await to_thread(effective_accel, ctx)
             config = vm_config_for(ctx.meta, ctx.paths, accel)
             process = await spawn(ctx, config)
         if wait_agent:
@@ -146,12 +145,12 @@ async def start(ctx: InstanceContext, *, wait_agent: bool = True) -> PhaseRecord
                     await cancel_helper(helper)
                     await agent.close()
             else:  # its command ran to its end: a stopped VM publishes nothing
-                await asyncio.to_thread(network.stop_publisher, ctx.paths)
+                await to_thread(network.stop_publisher, ctx.paths)
     except BaseException as exc:
         if process is not None:
             await terminate(ctx, process)
         # A VM that did not start publishes nothing (the relay may be up already).
-        await asyncio.to_thread(network.stop_publisher, ctx.paths)
+        await to_thread(network.stop_publisher, ctx.paths)
         await op.persist(ctx.paths, exc)
         raise
     await op.persist(ctx.paths)
@@ -198,7 +197,7 @@ async def _record_clock_source(ctx: InstanceContext, agent: GuestAgent) -> None:
         return
     if source != ctx.meta.guest_clock_source:
         ctx.meta.guest_clock_source = source
-        await asyncio.to_thread(ctx.meta.save, ctx.paths.metadata)
+        await to_thread(ctx.meta.save, ctx.paths.metadata)
 
 
 def discard_standby_state(ctx: InstanceContext) -> None:
@@ -222,7 +221,7 @@ def discard_memory_file(ctx: InstanceContext) -> None:
 
 async def terminate(ctx: InstanceContext, process: TrackedProcess) -> None:
     """Kill the process if it is still ours and forget it."""
-    await asyncio.to_thread(kill_and_forget, ctx, process)
+    await to_thread(kill_and_forget, ctx, process)
 
 
 def kill_and_forget(ctx: InstanceContext, process: TrackedProcess) -> None:
@@ -249,15 +248,15 @@ async def _ask_guest_to_power_off(ctx: InstanceContext) -> bool:
 async def shutdown(ctx: InstanceContext, process: TrackedProcess, timeout: float) -> str:
     """Graceful power-off through the agent, then QMP quit, then SIGKILL.
     Returns how the process ended."""
-    if await _ask_guest_to_power_off(ctx) and await asyncio.to_thread(
+    if await _ask_guest_to_power_off(ctx) and await to_thread(
             process.wait_exit, timeout):
         return "guest powered off"
     with contextlib.suppress(QmpError):
         async with Monitor.connect(ctx.paths.qmp_socket, timeout=2.0) as mon:
             await mon.quit()
-    if await asyncio.to_thread(process.wait_exit, 3.0):
+    if await to_thread(process.wait_exit, 3.0):
         return "QEMU quit"
-    await asyncio.to_thread(process.kill)
+    await to_thread(process.kill)
     return "killed"
 
 
@@ -267,9 +266,9 @@ async def stop(ctx: InstanceContext, *, timeout: float | None = None,
     state discarded). The caller holds the instance lock."""
     state, record = ctx.state, ctx.record
     op = PhaseRecorder("stop", ctx.name)
-    await asyncio.to_thread(network.stop_publisher, ctx.paths)  # a stopped VM publishes none
+    await to_thread(network.stop_publisher, ctx.paths)  # a stopped VM publishes none
     if state is InstanceState.STANDBY:
-        await asyncio.to_thread(discard_standby_state, ctx)
+        await to_thread(discard_standby_state, ctx)
         await op.persist(ctx.paths)
         return op
     try:
@@ -277,7 +276,7 @@ async def stop(ctx: InstanceContext, *, timeout: float | None = None,
         process = record.process()
         with op.phase("shutdown"):
             if force or state in (InstanceState.CRASHED, InstanceState.UNRESPONSIVE):
-                await asyncio.to_thread(process.kill)  # nothing to ask it: it is gone or hung
+                await to_thread(process.kill)  # nothing to ask it: it is gone or hung
             else:
                 how = await shutdown(ctx, process, timeout or ctx.settings.stop_timeout)
                 log.info("%s: %s", ctx.name, how)

@@ -27,7 +27,6 @@ A state is never loaded twice: a restore renames `latest/` aside before the gues
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from torpor.instances.runtime import (
     has_standby_state,
     load_runtime,
 )
+from torpor.tasks import to_thread
 
 log = logging.getLogger(__name__)
 QUIT_TIMEOUT = 10.0
@@ -70,7 +70,7 @@ async def recover(ctx: InstanceContext) -> Recovery:
     for leftover, what in ((ctx.paths.standby_partial_dir, "an interrupted standby's state"),
                            (ctx.paths.standby_consumed_dir, "a state a restore had loaded")):
         if leftover.exists():
-            await asyncio.to_thread(remove_tree, leftover)
+            await to_thread(remove_tree, leftover)
             done.append(f"removed {what} ({leftover.name})")
     if ctx.paths.disk_overlay.exists():
         from torpor.operations.snapshots import fold_back_frozen_disk  # rare: loaded if needed
@@ -105,7 +105,7 @@ async def _settle_live_qemu(ctx: InstanceContext, process: TrackedProcess,
             return []
         if status == "running":
             if has_standby_state(ctx.paths):
-                await asyncio.to_thread(remove_tree, ctx.paths.standby_dir)
+                await to_thread(remove_tree, ctx.paths.standby_dir)
                 return ["removed a saved state the running VM has moved on from"]
             return []
         if status not in PAUSED_STATES:
@@ -124,6 +124,6 @@ async def _quit(ctx: InstanceContext, mon: Monitor) -> None:
     await mon.quit()
     if record is not None:
         process = record.process()
-        if not await asyncio.to_thread(process.wait_exit, QUIT_TIMEOUT):
-            await asyncio.to_thread(process.kill)
+        if not await to_thread(process.wait_exit, QUIT_TIMEOUT):
+            await to_thread(process.kill)
     clear_runtime(ctx.paths)

@@ -8,7 +8,6 @@ put right first (operations/recover.py). The operation is handed the state the g
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from collections.abc import AsyncIterator
@@ -33,7 +32,7 @@ from torpor.jobs import compression as compression_jobs
 from torpor.operations import unshare, warm
 from torpor.operations.recover import recover
 from torpor.paths import DataRoot
-from torpor.tasks import Reaper
+from torpor.tasks import Reaper, to_thread
 
 
 def effective_auto_standby(meta: InstanceMetadata, settings: Settings) -> float:
@@ -107,7 +106,7 @@ class Registry:
         """The instance held for `action`: its lock, fresh metadata, recovery done, the
         state checked. A wrong state is refused before the lock is taken too, so a request
         that is wrong anyway never holds the lock against one that is right."""
-        meta = await asyncio.to_thread(self.find, name)
+        meta = await to_thread(self.find, name)
         if refuses_any(action):  # one QMP query saved for what every state allows
             state, _ = await derive_state(self.data_root.instance(meta.id),
                                           timeout=PRE_LOCK_QUERY_TIMEOUT)
@@ -120,7 +119,7 @@ class Registry:
             paths = self.data_root.instance(meta.id)
             await self.reaper.settled(paths.root)
             try:
-                fresh = await asyncio.to_thread(self._cache.load, paths.metadata)
+                fresh = await to_thread(self._cache.load, paths.metadata)
             except FileNotFoundError:
                 raise NotFound(f"no instance named {name!r}") from None
             ctx = InstanceContext(self.data_root, self.settings, fresh, paths)
@@ -130,7 +129,7 @@ class Registry:
             # A QEMU the restore pool started ahead (memory-file instances only): only a
             # restore may use it.
             if fresh.memory_backing == "file" and action not in KEEPS_WARM_QEMU:
-                await asyncio.to_thread(warm.discard, paths)
+                await to_thread(warm.discard, paths)
             ctx.state, ctx.record = await derive_state(paths,
                                                        known_silent=recovery.qemu_silent)
             require(action, ctx.name, ctx.state)
@@ -142,7 +141,7 @@ class Registry:
         """`locked` for a short background task that never waits for the lock: while it
         holds it, requests on the instance wait for it (BACKGROUND_HOLD_WAIT at most)
         instead of failing busy."""
-        meta = await asyncio.to_thread(self.find, name)
+        meta = await to_thread(self.find, name)
         self._held_in_background.add(meta.id)
         try:
             async with self.locked(name, action, wait=0) as ctx:
@@ -179,7 +178,7 @@ class Registry:
 
     async def current_info(self, ctx: InstanceContext) -> InstanceInfo:
         """What an operation's caller is handed back: the instance as it is now."""
-        return await self.info(await asyncio.to_thread(self._cache.load, ctx.paths.metadata))
+        return await self.info(await to_thread(self._cache.load, ctx.paths.metadata))
 
     async def get(self, name: str) -> InstanceInfo:
-        return await self.info(await asyncio.to_thread(self.find, name))
+        return await self.info(await to_thread(self.find, name))

@@ -54,7 +54,7 @@ from torpor.machinestate.stream import (
 from torpor.operations import lifecycle, warm
 from torpor.operations.guest_clock import ask_helper, cancel_helper, set_guest_clock
 from torpor.paths import InstancePaths
-from torpor.tasks import Reaper, in_thread, task_group
+from torpor.tasks import Reaper, in_thread, task_group, to_thread
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class _Incoming:
 
     process: TrackedProcess | None = None
     agent: GuestAgent | None = None
+    resumed: bool = False  # `cont` took effect, whatever became of its answer
 
 
 async def restore(ctx: InstanceContext, reaper: Reaper) -> PhaseRecorder:
@@ -166,7 +167,10 @@ async def restored(ctx: InstanceContext, reaper: Reaper,
                 with op.phase("cleanup"):  # what is left of the removal
                     await discard
     except BaseException as exc:
-        raise await _failed_running(ctx, reaper, vm, op, helper, exc) from exc
+        failure = await _failed_running(ctx, reaper, vm, op, helper, exc)
+        if not isinstance(exc, Exception):  # cancelled (Ctrl-C): that goes on, recorded
+            raise
+        raise failure from exc
     await op.persist(ctx.paths)
     # The daemon's reaper gets the state after the record (in-process it is gone already):
     # on a filesystem mounted with `discard` (this host's ext4) an fsync waits for the
@@ -178,7 +182,7 @@ async def restored(ctx: InstanceContext, reaper: Reaper,
 async def _checked_state(ctx: InstanceContext) -> _Saved:
     """The standby state, refused before anything starts if it cannot be restored here:
     a VM config it does not fit, a missing state file, kernel or RAM file."""
-    await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+    await to_thread(compression_jobs.prepare_for_read, ctx)
     manifest = Manifest.load(ctx.paths.standby_dir)
     config = check_compatible(ctx, manifest)
     path, codec = locate_state_file(ctx.paths.standby_dir, manifest.state)
@@ -201,12 +205,11 @@ async def _load_and_resume(ctx: InstanceContext, op: PhaseRecorder, saved: _Save
             if vm.agent is not None:
                 vm.agent.send_sync()  # waiting for the guest, not for `cont`'s reply
             with op.phase("resume"):
-                await asyncio.to_thread(consume_state, ctx)
-                await _resume_or_give_back(ctx, mon)
+                await _consume_and_resume(ctx, mon, vm)
     except BaseException as exc:
         if vm.agent is not None:
             await vm.agent.close()
-        if vm.process is not None:
+        if vm.process is not None and not vm.resumed:  # a guest that runs is left running
             await lifecycle.terminate(ctx, vm.process)
         await op.persist(ctx.paths, exc)
         raise
@@ -221,7 +224,9 @@ async def _failed_running(ctx: InstanceContext, reaper: Reaper, vm: _Incoming,
     await cancel_helper(helper)
     if vm.agent is not None:
         await vm.agent.close()
-    failure = OperationFailed(f"restore of {ctx.name}: the VM runs again but {exc}")
+    why = str(exc) if isinstance(exc, Exception) else "it was interrupted"
+    failure = OperationFailed(f"restore of {ctx.name}: the VM runs again but "
+                              f"{why or type(exc).__name__}")
     await op.persist(ctx.paths, failure)
     # (a removal cancelled with the block may not have begun)
     await reaper.remove(ctx.paths.standby_consumed_dir)
@@ -290,16 +295,24 @@ def _give_back_state(ctx: InstanceContext) -> None:
     fsync_dir(ctx.paths.snapshots_dir)
 
 
-async def _resume_or_give_back(ctx: InstanceContext, mon: Monitor) -> None:
-    """`cont`. If it fails and the guest has certainly not run (QEMU answers and is still
-    paused), the state is restorable again; otherwise it stays consumed."""
+async def _consume_and_resume(ctx: InstanceContext, mon: Monitor, vm: _Incoming) -> None:
+    """The loaded state set aside, then `cont`. If either fails or is cancelled (a Ctrl-C
+    between the two used to leave a paused QEMU, killed next, and its state consumed:
+    the guest's RAM was lost): a guest that runs stays running (`vm.resumed`); one that
+    has certainly not run (QEMU answers, still paused) gets its state back, restorable
+    again; else (QEMU silent: it may have run) the state stays consumed."""
     try:
+        await to_thread(consume_state, ctx)
         faults.point("restore.consumed")
         await mon.resume()
     except BaseException:
         with contextlib.suppress(Exception):
-            if await mon.status() != "running":
-                await asyncio.to_thread(_give_back_state, ctx)
+            vm.resumed = await mon.status() == "running"
+            consumed, latest = ctx.paths.standby_consumed_dir, ctx.paths.standby_dir
+            if vm.resumed:  # it has moved on from the state: garbage
+                await to_thread(remove_tree, consumed)
+            elif consumed.exists() and not latest.exists():
+                await to_thread(_give_back_state, ctx)
         raise
 
 
@@ -354,7 +367,7 @@ async def _load_deferred(ctx: InstanceContext, stack: contextlib.AsyncExitStack,
     with op.phase("spawn"):
         # Memory-file mode: a QEMU the daemon started ahead (its restore pool) is claimed.
         # (Only such states get one; they always load here, never at exec.)
-        waiting = (await asyncio.to_thread(warm.claim, ctx.paths, config)
+        waiting = (await to_thread(warm.claim, ctx.paths, config)
                    if config.memory_file is not None else None)
         vm.process = waiting or await lifecycle.spawn(ctx, config, incoming=DEFERRED)
     faults.point("restore.spawned")

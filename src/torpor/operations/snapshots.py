@@ -79,7 +79,7 @@ from torpor.operations.legs import run_legs
 from torpor.operations.paused import paused_window
 from torpor.operations.standby import build_manifest
 from torpor.paths import DataRoot, InstancePaths, SnapshotPaths
-from torpor.tasks import Reaper, in_thread
+from torpor.tasks import Reaper, in_thread, to_the_end, to_thread
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +207,7 @@ async def _overlapped_pause(ctx: InstanceContext, record: RuntimeRecord, staging
             await _thaw_after_failure(freeze, exc)  # after the resume: the guest runs again
             raise
         with op.phase("thaw"):
-            await freeze.thaw()
+            await to_the_end(freeze.thaw())  # a fold-back cut short leaves the overlay
         faults.point("snapshot.thawed")
     return manifest, report
 
@@ -237,7 +237,7 @@ async def fold_back_frozen_disk(ctx: InstanceContext) -> bool:
         async with Monitor.connect(ctx.paths.qmp_socket) as mon:
             await thaw(mon, drive_id(0), overlay)
     else:
-        await asyncio.to_thread(thaw_offline, overlay)
+        await to_thread(thaw_offline, overlay)
     return True
 
 
@@ -306,16 +306,16 @@ async def create(ctx: InstanceContext, name: str, tags: dict[str, str], *,
         if plan is not None and _raw_state(staging.payload_instance()):
             # In the record before it is published: a restart then re-queues it.
             snap.compression_plan = plan
-        await asyncio.to_thread(save_record, staging, snap)
+        await to_thread(save_record, staging, snap)
         faults.point("snapshot.flushed")
-        await asyncio.to_thread(publish, staging, data_root.snapshot(snapshot_id).root)
+        await to_thread(publish, staging, data_root.snapshot(snapshot_id).root)
         faults.point("snapshot.published")
     except BaseException as exc:
-        await asyncio.to_thread(discard, staging, data_root.snapshot(snapshot_id).root)
+        await to_thread(discard, staging, data_root.snapshot(snapshot_id).root)
         await op.persist(ctx.paths, exc)
         raise
     if snap.compression_plan is not None:
-        await asyncio.to_thread(
+        await to_thread(
             compression_jobs.launch_worker, data_root,
             compression_jobs.Subject.snapshot(snapshot_id),
             slots=ctx.settings.compression_jobs, rate_limit=ctx.settings.compression_rate_limit)
@@ -379,7 +379,7 @@ async def _copy_at_rest(ctx: InstanceContext, staging: SnapshotPaths, kind: Snap
     it in place, so a linked one is safe)."""
     plan = None
     if kind == "standby":
-        plan = await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+        plan = await to_thread(compression_jobs.prepare_for_read, ctx)
     try:
         skip = _skip(ctx.paths) if kind == "standby" else _running_skip(ctx.paths)
         with op.phase("copy"):
@@ -388,9 +388,9 @@ async def _copy_at_rest(ctx: InstanceContext, staging: SnapshotPaths, kind: Snap
             report = await _copy_instance(ctx, staging.payload, skip, fsync=True, link=linked)
         payload = staging.payload_instance()
         if kind == "standby":
-            await asyncio.to_thread(rebind_memory_file, payload.standby_dir, payload.memory_file)
+            await to_thread(rebind_memory_file, payload.standby_dir, payload.memory_file)
     finally:
-        await asyncio.to_thread(
+        await to_thread(
             compression_jobs.resume_plan, ctx, plan, slots=ctx.settings.compression_jobs,
             rate_limit=ctx.settings.compression_rate_limit)
     return report
@@ -419,7 +419,7 @@ async def remove(data_root: DataRoot, snap: SnapshotRecord, dependents: list[str
                          f"({', '.join(sorted(dependents))})")
     key = compression_jobs.Subject.snapshot(snap.id).key
     # its job reads the payload
-    await asyncio.to_thread(compression_jobs.cancel_and_wait, data_root, key)
+    await to_thread(compression_jobs.cancel_and_wait, data_root, key)
     await reaper.remove(data_root.snapshot(snap.id).root)
     compression_jobs.remove_job_files(data_root, key)
     data_root.snapshot_lock(snap.id).unlink(missing_ok=True)
@@ -432,14 +432,14 @@ async def reading(settings: Settings, data_root: DataRoot, snapshot_id: str,
     plan handed back afterwards, unless `mapped()` says forks now map its RAM file)."""
     async with file_lock(data_root.snapshot_lock(snapshot_id),
                          what=f"snapshot {snapshot_id}"):
-        plan = await asyncio.to_thread(compression_jobs.prepare_snapshot_for_read, data_root,
+        plan = await to_thread(compression_jobs.prepare_snapshot_for_read, data_root,
                                        snapshot_id)
         try:
             yield
         finally:
-            await asyncio.to_thread(
+            await to_thread(
                 compression_jobs.resume_snapshot_plan, data_root, snapshot_id, plan,
-                mapped=await asyncio.to_thread(mapped), slots=settings.compression_jobs,
+                mapped=await to_thread(mapped), slots=settings.compression_jobs,
                 rate_limit=settings.compression_rate_limit)
 
 
@@ -447,9 +447,9 @@ async def restore_into(ctx: InstanceContext, snap: SnapshotRecord) -> None:
     """Replace the instance's disk and standby state with the snapshot's (not running:
     the state guard saw to that)."""
     payload = ctx.data_root.snapshot(snap.id).payload_instance()
-    await asyncio.to_thread(compression_jobs.prepare_for_read, ctx)
+    await to_thread(compression_jobs.prepare_for_read, ctx)
     async with reading(ctx.settings, ctx.data_root, snap.id, mapped=lambda: False):
-        await asyncio.to_thread(_replace_from_payload, ctx, payload)
+        await to_thread(_replace_from_payload, ctx, payload)
 
 
 def _replace_from_payload(ctx: InstanceContext, payload: InstancePaths) -> None:

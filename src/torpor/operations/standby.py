@@ -9,7 +9,6 @@ killed, not asked to quit (see _save_and_stop).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import os
@@ -47,7 +46,7 @@ from torpor.machinestate.stream import (
     writes_directly,
 )
 from torpor.operations.paused import paused_window
-from torpor.tasks import in_thread
+from torpor.tasks import in_thread, to_thread
 
 log = logging.getLogger(__name__)
 EXIT_TIMEOUT = 10.0
@@ -114,7 +113,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
                                              fresh_block=fresh, handed=handed, fsync=False)
                     manifest = build_manifest(record.vm_config, state, qemu_version)
                     manifest.guest_clock_source = ctx.meta.guest_clock_source
-                    await asyncio.to_thread(_make_durable, partial, latest, manifest)
+                    await to_thread(_make_durable, partial, latest, manifest)
                 faults.point("standby.published")
                 # A completed migration has flushed and released the disks (QEMU's
                 # bdrv_inactivate_all) and the state is durable: QEMU has nothing left
@@ -128,7 +127,7 @@ async def _save_and_stop(ctx: InstanceContext, record: RuntimeRecord, policy: Co
                 _discard_saved(ctx)  # the VM is resumed next (or crashed): this is stale
                 raise
     with op.phase("exit"):  # unmapping its RAM: ~5 ms more, outside the window
-        await asyncio.to_thread(process.kill, EXIT_TIMEOUT)
+        await to_thread(process.kill, EXIT_TIMEOUT)
     return manifest
 
 
@@ -201,17 +200,17 @@ async def standby(ctx: InstanceContext, request: CompressionPolicy | None = None
         if compress_after:
             manifest = await _compress_after_window(ctx, manifest, policy, op)
         if manifest.kind == "memory-file" and manifest.memory_file is not None:
-            identity, samples = await asyncio.to_thread(
+            identity, samples = await to_thread(
                 release_memory_file, ctx.paths.memory_file, op)
             manifest.memory_file = manifest.memory_file.model_copy(
                 update={"identity": identity, "samples": samples})
         with op.phase("persist"):
-            manifest.state = await asyncio.to_thread(  # a no-op if hashed while written
+            manifest.state = await to_thread(  # a no-op if hashed while written
                 finalize_checksum, ctx.paths.standby_dir, manifest.state)
             manifest.phases = dict(op.phases)
-            await asyncio.to_thread(manifest.save, ctx.paths.standby_dir)
+            await to_thread(manifest.save, ctx.paths.standby_dir)
         if background:
-            await asyncio.to_thread(_queue_compression, ctx, policy)
+            await to_thread(_queue_compression, ctx, policy)
     except BaseException as exc:
         await op.persist(ctx.paths, exc)
         raise

@@ -1,7 +1,6 @@
 """The service itself: liveness, the OpenAPI document, metrics, operations."""
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
-import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -17,6 +16,7 @@ from torpor.api.deps import (
 )
 from torpor.api.metrics import CONTENT_TYPE
 from torpor.api.models import Health, Operation
+from torpor.tasks import to_thread
 
 public = APIRouter()
 router = APIRouter(dependencies=GUARDED, responses=ERROR_RESPONSES)
@@ -42,7 +42,7 @@ async def openapi(request: Request) -> dict[str, Any]:
 )
 async def prometheus_metrics(metrics: MetricsDep) -> Response:
     """Prometheus text format."""
-    return Response(await asyncio.to_thread(metrics.render), media_type=CONTENT_TYPE)
+    return Response(await to_thread(metrics.render), media_type=CONTENT_TYPE)
 
 
 @router.get("/operations", tags=["operations"])

@@ -1,7 +1,6 @@
 """Stored snapshots: create, list, get, delete, restore into the source, fork."""
 
 # No `from __future__ import annotations`: FastAPI reads the route signatures at runtime.
-import asyncio
 import time
 from typing import Annotated
 
@@ -29,6 +28,7 @@ from torpor.api.models import (
 from torpor.instances.info import InstanceInfo
 from torpor.instances.snapshotrecord import SnapshotInfo
 from torpor.operations.remote import PushReport, RemoteDeleteReport, RemoteSnapshotInfo
+from torpor.tasks import to_thread
 
 router = APIRouter(dependencies=GUARDED, responses=ERROR_RESPONSES)
 
@@ -55,14 +55,14 @@ async def restore_snapshot(
 
 @router.get("/snapshots", tags=["snapshots"])
 async def list_snapshots(manager: Manager, instance: SourceFilter = None) -> list[SnapshotInfo]:
-    return await asyncio.to_thread(manager.snapshot_list, instance)
+    return await to_thread(manager.snapshot_list, instance)
 
 
 @router.get("/snapshots/{snapshot}", tags=["snapshots"])
 async def get_snapshot(
     manager: Manager, snapshot: SnapshotName, instance: SourceFilter = None
 ) -> SnapshotInfo:
-    return await asyncio.to_thread(manager.snapshot_get, snapshot, instance)
+    return await to_thread(manager.snapshot_get, snapshot, instance)
 
 
 @router.delete(
@@ -76,7 +76,7 @@ async def delete_snapshot(
     instance: SourceFilter = None,
 ) -> Response:
     source = (
-        await asyncio.to_thread(manager.snapshot_get, snapshot, instance)
+        await to_thread(manager.snapshot_get, snapshot, instance)
     ).source_name  # 404 before tracking
     async with operations.track(op, "snapshot-delete", source):
         await manager.snapshot_delete(snapshot, instance)
@@ -92,7 +92,7 @@ async def fork_snapshot(
     operations: Tracker,
     instance: SourceFilter = None,
 ) -> list[InstanceInfo]:
-    source = (await asyncio.to_thread(manager.snapshot_get, snapshot, instance)).source_name
+    source = (await to_thread(manager.snapshot_get, snapshot, instance)).source_name
     async with operations.track(op, "snapshot-fork", source):
         return await manager.snapshot_fork(
             snapshot,
