@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import signal
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -372,5 +376,37 @@ def test_a_removal_after_the_call_that_fails_or_dies_leaves_the_guest_running(
         again = torpor_cli(root, "exec", "leftover", "--", "sh", "-c",
                            "md5sum /tmp/ram | cut -c1-32")
         assert again.returncode == 0 and again.stdout == ram, again.stderr
+    finally:
+        stop_daemon(daemon)
+
+
+def test_ctrl_c_of_a_command_through_the_daemon_leaves_the_operation_to_it() -> None:
+    """A Ctrl-C of `torpor standby` served by the daemon (sent from the daemon's own
+    standby, at its paused window: deterministic) ends the command with exit 130 and one
+    line saying the daemon finishes; the daemon does (it used to be a silent exit 130)."""
+    root = Path(tempfile.mkdtemp(prefix="tpa-", dir="/tmp"))
+    pid_file = root / "cli.pid"
+    daemon = start_daemon(root=root, env={faults.ENV: "standby.paused=exec",
+                                          faults.EXEC_ENV: f"kill -INT $(cat {pid_file})"})
+    try:
+        with daemon.client() as api:
+            call(api, "POST", "/instances", 201, json={"name": "ctrlc", "memory_mib": 256})
+            call(api, "POST", "/instances/ctrlc/start", json={})
+            ram = sh(api, "ctrlc", "dd if=/dev/urandom of=/tmp/ram bs=1M count=8"
+                                   " 2>/dev/null; md5sum /tmp/ram | cut -c1-32")
+            cli = subprocess.Popen(
+                [sys.executable, "-m", "torpor.cli.main", "standby", "ctrlc"],
+                env=dict(os.environ, TORPOR_DATA_ROOT=str(root)),
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            pid_file.write_text(str(cli.pid))  # long before its request reaches the point
+            _, err = cli.communicate(timeout=120)
+            assert (cli.returncode, err.strip().splitlines()) == (130, [
+                "torpor: interrupted: the daemon finishes the operation "
+                "(`torpor list` shows it)"]), err
+            finished = call(api, "GET", "/instances/ctrlc/wait",
+                            params={"state": "standby", "timeout": 60})
+            assert finished["state"] == "standby"
+            assert call(api, "POST", "/instances/ctrlc/restore")["state"] == "running"
+            assert sh(api, "ctrlc", "md5sum /tmp/ram | cut -c1-32") == ram
     finally:
         stop_daemon(daemon)

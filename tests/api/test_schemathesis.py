@@ -14,12 +14,12 @@ from schemathesis.core.parameters import ParameterLocation
 from schemathesis.specs.openapi.checks import negative_data_rejection
 
 from tests.api.conftest import Daemon, free_port, start_daemon, stop_daemon
+from torpor.operations.create import host_memory_bytes
 
 SPEC = Path(__file__).resolve().parents[2] / "openapi.json"
 schema = schemathesis.openapi.from_path(SPEC)
 checks = schema.config.checks
-# The bar: no 500. A 502 is the documented answer when QEMU or the host fails
-# (e.g. a generated instance asks for more RAM than the host has, and QEMU cannot start).
+# The bar: no 500. A 502 is the documented answer when QEMU or the host fails.
 checks.not_a_server_error.expected_statuses = ["2xx", "3xx", "4xx", "501", "502"]
 # Valid requests about instances in the wrong state get 409, and a wait that times out
 # 408: documented outcomes, not rejections of valid data.
@@ -64,6 +64,11 @@ def test_api_conforms(case: schemathesis.Case, tcp_daemon: Daemon) -> None:
         if case.body.get("network") == "bridge":
             case.body["network"] = "user"
         case.body.pop("allow_peers", None)  # bridge only
+        # A guest larger than the host is refused (400): the host's RAM is no schema's.
+        memory, host_mib = case.body.get("memory_mib"), host_memory_bytes() >> 20
+        if isinstance(memory, int | float) and not isinstance(memory, bool) \
+                and memory > host_mib:
+            case.body["memory_mib"] = host_mib
         if isinstance(case.body.get("publish"), list):
             case.body["publish"] = [on_loopback(item) for item in case.body["publish"]]
     # A generated fork of count 10 boots 10 guests under TCG: well past the default 10 s.

@@ -108,7 +108,7 @@ class ErrorBody(BaseModel):
 
 class CreateRequest(Body):
     name: Name = Field(description="1-63 lowercase letters, digits and '-'")
-    memory_mib: MemoryMib = 512
+    memory_mib: MemoryMib = Field(512, description="at most the host's RAM (else 400)")
     cpus: Cpus = 1
     disk_mib: DiskMib = Field(
         2048, description="root disk size (sparse); at least the image's 1 GiB")

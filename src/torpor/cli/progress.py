@@ -50,7 +50,10 @@ def run(result: Any) -> Any:
 def with_progress(backend: InstanceManager | RemoteManager, label: str,
                   work: Callable[[], Coroutine[Any, Any, T] | T]) -> T:
     if not err_console.is_terminal:
-        return run(work())
+        try:
+            return run(work())  # through the daemon, work() is the blocking call itself
+        except KeyboardInterrupt:
+            raise Interrupted(DAEMON_FINISHES) from None
     if backend.remote:
         return _remote(cast("RemoteManager", backend), label, cast("Callable[[], T]", work))
     return run(_local(label, cast("Callable[[], Coroutine[Any, Any, T]]", work)))
@@ -84,6 +87,9 @@ class _Bars:
                                  total=stage.total_bytes)
 
 
+DAEMON_FINISHES = "interrupted: the daemon finishes the operation (`torpor list` shows it)"
+
+
 def _remote(backend: RemoteManager, label: str, work: Callable[[], T]) -> T:
     op_id = backend.new_operation_id()
     backend.next_operation = op_id  # taken by the call, not by the polls
@@ -109,8 +115,7 @@ def _remote(backend: RemoteManager, label: str, work: Callable[[], T]) -> T:
                 except TorporError:  # not registered yet, or already forgotten
                     pass
     except KeyboardInterrupt:
-        raise Interrupted("interrupted: the daemon finishes the operation (`torpor "
-                          "list` shows how it ends)") from None
+        raise Interrupted(DAEMON_FINISHES) from None
     if failure:
         raise failure[0]
     return cast(T, outcome[0])
