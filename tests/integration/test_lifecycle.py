@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -80,6 +81,27 @@ def test_cli_exec_show_and_errors(data_root: Path, shared_vm: str) -> None:
         assert "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     too_small = r"at least the image's size, [\d.]+ GiB \(\d+ bytes\)$"
     assert re.search(too_small, bad.stderr.strip()), bad.stderr
+
+
+def test_cli_exec_takes_stdin_and_large_output(data_root: Path, shared_vm: str) -> None:
+    """`--stdin` sends the CLI's standard input (it was ignored: `echo x | torpor exec vm
+    -- cat` printed nothing); an output of 13 MiB comes back whole (the agent's reply
+    line used to exceed the reader's 16 MiB limit: an error, no output); past qemu-ga's
+    16 MiB it is cut, and the CLI says so."""
+    payload = os.urandom(100_000)
+    piped = subprocess.run([sys.executable, "-m", "torpor.cli.main", "exec", "--stdin",
+                            shared_vm, "--", "md5sum"], input=payload, capture_output=True,
+                           env=dict(os.environ, TORPOR_DATA_ROOT=str(data_root)), check=False)
+    assert piped.returncode == 0, piped.stderr
+    assert piped.stdout.split()[0].decode() == hashlib.md5(payload).hexdigest()
+    big = torpor_cli(data_root, "exec", shared_vm, "--", "sh", "-c",
+                     "dd if=/dev/zero bs=1M count=13 2>/dev/null | tr '\\0' x")
+    assert (big.returncode, len(big.stdout), big.stderr) == (0, 13 << 20, "")
+    cut = torpor_cli(data_root, "exec", shared_vm, "--", "sh", "-c",
+                     "dd if=/dev/zero bs=1M count=17 2>/dev/null | tr '\\0' x")
+    assert (cut.returncode, len(cut.stdout)) == (0, 16 << 20), cut.stderr
+    assert cut.stderr.strip().splitlines() == [
+        "torpor: warning: the guest agent kept only the first 16 MiB of the command's output"]
 
 
 def test_start_stop_delete_leave_nothing(manager: InstanceManager, fresh_name: str) -> None:

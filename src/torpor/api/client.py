@@ -289,6 +289,7 @@ class RemoteManager:
             signal=result["signal"],
             stdout=base64.b64decode(result["stdout_b64"]),
             stderr=base64.b64decode(result["stderr_b64"]),
+            truncated=result.get("truncated", False),
         )
 
     def fork(

@@ -235,6 +235,8 @@ class ExecResponse(BaseModel):
     signal: int | None = None
     stdout_b64: str
     stderr_b64: str
+    truncated: bool = Field(False, description="the guest agent kept only the first "
+                                               "16 MiB of stdout or of stderr")
 
 
 class OperationState(StrEnum):

@@ -28,6 +28,7 @@ from torpor.cli.output import (
 )
 from torpor.cli.progress import run, with_progress
 from torpor.errors import Interrupted, InvalidArgument, TorporError, Unsupported
+from torpor.guest.result import OUTPUT_LIMIT
 from torpor.settings import SETTINGS, help_for
 from torpor.units import format_size, parse_duration, parse_idle, parse_size
 
@@ -490,6 +491,19 @@ def show(ctx: typer.Context, name: NameArg, json_out: JsonOpt = False) -> None:
         console.print(instance_details(info))
 
 
+# qemu-ga takes its input in one request, base64 (through the daemon: under its 16 MiB
+# request cap).
+STDIN_LIMIT = 8 << 20
+
+
+def read_stdin() -> bytes:
+    data = sys.stdin.buffer.read(STDIN_LIMIT + 1)
+    if len(data) > STDIN_LIMIT:
+        raise InvalidArgument(f"--stdin takes at most {STDIN_LIMIT >> 20} MiB; copy larger "
+                              "data in through the guest's network or disk")
+    return data
+
+
 @app.command("exec", context_settings={"allow_interspersed_args": False})
 def exec_cmd(
     ctx: typer.Context, name: NameArg,
@@ -497,17 +511,24 @@ def exec_cmd(
                                                    help="Command and arguments (after --).")],
     timeout: Annotated[float, typer.Option(metavar="SECONDS",
                                            help="Seconds before giving up.")] = 60,
+    stdin: Annotated[bool, typer.Option("--stdin", "-i", help=(
+        "Send this standard input to the command (read to its end first; at most "
+        f"{STDIN_LIMIT >> 20} MiB)."))] = False,
 ) -> None:
     """Run a command in the guest through its agent; exits with the command's code."""
     if command and command[0] == "--":
         command = command[1:]
     if not command:
         raise typer.BadParameter("give the command to run after --", param_hint="COMMAND")
-    result = run(manager(ctx).exec(name, command, timeout=timeout))
+    data = read_stdin() if stdin else None
+    result = run(manager(ctx).exec(name, command, input=data, timeout=timeout))
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)
     sys.stderr.flush()
+    if result.truncated:
+        print(f"torpor: warning: the guest agent kept only the first "
+              f"{OUTPUT_LIMIT >> 20} MiB of the command's output", file=sys.stderr)
     raise typer.Exit(result.exit_code if result.signal is None else 128 + result.signal)
 
 

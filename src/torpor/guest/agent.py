@@ -37,7 +37,9 @@ DELIMITER = b"\xff"
 EXEC_POLL_SHORT, EXEC_SHORT, EXEC_POLL_LONG = 0.02, 1.0, 0.1
 
 
-READ_LIMIT = 16 << 20  # the longest reply line (guest-exec output, base64)
+# The longest reply line: guest-exec-status with OUTPUT_LIMIT of stdout and as much of
+# stderr, base64 (a 16 MiB limit failed on a 13 MiB output: "chunk exceed the limit").
+READ_LIMIT = 48 << 20
 
 
 async def _lock(fd: int, timeout: float, what: Path) -> None:
@@ -328,6 +330,7 @@ class GuestAgent:
                     stdout=base64.b64decode(status.get("out-data", "")),
                     stderr=base64.b64decode(status.get("err-data", "")),
                     signal=status.get("signal"),
+                    truncated=bool(status.get("out-truncated") or status.get("err-truncated")),
                 )
             if time.monotonic() > deadline:
                 raise AgentError(f"guest command {argv[0]} still running after {timeout:.0f} s")

@@ -12,3 +12,8 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     signal: int | None = None
+    truncated: bool = False  # the agent kept only the first OUTPUT_LIMIT of stdout or stderr
+
+
+# What qemu-ga keeps of each of a command's stdout and stderr (GUEST_EXEC_MAX_OUTPUT).
+OUTPUT_LIMIT = 16 << 20

@@ -208,6 +208,7 @@ async def exec_in_instance(manager: Manager, sleeper: SleeperDep, name: Instance
         signal=result.signal,
         stdout_b64=base64.b64encode(result.stdout).decode(),
         stderr_b64=base64.b64encode(result.stderr).decode(),
+        truncated=result.truncated,
     )
 
 
