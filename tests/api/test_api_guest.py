@@ -57,6 +57,15 @@ def metric(api: httpx.Client, name: str, default: float | None = None, **labels:
     return default
 
 
+def started_with_ram(api: httpx.Client, name: str, *, mib: int) -> str:
+    """A new 256 MiB guest, running, with `mib` MiB of random data in its RAM (/tmp/ram):
+    their md5."""
+    call(api, "POST", "/instances", 201, json={"name": name, "memory_mib": 256})
+    call(api, "POST", f"/instances/{name}/start", json={})
+    return sh(api, name, f"dd if=/dev/urandom of=/tmp/ram bs=1M count={mib} 2>/dev/null;"
+                         " md5sum /tmp/ram | cut -c1-32")
+
+
 def call_text(api: httpx.Client, path: str) -> str:
     response = api.get(path)
     assert response.status_code == 200, response.text
@@ -352,10 +361,7 @@ def test_a_removal_after_the_call_that_fails_or_dies_leaves_the_guest_running(
     root = daemon.data_root
     try:
         with daemon.client() as api:
-            call(api, "POST", "/instances", 201, json={"name": "leftover", "memory_mib": 256})
-            call(api, "POST", "/instances/leftover/start", json={})
-            ram = sh(api, "leftover", "dd if=/dev/urandom of=/tmp/ram bs=1M count=16"
-                                      " 2>/dev/null; md5sum /tmp/ram | cut -c1-32")
+            ram = started_with_ram(api, "leftover", mib=16)
             call(api, "POST", "/instances/leftover/standby", json={})
             if action == "error":
                 assert call(api, "POST", "/instances/leftover/restore")["state"] == "running"
@@ -390,10 +396,7 @@ def test_ctrl_c_of_a_command_through_the_daemon_leaves_the_operation_to_it() -> 
                                           faults.EXEC_ENV: f"kill -INT $(cat {pid_file})"})
     try:
         with daemon.client() as api:
-            call(api, "POST", "/instances", 201, json={"name": "ctrlc", "memory_mib": 256})
-            call(api, "POST", "/instances/ctrlc/start", json={})
-            ram = sh(api, "ctrlc", "dd if=/dev/urandom of=/tmp/ram bs=1M count=8"
-                                   " 2>/dev/null; md5sum /tmp/ram | cut -c1-32")
+            ram = started_with_ram(api, "ctrlc", mib=8)
             cli = subprocess.Popen(
                 [sys.executable, "-m", "torpor.cli.main", "standby", "ctrlc"],
                 env=dict(os.environ, TORPOR_DATA_ROOT=str(root)),
