@@ -5,6 +5,7 @@ their own instance."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from torpor.errors import TorporError
 from torpor.images.builtin import GuestImage, ensure_builtin_image
 from torpor.instances import InstanceState
 from torpor.instances.context import Settings
@@ -127,8 +129,19 @@ def mapped_bytes(pid: int, path: Path) -> int:
 
 
 @pytest.fixture
-def fresh_name() -> str:
-    return f"vm{next(_counter)}"
+def fresh_name(request: pytest.FixtureRequest) -> Iterator[str]:
+    """A name no instance has. A test that fails before its own cleanup leaves the
+    instance (and what it named after it) to this teardown, not to the next test's
+    `check()`: one failure used to fail six more."""
+    name = f"vm{next(_counter)}"
+    yield name
+    if "manager" not in request.fixturenames:
+        return
+    manager: InstanceManager = request.getfixturevalue("manager")
+    for left in sorted(manager.instance_names()):
+        if left == name or left.startswith(f"{name}-"):
+            with contextlib.suppress(TorporError):
+                run(manager.delete(left, force=True))
 
 
 def torpor_cli(data_root: Path, *args: str, timeout: float = 120, input: str | None = None,
