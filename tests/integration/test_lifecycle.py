@@ -83,6 +83,18 @@ def test_cli_exec_show_and_errors(data_root: Path, shared_vm: str) -> None:
     assert re.search(too_small, bad.stderr.strip()), bad.stderr
 
 
+def test_cli_exec_of_a_command_the_guest_cannot_start_exits_as_a_shell_would(
+        data_root: Path, shared_vm: str) -> None:
+    """127 for a command not found, 126 for one that cannot run, with a line on stderr
+    (it was exit 1 and qemu-ga's "guest-exec failed: … Failed to execute child process")."""
+    missing = torpor_cli(data_root, "exec", shared_vm, "--", "no-such-command")
+    assert (missing.returncode, missing.stdout, missing.stderr) == (
+        127, "", "torpor: no-such-command: no such file or directory (in the guest)\n")
+    denied = torpor_cli(data_root, "exec", shared_vm, "--", "/etc/hostname")
+    assert (denied.returncode, denied.stderr) == (
+        126, "torpor: /etc/hostname: permission denied (in the guest)\n")
+
+
 def test_cli_exec_takes_stdin_and_large_output(data_root: Path, shared_vm: str) -> None:
     """`--stdin` sends the CLI's standard input (it was ignored: `echo x | torpor exec vm
     -- cat` printed nothing); an output of 13 MiB comes back whole (the agent's reply

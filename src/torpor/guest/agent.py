@@ -22,6 +22,7 @@ import fcntl
 import json
 import os
 import random
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -73,6 +74,25 @@ _TRANSPORT_ERRORS = (OSError, EOFError, asyncio.IncompleteReadError, asyncio.Lim
 
 class AgentError(OperationFailed):
     pass
+
+
+# qemu-ga's error when it cannot start the command (GLib's g_spawn): "Failed to execute
+# child process “ls-la” (No such file or directory)".
+_SPAWN_FAILED = re.compile(r"Failed to execute child process .*\((?P<why>[^()]*)\)")
+# As a shell reports a command it cannot run: 127 not found, 126 found but not runnable.
+NOT_FOUND, NOT_RUNNABLE = 127, 126
+
+
+def _not_started(command: str, message: str) -> ExecResult | None:
+    """A command the guest could not start, as a shell would report it (exit code and a
+    line on stderr); None if `message` is another failure."""
+    found = _SPAWN_FAILED.search(message)
+    if found is None:
+        return None
+    why = found.group("why")
+    code = NOT_FOUND if why == "No such file or directory" else NOT_RUNNABLE
+    return ExecResult(exit_code=code, stdout=b"",
+                      stderr=f"torpor: {command}: {why.lower()} (in the guest)\n".encode())
 
 
 class GuestAgent:
@@ -318,7 +338,13 @@ class GuestAgent:
         args: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
         if input is not None:
             args["input-data"] = base64.b64encode(input).decode()
-        pid = (await self.execute("guest-exec", args))["pid"]
+        try:
+            pid = (await self.execute("guest-exec", args))["pid"]
+        except AgentError as exc:
+            not_started = _not_started(argv[0], exc.message)
+            if not_started is None:
+                raise
+            return not_started
         started = time.monotonic()
         deadline = started + timeout
         delay = 0.005
