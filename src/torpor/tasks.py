@@ -74,15 +74,20 @@ async def to_thread(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) 
     return await in_thread(lambda _: func(*args, **kwargs))
 
 
-async def to_the_end(step: Awaitable[T]) -> T:
+async def to_the_end(step: Awaitable[T], *,
+                     undo: Callable[[T], Awaitable[object]] | None = None) -> T:
     """`step` run to its end even if the caller is cancelled meanwhile, and then the
-    cancellation goes on: a step that must not stop halfway (a disk overlay's fold-back)."""
+    cancellation goes on, its result handed to `undo` first: a step that must not stop
+    halfway (a disk overlay's fold-back), or whose result must not be lost (what a
+    cancelled fork made, a tree set aside)."""
     task = asyncio.ensure_future(step)
     try:
         return await asyncio.shield(task)
     except asyncio.CancelledError:
         try:
-            await task
+            result = await task
+            if undo is not None:
+                await undo(result)
         except Exception:
             log.exception("a step run to its end after a cancellation failed")
         raise
@@ -93,16 +98,14 @@ async def threads(calls: list[Callable[[], T]], *,
     """Each call in a thread of its own, all at once: their outcomes (a result or what it
     raised), in order. A cancelled caller waits for every call to end, hands each result
     to `undo` (what was made is unmade), then the cancellation goes on."""
-    jobs = [asyncio.ensure_future(asyncio.to_thread(call)) for call in calls]
-    everything = asyncio.gather(*jobs, return_exceptions=True)
-    try:
-        return await asyncio.shield(everything)
-    except asyncio.CancelledError:
-        with contextlib.suppress(BaseException):
-            for outcome in await everything:
-                if not isinstance(outcome, BaseException):
-                    await asyncio.to_thread(undo, outcome)
-        raise
+    async def unmake(outcomes: list[T | BaseException]) -> None:
+        for outcome in outcomes:
+            if not isinstance(outcome, BaseException):
+                await asyncio.to_thread(undo, outcome)
+
+    everything = asyncio.gather(*(asyncio.to_thread(call) for call in calls),
+                                return_exceptions=True)
+    return await to_the_end(everything, undo=unmake)
 
 
 async def in_thread(work: Callable[[threading.Event], T], *,
@@ -157,16 +160,10 @@ class Reaper:
         if self._group is None:
             await in_thread(lambda _: _set_aside_and_remove(path))
             return
-        renaming = asyncio.ensure_future(asyncio.to_thread(set_aside, path))
-        try:
-            doomed = await asyncio.shield(renaming)
-        except asyncio.CancelledError:
-            with contextlib.suppress(BaseException):
-                self._hand_over(await renaming)
-            raise
-        self._hand_over(doomed)
+        doomed = await to_the_end(asyncio.to_thread(set_aside, path), undo=self._hand_over)
+        await self._hand_over(doomed)
 
-    def _hand_over(self, doomed: Path | None) -> None:
+    async def _hand_over(self, doomed: Path | None) -> None:  # (async: to_the_end's undo)
         if doomed is None or self._group is None:
             return
         removal = self._group.create_task(_remove_in_background(doomed))

@@ -70,11 +70,12 @@ async def create(registry: Registry, name: str, *, memory_bytes: int = DEFAULT_M
         raise InvalidArgument(f"--cpus must be between 1 and {MAX_CPUS}")
     if memory_bytes < 64 << 20 or memory_bytes % (1 << 20):
         raise InvalidArgument("--memory must be a whole number of MiB, at least 64M")
-    if memory_bytes > host_memory_bytes():
+    host_memory = host_memory_bytes()
+    if memory_bytes > host_memory:
         # Guests together may overcommit the host; one larger than it never starts (QEMU
         # cannot set up its RAM, or the guest's kernel exhausts the host at boot).
         raise InvalidArgument(f"--memory {format_size(memory_bytes)} is more than this "
-                              f"host's {format_size(host_memory_bytes())} of RAM")
+                              f"host's {format_size(host_memory)} of RAM")
     if snapshot_policy is not None:
         snapshot_policy.effective_level()
     port_forwards = [*(port_forwards or []), *map(network.parse_publish, publish or [])]

@@ -58,15 +58,16 @@ class Recovery:
 
 async def recover(ctx: InstanceContext) -> Recovery:
     """Put the instance right (the caller holds its lock)."""
-    result = Recovery()
-    done = result.done
     record = load_runtime(ctx.paths)
     process = record.process() if record is not None else None
     if process is not None and process.is_alive():
-        done += await _settle_live_qemu(ctx, process, result)
-    elif record is not None and has_standby_state(ctx.paths):
-        clear_runtime(ctx.paths)
-        done.append("cleared the record of a QEMU that is gone (the state is saved)")
+        result = await _settle_live_qemu(ctx, process)
+    else:
+        result = Recovery()
+        if record is not None and has_standby_state(ctx.paths):
+            clear_runtime(ctx.paths)
+            result.done.append("cleared the record of a QEMU that is gone (the state is saved)")
+    done = result.done
     for leftover, what in ((ctx.paths.standby_partial_dir, "an interrupted standby's state"),
                            (ctx.paths.standby_consumed_dir, "a state a restore had loaded")):
         if leftover.exists():
@@ -82,8 +83,7 @@ async def recover(ctx: InstanceContext) -> Recovery:
     return result
 
 
-async def _settle_live_qemu(ctx: InstanceContext, process: TrackedProcess,
-                            result: Recovery) -> list[str]:
+async def _settle_live_qemu(ctx: InstanceContext, process: TrackedProcess) -> Recovery:
     async with contextlib.AsyncExitStack() as stack:
         try:
             mon = await stack.enter_async_context(
@@ -96,27 +96,27 @@ async def _settle_live_qemu(ctx: InstanceContext, process: TrackedProcess,
                 from torpor.operations.lifecycle import terminate  # rare: loaded if needed
 
                 await terminate(ctx, process)
-                return [f"stopped a QEMU that does not answer beside its saved state ({exc}):"
-                        " it is in standby"]
+                return Recovery([f"stopped a QEMU that does not answer beside its saved "
+                                 f"state ({exc}): it is in standby"])
             # Hung (its state says unresponsive): nothing here can be asked of it, and
             # failing would keep every command, `stop` too, from freeing it.
             log.warning("instance %s: its QEMU does not answer its monitor: %s", ctx.name, exc)
-            result.qemu_silent = True
-            return []
+            return Recovery(qemu_silent=True)
         if status == "running":
             if has_standby_state(ctx.paths):
                 await to_thread(remove_tree, ctx.paths.standby_dir)
-                return ["removed a saved state the running VM has moved on from"]
-            return []
+                return Recovery(["removed a saved state the running VM has moved on from"])
+            return Recovery()
         if status not in PAUSED_STATES:
-            return []  # crashed: stop or start deals with it
+            return Recovery()  # crashed: stop or start deals with it
         if has_standby_state(ctx.paths):
             await _quit(ctx, mon)
-            return [f"stopped a QEMU left {status} with its state saved: it is in standby"]
+            return Recovery([f"stopped a QEMU left {status} with its state saved: it is in "
+                             "standby"])
         with contextlib.suppress(QmpError):  # a save cut short may still be "active"
             await mon.execute("migrate_cancel", timeout=5)
         await mon.resume()
-        return [f"resumed a VM left {status} by an interrupted operation"]
+        return Recovery([f"resumed a VM left {status} by an interrupted operation"])
 
 
 async def _quit(ctx: InstanceContext, mon: Monitor) -> None:
